@@ -1,0 +1,104 @@
+"""Where evaluation and calibration data come from.
+
+Offline first: every dataset has a local file under the data directory
+(``QEVAL_DATA_DIR``, or ``../shared/data`` beside the checkout when it
+exists) and a Hub equivalent used only when the local file is absent.  A user
+points ``QEVAL_DATA_DIR`` (or ``data_dir=``) at their own copies in the same
+layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A task needs data that is neither local nor reachable."""
+
+
+def data_dir(override: str | None = None) -> Path | None:
+    """The local data directory, or None when there is none."""
+    for candidate in (override, os.environ.get("QEVAL_DATA_DIR")):
+        if candidate:
+            return Path(candidate).expanduser().resolve()
+    for default in (Path.cwd().parent / "shared" / "data", _REPO_ROOT.parent / "shared" / "data"):
+        if default.is_dir():
+            return default.resolve()
+    return None
+
+
+def local_file(relative: str, override: str | None = None) -> Path | None:
+    root = data_dir(override)
+    if root is None:
+        return None
+    path = root / relative
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """A corpus for perplexity or calibration: rows of text."""
+
+    local: str  # path under the data directory; rows are its non-empty lines
+    hub_path: str
+    hub_name: str | None
+    hub_split: str
+    hub_field: str = "text"
+
+    def rows(self, override: str | None = None) -> list[str]:
+        path = local_file(self.local, override)
+        if path is not None:
+            text = path.read_text(encoding="utf-8")
+            return [line for line in text.splitlines() if line.strip()]
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1":
+            raise DataNotFoundError(
+                f"{self.local} not found under the data directory ({data_dir(override)}) and the Hub is "
+                "disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE); set QEVAL_DATA_DIR to a folder holding it")
+        import datasets
+
+        ds = datasets.load_dataset(self.hub_path, self.hub_name, split=self.hub_split)
+        return [r for r in ds[self.hub_field] if r.strip()]
+
+
+TEXT_DATASETS: dict[str, TextDataset] = {
+    # WikiText-2 raw test: the local file has the HF rows without the empty ones
+    "wikitext2": TextDataset("wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt",
+                             "Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+    "wikitext2_train": TextDataset("wikitext2/wiki.train.raw.first1MB.kent_apex.txt",
+                                   "Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+    "c4_sample": TextDataset("c4_sample/c4_sample.exllamav2.txt", "allenai/c4", "en", "validation"),
+}
+
+
+def check_available(name: str, override: str | None = None) -> None:
+    """Fail early, before a model loads, when a dataset can't be had."""
+    ds = TEXT_DATASETS[name]
+    if local_file(ds.local, override) is None and (
+            os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1"):
+        raise DataNotFoundError(
+            f"dataset {name!r} needs {ds.local} under the data directory ({data_dir(override)}), "
+            "and the Hub is disabled; set QEVAL_DATA_DIR")
+
+
+def load_text(name: str, override: str | None = None) -> str:
+    """The corpus joined with blank lines, the quantization papers' convention."""
+    if name not in TEXT_DATASETS:
+        raise KeyError(f"unknown text dataset {name!r}: available {', '.join(sorted(TEXT_DATASETS))}")
+    return "\n\n".join(TEXT_DATASETS[name].rows(override))
+
+
+def calibration_batches(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int,
+                        override: str | None = None) -> list[torch.Tensor]:
+    """``nsamples`` random windows of ``seqlen`` tokens from a corpus (GPTQ's recipe)."""
+    ids = tokenizer(load_text(dataset, override), return_tensors="pt").input_ids
+    if ids.shape[1] <= seqlen:
+        raise ValueError(f"calibration corpus {dataset!r} has {ids.shape[1]} tokens, fewer than seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.shape[1] - seqlen, (nsamples,), generator=gen)
+    return [ids[:, s:s + seqlen] for s in starts.tolist()]

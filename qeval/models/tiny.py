@@ -1,0 +1,65 @@
+"""Tiny random models, one per supported family, for tests.
+
+Built from configs with a fixed seed (same weights every time, no download)
+and paired with a byte-level tokenizer (256 byte tokens + specials) that
+needs no training data, so an end-to-end run through lm-eval works offline.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+VOCAB_SIZE = 256 + len(SPECIALS)
+
+_COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               max_position_embeddings=512)
+_DECODER = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+
+TINY_FAMILIES: dict[str, Callable[[], object]] = {
+    "llama": lambda: AutoConfig.for_model("llama", **_COMMON, **_DECODER, tie_word_embeddings=True),
+    "mistral": lambda: AutoConfig.for_model("mistral", **_COMMON, **_DECODER, sliding_window=64),
+    "qwen2": lambda: AutoConfig.for_model("qwen2", **_COMMON, **_DECODER, tie_word_embeddings=True),
+    "gemma3": lambda: AutoConfig.for_model(
+        "gemma3_text", **_COMMON, **_DECODER, sliding_window=32, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"]),
+    "opt": lambda: AutoConfig.for_model(
+        "opt", **_COMMON, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, do_layer_norm_before=True),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: every UTF-8 byte is one token, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet, key=lambda c: ord(c)):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=512)
+
+
+def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A randomly initialised model of ``family`` with fixed weights for ``seed``."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}: allowed {', '.join(sorted(TINY_FAMILIES))}")
+    config = TINY_FAMILIES[family]()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # default inits are tiny (std 0.02): widen them so quantization error is visible
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()

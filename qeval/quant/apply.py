@@ -1,0 +1,103 @@
+"""Apply a quantization spec and a method to an in-memory model.
+
+The order is fixed: the method decides the weights (it may transform the
+model first), linears become :class:`QuantLinear` with activation quantizers
+where the spec asks for them, static activation scales are observed on
+calibration data, and finally the KV-cache quantizer is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qeval.config import tensor_type
+from qeval.quant.formats import QuantFormat, quantize_weight
+from qeval.quant.kv import KVQuantizer, install_kv_quantization
+from qeval.quant.linear import ActivationQuantizer, QuantLinear
+from qeval.quant.methods import QuantMethod
+
+log = logging.getLogger(__name__)
+
+
+def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of the model except the output projection (unless asked).
+
+    Architecture-agnostic on purpose: the output embedding is found through
+    ``get_output_embeddings()``, not by name.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (quantize_lm_head or module is not head)
+    }
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
+    """Quantize the input embedding table row by row (one row = one token).
+
+    Called after the head was untied from it (see quantize_model), so the
+    head keeps its own precision.
+    """
+    emb = model.get_input_embeddings()
+    fmt = QuantFormat(bits=wspec.bits, kind=wspec.format, sym=wspec.sym)
+    deq, _ = quantize_weight(emb.weight.data, fmt, wspec.granularity, wspec.group_size)
+    emb.weight = nn.Parameter(deq, requires_grad=False)
+
+
+@torch.no_grad()
+def _calibrate_static(model: nn.Module, quantizers: list[ActivationQuantizer],
+                      batches: Iterable[torch.Tensor]) -> None:
+    for batch in tqdm(list(batches), desc="calibrating static activation scales", leave=False):
+        model(batch)
+    for q in quantizers:
+        q.freeze()
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: Any,
+    method: QuantMethod,
+    calibration: Callable[[], list[torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Quantize ``model`` in place according to ``spec`` (a QuantConfig)."""
+    method.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
+    if spec.w is not None:
+        if spec.quantize_embeddings:
+            head = model.get_output_embeddings()
+            emb = model.get_input_embeddings()
+            if head is not None and head.weight is emb.weight and not spec.quantize_lm_head:
+                # untie: quantizing the embedding must not silently quantize the head
+                head.weight = nn.Parameter(emb.weight.data.clone(), requires_grad=False)
+        linears = target_linears(model, spec.quantize_lm_head)
+        calib = calibration() if (method.needs_calibration and calibration) else None
+        weights = method.quantize_weights(model, linears, spec.w, calib)
+        act_quantizers: list[ActivationQuantizer] = []
+        for name, linear in linears.items():
+            deq, qt = weights[name]
+            aq = None
+            if spec.a is not None:
+                aq = ActivationQuantizer(QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
+                                         spec.a.granularity, spec.a.dynamic)
+                act_quantizers.append(aq)
+            _set_submodule(model, name, QuantLinear(linear, deq, qt, aq))
+        if spec.quantize_embeddings:
+            _quantize_embeddings(model, spec.w)
+        if spec.a is not None and not spec.a.dynamic:
+            if calibration is None:
+                raise ValueError("static activation quantization needs calibration data")
+            _calibrate_static(model, act_quantizers, calibration())
+        log.info("quantized %d linear layers (%s)", len(linears), method.name)
+    if spec.kv is not None:
+        install_kv_quantization(model, KVQuantizer.from_spec(spec.kv))
+    return model

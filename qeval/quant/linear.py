@@ -1,0 +1,102 @@
+"""Fake-quantized linear layers.
+
+Weights are quantized once, when the layer is built (the dequantized values
+replace the float weights, the integer codes and scales are kept for export);
+activations are quantized on every call by an :class:`ActivationQuantizer`:
+dynamic per-token by default (a fresh scale per token, as vLLM's W8A8 kernels
+do), or static per-tensor with a scale observed on calibration data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qeval.quant.formats import (
+    QuantFormat,
+    QuantizedTensor,
+    fake_quantize,
+    fake_quantize_per_tensor,
+    fake_quantize_with_scale,
+)
+
+
+class ActivationQuantizer(nn.Module):
+    """Quantizes the input of a linear layer.
+
+    ``granularity='token'`` (dynamic): one scale per token over the hidden
+    dimension.  ``granularity='tensor'``: one scale for the whole tensor, either
+    dynamic (recomputed per call) or static (observed during calibration, then
+    frozen by :meth:`freeze`).
+    """
+
+    def __init__(self, fmt: QuantFormat, granularity: str = "token", dynamic: bool = True) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.granularity = granularity
+        self.dynamic = dynamic
+        self.observing = not dynamic
+        self.register_buffer("obs_min", torch.tensor(float("inf")))
+        self.register_buffer("obs_max", torch.tensor(float("-inf")))
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            if self.granularity == "token":
+                return fake_quantize(x, self.fmt, None)
+            return fake_quantize_per_tensor(x, self.fmt)
+        if self.observing:
+            self.obs_min = torch.minimum(self.obs_min, x.detach().min().float())
+            self.obs_max = torch.maximum(self.obs_max, x.detach().max().float())
+            return x
+        assert self.scale is not None, "static activation quantizer used before freeze()"
+        return fake_quantize_with_scale(x, self.fmt, self.scale, self.zero)
+
+    def freeze(self) -> None:
+        """End observation: fix the static scale from the observed range."""
+        if not torch.isfinite(self.obs_max):
+            raise RuntimeError("static activation quantizer saw no calibration data")
+        lo, hi = self.obs_min.clamp(max=0), self.obs_max.clamp(min=0)
+        if self.fmt.kind != "int":
+            self.scale = torch.maximum(hi, -lo) / self.fmt.fp_max
+        elif self.fmt.sym:
+            self.scale = (torch.maximum(hi, -lo) / self.fmt.qmax).clamp(min=1e-8)
+        else:
+            self.scale = ((hi - lo) / self.fmt.qmax).clamp(min=1e-8)
+            self.zero = torch.round(-lo / self.scale)
+        self.observing = False
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.dynamic else "static"
+        return f"{self.fmt.kind}{self.fmt.bits}, {mode} per-{self.granularity}, sym={self.fmt.sym}"
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight holds dequantized values and whose input is
+    optionally quantized.  ``qweight`` keeps the codes and scales."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight: torch.Tensor,
+        qweight: QuantizedTensor | None = None,
+        input_quantizer: ActivationQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+        self.bias = linear.bias
+        self.qweight = qweight
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.qweight is None else f"{self.qweight.fmt.kind}{self.qweight.fmt.bits} g{self.qweight.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}"

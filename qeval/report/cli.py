@@ -1,0 +1,27 @@
+"""``qeval-report RESULTS_DIR``: print and write the sweep's table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qeval.report.table import write_tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qeval-report", description=__doc__)
+    parser.add_argument("results_dir", help="a sweep folder, e.g. results/default")
+    parser.add_argument("--out", default=None, help="output folder (default: plots/<sweep name>)")
+    args = parser.parse_args(argv)
+    try:
+        markdown, files = write_tables(args.results_dir, args.out)
+    except ValueError as err:
+        print(f"qeval-report: {err}", file=sys.stderr)
+        return 2
+    print(markdown)
+    print("\nwrote " + ", ".join(map(str, files)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

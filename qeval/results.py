@@ -1,0 +1,97 @@
+"""The result store: one JSON file per finished cell.
+
+A cell's identity is a stable hash of the parts of its resolved config that
+change its numbers (model, quantization spec, method, suite, backend, seed,
+and calibration when the cell uses it).  The file ``<label>-<hash>.json`` in
+``results/<sweep name>/`` is written atomically (temporary file + rename), so
+an interrupted run never leaves a half-written result, and a rerun skips
+every cell whose file is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FINISHED = ("ok", "skipped")
+
+
+def stable_hash(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("qeval", "torch", "transformers", "lm_eval", "datasets", "gguf", "hydra-core"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label)
+
+
+class ResultStore:
+    def __init__(self, root: str | os.PathLike, sweep_name: str) -> None:
+        self.dir = Path(root) / sweep_name
+
+    def path_for(self, cell_hash: str, label: str) -> Path:
+        return self.dir / f"{_safe(label)}-{cell_hash}.json"
+
+    def find(self, cell_hash: str) -> Path | None:
+        matches = sorted(self.dir.glob(f"*-{cell_hash}.json"))
+        return matches[0] if matches else None
+
+    def finished(self, cell_hash: str) -> dict[str, Any] | None:
+        """The record of a finished cell, or None (missing, failed, or unreadable)."""
+        path = self.find(cell_hash)
+        if path is None:
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("result file %s is unreadable (%s); the cell will be recomputed", path, err)
+            return None
+        return record if record.get("status") in FINISHED else None
+
+    def write(self, record: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(record["hash"], record["label"])
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Every readable record under ``root`` (a sweep folder or a folder of sweeps)."""
+    for path in sorted(Path(root).rglob("*.json")):
+        if path.name.startswith(".") or ".hydra" in path.parts:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable result file %s (%s)", path, err)
+            continue
+        if isinstance(record, dict) and record.get("schema_version") == SCHEMA_VERSION:
+            record["_path"] = str(path)
+            yield record

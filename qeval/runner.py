@@ -1,0 +1,172 @@
+"""Run one sweep cell: check, load, quantize, evaluate, record.
+
+Everything that can be checked without a model is checked first (config
+ranges, method support, data availability, task names), so bad input fails
+in seconds.  A cell that the method cannot produce is recorded as skipped; a
+cell that crashes is recorded as failed with its error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import time
+import traceback
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qeval.config import bits_label, tensor_type, to_container, validate
+from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, stable_hash
+
+log = logging.getLogger("qeval")
+
+
+def uses_calibration(cfg: DictConfig) -> bool:
+    from qeval.quant.methods import METHODS
+
+    method_cls = METHODS[cfg.method.name]
+    static_acts = cfg.quant.a is not None and not cfg.quant.a.dynamic
+    return bool(method_cls.needs_calibration or static_acts)
+
+
+def cell_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The parts of a config that determine a cell's numbers."""
+    c = to_container(cfg)
+    identity = {k: c[k] for k in ("model", "quant", "method", "suite", "backend", "seed")}
+    identity["backend"] = {k: v for k, v in identity["backend"].items() if k != "threads"}
+    if uses_calibration(cfg):
+        identity["calib"] = c["calib"]
+    return identity
+
+
+def cell_label(cfg: DictConfig) -> str:
+    return f"{cfg.model.name}__{cfg.quant.name}__{cfg.method.name}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Checks that need no model: config ranges, data, task names."""
+    validate(cfg)
+    from qeval.data import check_available
+
+    for task in cfg.suite.tasks.values():
+        if task.kind == "perplexity":
+            check_available(task.dataset, cfg.data_dir)
+    if uses_calibration(cfg):
+        check_available(cfg.calib.dataset, cfg.data_dir)
+
+
+def _evaluate(model, tokenizer, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    from qeval.eval.perplexity import perplexity
+
+    metrics: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name, task in cfg.suite.tasks.items():
+        t0 = time.perf_counter()
+        if task.kind == "perplexity":
+            metrics[name] = perplexity(model, tokenizer, task.dataset, task.seqlen, task.max_windows,
+                                       cfg.data_dir).as_metrics()
+        else:
+            from qeval.eval.harness import evaluate_lm_eval
+
+            metrics[name] = evaluate_lm_eval(model, tokenizer, task.task, task.limit, task.num_fewshot,
+                                             task.batch_size, cfg.seed)
+        timings[name] = time.perf_counter() - t0
+        log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
+    return metrics, timings
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("ppl", "acc", "perplexity") if k in metrics]
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+
+
+def run_cell(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip, if already finished) one cell and return its record."""
+    t_start = time.perf_counter()
+    preflight(cfg)
+    if cfg.data_dir:
+        os.environ["QEVAL_DATA_DIR"] = str(cfg.data_dir)
+    store = ResultStore(cfg.results_dir, cfg.sweep_name)
+    identity = cell_identity(cfg)
+    cell_hash = stable_hash(identity)
+    label = cell_label(cfg)
+    if not cfg.rerun and (done := store.finished(cell_hash)) is not None:
+        log.info("cell %s already finished (%s): skipping", label, store.find(cell_hash))
+        done["_skipped_existing"] = True
+        return done
+
+    from qeval.quant.methods import UnsupportedCellError, get_method
+
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "hash": cell_hash, "label": label,
+        "sweep": cfg.sweep_name,
+        "cell": {"model": cfg.model.name, "quant": cfg.quant.name, "method": cfg.method.name,
+                 "suite": cfg.suite.name, "backend": cfg.backend.name,
+                 "tensor_type": tensor_type(cfg.quant), "bits": bits_label(cfg.quant)},
+        "config": to_container(cfg), "identity": identity, "seed": cfg.seed,
+        "versions": package_versions(), "timings": {}, "metrics": {},
+    }
+    method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
+    try:
+        method.check_supported(tensor_type(cfg.quant))
+    except UnsupportedCellError as err:
+        record.update(status="skipped", reason=str(err))
+        store.write(record)
+        log.warning("cell %s skipped: %s", label, err)
+        return record
+
+    model = None
+    try:
+        _seed_everything(cfg.seed)
+        if cfg.backend.threads:
+            torch.set_num_threads(cfg.backend.threads)
+        from qeval.models.loading import load_model
+
+        t0 = time.perf_counter()
+        loaded = load_model(cfg.model, cfg.cache_dir)  # once per process; later cells reuse it
+        record["model_fingerprint"] = loaded.fingerprint
+        record["timings"]["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = loaded.fresh_copy().to(cfg.backend.device)
+
+        def calibration() -> list[torch.Tensor]:
+            from qeval.data import calibration_batches
+
+            return calibration_batches(loaded.tokenizer, cfg.calib.dataset, cfg.calib.nsamples,
+                                       cfg.calib.seqlen, cfg.calib.seed, cfg.data_dir)
+
+        from qeval.quant.apply import quantize_model
+
+        quantize_model(model, cfg.quant, method, calibration)
+        record["timings"]["quantize"] = time.perf_counter() - t0
+        log.info("cell %s: quantized in %.1fs", label, record["timings"]["quantize"])
+        record["metrics"], record["timings"]["eval"] = _evaluate(model, loaded.tokenizer, cfg)
+        record["status"] = "ok"
+    except UnsupportedCellError as err:
+        record.update(status="skipped", reason=str(err))
+        log.warning("cell %s skipped: %s", label, err)
+    except Exception as err:  # noqa: BLE001 - a failed cell is recorded, the sweep goes on
+        record.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        log.error("cell %s failed: %s", label, record["reason"])
+    finally:
+        del model
+        gc.collect()
+    record["timings"]["total"] = time.perf_counter() - t_start
+    path = store.write(record)
+    log.info("cell %s: %s -> %s", label, record["status"], path)
+    return record
