@@ -16,7 +16,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 INT_BITS = range(2, 9)
-KV_PASSTHROUGH_BITS = 16  # "16-bit" KV: routed through the cache, values untouched
+# bits=16 means "not quantized" for weights, activations and KV alike, so that every
+# preset has every key and `qeval quant=fp16 quant.w.bits=4` (or a bad `quant.w.bits=1`)
+# is an ordinary override rather than an assignment into a missing node
+FULL_PRECISION_BITS = 16
 FLOAT_FORMATS = {"fp8_e4m3": 8, "fp8_e5m2": 8}
 FORMATS = ("int", *FLOAT_FORMATS)
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
@@ -33,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class WeightQuantConfig:
-    bits: int = 4
+    bits: int = FULL_PRECISION_BITS
     format: str = "int"
     granularity: str = "group"
     group_size: int = 128
@@ -42,7 +45,7 @@ class WeightQuantConfig:
 
 @dataclass
 class ActQuantConfig:
-    bits: int = 8
+    bits: int = FULL_PRECISION_BITS
     format: str = "int"
     granularity: str = "token"
     dynamic: bool = True
@@ -51,7 +54,7 @@ class ActQuantConfig:
 
 @dataclass
 class KVQuantConfig:
-    bits: int = 4
+    bits: int = FULL_PRECISION_BITS
     format: str = "int"
     # size of the groups along head_dim for per-token granularity; -1 = the whole head
     group_size: int = -1
@@ -65,9 +68,9 @@ class KVQuantConfig:
 @dataclass
 class QuantConfig:
     name: str = "fp16"
-    w: Optional[WeightQuantConfig] = None
-    a: Optional[ActQuantConfig] = None
-    kv: Optional[KVQuantConfig] = None
+    w: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    a: ActQuantConfig = field(default_factory=ActQuantConfig)
+    kv: KVQuantConfig = field(default_factory=KVQuantConfig)
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False
 
@@ -173,39 +176,43 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(key, value, "one of " + ", ".join(map(str, choices)))
 
 
-def _check_bits(key: str, bits: int, fmt: str, allow_passthrough: bool = False) -> None:
+def quantized(part: Any) -> bool:
+    """Whether a w/a/kv part of a spec asks for quantization (bits < 16)."""
+    return part is not None and part.bits != FULL_PRECISION_BITS
+
+
+def _check_bits(key: str, bits: int, fmt: str) -> None:
     if fmt in FLOAT_FORMATS:
         if bits != FLOAT_FORMATS[fmt]:
             _fail(key, bits, f"{FLOAT_FORMATS[fmt]} for format {fmt}")
         return
-    if bits in INT_BITS or (allow_passthrough and bits == KV_PASSTHROUGH_BITS):
-        return
-    extra = f" (or {KV_PASSTHROUGH_BITS} = unquantized)" if allow_passthrough else ""
-    _fail(key, bits, f"{INT_BITS.start}..{INT_BITS.stop - 1} for format int{extra}")
+    if bits not in INT_BITS:
+        _fail(key, bits, f"{INT_BITS.start}..{INT_BITS.stop - 1} for format int "
+                         f"(or {FULL_PRECISION_BITS} = not quantized)")
 
 
 def validate_quant(q: Any, prefix: str = "quant") -> None:
     """Check a quantization spec; raises ConfigError naming the bad key."""
-    if q.w is not None:
+    if quantized(q.w):
         _check_choice(f"{prefix}.w.format", q.w.format, FORMATS)
         _check_bits(f"{prefix}.w.bits", q.w.bits, q.w.format)
         _check_choice(f"{prefix}.w.granularity", q.w.granularity, WEIGHT_GRANULARITIES)
         if q.w.granularity == "group" and q.w.group_size <= 0:
             _fail(f"{prefix}.w.group_size", q.w.group_size, "a positive integer when granularity=group")
-    if q.a is not None:
-        if q.w is None:
+    if quantized(q.a):
+        if not quantized(q.w):
             raise ConfigError(
-                f"{prefix}.a is set but {prefix}.w is not: activation quantization (WA) needs "
-                "quantized weights too; set quant.w or use a wNaM preset"
+                f"{prefix}.a.bits={q.a.bits} but {prefix}.w is not quantized: activation quantization (WA) "
+                f"needs quantized weights too; set {prefix}.w.bits or use a wNaM preset"
             )
         _check_choice(f"{prefix}.a.format", q.a.format, FORMATS)
         _check_bits(f"{prefix}.a.bits", q.a.bits, q.a.format)
         _check_choice(f"{prefix}.a.granularity", q.a.granularity, ACT_GRANULARITIES)
         if q.a.granularity == "token" and not q.a.dynamic:
             _fail(f"{prefix}.a.dynamic", q.a.dynamic, "true for granularity=token (static scales are per tensor)")
-    if q.kv is not None:
+    if quantized(q.kv):
         _check_choice(f"{prefix}.kv.format", q.kv.format, FORMATS)
-        _check_bits(f"{prefix}.kv.bits", q.kv.bits, q.kv.format, allow_passthrough=True)
+        _check_bits(f"{prefix}.kv.bits", q.kv.bits, q.kv.format)
         _check_choice(f"{prefix}.kv.key_granularity", q.kv.key_granularity, KV_GRANULARITIES)
         _check_choice(f"{prefix}.kv.value_granularity", q.kv.value_granularity, KV_GRANULARITIES)
         _check_choice(f"{prefix}.kv.semantics", q.kv.semantics, KV_SEMANTICS)
@@ -256,9 +263,9 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
 def tensor_type(q: Any) -> str:
     """Derive the tensor type (FP, W, WA, KV, W+KV, WA+KV) from a spec."""
     parts = []
-    if q.w is not None:
-        parts.append("WA" if q.a is not None else "W")
-    if q.kv is not None and q.kv.bits != KV_PASSTHROUGH_BITS:
+    if quantized(q.w):
+        parts.append("WA" if quantized(q.a) else "W")
+    if quantized(q.kv):
         parts.append("KV")
     return "+".join(parts) if parts else "FP"
 
@@ -266,13 +273,13 @@ def tensor_type(q: Any) -> str:
 def bits_label(q: Any) -> str:
     """A short label such as 'W4A8KV4' or 'FP16' for tables."""
     label = ""
-    if q.w is not None:
+    if quantized(q.w):
         label += f"W{q.w.bits}"
         if q.w.granularity == "group":
             label += f"g{q.w.group_size}"
-    if q.a is not None:
+    if quantized(q.a):
         label += f"A{q.a.bits}"
-    if q.kv is not None and q.kv.bits != KV_PASSTHROUGH_BITS:
+    if quantized(q.kv):
         label += f"KV{q.kv.bits}"
     return label or "FP16"
 

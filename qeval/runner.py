@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qeval.config import bits_label, tensor_type, to_container, validate
+from qeval.config import ConfigError, bits_label, quantized, tensor_type, to_container, validate
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, stable_hash
 
 log = logging.getLogger("qeval")
@@ -29,7 +29,7 @@ def uses_calibration(cfg: DictConfig) -> bool:
     from qeval.quant.methods import METHODS
 
     method_cls = METHODS[cfg.method.name]
-    static_acts = cfg.quant.a is not None and not cfg.quant.a.dynamic
+    static_acts = quantized(cfg.quant.a) and not cfg.quant.a.dynamic
     return bool(method_cls.needs_calibration or static_acts)
 
 
@@ -63,9 +63,15 @@ def preflight(cfg: DictConfig) -> None:
     validate(cfg)
     from qeval.data import check_available
 
-    for task in cfg.suite.tasks.values():
+    for name, task in cfg.suite.tasks.items():
         if task.kind == "perplexity":
             check_available(task.dataset, cfg.data_dir)
+        else:
+            from qeval.eval.harness import task_exists, task_paths
+
+            if not task_exists(task.task):
+                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: not an lm-eval task "
+                                  f"(searched lm-eval's tasks and {', '.join(task_paths())})")
     if uses_calibration(cfg):
         check_available(cfg.calib.dataset, cfg.data_dir)
 

@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("qeval")
 
@@ -59,7 +60,7 @@ class SweepCallback(Callback):
         for overrides in jobs:
             try:
                 preflight(compose_cell(config, overrides))
-            except (ConfigError, KeyError, FileNotFoundError) as err:
+            except (ConfigError, KeyError, FileNotFoundError, OmegaConfBaseException) as err:
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)

@@ -35,10 +35,8 @@ def task_manager(extra: tuple[str, ...] = ()):
     return TaskManager(include_path=task_paths(extra))
 
 
-def check_task_exists(name: str, extra: tuple[str, ...] = ()) -> None:
-    tm = task_manager(extra)
-    if name not in tm.all_tasks:
-        raise KeyError(f"unknown lm-eval task {name!r} (looked in lm-eval's tasks and {task_paths(extra)})")
+def task_exists(name: str, extra: tuple[str, ...] = ()) -> bool:
+    return name in task_manager(extra).all_tasks
 
 
 def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:

@@ -7,10 +7,12 @@ needs no training data, so an end-to-end run through lm-eval works offline.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers is imported lazily: config validation lists families without it
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 VOCAB_SIZE = 256 + len(SPECIALS)
@@ -20,21 +22,26 @@ _COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_
 _DECODER = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16)
 
-TINY_FAMILIES: dict[str, Callable[[], object]] = {
-    "llama": lambda: AutoConfig.for_model("llama", **_COMMON, **_DECODER, tie_word_embeddings=True),
-    "mistral": lambda: AutoConfig.for_model("mistral", **_COMMON, **_DECODER, sliding_window=64),
-    "qwen2": lambda: AutoConfig.for_model("qwen2", **_COMMON, **_DECODER, tie_word_embeddings=True),
-    "gemma3": lambda: AutoConfig.for_model(
-        "gemma3_text", **_COMMON, **_DECODER, sliding_window=32, query_pre_attn_scalar=16,
-        layer_types=["sliding_attention", "full_attention"]),
-    "opt": lambda: AutoConfig.for_model(
-        "opt", **_COMMON, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=64, do_layer_norm_before=True),
+def _config(model_type: str, **kwargs: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **_COMMON, **kwargs)
+
+
+TINY_FAMILIES: dict[str, Callable[[], Any]] = {
+    "llama": lambda: _config("llama", **_DECODER, tie_word_embeddings=True),
+    "mistral": lambda: _config("mistral", **_DECODER, sliding_window=64),
+    "qwen2": lambda: _config("qwen2", **_DECODER, tie_word_embeddings=True),
+    "gemma3": lambda: _config("gemma3_text", **_DECODER, sliding_window=32, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"]),
+    "opt": lambda: _config("opt", hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, do_layer_norm_before=True),
 }
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+def byte_tokenizer() -> "PreTrainedTokenizerFast":
     """A byte-level tokenizer: every UTF-8 byte is one token, no merges."""
+    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -50,8 +57,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
                                    eos_token="</s>", model_max_length=512)
 
 
-def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> "PreTrainedModel":
     """A randomly initialised model of ``family`` with fixed weights for ``seed``."""
+    from transformers import AutoModelForCausalLM
+
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}: allowed {', '.join(sorted(TINY_FAMILIES))}")
     config = TINY_FAMILIES[family]()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qeval.config import tensor_type
+from qeval.config import quantized, tensor_type
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import KVQuantizer, install_kv_quantization
 from qeval.quant.linear import ActivationQuantizer, QuantLinear
@@ -72,7 +72,7 @@ def quantize_model(
 ) -> nn.Module:
     """Quantize ``model`` in place according to ``spec`` (a QuantConfig)."""
     method.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
-    if spec.w is not None:
+    if quantized(spec.w):
         if spec.quantize_embeddings:
             head = model.get_output_embeddings()
             emb = model.get_input_embeddings()
@@ -86,18 +86,18 @@ def quantize_model(
         for name, linear in linears.items():
             deq, qt = weights[name]
             aq = None
-            if spec.a is not None:
+            if quantized(spec.a):
                 aq = ActivationQuantizer(QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
                                          spec.a.granularity, spec.a.dynamic)
                 act_quantizers.append(aq)
             _set_submodule(model, name, QuantLinear(linear, deq, qt, aq))
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
-        if spec.a is not None and not spec.a.dynamic:
+        if quantized(spec.a) and not spec.a.dynamic:
             if calibration is None:
                 raise ValueError("static activation quantization needs calibration data")
             _calibrate_static(model, act_quantizers, calibration())
         log.info("quantized %d linear layers (%s)", len(linears), method.name)
-    if spec.kv is not None:
+    if quantized(spec.kv):
         install_kv_quantization(model, KVQuantizer.from_spec(spec.kv))
     return model

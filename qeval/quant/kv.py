@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from qeval.config import KV_PASSTHROUGH_BITS
+from qeval.config import FULL_PRECISION_BITS
 from qeval.quant.formats import QuantFormat, fake_quantize
 
 
@@ -37,7 +37,7 @@ class KVQuantizer:
 
     def __init__(self, bits: int, kind: str = "int", sym: bool = False, group_size: int = -1,
                  key_granularity: str = "token", value_granularity: str = "token") -> None:
-        self.passthrough = bits == KV_PASSTHROUGH_BITS
+        self.passthrough = bits == FULL_PRECISION_BITS
         self.fmt = QuantFormat(bits=bits if not self.passthrough else 8, kind=kind, sym=sym)
         self.group_size = None if group_size == -1 else group_size
         self.key_granularity = key_granularity
