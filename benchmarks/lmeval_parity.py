@@ -29,12 +29,15 @@ PAIRS = {
 def lm_eval_reference(pretrained: str, task: str, data_file: str, limit: int | None, batch_size: int) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    spec = {"task": task, "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": data_file}}}
+    tm = TaskManager()
+    # lm-eval's own registered config, with only the dataset location replaced
+    spec = load_yaml(tm.task_index[task].yaml_path, resolve_func=True)
+    spec.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": data_file}})
     out = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "dtype": "float32"},
                           tasks=[spec], limit=limit, batch_size=batch_size, device="cpu",
-                          task_manager=TaskManager(), bootstrap_iters=1000, log_samples=False)
+                          task_manager=tm, bootstrap_iters=1000, log_samples=False)
     return out["results"][task]
 
 

@@ -63,10 +63,9 @@ class ResultStore:
         path = self.find(cell_hash)
         if path is None:
             return None
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("result file %s is unreadable (%s); the cell will be recomputed", path, err)
+        record = _read_record(path)
+        if record is None:
+            log.warning("result file %s is unreadable; the cell will be recomputed", path)
             return None
         return record if record.get("status") in FINISHED else None
 
@@ -74,12 +73,32 @@ class ResultStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record["hash"], record["label"])
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if it is unreadable or not an object."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -87,11 +106,10 @@ def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
     for path in sorted(Path(root).rglob("*.json")):
         if path.name.startswith(".") or ".hydra" in path.parts:
             continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping unreadable result file %s (%s)", path, err)
+        record = _read_record(path)
+        if record is None:
+            log.warning("skipping unreadable result file %s", path)
             continue
-        if isinstance(record, dict) and record.get("schema_version") == SCHEMA_VERSION:
+        if record.get("schema_version") == SCHEMA_VERSION:
             record["_path"] = str(path)
             yield record

@@ -60,7 +60,7 @@ class ActivationQuantizer(nn.Module):
             raise RuntimeError("static activation quantizer saw no calibration data")
         lo, hi = self.obs_min.clamp(max=0), self.obs_max.clamp(min=0)
         if self.fmt.kind != "int":
-            self.scale = torch.maximum(hi, -lo) / self.fmt.fp_max
+            self.scale = (torch.maximum(hi, -lo) / self.fmt.fp_max).clamp(min=1e-8)
         elif self.fmt.sym:
             self.scale = (torch.maximum(hi, -lo) / self.fmt.qmax).clamp(min=1e-8)
         else:

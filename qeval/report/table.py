@@ -17,7 +17,9 @@ import pandas as pd
 
 from qeval.results import iter_records
 
-CELL_KEYS = ["model", "tensor_type", "bits", "method"]
+# a row is a cell: the preset name (quant) separates specs with the same bits label
+# (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
+CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method"]
 _TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}
 _HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll"}
 
@@ -33,7 +35,7 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 for metric, value in metrics.items():
                     if metric.endswith("_stderr") or metric in _HIDDEN:
                         continue
-                    rows.append({**{k: cell[k] for k in CELL_KEYS}, "quant": cell["quant"],
+                    rows.append({**{k: cell[k] for k in CELL_KEYS},
                                  "suite": cell["suite"], "backend": cell["backend"], "sweep": rec["sweep"],
                                  "task": task, "metric": f"{task}.{metric}", "value": value,
                                  "stderr": metrics.get(f"{metric}_stderr"),
@@ -60,7 +62,7 @@ def cell_table(long: pd.DataFrame) -> pd.DataFrame:
     norm.columns = [f"{c} /FP" for c in norm.columns]
     table = values.join(norm)
     table = table[[c for m in values.columns for c in (m, f"{m} /FP") if c in table.columns]]
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3]))
+    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4]))
     return table.loc[order]
 
 
