@@ -8,6 +8,7 @@ calibration data, and finally the KV-cache quantizer is installed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Iterable
 
@@ -70,8 +71,14 @@ def quantize_model(
     method: QuantMethod,
     calibration: Callable[[], list[torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place according to ``spec`` (a QuantConfig)."""
+    """Quantize ``model`` in place according to ``spec`` (a QuantConfig).
+
+    ``calibration`` returns calibration batches; it is called at most once, and
+    only when the method or static activation scales need it.
+    """
     method.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
+    if calibration is not None:
+        calibration = functools.cache(calibration)
     if quantized(spec.w):
         if spec.quantize_embeddings:
             head = model.get_output_embeddings()
