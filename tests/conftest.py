@@ -49,3 +49,15 @@ def run_report():
         return run_script("qeval-report", args, cwd, timeout)
 
     return run
+
+
+EVAL_FILES = ("wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt", "lambada/lambada_test.jsonl")
+
+
+def require_eval_data() -> None:
+    """Skip (saying why) when the offline evaluation files are not under the data directory."""
+    from qeval.data import data_dir, local_file
+
+    missing = [f for f in EVAL_FILES if local_file(f) is None]
+    if missing:
+        pytest.skip(f"evaluation data {missing} not found under {data_dir()}; set QEVAL_DATA_DIR")

