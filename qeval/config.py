@@ -11,6 +11,7 @@ values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -247,7 +248,9 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
         if task.kind == "perplexity":
             from qeval.data import TEXT_DATASETS
 
-            _check_choice(f"suite.tasks.{name}.dataset", task.dataset, tuple(sorted(TEXT_DATASETS)))
+            if task.dataset not in TEXT_DATASETS and not (task.dataset and Path(task.dataset).expanduser().is_file()):
+                _fail(f"suite.tasks.{name}.dataset", task.dataset,
+                      f"one of {', '.join(sorted(TEXT_DATASETS))} or the path of a text file")
             if task.seqlen <= 1:
                 _fail(f"suite.tasks.{name}.seqlen", task.seqlen, "an integer > 1")
             if task.max_windows is not None and task.max_windows <= 0:

@@ -52,7 +52,7 @@ class TextDataset:
     hub_field: str = "text"
 
     def rows(self, override: str | None = None) -> list[str]:
-        path = local_file(self.local, override)
+        path = Path(self.local) if Path(self.local).is_absolute() else local_file(self.local, override)
         if path is not None:
             text = path.read_text(encoding="utf-8")
             return [line for line in text.splitlines() if line.strip()]
@@ -76,9 +76,22 @@ TEXT_DATASETS: dict[str, TextDataset] = {
 }
 
 
+def text_dataset(name: str) -> TextDataset:
+    """A registered corpus by name, or any text file by path (one row per non-empty line)."""
+    if name in TEXT_DATASETS:
+        return TEXT_DATASETS[name]
+    path = Path(name).expanduser()
+    if path.is_file():
+        return TextDataset(str(path.resolve()), "", None, "")
+    raise DataNotFoundError(f"unknown text dataset {name!r}: use one of {', '.join(sorted(TEXT_DATASETS))} "
+                            "or the path of a text file")
+
+
 def check_available(name: str, override: str | None = None) -> None:
     """Fail early, before a model loads, when a dataset can't be had."""
-    ds = TEXT_DATASETS[name]
+    ds = text_dataset(name)
+    if Path(ds.local).is_absolute():
+        return
     if local_file(ds.local, override) is None and (
             os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1"):
         raise DataNotFoundError(
@@ -88,9 +101,7 @@ def check_available(name: str, override: str | None = None) -> None:
 
 def load_text(name: str, override: str | None = None) -> str:
     """The corpus joined with blank lines, the quantization papers' convention."""
-    if name not in TEXT_DATASETS:
-        raise KeyError(f"unknown text dataset {name!r}: available {', '.join(sorted(TEXT_DATASETS))}")
-    return "\n\n".join(TEXT_DATASETS[name].rows(override))
+    return "\n\n".join(text_dataset(name).rows(override))
 
 
 def calibration_batches(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int,
