@@ -7,13 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qeval.errors import UnsupportedCellError
 
-class UnsupportedCellError(Exception):
-    """The method cannot produce this cell (tensor type, family, format).
-
-    Raised before any heavy work; a sweep records the cell as skipped with
-    this message.
-    """
+__all__ = ["QuantMethod", "UnsupportedCellError"]
 
 
 class QuantMethod:

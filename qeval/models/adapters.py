@@ -1,0 +1,124 @@
+"""The architecture adapter table: where things are inside each model family.
+
+Calibrated methods read only this table; they never test model names by
+substring.  Per ``model_type`` it says where the decoder blocks are and,
+inside a block, which norm feeds which linears (for scale folding: SmoothQuant,
+AWQ, LET, rotation), which linear feeds which (v -> o, up -> down, fc1 -> fc2),
+and how the norm applies its weight (Gemma's RMSNorm multiplies by
+``1 + weight``, so a scale folded into it must be folded into ``1 + weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qeval.errors import UnsupportedCellError
+
+
+@dataclass(frozen=True)
+class NormGroup:
+    """A norm and the linears that read its output (they share the input)."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinearPair:
+    """``prev``'s output feeds ``next``'s input (per channel, so scales can move across)."""
+
+    prev: str
+    next: str
+    # v -> o only holds when each attention head's V width matches O's input slice,
+    # i.e. the scale can be folded per head dimension (also with GQA: repeated heads)
+    per_head: bool = False
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    blocks: str  # path of the ModuleList of decoder blocks, from the CausalLM
+    norm_groups: tuple[NormGroup, ...]
+    linear_pairs: tuple[LinearPair, ...]
+    norm_kind: str  # rms | rms_one_plus | layernorm
+    attention: str = "self_attn"
+    final_norm: str = "model.norm"
+    extra: dict = field(default_factory=dict)
+
+    def get_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def sequential(self) -> list[tuple[str, ...]]:
+        """Linears of a block in execution order, grouped by shared input:
+        [q, k, v], [o], [gate, up], [down] (GPTQ's "true sequential")."""
+        stages: list[tuple[str, ...]] = []
+        for group, pair in zip(self.norm_groups, self.linear_pairs):
+            stages += [group.linears, (pair.next,)]
+        return stages
+
+    def block_linears(self) -> tuple[str, ...]:
+        return tuple(n for stage in self.sequential() for n in stage)
+
+
+_LLAMA_LIKE = dict(
+    blocks="model.layers",
+    norm_groups=(
+        NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    linear_pairs=(
+        LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
+        LinearPair("mlp.up_proj", "mlp.down_proj"),
+    ),
+    norm_kind="rms",
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", **_LLAMA_LIKE),
+    "mistral": Adapter("mistral", **_LLAMA_LIKE),
+    "qwen2": Adapter("qwen2", **_LLAMA_LIKE),
+    # Gemma 3: norms before *and* after attention/MLP; the ones that feed linears are
+    # input_layernorm (-> q, k, v) and pre_feedforward_layernorm (-> gate, up)
+    "gemma3_text": Adapter(
+        "gemma3_text",
+        blocks="model.layers",
+        norm_groups=(
+            NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            NormGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        linear_pairs=(
+            LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
+            LinearPair("mlp.up_proj", "mlp.down_proj"),
+        ),
+        norm_kind="rms_one_plus",
+    ),
+    # OPT (pre-LN variant): LayerNorm with bias; fc1 -> ReLU -> fc2 is not linear, so the
+    # fc1 -> fc2 pair only serves methods that scale fc2's *input* (AWQ), not folding into fc1
+    "opt": Adapter(
+        "opt",
+        blocks="model.decoder.layers",
+        norm_groups=(
+            NormGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            NormGroup("final_layer_norm", ("fc1",)),
+        ),
+        linear_pairs=(
+            LinearPair("self_attn.v_proj", "self_attn.out_proj", per_head=True),
+            LinearPair("fc1", "fc2"),
+        ),
+        norm_kind="layernorm",
+        final_norm="model.decoder.final_layer_norm",
+    ),
+}
+ADAPTERS["gemma3"] = ADAPTERS["gemma3_text"]
+
+
+def get_adapter(model: nn.Module, method: str = "this method") -> Adapter:
+    """The adapter for ``model``'s family, or a clear refusal naming the family."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedCellError(
+            f"{method} needs the architecture adapter table, which has no entry for model_type "
+            f"{model_type!r} (supported: {', '.join(sorted(ADAPTERS))}); add one in qeval/models/adapters.py")
+    return ADAPTERS[model_type]
