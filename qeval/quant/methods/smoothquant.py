@@ -1,0 +1,77 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights.
+
+For each norm and the linears it feeds (norm -> q, k, v; norm -> gate, up / fc1),
+per input channel j:
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+from the channel maxima of the calibration activations (taken block by block,
+on the inputs the already-smoothed earlier blocks produce) and of the weights.
+X is divided by s (folded into the norm's weight, Gemma's ``1 + weight`` and
+LayerNorm's bias included) and W multiplied by s, which leaves the model's
+function unchanged in full precision; weights are then rounded (RTN) and
+activations quantized per token, as the cell's spec says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qeval.models.adapters import get_adapter
+from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
+from qeval.quant.formats import QuantFormat, quantize_weight
+from qeval.quant.methods import register_method
+from qeval.quant.methods.base import QuantMethod
+from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
+
+
+def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    act_max = act_max.clamp(min=1e-5)
+    weight_max = weight_max.clamp(min=1e-5)
+    return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) -> None:
+    """Apply SmoothQuant's rescaling to every norm group of every block (full precision)."""
+    adapter = get_adapter(model, "smoothquant")
+
+    def process_block(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        heads = [group.linears[0] for group in adapter.norm_groups]
+        act_max: dict[str, torch.Tensor] = {}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+
+        collect_linear_inputs(block, heads, inputs, observe)
+        for group, head in zip(adapter.norm_groups, heads):
+            linears = [block.get_submodule(n) for n in group.linears]
+            s = smoothing_scales(act_max[head], max_abs_per_input_channel(linears), alpha)
+            fold_into_norm(block.get_submodule(group.norm), s, adapter.norm_kind)
+            for lin in linears:
+                scale_inputs(lin, s)
+
+    run_blockwise(model, adapter, batches, process_block, desc="smoothquant")
+
+
+@register_method
+class SmoothQuant(QuantMethod):
+    name = "smoothquant"
+    tensor_types = frozenset({"WA", "WA+KV"})
+    needs_calibration = True
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"method.params.alpha={alpha}: allowed 0..1")
+        self.alpha = alpha
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
+                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+        smooth_model(model, calib, self.alpha)
+        fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
+        return {name: quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
+                for name, lin in linears.items()}
