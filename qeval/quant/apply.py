@@ -21,6 +21,7 @@ from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import KVQuantizer, install_kv_quantization
 from qeval.quant.linear import ActivationQuantizer, QuantLinear
 from qeval.quant.methods import QuantMethod
+from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def quantize_model(
                 aq = ActivationQuantizer(QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
                                          spec.a.granularity, spec.a.dynamic)
                 act_quantizers.append(aq)
-            _set_submodule(model, name, QuantLinear(linear, deq, qt, aq))
+            transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
+            _set_submodule(model, name, QuantLinear(linear, deq, qt, aq, transform))
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
         if quantized(spec.a) and not spec.a.dynamic:

@@ -75,7 +75,7 @@ class ActivationQuantizer(nn.Module):
 
 class QuantLinear(nn.Module):
     """A linear layer whose weight holds dequantized values and whose input is
-    optionally quantized.  ``qweight`` keeps the codes and scales."""
+    optionally transformed and quantized.  ``qweight`` keeps the codes and scales."""
 
     def __init__(
         self,
@@ -83,6 +83,7 @@ class QuantLinear(nn.Module):
         weight: torch.Tensor,
         qweight: QuantizedTensor | None = None,
         input_quantizer: ActivationQuantizer | None = None,
+        input_transform: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -91,8 +92,13 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.qweight = qweight
         self.input_quantizer = input_quantizer
+        # an online rotation of the input (QuaRot's Hadamard before down_proj), applied
+        # before the input is quantized; the weight already holds the matching W H
+        self.register_buffer("input_transform", input_transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = x @ self.input_transform.to(x.dtype)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.weight, self.bias)

@@ -33,6 +33,6 @@ def get_method(name: str, params: dict[str, Any] | None = None) -> QuantMethod:
 
 
 # built-in methods register themselves on import
-from qeval.quant.methods import awq, gptq, omniquant, rtn, smoothquant  # noqa: E402,F401
+from qeval.quant.methods import awq, gptq, omniquant, quarot, rtn, smoothquant  # noqa: E402,F401
 
 __all__ = ["METHODS", "QuantMethod", "UnsupportedCellError", "get_method", "register_method"]

@@ -1,0 +1,150 @@
+"""QuaRot-style rotation (Ashkboos et al., 2024): remove outliers by rotating.
+
+In full precision the rotated model computes the same function:
+
+1. RMSNorm weights are folded into the linears they feed (and the final norm
+   into the head, untied from the embeddings first), leaving scale-free norms,
+   which commute with rotations (they only divide by the vector's norm).
+2. The residual stream is rotated by a random orthogonal Q (a randomized
+   Hadamard matrix when one of that order can be built): embeddings E Q,
+   readers of the stream (q, k, v, gate, up, head) W Q, writers (o, down) Q^T W.
+3. Each attention head's values are rotated by a Hadamard matrix on the head
+   dimension: v_proj's rows and o_proj's matching columns (V in the KV cache is
+   rotated too).
+4. The input of down_proj is rotated online by a Hadamard matrix H
+   (x -> x H, W_down -> W_down H): the fake-quant linear applies H before
+   quantizing its input.
+
+Then weights are rounded with RTN (``method=quarot``) or GPTQ
+(``method=quarot_gptq``, Hessians taken on the rotated inputs), activations and
+KV are quantized per token as the cell's spec says.
+
+Needs pre-norm blocks with RMSNorm: Gemma 3 (norms after attention/MLP, before
+the residual add) and OPT (LayerNorm's mean subtraction does not commute with
+a rotation) are refused with a message naming the family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qeval.errors import UnsupportedCellError
+from qeval.models.adapters import Adapter, get_adapter
+from qeval.quant.formats import QuantFormat, quantize_weight
+from qeval.quant.hadamard import random_rotation
+from qeval.quant.methods import register_method
+from qeval.quant.methods.base import QuantMethod
+
+INPUT_TRANSFORM_ATTR = "qeval_input_transform"
+
+
+_WHY_NOT = {
+    "layernorm": "its LayerNorm subtracts the mean, which does not commute with a rotation",
+    "rms_one_plus": "its RMSNorms applied to the attention/MLP outputs before the residual add "
+                    "do not commute with a rotation of the residual stream",
+}
+
+
+def _check_rotatable(model: nn.Module, adapter: Adapter) -> None:
+    if adapter.norm_kind != "rms":
+        raise UnsupportedCellError(
+            f"quarot does not support model_type {adapter.model_type!r}: "
+            f"{_WHY_NOT.get(adapter.norm_kind, 'its norms are not plain pre-norm RMSNorms')}")
+
+
+@torch.no_grad()
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    for lin in linears:
+        lin.weight.mul_(norm.weight.to(lin.weight.dtype)[None, :])
+    norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def _rotate_in(lin: nn.Linear, Q: torch.Tensor) -> None:
+    lin.weight.copy_((lin.weight.double() @ Q).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def _rotate_out(lin: nn.Linear, Q: torch.Tensor) -> None:
+    lin.weight.copy_((Q.T @ lin.weight.double()).to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_((lin.bias.double() @ Q).to(lin.bias.dtype))
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> None:
+    """Apply the rotation in place (full precision; the function is unchanged)."""
+    adapter = get_adapter(model, "quarot")
+    _check_rotatable(model, adapter)
+    cfg = model.config
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    blocks = adapter.get_blocks(model)
+    for block in blocks:
+        for group in adapter.norm_groups:
+            _fold_norm(block.get_submodule(group.norm), [block.get_submodule(n) for n in group.linears])
+    _fold_norm(model.get_submodule(adapter.final_norm), [head])
+
+    Q = random_rotation(cfg.hidden_size, seed)
+    emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
+    _rotate_in(head, Q)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    Hd = random_rotation(head_dim, seed + 1)
+    for block in blocks:
+        for group in adapter.norm_groups:
+            for n in group.linears:
+                _rotate_in(block.get_submodule(n), Q)
+        for pair in adapter.linear_pairs:
+            _rotate_out(block.get_submodule(pair.next), Q)
+        v_o = adapter.linear_pairs[0]
+        v, o = block.get_submodule(v_o.prev), block.get_submodule(v_o.next)
+        wv = v.weight.double().reshape(-1, head_dim, v.in_features)  # [kv_heads, head_dim, hidden]
+        v.weight.copy_(torch.einsum("dk,hdi->hki", Hd, wv).reshape_as(v.weight).to(v.weight.dtype))
+        if v.bias is not None:
+            v.bias.copy_((v.bias.double().reshape(-1, head_dim) @ Hd).reshape(-1).to(v.bias.dtype))
+        wo = o.weight.double().reshape(o.out_features, -1, head_dim)  # [hidden, heads, head_dim]
+        o.weight.copy_((wo @ Hd).reshape_as(o.weight).to(o.weight.dtype))
+        if online_down:
+            down = block.get_submodule(adapter.linear_pairs[1].next)
+            H = random_rotation(down.in_features, seed + 2)
+            _rotate_in(down, H)
+            H32 = H.to(down.weight.dtype)
+            setattr(down, INPUT_TRANSFORM_ATTR, H32)
+            down.register_forward_pre_hook(lambda _m, args, _H=H32: (args[0] @ _H, *args[1:]))
+
+
+@register_method
+class QuaRot(QuantMethod):
+    name = "quarot"
+    tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
+    needs_calibration = False
+    weights = "rtn"
+
+    def __init__(self, seed: int = 0, online_down: bool = True, **gptq_params: Any) -> None:
+        self.seed, self.online_down = seed, online_down
+        self.gptq_params = gptq_params
+        if gptq_params and self.weights != "gptq":
+            raise TypeError(f"method {self.name!r} takes seed and online_down, got {sorted(gptq_params)}")
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
+                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+        rotate_model(model, self.seed, self.online_down)
+        if self.weights == "gptq":
+            from qeval.quant.methods.gptq import GPTQ
+
+            return GPTQ(**self.gptq_params).quantize_weights(model, linears, spec, calib)
+        fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
+        return {name: quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
+                for name, lin in linears.items()}
+
+
+@register_method
+class QuaRotGPTQ(QuaRot):
+    name = "quarot_gptq"
+    tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
+    needs_calibration = True
+    weights = "gptq"
