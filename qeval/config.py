@@ -26,7 +26,7 @@ FORMATS = ("int", *FLOAT_FORMATS)
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
 KV_GRANULARITIES = ("token", "channel")
-KV_SEMANTICS = ("fake",)  # "cache" (KIVI-style) arrives with the methods issue
+KV_SEMANTICS = ("fake", "cache")  # Qllm-Eval's (every pass) | KIVI's (stored tokens only)
 MODEL_SOURCES = ("gguf", "hub", "local", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,7 +57,8 @@ class ActQuantConfig:
 class KVQuantConfig:
     bits: int = FULL_PRECISION_BITS
     format: str = "int"
-    # size of the groups along head_dim for per-token granularity; -1 = the whole head
+    # semantics=fake: groups along head_dim for per-token granularity (-1 = the whole head);
+    # semantics=cache: tokens per key group (-1 = 32, KIVI's default)
     group_size: int = -1
     sym: bool = False
     key_granularity: str = "token"
@@ -120,6 +121,9 @@ class TaskConfig:
     dataset: Optional[str] = None
     seqlen: int = 2048
     max_windows: Optional[int] = None
+    # perplexity decode-style, this many tokens per forward through the cache (null: one
+    # forward per window; cells with quant.kv.semantics=cache default to 16)
+    decode_chunk: Optional[int] = None
     limit: Optional[int] = None
     num_fewshot: int = 0
     batch_size: int = 16

@@ -84,8 +84,12 @@ def _evaluate(model, tokenizer, cfg: DictConfig) -> tuple[dict[str, Any], dict[s
     for name, task in cfg.suite.tasks.items():
         t0 = time.perf_counter()
         if task.kind == "perplexity":
+            chunk = task.decode_chunk
+            if chunk is None and quantized(cfg.quant.kv) and cfg.quant.kv.semantics == "cache":
+                chunk = 16  # a single pass would never read the quantized cache
             metrics[name] = perplexity(model, tokenizer, task.dataset, task.seqlen, task.max_windows,
-                                       cfg.data_dir).as_metrics()
+                                       cfg.data_dir, chunk).as_metrics()
+            metrics[name]["decode_chunk"] = chunk or 0
         else:
             from qeval.eval.harness import evaluate_lm_eval
 

@@ -44,9 +44,22 @@ def tokenized_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> to
     return _TOKEN_CACHE[key]
 
 
+def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
+    if not decode_chunk:
+        return model(window).logits
+    # decode-style: feed the window through the KV cache a chunk at a time, so that
+    # earlier tokens are seen the way a serving cache stores them (KIVI semantics)
+    cache, logits = None, []
+    for start in range(0, window.shape[1], decode_chunk):
+        out = model(window[:, start:start + decode_chunk], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
 @torch.no_grad()
 def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                desc: str = "perplexity") -> list[float]:
+                desc: str = "perplexity", decode_chunk: int | None = None) -> list[float]:
     """Mean NLL of each non-overlapping window of ``seqlen`` tokens."""
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -57,15 +70,15 @@ def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None =
     nlls = []
     for i in tqdm(range(n_windows), desc=desc, leave=False):
         window = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(window).logits[0, :-1].float()
+        logits = _window_logits(model, window, decode_chunk)[0, :-1].float()
         nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     return nlls
 
 
 def perplexity(model, tokenizer, dataset: str, seqlen: int = 2048, max_windows: int | None = None,
-               data_dir: str | None = None) -> PerplexityResult:
+               data_dir: str | None = None, decode_chunk: int | None = None) -> PerplexityResult:
     ids = tokenized_corpus(tokenizer, dataset, data_dir)
-    nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl")
+    nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl", decode_chunk=decode_chunk)
     n = len(nlls)
     mean = sum(nlls) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")

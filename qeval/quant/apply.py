@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from qeval.config import quantized, tensor_type
 from qeval.quant.formats import QuantFormat, quantize_weight
-from qeval.quant.kv import KVQuantizer, install_kv_quantization
+from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear
 from qeval.quant.methods import QuantMethod
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
@@ -108,5 +108,5 @@ def quantize_model(
             _calibrate_static(model, act_quantizers, calibration())
         log.info("quantized %d linear layers (%s)", len(linears), method.name)
     if quantized(spec.kv):
-        install_kv_quantization(model, KVQuantizer.from_spec(spec.kv))
+        install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))
     return model

@@ -9,9 +9,17 @@ architecture, so every family transformers supports (including Gemma 3's
 mixed sliding/global layers) works unchanged.
 
 Semantics ``fake`` (Qllm-Eval's): keys and values are quantized before
-attention in every pass, prefill included, so perplexity sees the error.  The
-cache-only semantics of KIVI (prefill in full precision, a full-precision
-residual window) come with the methods issue.
+attention in every pass, prefill included, so a single-pass perplexity sees
+the error.
+
+Semantics ``cache`` (KIVI's): what a deployed quantized cache does.  The
+tokens of the current forward attend to each other in full precision; once
+stored, tokens older than the ``residual`` most recent ones are quantized in
+chunks of ``group_size`` tokens (keys per channel over the chunk, values per
+token), so only later forwards (decode steps) see them quantized.  A
+single-pass perplexity therefore sees no error at all under this semantics;
+qeval evaluates it decode-style instead (``decode_chunk`` tokens per forward,
+see :mod:`qeval.eval.perplexity`).
 
 Key shape is ``[batch, kv_heads, seq, head_dim]``.  Granularity ``token``: one
 scale per token and head (over ``head_dim``, or groups of it); ``channel``:
@@ -59,23 +67,72 @@ class KVQuantizer:
         return self._quantize(keys, self.key_granularity), self._quantize(values, self.value_granularity)
 
 
-def quantize_cache(cache: Cache, quantizer: KVQuantizer) -> Cache:
-    """Make ``cache`` quantize every key/value state it receives (idempotent)."""
+class KIVIQuantizer:
+    """KIVI's cache-only quantization: keys per channel, values per token, in
+    chunks of ``group_size`` tokens that have left the ``residual`` window."""
+
+    def __init__(self, bits: int, kind: str = "int", sym: bool = False, group_size: int = 32,
+                 residual: int = 32, value_group: int | None = None) -> None:
+        self.fmt = QuantFormat(bits=bits, kind=kind, sym=sym)
+        self.group_size, self.residual, self.value_group = group_size, residual, value_group
+
+    @classmethod
+    def from_spec(cls, kv: Any) -> "KIVIQuantizer":
+        group = 32 if kv.group_size == -1 else kv.group_size
+        return cls(bits=kv.bits, kind=kv.format, sym=kv.sym, group_size=group, residual=kv.residual)
+
+    def after_update(self, cache: Cache, layer_idx: int, new_tokens: int) -> None:
+        """Quantize, in place, the stored tokens that just left the FP window."""
+        layer = cache.layers[layer_idx]
+        keys, values = layer.keys, layer.values
+        total = keys.shape[-2]
+        tails = cache.__dict__.setdefault("_qeval_fp_tail", {})  # layer -> trailing FP tokens
+        tail = min(tails.get(layer_idx, 0) + new_tokens, total)
+        n = max(0, tail - self.residual) // self.group_size * self.group_size
+        if n:
+            start = total - tail
+            k = keys[..., start:start + n, :]
+            kg = k.reshape(*k.shape[:-2], n // self.group_size, self.group_size, k.shape[-1])
+            kq = fake_quantize(kg.transpose(-1, -2), self.fmt, None).transpose(-1, -2)  # per channel
+            keys[..., start:start + n, :] = kq.reshape_as(k)
+            values[..., start:start + n, :] = fake_quantize(values[..., start:start + n, :], self.fmt,
+                                                            self.value_group)  # per token
+            tail -= n
+        tails[layer_idx] = tail
+
+
+def quantize_cache(cache: Cache, quantizer: "KVQuantizer | KIVIQuantizer") -> Cache:
+    """Make ``cache`` quantize the key/value states it receives (idempotent)."""
     if getattr(cache, "_qeval_kv", None) is quantizer:
         return cache
     original_update = cache.update
 
-    def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        key_states, value_states = quantizer(key_states, value_states)
-        return original_update(key_states, value_states, layer_idx, *args, **kwargs)
+    if isinstance(quantizer, KIVIQuantizer):
+        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            # attention sees the stored (partly quantized) past and the new tokens in full
+            # precision; the stored copy is quantized afterwards
+            keys, values = original_update(key_states, value_states, layer_idx, *args, **kwargs)
+            keys, values = keys.clone(), values.clone()
+            quantizer.after_update(self, layer_idx, key_states.shape[-2])
+            return keys, values
+    else:
+        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            key_states, value_states = quantizer(key_states, value_states)
+            return original_update(key_states, value_states, layer_idx, *args, **kwargs)
 
     cache.update = types.MethodType(update, cache)  # type: ignore[method-assign]
     cache._qeval_kv = quantizer  # type: ignore[attr-defined]
     return cache
 
 
-def install_kv_quantization(model: nn.Module, quantizer: KVQuantizer) -> torch.utils.hooks.RemovableHandle:
+def kv_quantizer_from_spec(kv: Any) -> "KVQuantizer | KIVIQuantizer":
+    return KIVIQuantizer.from_spec(kv) if kv.semantics == "cache" else KVQuantizer.from_spec(kv)
+
+
+def install_kv_quantization(model: nn.Module, quantizer: "KVQuantizer | KIVIQuantizer"
+                            ) -> torch.utils.hooks.RemovableHandle:
     """Route every forward of ``model`` through a quantizing cache.
 
     A call without a cache (a log-likelihood forward from lm-eval, a

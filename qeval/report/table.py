@@ -21,7 +21,7 @@ from qeval.results import iter_records
 # (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
 CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method"]
 _TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}
-_HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll"}
+_HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
 
 
 def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
