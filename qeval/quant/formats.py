@@ -82,7 +82,7 @@ def _expand_groups(t: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=-1)[..., :n]
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """View ``x`` as ``[..., n_groups, group_size]``; a partial last group is padded
     by repeating its last element, which leaves its min and max unchanged."""
     n = x.shape[-1]
@@ -99,7 +99,7 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -
     n = x.shape[-1]
     gs = n if group_size is None or group_size <= 0 else min(group_size, n)
     xf = x.float()
-    g = _grouped(xf, gs)
+    g = group_view(xf, gs)
     if fmt.kind in FP8_DTYPES:
         scale = (g.abs().amax(dim=-1) / fmt.fp_max).clamp(min=_EPS)
         q = (g / scale.unsqueeze(-1)).clamp(-fmt.fp_max, fmt.fp_max).to(FP8_DTYPES[fmt.kind]).float()

@@ -30,17 +30,13 @@ from torch import nn
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.formats import QuantFormat, _grouped, fake_quantize, quantize_weight
+from qeval.quant.formats import QuantFormat, group_view, fake_quantize, quantize_weight
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
 
 ALPHAS = [i / 20 for i in range(20)]
 CLIP_RATIOS = [1 - 0.45 * i / 20 for i in range(20)]
-
-
-def _fake_quant_weight(w: torch.Tensor, fmt: QuantFormat, granularity: str, group_size: int) -> torch.Tensor:
-    return quantize_weight(w, fmt, granularity, group_size)[0]
 
 
 @torch.no_grad()
@@ -56,7 +52,7 @@ def search_scales(x: torch.Tensor, linears: list[nn.Linear], fmt: QuantFormat, g
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
         for lin, y in zip(linears, ref):
-            wq = _fake_quant_weight(lin.weight.float() * s, fmt, granularity, group_size) / s
+            wq = quantize_weight(lin.weight.float() * s, fmt, granularity, group_size)[0] / s
             err += (x @ wq.T - y).pow(2).mean().item()
         if err < best[0]:
             best = (err, s, alpha)
@@ -72,7 +68,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, group_size: 
     rows, cols = w.shape
     gs = group_size if 0 < group_size < cols else cols
     x = x[torch.linspace(0, x.shape[0] - 1, min(max_tokens, x.shape[0])).long()].float()
-    wg = _grouped(w.float(), gs)  # [rows, groups, gs]; a partial last group is padded
+    wg = group_view(w.float(), gs)  # [rows, groups, gs]; a partial last group is padded
     xp = x.new_zeros(x.shape[0], wg.shape[1] * gs)  # ...and its padded inputs are zero,
     xp[:, :cols] = x  # so padding adds nothing to any partial product
     xg = xp.reshape(x.shape[0], wg.shape[1], gs)

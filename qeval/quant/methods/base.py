@@ -42,3 +42,16 @@ class QuantMethod:
 
     def quantize_weight(self, weight: torch.Tensor, spec: Any) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
+
+    @staticmethod
+    def round_remaining(linears: dict[str, nn.Linear], results: dict[str, tuple[torch.Tensor, Any]],
+                        spec: Any) -> dict[str, tuple[torch.Tensor, Any]]:
+        """RTN for the target linears a blockwise method did not visit (outside the
+        decoder blocks, e.g. a quantized lm_head)."""
+        from qeval.quant.formats import QuantFormat, quantize_weight
+
+        fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
+        for name, lin in linears.items():
+            if name not in results:
+                results[name] = quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
+        return results

@@ -163,9 +163,4 @@ class GPTQ(QuantMethod):
                     results[prefix + n] = (deq, qt)
 
         run_blockwise(model, adapter, calib, process_block, desc="gptq")
-        from qeval.quant.formats import quantize_weight
-
-        for name, lin in linears.items():  # anything outside the blocks (e.g. a quantized lm_head): RTN
-            if name not in results:
-                results[name] = quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
-        return results
+        return self.round_remaining(linears, results, spec)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, run_blockwise
-from qeval.quant.formats import QuantFormat, QuantizedTensor, _grouped
+from qeval.quant.formats import QuantFormat, QuantizedTensor, group_view
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
 
@@ -44,7 +44,7 @@ class LWCLinear(nn.Module):
         cols = linear.in_features
         self.gs = group_size if 0 < group_size < cols else cols
         self.cols = cols
-        grouped = _grouped(linear.weight.detach().float(), self.gs)  # [out, groups, gs]
+        grouped = group_view(linear.weight.detach().float(), self.gs)  # [out, groups, gs]
         self.register_buffer("w_grouped", grouped)
         shape = grouped.shape[:2]
         self.gamma = nn.Parameter(torch.full(shape, init))
@@ -143,9 +143,4 @@ class OmniQuant(QuantMethod):
         for p in model.parameters():
             p.requires_grad_(False)
         run_blockwise(model, adapter, calib, process_block, desc="omniquant")
-        from qeval.quant.formats import quantize_weight
-
-        for name, lin in linears.items():
-            if name not in results:
-                results[name] = quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
-        return results
+        return self.round_remaining(linears, results, spec)
