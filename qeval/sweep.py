@@ -50,6 +50,7 @@ class SweepCallback(Callback):
         self.done = 0
         self.started = 0.0
         self.statuses: dict[str, int] = {}
+        self.not_ok: list[str] = []  # "status: label (reason)" of skipped and failed cells
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from qeval.config import ConfigError
@@ -76,8 +77,11 @@ class SweepCallback(Callback):
         self.done += 1
         status = "crashed"
         try:
-            status = job_return.return_value.get("status", "ok")
-            if job_return.return_value.get("_skipped_existing"):
+            record = job_return.return_value
+            status = record.get("status", "ok")
+            if status in ("skipped", "failed"):
+                self.not_ok.append(f"{status}: {record['label']} ({record.get('reason', '')})")
+            if record.get("_skipped_existing"):
                 status = "already done"
         except Exception:  # noqa: BLE001 - the job itself raised; Hydra reports it
             pass
@@ -94,6 +98,8 @@ class SweepCallback(Callback):
         sweep_dir = f"{config.results_dir}/{config.sweep_name}"
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
         print(f"\nqeval: sweep finished in {_hms(time.perf_counter() - self.started)} ({counts})")
+        for line in self.not_ok:
+            print(f"  {line}")
         try:
             table, files = write_tables(sweep_dir)
             print(table)

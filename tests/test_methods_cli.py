@@ -1,0 +1,30 @@
+"""Methods from the CLI: a method x spec sweep records incompatible cells as skipped."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import require_eval_data
+
+
+def test_method_sweep_skips_incompatible_cells(tmp_path, run_qeval):
+    require_eval_data()
+    proc = run_qeval(["model=tiny-opt", "suite=tiny", "~suite.tasks.lambada", "quant=w4g128,w8a8",
+                      "method=gptq,smoothquant,quarot", "calib.nsamples=4", "calib.seqlen=128",
+                      "sweep_name=methods", f"results_dir={tmp_path}"], tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {(r["cell"]["quant"], r["cell"]["method"]): r
+               for r in (json.loads(p.read_text()) for p in (tmp_path / "methods").glob("*.json"))}
+    assert len(records) == 6
+    assert records["w4g128", "gptq"]["status"] == "ok"
+    assert records["w8a8", "gptq"]["status"] == "ok"
+    assert records["w8a8", "smoothquant"]["status"] == "ok"
+    # SmoothQuant is for weight-activation cells
+    assert records["w4g128", "smoothquant"]["status"] == "skipped"
+    assert "tensor type W" in records["w4g128", "smoothquant"]["reason"]
+    # QuaRot refuses OPT (LayerNorm), naming the family
+    for quant in ("w4g128", "w8a8"):
+        assert records[quant, "quarot"]["status"] == "skipped"
+        assert "'opt'" in records[quant, "quarot"]["reason"]
+    assert "(3 ok, 3 skipped)" in proc.stdout
+    assert "skipped: tiny-opt__w4g128__smoothquant" in proc.stdout
