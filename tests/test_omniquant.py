@@ -53,8 +53,49 @@ def test_training_lowers_the_block_loss_on_every_family(family):
         torch.testing.assert_close(m.qweight.dequantize(), m.weight.float(), rtol=0, atol=1e-6)
 
 
-def test_weight_activation_cells_are_refused_until_let_exists():
-    spec = QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_let_transformation_is_exact_before_rounding(family):
+    """With LET parameters at arbitrary values and no rounding (LWC factors saturated, 16-bit
+    grid), folding the learned scales/shifts into norms and weights keeps the function."""
+    from qeval.models.adapters import get_adapter
+    from qeval.quant.calibration import BlockInputs, capture_block_inputs
+    from qeval.quant.methods.omniquant import LETNorm, LWCLinear, OmniQuant
+
+    ref, model = build_tiny_model(family), build_tiny_model(family)
+    adapter = get_adapter(model)
+    block = adapter.get_blocks(model)[0]
+    hidden, kwargs = capture_block_inputs(model, adapter, CALIB[:2])
+    fmt = QuantFormat(16, "int", False)
+    wrapped = {n: LWCLinear(block.get_submodule(n), fmt, -1, init=30.0) for n in adapter.block_linears()}
+    method = OmniQuant()
+    _params, norms = method._init_let(block, adapter, BlockInputs(hidden, kwargs[0]), wrapped)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in _params:  # move away from the initial values
+            p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+        for name, let_norm in norms.items():
+            if let_norm.shift is not None:
+                let_norm.norm.bias.sub_(let_norm.shift)
+            from qeval.quant.transforms import fold_into_norm
+            fold_into_norm(let_norm.norm, let_norm.scale, adapter.norm_kind)
+        for n, w in wrapped.items():
+            weight, bias = w.transformed()
+            w.linear.weight.copy_(weight)
+            if bias is not None:
+                w.linear.bias = torch.nn.Parameter(bias)
+    assert norms, family
+    x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_weight_activation_cells_train_let(family):
+    spec = QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=False),
                        a=ActQuantConfig(bits=4))
-    with pytest.raises(UnsupportedCellError, match="weight-activation"):
-        quantize_model(build_tiny_model("llama"), spec, get_method("omniquant"), calibration=lambda: CALIB)
+    method = get_method("omniquant", {"epochs": 4, "lwc_lr": 0.01, "let_lr": 0.001})
+    model = quantize_model(build_tiny_model(family), spec, method, calibration=lambda: CALIB)
+    for block, losses in method.loss_history.items():
+        assert losses[-1] < losses[0], (family, block, losses)
+    assert all(m.input_quantizer is not None for m in model.modules() if isinstance(m, QuantLinear))

@@ -89,6 +89,7 @@ def quantize_model(
                 head.weight = nn.Parameter(emb.weight.data.clone(), requires_grad=False)
         linears = target_linears(model, spec.quantize_lm_head)
         calib = calibration() if (method.needs_calibration and calibration) else None
+        method.prepare(spec)
         weights = method.quantize_weights(model, linears, spec.w, calib)
         act_quantizers: list[ActivationQuantizer] = []
         for name, linear in linears.items():

@@ -35,6 +35,10 @@ class QuantMethod:
                 f"(supports {', '.join(sorted(self.tensor_types))})"
             )
 
+    def prepare(self, spec: Any) -> None:
+        """See the whole cell spec before quantizing (e.g. OmniQuant trains LET only
+        when activations are quantized).  No-op by default."""
+
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
                          calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
         """Return ``{name: (dequantized weight, QuantizedTensor | None)}``."""

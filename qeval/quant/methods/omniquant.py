@@ -10,8 +10,18 @@ output with LWC-quantized weights, on the calibration inputs (which are the
 outputs of the already-quantized earlier blocks).  The learned ranges are then
 frozen into the weights.
 
-Learnable equivalent transformation (LET) for weight-activation cells is not
-implemented yet: OmniQuant here refuses WA cells with a clear message.
+Learnable equivalent transformation (LET), for weight-activation cells: per
+norm group a learnable per-channel scale s (initialised with SmoothQuant's
+``sqrt(max|X| / max|W|)``) and, where the norm has a bias (OPT's LayerNorm), a
+shift delta: the norm's output becomes ``(y - delta) / s`` and the linears it
+feeds ``W diag(s)`` with bias ``b + W delta``; and a per-channel scale on
+v -> o where the shapes allow (no grouped-query attention).  During training
+the block's linears see per-token fake-quantized inputs (straight-through), so
+the scales learn to make activations easy to quantize.  Afterwards s and delta
+are folded into the norms and weights (an exact transformation) and LWC's
+ranges are frozen into the weights.  The q/k scaling of the paper is left out:
+with rotary embeddings a per-channel scale of q and k does not commute with
+the rotation unless tied across rotated pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from torch.nn import functional as F
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, run_blockwise
-from qeval.quant.formats import QuantFormat, QuantizedTensor, group_view
+from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
+from qeval.quant.calibration import collect_linear_inputs
+from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
 
@@ -34,25 +46,46 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class LWCLinear(nn.Module):
-    """A linear whose weight is fake-quantized with learnable clipping factors."""
+    """A linear whose weight is fake-quantized with learnable clipping factors.
 
-    def __init__(self, linear: nn.Linear, fmt: QuantFormat, group_size: int, init: float = 4.0) -> None:
+    With LET, the weight first becomes ``W diag(in_scale) / out_scale`` (bias
+    ``(b + W in_shift) / out_scale``); ``in_scale``/``in_shift`` are shared by the
+    linears reading the same norm, ``out_scale`` belongs to v in a v -> o pair."""
+
+    def __init__(self, linear: nn.Linear, fmt: QuantFormat, group_size: int, init: float = 4.0,
+                 act_fmt: QuantFormat | None = None) -> None:
         super().__init__()
         if fmt.kind != "int":
             raise ValueError("learnable weight clipping is defined for integer formats")
-        self.linear, self.fmt = linear, fmt
+        self.linear, self.fmt, self.act_fmt = linear, fmt, act_fmt
         cols = linear.in_features
         self.gs = group_size if 0 < group_size < cols else cols
         self.cols = cols
-        grouped = group_view(linear.weight.detach().float(), self.gs)  # [out, groups, gs]
-        self.register_buffer("w_grouped", grouped)
-        shape = grouped.shape[:2]
+        shape = group_view(linear.weight.detach().float(), self.gs).shape[:2]  # [out, groups]
         self.gamma = nn.Parameter(torch.full(shape, init))
         self.beta = nn.Parameter(torch.full(shape, init))
+        self.in_scale: nn.Parameter | None = None
+        self.in_shift: nn.Parameter | None = None
+        self.out_scale: nn.Parameter | None = None
+
+    def transformed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LET-transformed float weight and bias."""
+        w = self.linear.weight.float()
+        b = None if self.linear.bias is None else self.linear.bias.float()
+        if self.in_shift is not None:
+            shift = w @ self.in_shift
+            b = shift if b is None else b + shift
+        if self.in_scale is not None:
+            w = w * self.in_scale.clamp(min=1e-5)[None, :]
+        if self.out_scale is not None:
+            o = self.out_scale.clamp(min=1e-5)
+            w = w / o[:, None]
+            b = None if b is None else b / o
+        return w, b
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(dequantized weight [out, in], scale [out, groups], zero or None, codes [out, in])."""
-        w = self.w_grouped
+        w = group_view(self.transformed()[0], self.gs)
         fmt = self.fmt
         if fmt.sym:
             hi = torch.sigmoid(self.gamma) * w.abs().amax(dim=-1)
@@ -71,7 +104,24 @@ class LWCLinear(nn.Module):
                 codes.reshape(out, -1)[:, :self.cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized()[0].to(x.dtype), self.linear.bias)
+        if self.act_fmt is not None:  # per-token input quantization, straight-through
+            x = x + (fake_quantize(x, self.act_fmt, None) - x).detach()
+        bias = self.transformed()[1]
+        return F.linear(x, self.quantized()[0].to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class LETNorm(nn.Module):
+    """A norm whose output is shifted and scaled: ``(norm(x) - shift) / scale``."""
+
+    def __init__(self, norm: nn.Module, scale: nn.Parameter, shift: nn.Parameter | None) -> None:
+        super().__init__()
+        self.norm, self.scale, self.shift = norm, scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if self.shift is not None:
+            y = y - self.shift.to(y.dtype)
+        return y / self.scale.clamp(min=1e-5).to(y.dtype)
 
 
 def _swap(block: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,21 +132,20 @@ def _swap(block: nn.Module, name: str, module: nn.Module) -> None:
 @register_method
 class OmniQuant(QuantMethod):
     name = "omniquant"
-    tensor_types = frozenset({"W", "W+KV"})
+    tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
+    act_spec: Any = None  # the cell's activation spec, for weight-activation cells (see prepare)
 
-    def __init__(self, epochs: int = 5, lwc_lr: float = 5e-3, init: float = 4.0) -> None:
-        self.epochs, self.lwc_lr, self.init = epochs, lwc_lr, init
+    def __init__(self, epochs: int = 5, lwc_lr: float = 5e-3, let_lr: float = 1e-3, init: float = 4.0,
+                 let_alpha: float = 0.5) -> None:
+        self.epochs, self.lwc_lr, self.let_lr, self.init = epochs, lwc_lr, let_lr, init
+        self.let_alpha = let_alpha
         self.loss_history: dict[int, list[float]] = {}
 
-    def check_supported(self, tensor_type: str, model_type: str | None = None) -> None:
-        if tensor_type.startswith("WA"):
-            from qeval.errors import UnsupportedCellError
+    def prepare(self, spec: Any) -> None:
+        from qeval.config import quantized
 
-            raise UnsupportedCellError(
-                "method 'omniquant' supports weight-only cells (LWC) here; its learnable equivalent "
-                "transformation for weight-activation cells (WA) is not implemented yet")
-        super().check_supported(tensor_type, model_type)
+        self.act_spec = spec.a if quantized(spec.a) else None
 
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
                          calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
@@ -109,16 +158,30 @@ class OmniQuant(QuantMethod):
         group = spec.group_size if spec.granularity == "group" else -1
         results: dict[str, tuple[torch.Tensor, Any]] = {}
 
+        act_fmt = None
+        if self.act_spec is not None:
+            a = self.act_spec
+            if a.granularity != "token" or a.format != "int":
+                from qeval.errors import UnsupportedCellError
+
+                raise UnsupportedCellError("omniquant's LET trains with dynamic per-token integer activations")
+            act_fmt = QuantFormat(bits=a.bits, kind=a.format, sym=a.sym)
+
         def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             with torch.no_grad():
                 targets = [block_output(block, h, inputs.kwargs) for h in inputs.hidden]
             names = [n for n in adapter.block_linears() if f"{adapter.blocks}.{i}.{n}" in linears]
             originals = {n: block.get_submodule(n) for n in names}
-            wrapped = {n: LWCLinear(lin, fmt, group, self.init) for n, lin in originals.items()}
+            wrapped = {n: LWCLinear(lin, fmt, group, self.init, act_fmt) for n, lin in originals.items()}
+            let_params, norms = self._init_let(block, adapter, inputs, wrapped) if act_fmt else ([], {})
             for n, w in wrapped.items():
                 _swap(block, n, w)
-            params = [p for w in wrapped.values() for p in (w.gamma, w.beta)]
-            opt = torch.optim.AdamW(params, lr=self.lwc_lr, weight_decay=0.0)
+            for name, let_norm in norms.items():
+                _swap(block, name, let_norm)
+            groups = [{"params": [p for w in wrapped.values() for p in (w.gamma, w.beta)], "lr": self.lwc_lr}]
+            if let_params:
+                groups.append({"params": let_params, "lr": self.let_lr})
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
             history = []
             with torch.enable_grad():
                 for _epoch in range(self.epochs):
@@ -132,10 +195,18 @@ class OmniQuant(QuantMethod):
                     history.append(total / len(targets))
             self.loss_history[i] = history
             with torch.no_grad():
+                for name, let_norm in norms.items():  # fold (y - shift) / scale into the norm
+                    if let_norm.shift is not None:
+                        let_norm.norm.bias.sub_(let_norm.shift.to(let_norm.norm.bias.dtype))
+                    fold_into_norm(let_norm.norm, let_norm.scale.clamp(min=1e-5), adapter.norm_kind)
+                    _swap(block, name, let_norm.norm)
                 for n, w in wrapped.items():
                     deq, scale, zero, codes = w.quantized()
+                    bias = w.transformed()[1]
                     lin = originals[n]
                     lin.weight.data = deq.to(lin.weight.dtype)
+                    if bias is not None:
+                        lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=False)
                     qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
                     results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt)
                     _swap(block, n, lin)
@@ -144,3 +215,45 @@ class OmniQuant(QuantMethod):
             p.requires_grad_(False)
         run_blockwise(model, adapter, calib, process_block, desc="omniquant")
         return self.round_remaining(linears, results, spec)
+
+    def _init_let(self, block: nn.Module, adapter: Any, inputs: BlockInputs,
+                  wrapped: dict[str, LWCLinear]) -> tuple[list[nn.Parameter], dict[str, LETNorm]]:
+        """LET parameters for a block: SmoothQuant-initialised scales per norm group
+        (plus a centring shift for norms with a bias) and unit scales on v -> o."""
+        heads = [g.linears[0] for g in adapter.norm_groups]
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            lo, hi = x.amin(dim=0), x.amax(dim=0)
+            if name in stats:
+                lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)
+            stats[name] = (lo, hi)
+
+        collect_linear_inputs(block, heads, inputs, observe)
+        params: list[nn.Parameter] = []
+        norms: dict[str, LETNorm] = {}
+        for group, head in zip(adapter.norm_groups, heads):
+            members = [n for n in group.linears if n in wrapped]
+            if not members:
+                continue
+            norm = block.get_submodule(group.norm)
+            lo, hi = stats[head]
+            shift = None
+            if getattr(norm, "bias", None) is not None:
+                shift = nn.Parameter((hi + lo) / 2)
+                lo, hi = lo - shift.detach(), hi - shift.detach()
+            act_max = torch.maximum(hi.abs(), lo.abs()).clamp(min=1e-5)
+            w_max = max_abs_per_input_channel([wrapped[n].linear for n in members]).clamp(min=1e-5)
+            scale = nn.Parameter((act_max.pow(self.let_alpha) / w_max.pow(1 - self.let_alpha)).clamp(min=1e-5))
+            for n in members:
+                wrapped[n].in_scale, wrapped[n].in_shift = scale, shift
+            norms[group.norm] = LETNorm(norm, scale, shift)
+            params += [scale] + ([shift] if shift is not None else [])
+        v_o = adapter.linear_pairs[0]
+        if v_o.prev in wrapped and v_o.next in wrapped and \
+                wrapped[v_o.prev].linear.out_features == wrapped[v_o.next].linear.in_features:
+            s = nn.Parameter(torch.ones(wrapped[v_o.next].linear.in_features))
+            wrapped[v_o.prev].out_scale, wrapped[v_o.next].in_scale = s, s
+            params.append(s)
+        return params, norms
