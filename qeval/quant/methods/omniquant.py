@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, run_blockwise
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
@@ -150,8 +151,6 @@ class OmniQuant(QuantMethod):
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
                          calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
         if spec.granularity == "tensor" or spec.format != "int":
-            from qeval.errors import UnsupportedCellError
-
             raise UnsupportedCellError("omniquant's LWC needs an integer format with per-channel or per-group scales")
         adapter = get_adapter(model, "omniquant")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
@@ -162,8 +161,6 @@ class OmniQuant(QuantMethod):
         if self.act_spec is not None:
             a = self.act_spec
             if a.granularity != "token" or a.format != "int":
-                from qeval.errors import UnsupportedCellError
-
                 raise UnsupportedCellError("omniquant's LET trains with dynamic per-token integer activations")
             act_fmt = QuantFormat(bits=a.bits, kind=a.format, sym=a.sym)
 
