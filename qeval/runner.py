@@ -59,8 +59,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Checks that need no model: config ranges, data, task names."""
+    """Checks that need no model: config ranges, method parameters, data, task names."""
     validate(cfg)
+    from qeval.quant.methods import get_method
+
+    try:
+        get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid method.params for method {cfg.method.name!r}: {err}") from err
     from qeval.data import check_available
 
     for name, task in cfg.suite.tasks.items():

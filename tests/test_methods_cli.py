@@ -28,3 +28,21 @@ def test_method_sweep_skips_incompatible_cells(tmp_path, run_qeval):
         assert "'opt'" in records[quant, "quarot"]["reason"]
     assert "(3 ok, 3 skipped)" in proc.stdout
     assert "skipped: tiny-opt__w4g128__smoothquant" in proc.stdout
+
+
+def test_unknown_method_parameter_fails_before_any_work():
+    from hydra import compose, initialize_config_dir
+    import pytest
+
+    from qeval.cli import CONF_DIR
+    from qeval.config import ConfigError
+    from qeval.runner import preflight
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=gptq", "+method.params.bogus=1"])
+        with pytest.raises(ConfigError, match=r"method\.params.*bogus"):
+            preflight(cfg)
+        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=smoothquant",
+                                           "method.params.alpha=1.5"])
+        with pytest.raises(ConfigError, match=r"alpha=1.5"):
+            preflight(cfg)
