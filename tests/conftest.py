@@ -61,3 +61,18 @@ def require_eval_data() -> None:
     missing = [f for f in EVAL_FILES if local_file(f) is None]
     if missing:
         pytest.skip(f"evaluation data {missing} not found under {data_dir()}; set QEVAL_DATA_DIR")
+
+
+def outlier_llama(gain: float):
+    """A tiny llama whose norms give one channel a large gain (the activation-outlier
+    pattern of real LLMs), for tests of outlier-handling methods."""
+    import torch
+
+    from qeval.models.tiny import build_tiny_model
+
+    m = build_tiny_model("llama")
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.input_layernorm.weight[5] = gain
+            layer.post_attention_layernorm.weight[7] = gain
+    return m

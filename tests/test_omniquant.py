@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
-from qeval.errors import UnsupportedCellError
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.formats import QuantFormat, quantize_weight
@@ -59,7 +58,7 @@ def test_let_transformation_is_exact_before_rounding(family):
     grid), folding the learned scales/shifts into norms and weights keeps the function."""
     from qeval.models.adapters import get_adapter
     from qeval.quant.calibration import BlockInputs, capture_block_inputs
-    from qeval.quant.methods.omniquant import LETNorm, LWCLinear, OmniQuant
+    from qeval.quant.methods.omniquant import LWCLinear, OmniQuant
 
     ref, model = build_tiny_model(family), build_tiny_model(family)
     adapter = get_adapter(model)

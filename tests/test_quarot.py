@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import outlier_llama
 from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
 from qeval.errors import UnsupportedCellError
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
@@ -64,24 +65,15 @@ def test_down_proj_keeps_its_online_rotation_after_quantization():
                                torch.eye(n, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-def _outlier_llama():
-    m = build_tiny_model("llama")
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.input_layernorm.weight[5] = 30.0
-            layer.post_attention_layernorm.weight[7] = 30.0
-    return m
-
-
 @pytest.mark.parametrize("method", ["quarot", "quarot_gptq"])
 def test_rotation_beats_rtn_for_w4a4_with_outlier_channels(method):
     spec = QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
                        a=ActQuantConfig(bits=4))
     x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        ref = _outlier_llama()(x).logits
+        ref = outlier_llama(30.0)(x).logits
         err = {}
         for name in ("rtn", method):
-            m = quantize_model(_outlier_llama(), spec, get_method(name), calibration=lambda: CALIB)
+            m = quantize_model(outlier_llama(30.0), spec, get_method(name), calibration=lambda: CALIB)
             err[name] = (m(x).logits - ref).pow(2).mean().item()
     assert err[method] < 0.7 * err["rtn"], err

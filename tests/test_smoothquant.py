@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import outlier_llama
 from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter
@@ -64,19 +65,11 @@ def test_w4a4_smoothquant_beats_rtn_on_a_model_with_outlier_channels():
     spec = QuantConfig(name="w8a4", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
                        a=ActQuantConfig(bits=4, granularity="token", sym=True))
 
-    def outlier_model():
-        m = build_tiny_model("llama")
-        with torch.no_grad():
-            for layer in m.model.layers:
-                layer.input_layernorm.weight[5] = 40.0
-                layer.post_attention_layernorm.weight[7] = 40.0
-        return m
-
     x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = outlier_model()(x).logits
+        ref = outlier_llama(40.0)(x).logits
         errs = {}
         for method in ("rtn", "smoothquant"):
-            m = quantize_model(outlier_model(), spec, get_method(method), calibration=lambda: CALIB)
+            m = quantize_model(outlier_llama(40.0), spec, get_method(method), calibration=lambda: CALIB)
             errs[method] = (m(x).logits - ref).pow(2).mean().item()
     assert errs["smoothquant"] < 0.7 * errs["rtn"], errs

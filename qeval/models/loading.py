@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from qeval.models.carriers import cache_root, materialize_gguf, sha256_file
+from qeval.models.carriers import cache_root, materialize_gguf
 
 log = logging.getLogger(__name__)
 

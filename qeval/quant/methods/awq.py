@@ -143,4 +143,4 @@ class AWQ(QuantMethod):
                                                   gsize if gran == "group" else -1)
 
         run_blockwise(model, adapter, calib, process_block, desc="awq")
-        return {name: quantize_weight(lin.weight.data, fmt, gran, gsize) for name, lin in linears.items()}
+        return self.round_remaining(linears, {}, spec)  # RTN with the clipped ranges

@@ -33,7 +33,6 @@ from torch import nn
 
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import Adapter, get_adapter
-from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
@@ -137,9 +136,7 @@ class QuaRot(QuantMethod):
             from qeval.quant.methods.gptq import GPTQ
 
             return GPTQ(**self.gptq_params).quantize_weights(model, linears, spec, calib)
-        fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
-        return {name: quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
-                for name, lin in linears.items()}
+        return self.round_remaining(linears, {}, spec)  # RTN on the transformed weights
 
 
 @register_method

@@ -22,7 +22,6 @@ from torch import nn
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
@@ -72,6 +71,4 @@ class SmoothQuant(QuantMethod):
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
                          calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
         smooth_model(model, calib, self.alpha)
-        fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
-        return {name: quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
-                for name, lin in linears.items()}
+        return self.round_remaining(linears, {}, spec)  # RTN on the transformed weights
