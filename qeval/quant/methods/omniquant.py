@@ -137,7 +137,7 @@ class OmniQuant(QuantMethod):
     needs_calibration = True
     act_spec: Any = None  # the cell's activation spec, for weight-activation cells (see prepare)
 
-    def __init__(self, epochs: int = 5, lwc_lr: float = 5e-3, let_lr: float = 1e-3, init: float = 4.0,
+    def __init__(self, epochs: int = 2, lwc_lr: float = 0.1, let_lr: float = 1e-3, init: float = 4.0,
                  let_alpha: float = 0.5) -> None:
         self.epochs, self.lwc_lr, self.let_lr, self.init = epochs, lwc_lr, let_lr, init
         self.let_alpha = let_alpha
