@@ -114,18 +114,19 @@ class AWQ(QuantMethod):
             return out
 
         def process_block(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
-            # 1. scale search, group by group, in execution order (inputs re-collected after
-            #    each fold so later groups see the transformed earlier ones)
+            # 1. scale search for every group sharing an input.  The folds preserve the
+            #    block's function (weights are not rounded yet), so one pass before any fold
+            #    gives every group the input it will see, except for its own fold
             groups: list[tuple[str, str, tuple[str, ...]]] = []
             for group, pair in zip(adapter.norm_groups, adapter.linear_pairs):
                 groups.append(("norm", group.norm, group.linears))
-                groups.append(("linear", pair.prev, (pair.next,)))
+                if block.get_submodule(pair.prev).out_features == block.get_submodule(pair.next).in_features:
+                    groups.append(("linear", pair.prev, (pair.next,)))
+                # else v -> o under grouped-query attention: shapes don't allow a per-channel fold
+            xs = gather(block, [names[0] for _kind, _producer, names in groups], inputs)
             for kind, producer, names in groups:
                 lins = [block.get_submodule(n) for n in names]
-                if kind == "linear" and block.get_submodule(producer).out_features != lins[0].in_features:
-                    continue  # v -> o under grouped-query attention: shapes don't allow a per-channel fold
-                x = gather(block, [names[0]], inputs)[names[0]]
-                s, _alpha = search_scales(x, lins, fmt, gran, gsize)
+                s, _alpha = search_scales(xs[names[0]], lins, fmt, gran, gsize)
                 if kind == "norm":
                     fold_into_norm(block.get_submodule(producer), s, adapter.norm_kind)
                 else:
