@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from qeval.config import quantized, tensor_type
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
-from qeval.quant.linear import ActivationQuantizer, QuantLinear
+from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
+from qeval.quant.transforms import untie_output_embeddings
 from qeval.quant.methods import QuantMethod
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
 
@@ -38,11 +39,6 @@ def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (quantize_lm_head or module is not head)
     }
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
@@ -81,12 +77,8 @@ def quantize_model(
     if calibration is not None:
         calibration = functools.cache(calibration)
     if quantized(spec.w):
-        if spec.quantize_embeddings:
-            head = model.get_output_embeddings()
-            emb = model.get_input_embeddings()
-            if head is not None and head.weight is emb.weight and not spec.quantize_lm_head:
-                # untie: quantizing the embedding must not silently quantize the head
-                head.weight = nn.Parameter(emb.weight.data.clone(), requires_grad=False)
+        if spec.quantize_embeddings and not spec.quantize_lm_head:
+            untie_output_embeddings(model)  # quantizing the embedding must not quantize the head
         linears = target_linears(model, spec.quantize_lm_head)
         calib = calibration() if (method.needs_calibration and calibration) else None
         method.prepare(spec)
@@ -100,7 +92,7 @@ def quantize_model(
                                          spec.a.granularity, spec.a.dynamic)
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
-            _set_submodule(model, name, QuantLinear(linear, deq, qt, aq, transform))
+            replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
         if quantized(spec.a) and not spec.a.dynamic:

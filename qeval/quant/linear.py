@@ -106,3 +106,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = "fp" if self.qweight is None else f"{self.qweight.fmt.kind}{self.qweight.fmt.bits} g{self.qweight.group_size}"
         return f"in={self.in_features}, out={self.out_features}, weight={w}"
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` under ``root``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -13,6 +13,14 @@ import torch
 from torch import nn
 
 
+def untie_output_embeddings(model: nn.Module) -> None:
+    """Give the head its own copy of a weight tied to the input embeddings, so that a
+    change to one (quantization, a folded norm, a rotation) leaves the other alone."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+
+
 @torch.no_grad()
 def fold_into_norm(norm: nn.Module, scales: torch.Tensor, norm_kind: str) -> None:
     """Make ``norm``'s output divided by ``scales`` (per channel)."""

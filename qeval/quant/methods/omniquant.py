@@ -37,6 +37,7 @@ from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, run_blockwise
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
 from qeval.quant.calibration import collect_linear_inputs
+from qeval.quant.linear import replace_module
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
@@ -125,11 +126,6 @@ class LETNorm(nn.Module):
         return y / self.scale.clamp(min=1e-5).to(y.dtype)
 
 
-def _swap(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, module)
-
-
 @register_method
 class OmniQuant(QuantMethod):
     name = "omniquant"
@@ -172,9 +168,9 @@ class OmniQuant(QuantMethod):
             wrapped = {n: LWCLinear(lin, fmt, group, self.init, act_fmt) for n, lin in originals.items()}
             let_params, norms = self._init_let(block, adapter, inputs, wrapped) if act_fmt else ([], {})
             for n, w in wrapped.items():
-                _swap(block, n, w)
+                replace_module(block, n, w)
             for name, let_norm in norms.items():
-                _swap(block, name, let_norm)
+                replace_module(block, name, let_norm)
             groups = [{"params": [p for w in wrapped.values() for p in (w.gamma, w.beta)], "lr": self.lwc_lr}]
             if let_params:
                 groups.append({"params": let_params, "lr": self.let_lr})
@@ -196,7 +192,7 @@ class OmniQuant(QuantMethod):
                     if let_norm.shift is not None:
                         let_norm.norm.bias.sub_(let_norm.shift.to(let_norm.norm.bias.dtype))
                     fold_into_norm(let_norm.norm, let_norm.scale.clamp(min=1e-5), adapter.norm_kind)
-                    _swap(block, name, let_norm.norm)
+                    replace_module(block, name, let_norm.norm)
                 for n, w in wrapped.items():
                     deq, scale, zero, codes = w.quantized()
                     bias = w.transformed()[1]
@@ -206,7 +202,7 @@ class OmniQuant(QuantMethod):
                         lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=False)
                     qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
                     results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt)
-                    _swap(block, n, lin)
+                    replace_module(block, n, lin)
 
         for p in model.parameters():
             p.requires_grad_(False)

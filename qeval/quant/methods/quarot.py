@@ -36,6 +36,7 @@ from qeval.models.adapters import Adapter, get_adapter
 from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
+from qeval.quant.transforms import untie_output_embeddings
 
 INPUT_TRANSFORM_ATTR = "qeval_input_transform"
 
@@ -79,9 +80,8 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
     adapter = get_adapter(model, "quarot")
     _check_rotatable(model, adapter)
     cfg = model.config
+    untie_output_embeddings(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is emb.weight:
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
     blocks = adapter.get_blocks(model)
     for block in blocks:
         for group in adapter.norm_groups:
