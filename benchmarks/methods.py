@@ -9,11 +9,20 @@ recorded as skipped) and prints a table from its result store:
 
 Calibration is the ``calib`` config (default: 16 x 512 tokens of WikiText-2 train;
 ``--calib-samples 128`` for the papers' 128).  Extra Hydra overrides can follow ``--``.
+
+``--llmcompressor gptq_w4,awq_w4,sq_w8a8,rtn_w8a8`` also quantizes the same model with
+llm-compressor (same calibration windows, same perplexity windows) and prints its rows next to
+qeval's.  llm-compressor pins compressed-tensors and transformers versions that cannot share
+qeval's environment, so it runs in its own virtual environment, created on first use under
+``~/.cache/qeval/venvs/`` (``--llmcompressor-venv``; it reuses this interpreter's torch through
+``--system-site-packages`` and pip-installs only llm-compressor and its pins).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +30,53 @@ from pathlib import Path
 import pandas as pd
 
 from qeval.results import iter_records
+
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
+ONESHOT_SCRIPT = Path(__file__).resolve().parent / "llmcompressor_oneshot.py"
+
+
+def ensure_llmcompressor_venv(venv: Path) -> Path:
+    """The venv's python, creating the venv and installing llm-compressor if needed."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import llmcompressor"],
+                                          capture_output=True).returncode == 0:
+        return python
+    print(f"creating {venv} with llmcompressor=={LLMCOMPRESSOR_VERSION} (one time)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", f"llmcompressor=={LLMCOMPRESSOR_VERSION}"], check=True)
+    return python
+
+
+def converted_model_dir(model: str) -> str:
+    """The Hugging Face folder qeval evaluates for ``model=<model>`` (converting a GGUF once)."""
+    from hydra import compose, initialize_config_dir
+
+    from qeval.cli import CONF_DIR
+    from qeval.models.loading import resolve_pretrained_path
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"model={model}"])
+    return resolve_pretrained_path(cfg.model, cfg.cache_dir)
+
+
+def run_llmcompressor(args: argparse.Namespace) -> list[dict]:
+    """One row per llm-compressor recipe, each in a fresh process of the separate venv."""
+    python = ensure_llmcompressor_venv(Path(args.llmcompressor_venv).expanduser())
+    model_dir = converted_model_dir(args.model)
+    rows = []
+    for recipe in args.llmcompressor.split(","):
+        cmd = [str(python), str(ONESHOT_SCRIPT), "--model-dir", model_dir, "--recipe", recipe,
+               "--nsamples", str(args.calib_samples), "--seqlen", "512", "--windows", str(args.windows),
+               "--group-size", str(args.llmcompressor_group_size)]
+        print("running:", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ONESHOT_SCRIPT.parent.parent)})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            rows.append({"recipe": recipe, "status": f"failed (exit {proc.returncode})"})
+            continue
+        rows.append({**json.loads(lines[-1][len("RESULT "):]), "status": "ok"})
+    return rows
 
 
 def main() -> None:
@@ -32,6 +88,13 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--sweep-name", default=None)
+    parser.add_argument("--llmcompressor", default=None,
+                        help="comma-separated llm-compressor recipes to run as well "
+                             "(gptq_w4, gptq_w4_sym, awq_w4, sq_w8a8, rtn_w8a8)")
+    parser.add_argument("--llmcompressor-group-size", type=int, default=128,
+                        help="group size of llm-compressor's W4 recipes (it needs in_features %% group == 0)")
+    parser.add_argument("--llmcompressor-venv", default=f"~/.cache/qeval/venvs/llmcompressor-{LLMCOMPRESSOR_VERSION}")
+    parser.add_argument("--skip-qeval", action="store_true", help="only print the table of an earlier run")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides (after --)")
     args = parser.parse_args()
     sweep = args.sweep_name or f"methods-{args.model}"
@@ -39,8 +102,9 @@ def main() -> None:
            f"quant={args.quants}", "~suite.tasks.lambada", f"suite.tasks.wikitext2.max_windows={args.windows}",
            f"calib.nsamples={args.calib_samples}", f"results_dir={args.results_dir}", f"sweep_name={sweep}",
            *args.extra]
-    print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=False)
+    if not args.skip_qeval:
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=False)
 
     rows = []
     for rec in iter_records(Path(args.results_dir) / sweep):
@@ -64,6 +128,10 @@ def main() -> None:
     if len(skipped):
         print("\nnot run\n")
         print(skipped[["quant", "method", "status", "reason"]].to_markdown(index=False))
+    if args.llmcompressor:
+        lc = pd.DataFrame(run_llmcompressor(args))
+        print(f"\nllm-compressor {LLMCOMPRESSOR_VERSION} (same calibration and windows)\n")
+        print(lc.to_markdown(index=False, floatfmt=".2f"))
 
 
 if __name__ == "__main__":

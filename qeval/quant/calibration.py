@@ -89,16 +89,29 @@ def collect_linear_inputs(block: nn.Module, names: Iterable[str], inputs: BlockI
     """Run the block on every input, handing each named linear's input to ``on_input``.
 
     Statistics are accumulated by the callback (a Hessian, channel maxima...), so
-    no activation is kept beyond one batch.
+    no activation is kept beyond one batch.  The forward stops as soon as every
+    named linear has seen its input: collecting q/k/v inputs costs one norm, not a
+    whole block, which matters for GPTQ's stage-by-stage collection.
     """
-    handles = []
-    for name in names:
-        module = block.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(
-            lambda _m, args, _n=name: on_input(_n, args[0].detach())))
+    wanted = set(names)
+    seen: set[str] = set()
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            on_input(name, args[0].detach())
+            seen.add(name)
+            if seen == wanted:
+                raise _StopForward
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in wanted]
     try:
         for h in inputs.hidden:
-            block_output(block, h, inputs.kwargs)
+            seen.clear()
+            try:
+                block_output(block, h, inputs.kwargs)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
