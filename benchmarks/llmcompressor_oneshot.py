@@ -49,7 +49,13 @@ def build_recipe(name: str, group_size: int, sq_alpha: float) -> list:
         return [GPTQModifier(config_groups=weight_only_scheme(group_size, name.endswith("sym")), ignore=ignore)]
     if name == "awq_w4":
         from llmcompressor.modifiers.transform.awq import AWQModifier
-        return [AWQModifier(config_groups=weight_only_scheme(group_size, False), ignore=ignore)]
+        if not torch.cuda.is_available():
+            # llm-compressor 0.14's AWQ pins its activation cache for faster host-to-GPU copies,
+            # which raises on a machine without an accelerator; pinning is only a transfer
+            # optimisation, so on CPU it is made a no-op
+            torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+        return [AWQModifier(),
+                QuantizationModifier(config_groups=weight_only_scheme(group_size, False), ignore=ignore)]
     if name == "sq_w8a8":
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
         return [SmoothQuantModifier(smoothing_strength=sq_alpha),

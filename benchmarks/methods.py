@@ -106,8 +106,17 @@ def main() -> None:
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
 
+    print_qeval_tables(Path(args.results_dir) / sweep, args)
+    if args.llmcompressor:
+        lc = pd.DataFrame(run_llmcompressor(args))
+        print(f"\nllm-compressor {LLMCOMPRESSOR_VERSION} (same calibration and windows)\n")
+        print(lc.to_markdown(index=False, floatfmt=".2f"))
+
+
+def print_qeval_tables(sweep_dir: Path, args: argparse.Namespace) -> None:
+    """Perplexity and quantization-time tables (quant x method) of the cells stored in ``sweep_dir``."""
     rows = []
-    for rec in iter_records(Path(args.results_dir) / sweep):
+    for rec in iter_records(sweep_dir):
         cell = rec["cell"]
         row = {"quant": cell["quant"], "method": cell["method"], "status": rec["status"]}
         if rec["status"] == "ok":
@@ -116,6 +125,9 @@ def main() -> None:
         else:
             row["reason"] = rec.get("reason", "")[:60]
         rows.append(row)
+    if not rows:
+        print(f"\nno qeval cells in {sweep_dir}")
+        return
     df = pd.DataFrame(rows)
     ok = df[df.status == "ok"]
     table = ok.pivot_table(index="quant", columns="method", values="ppl", aggfunc="first")
@@ -128,10 +140,6 @@ def main() -> None:
     if len(skipped):
         print("\nnot run\n")
         print(skipped[["quant", "method", "status", "reason"]].to_markdown(index=False))
-    if args.llmcompressor:
-        lc = pd.DataFrame(run_llmcompressor(args))
-        print(f"\nllm-compressor {LLMCOMPRESSOR_VERSION} (same calibration and windows)\n")
-        print(lc.to_markdown(index=False, floatfmt=".2f"))
 
 
 if __name__ == "__main__":
