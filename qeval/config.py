@@ -113,10 +113,14 @@ class CalibConfig:
     seed: int = 0
 
 
+TASK_KINDS = ("perplexity", "lm_eval", "native", "auto")
+
+
 @dataclass
 class TaskConfig:
-    # perplexity: the quantization papers' protocol; lm_eval: a task run by lm-eval
-    kind: str = "lm_eval"
+    # perplexity: the quantization papers' protocol; lm_eval: a task run by lm-eval;
+    # native: a qeval-native task (qeval.eval.registry); auto: native if such a task exists, else lm_eval
+    kind: str = "auto"
     task: str = ""
     dataset: Optional[str] = None
     seqlen: int = 2048
@@ -125,14 +129,22 @@ class TaskConfig:
     # forward per window; cells with quant.kv.semantics=cache default to 16)
     decode_chunk: Optional[int] = None
     limit: Optional[int] = None
-    num_fewshot: int = 0
+    num_fewshot: Optional[int] = 0  # null: the task's own default (lm-eval YAML num_fewshot)
     batch_size: int = 16
+    # task-specific settings of native tasks (e.g. context lengths, max_new_tokens)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class SuiteConfig:
     name: str = "quick"
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
+
+
+@dataclass
+class TaskPluginsConfig:
+    # extra folders of task plugins (lm-eval YAML or qeval-native Python), searched after tasks/
+    include: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +162,7 @@ class QevalConfig:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    tasks: TaskPluginsConfig = field(default_factory=TaskPluginsConfig)
     sweep_name: str = "default"
     results_dir: str = "results"
     data_dir: Optional[str] = None
@@ -248,7 +261,7 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
     if not cfg.suite.tasks:
         _fail("suite.tasks", dict(cfg.suite.tasks), "at least one task")
     for name, task in cfg.suite.tasks.items():
-        _check_choice(f"suite.tasks.{name}.kind", task.kind, ("perplexity", "lm_eval"))
+        _check_choice(f"suite.tasks.{name}.kind", task.kind, TASK_KINDS)
         if task.kind == "perplexity":
             from qeval.data import TEXT_DATASETS
 
@@ -260,7 +273,9 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
             if task.max_windows is not None and task.max_windows <= 0:
                 _fail(f"suite.tasks.{name}.max_windows", task.max_windows, "a positive integer or null")
         elif not task.task:
-            _fail(f"suite.tasks.{name}.task", task.task, "an lm-eval task name")
+            _fail(f"suite.tasks.{name}.task", task.task, "a task name (see qeval-tasks)")
+        if task.num_fewshot is not None and task.num_fewshot < 0:
+            _fail(f"suite.tasks.{name}.num_fewshot", task.num_fewshot, "an integer >= 0 or null")
         if task.limit is not None and task.limit <= 0:
             _fail(f"suite.tasks.{name}.limit", task.limit, "a positive integer or null")
     if cfg.calib.nsamples <= 0:

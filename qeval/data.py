@@ -33,6 +33,11 @@ def data_dir(override: str | None = None) -> Path | None:
     return None
 
 
+def offline() -> bool:
+    """Whether the user switched the Hub off (then a missing local file is an error, not a download)."""
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1"
+
+
 def local_file(relative: str, override: str | None = None) -> Path | None:
     root = data_dir(override)
     if root is None:
@@ -56,7 +61,7 @@ class TextDataset:
         if path is not None:
             text = path.read_text(encoding="utf-8")
             return [line for line in text.splitlines() if line.strip()]
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1":
+        if offline():
             raise DataNotFoundError(
                 f"{self.local} not found under the data directory ({data_dir(override)}) and the Hub is "
                 "disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE); set QEVAL_DATA_DIR to a folder holding it")
@@ -92,8 +97,7 @@ def check_available(name: str, override: str | None = None) -> None:
     ds = text_dataset(name)
     if Path(ds.local).is_absolute():
         return
-    if local_file(ds.local, override) is None and (
-            os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1"):
+    if local_file(ds.local, override) is None and offline():
         raise DataNotFoundError(
             f"dataset {name!r} needs {ds.local} under the data directory ({data_dir(override)}), "
             "and the Hub is disabled; set QEVAL_DATA_DIR")

@@ -68,47 +68,11 @@ def preflight(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid method.params for method {cfg.method.name!r}: {err}") from err
     from qeval.data import check_available
+    from qeval.eval.suite import check_suite
 
-    for name, task in cfg.suite.tasks.items():
-        if task.kind == "perplexity":
-            check_available(task.dataset, cfg.data_dir)
-        else:
-            from qeval.eval.harness import task_exists, task_paths
-
-            if not task_exists(task.task):
-                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: not an lm-eval task "
-                                  f"(searched lm-eval's tasks and {', '.join(task_paths())})")
+    check_suite(cfg)
     if uses_calibration(cfg):
         check_available(cfg.calib.dataset, cfg.data_dir)
-
-
-def _evaluate(model, tokenizer, cfg: DictConfig) -> tuple[dict[str, Any], dict[str, float]]:
-    from qeval.eval.perplexity import perplexity
-
-    metrics: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    for name, task in cfg.suite.tasks.items():
-        t0 = time.perf_counter()
-        if task.kind == "perplexity":
-            chunk = task.decode_chunk
-            if chunk is None and quantized(cfg.quant.kv) and cfg.quant.kv.semantics == "cache":
-                chunk = 16  # a single pass would never read the quantized cache
-            metrics[name] = perplexity(model, tokenizer, task.dataset, task.seqlen, task.max_windows,
-                                       cfg.data_dir, chunk).as_metrics()
-            metrics[name]["decode_chunk"] = chunk or 0
-        else:
-            from qeval.eval.harness import evaluate_lm_eval
-
-            metrics[name] = evaluate_lm_eval(model, tokenizer, task.task, task.limit, task.num_fewshot,
-                                             task.batch_size, cfg.seed)
-        timings[name] = time.perf_counter() - t0
-        log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
-    return metrics, timings
-
-
-def _short(metrics: dict[str, Any]) -> str:
-    keys = [k for k in ("ppl", "acc", "perplexity") if k in metrics]
-    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
@@ -126,6 +90,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         done["_skipped_existing"] = True
         return done
 
+    from qeval.eval.suite import describe_suite
     from qeval.quant.methods import UnsupportedCellError, get_method
 
     record: dict[str, Any] = {
@@ -136,6 +101,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                  "tensor_type": tensor_type(cfg.quant), "bits": bits_label(cfg.quant)},
         "config": to_container(cfg), "identity": identity, "seed": cfg.seed,
         "versions": package_versions(), "timings": {}, "metrics": {},
+        "tasks": describe_suite(cfg),
     }
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
     try:
@@ -171,7 +137,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         quantize_model(model, cfg.quant, method, calibration)
         record["timings"]["quantize"] = time.perf_counter() - t0
         log.info("cell %s: quantized in %.1fs", label, record["timings"]["quantize"])
-        record["metrics"], record["timings"]["eval"] = _evaluate(model, loaded.tokenizer, cfg)
+        from qeval.eval.suite import evaluate_suite
+
+        record["metrics"], record["timings"]["eval"] = evaluate_suite(
+            model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint)
         record["status"] = "ok"
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))

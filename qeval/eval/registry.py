@@ -1,0 +1,218 @@
+"""The task registry: every task a suite can name, with what reports need to know about it.
+
+Two kinds of task plugins live side by side in ``tasks/<family>/`` and in any
+folder a user adds with ``tasks.include=[/path/to/my_tasks]``:
+
+* **lm-eval YAML tasks** (with optional Python helpers), found by lm-eval's own
+  ``TaskManager``.  qeval reads three keys of their ``metadata`` block:
+  ``family``, ``primary_metric`` and ``higher_is_better``.
+* **qeval-native tasks**: a Python class deriving from :class:`NativeTask`,
+  decorated with :func:`register_task`, for what lm-eval has no task for
+  (multi-turn dialogue with degeneration metrics, long-context retrieval,
+  calibration error).  Every ``*.py`` file under a task folder that mentions
+  ``register_task`` is imported once per process.
+
+A plugin declares its family, primary metric and direction, so reports group
+and normalise every task the same way, without a list of special cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+log = logging.getLogger(__name__)
+
+# the five Qllm-Eval families, in report order; a plugin may declare another
+FAMILIES = ("basic_nlp", "emergent", "ethics", "dialogue", "long_context")
+REPO_TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+
+
+class TaskDataError(FileNotFoundError):
+    """A task needs data that is neither in the data directory nor reachable online."""
+
+
+@dataclass
+class TaskContext:
+    """What a native task gets to evaluate one cell.
+
+    ``reference`` is the unquantized model of the same cell (shared, loaded once per
+    process; never modify it): tasks that compare with the FP answer use it, and cache
+    what they compute from it under ``cache_dir`` so later cells don't recompute it.
+    """
+
+    model: Any
+    tokenizer: Any
+    seed: int = 0
+    limit: int | None = None
+    reference: Any = None
+    reference_fingerprint: str = ""
+    cache_dir: Path | None = None
+    data_dir: str | None = None
+    is_reference: bool = False  # the cell's model is the unquantized one itself
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NativeTask:
+    """Base class of a qeval-native task.
+
+    Subclasses set the class attributes and implement :meth:`evaluate`, which
+    returns a flat dict of metrics: each metric with its standard error under
+    ``<metric>_stderr`` (where one exists) and the number of scored items under
+    ``samples``.  ``params`` come from the suite entry (``suite.tasks.<name>.params``).
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    primary_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+    # where the task reads its data: paths under the data directory (offline) and the online source
+    data: ClassVar[tuple[str, ...]] = ()
+    online: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def check_available(self, data_dir: str | None = None) -> None:
+        """Raise :class:`TaskDataError` before any model loads if the data can't be had."""
+        from qeval.data import local_file, offline
+
+        missing = [rel for rel in self.data if local_file(rel, data_dir) is None]
+        if missing and (offline() or not self.online):
+            raise TaskDataError(
+                f"task {self.name!r} needs {', '.join(missing)} under the data directory; "
+                + ("the Hub is disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE)" if self.online else "it has no online source")
+                + "; set QEVAL_DATA_DIR or data_dir=")
+
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+NATIVE_TASKS: dict[str, type[NativeTask]] = {}
+
+
+def register_task(cls: type[NativeTask]) -> type[NativeTask]:
+    """Class decorator: make a native task available to suites by its ``name``."""
+    for attr in ("name", "family", "primary_metric"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"native task {cls.__name__} must set the class attribute {attr!r} (a string)")
+    other = NATIVE_TASKS.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"two native tasks named {cls.name!r}: {other.__module__} and {cls.__module__}")
+    NATIVE_TASKS[cls.name] = cls
+    return cls
+
+
+def task_paths(include: Iterable[str] = ()) -> list[str]:
+    """The repository's ``tasks/`` folder, ``QEVAL_TASKS_PATH`` entries, then ``include``."""
+    import os
+
+    paths = [str(REPO_TASKS_DIR)] if REPO_TASKS_DIR.is_dir() else []
+    env = os.environ.get("QEVAL_TASKS_PATH")
+    if env:
+        paths += [p for p in env.split(os.pathsep) if p]
+    for p in include:
+        path = Path(p).expanduser()
+        if not path.is_dir():
+            raise TaskDataError(f"tasks.include names {p!r}, which is not a folder")
+        paths.append(str(path.resolve()))
+    return paths
+
+
+_IMPORTED: set[Path] = set()
+
+
+def discover_native(include: Iterable[str] = ()) -> dict[str, type[NativeTask]]:
+    """Import the native task modules under every task folder (once each)."""
+    for root in task_paths(include):
+        for path in sorted(Path(root).rglob("*.py")):
+            path = path.resolve()
+            if path in _IMPORTED or "register_task" not in path.read_text(encoding="utf-8", errors="ignore"):
+                continue
+            _IMPORTED.add(path)
+            module_name = "qeval_task_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    return NATIVE_TASKS
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One row of ``qeval-tasks``: what a task is and where it reads its data."""
+
+    name: str
+    kind: str  # lm_eval | native
+    family: str
+    primary_metric: str
+    higher_is_better: bool
+    source: str  # the YAML file or Python module defining it
+    data: str = ""
+    description: str = ""
+
+
+def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
+    """TaskInfo of an lm-eval index entry (a task or a group; tags are not tasks)."""
+    kind = getattr(entry.kind, "name", str(entry.kind)).lower()
+    if kind not in ("task", "group", "py_task"):
+        return None
+    meta = (entry.cfg or {}).get("metadata") or {}
+    return TaskInfo(name=name, kind="lm_eval" if kind != "group" else "lm_eval group",
+                    family=str(meta.get("family", "unassigned")),
+                    primary_metric=str(meta.get("primary_metric", "acc")),
+                    higher_is_better=bool(meta.get("higher_is_better", True)), source=str(entry.yaml_path or ""),
+                    data=str(meta.get("data", "")), description=str(meta.get("description", "")))
+
+
+def lm_eval_task_manager(include: tuple[str, ...] = ()):
+    from qeval.eval.harness import task_manager
+
+    return task_manager(tuple(include))
+
+
+def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
+    """Every qeval task plugin (native and lm-eval YAML) under the task folders."""
+    include = tuple(include)
+    roots = [Path(p) for p in task_paths(include)]
+    infos = [TaskInfo(name=cls.name, kind="native", family=cls.family, primary_metric=cls.primary_metric,
+                      higher_is_better=cls.higher_is_better, source=sys.modules[cls.__module__].__file__ or "",
+                      data=", ".join(cls.data) + (f" | online: {cls.online}" if cls.online else ""),
+                      description=cls.description)
+             for cls in discover_native(include).values()]
+    tm = lm_eval_task_manager(include)
+    for name, entry in tm.task_index.items():
+        yaml_path = entry.yaml_path
+        if not yaml_path or not any(Path(yaml_path).resolve().is_relative_to(r) for r in roots):
+            continue  # lm-eval's own tasks stay usable by name but are not listed
+        info = _lm_eval_info(name, entry)
+        if info is not None:
+            infos.append(info)
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(infos, key=lambda t: (order.get(t.family, len(order)), t.family, t.name))
+
+
+def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
+    """Family, primary metric and direction of one task, native or lm-eval.
+
+    lm-eval's built-in tasks (used by name, online) have no qeval metadata: they are
+    reported under family ``unassigned`` with lm-eval's first metric.
+    """
+    include = tuple(include)
+    native = discover_native(include)
+    if name in native:
+        cls = native[name]
+        return TaskInfo(name, "native", cls.family, cls.primary_metric, cls.higher_is_better,
+                        sys.modules[cls.__module__].__file__ or "", ", ".join(cls.data), cls.description)
+    entry = lm_eval_task_manager(include).task_index.get(name)
+    if entry is None:
+        raise KeyError(name)
+    info = _lm_eval_info(name, entry)
+    return info or TaskInfo(name, "lm_eval", "unassigned", "acc", True, "lm-eval")

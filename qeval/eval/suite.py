@@ -1,0 +1,140 @@
+"""Run a cell's task suite: resolve each entry to a task kind, check it, evaluate it.
+
+Three kinds of suite entries share one loop:
+
+* ``perplexity``: the quantization papers' protocol (qeval.eval.perplexity);
+* ``lm_eval``: a task (or group) run by lm-eval's ``simple_evaluate``;
+* ``native``: a qeval-native task from the registry (qeval.eval.registry).
+
+``kind: auto`` (the default) picks ``native`` when a native task has the name
+and ``lm_eval`` otherwise.  Every score is stored with its standard error and
+sample count; the task's family, primary metric and direction are stored
+beside the scores so reports never need to know task names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qeval.config import ConfigError, quantized
+
+log = logging.getLogger("qeval")
+
+
+def resolve_kind(task: Any, include: tuple[str, ...] = ()) -> str:
+    if task.kind != "auto":
+        return task.kind
+    from qeval.eval.registry import discover_native
+
+    return "native" if task.task in discover_native(include) else "lm_eval"
+
+
+def include_paths(cfg: DictConfig) -> tuple[str, ...]:
+    return tuple(cfg.tasks.include) if "tasks" in cfg else ()
+
+
+def check_suite(cfg: DictConfig) -> None:
+    """Everything about the suite that can be checked without a model: names and data."""
+    from qeval.data import check_available
+    from qeval.eval.registry import TaskDataError, discover_native, task_paths
+
+    include = include_paths(cfg)
+    try:
+        native = discover_native(include)
+    except TaskDataError as err:
+        raise ConfigError(str(err)) from err
+    for name, task in cfg.suite.tasks.items():
+        kind = resolve_kind(task, include)
+        if kind == "perplexity":
+            check_available(task.dataset, cfg.data_dir)
+        elif kind == "native":
+            if task.task not in native:
+                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: no native task of that name "
+                                  f"(known: {', '.join(sorted(native))})")
+            try:
+                native[task.task](**_params(task)).check_available(cfg.data_dir)
+            except TypeError as err:
+                raise ConfigError(f"invalid suite.tasks.{name}.params for {task.task!r}: {err}") from err
+        else:
+            from qeval.eval.harness import task_exists
+
+            if not task_exists(task.task, include):
+                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "
+                                  f"lm-eval task (searched lm-eval's tasks and {', '.join(task_paths(include))}; "
+                                  "list them with qeval-tasks)")
+
+
+def _params(task: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(task.params, resolve=True) if task.params else {}  # type: ignore[return-value]
+
+
+def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Per suite entry: the task behind it, its kind, family, primary metric and direction."""
+    from qeval.eval.registry import task_info
+
+    include = include_paths(cfg)
+    out = {}
+    for name, task in cfg.suite.tasks.items():
+        kind = resolve_kind(task, include)
+        if kind == "perplexity":
+            out[name] = {"task": task.dataset, "kind": kind, "family": "basic_nlp", "primary_metric": "ppl",
+                         "higher_is_better": False}
+            continue
+        info = task_info(task.task, include)
+        out[name] = {"task": task.task, "kind": kind, "family": info.family, "primary_metric": info.primary_metric,
+                     "higher_is_better": info.higher_is_better}
+    return out
+
+
+def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_fingerprint: str = "") -> tuple[
+        dict[str, Any], dict[str, float]]:
+    """Score ``model`` on every suite entry; returns (metrics per entry, seconds per entry)."""
+    from qeval.eval.perplexity import perplexity
+
+    include = include_paths(cfg)
+    metrics: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name, task in cfg.suite.tasks.items():
+        t0 = time.perf_counter()
+        kind = resolve_kind(task, include)
+        if kind == "perplexity":
+            chunk = task.decode_chunk
+            if chunk is None and quantized(cfg.quant.kv) and cfg.quant.kv.semantics == "cache":
+                chunk = 16  # a single pass would never read the quantized cache
+            metrics[name] = perplexity(model, tokenizer, task.dataset, task.seqlen, task.max_windows,
+                                       cfg.data_dir, chunk).as_metrics()
+            metrics[name]["decode_chunk"] = chunk or 0
+        elif kind == "native":
+            from qeval.eval.registry import TaskContext, discover_native
+
+            native = discover_native(include)[task.task](**_params(task))
+            ctx = TaskContext(model=model, tokenizer=tokenizer, seed=cfg.seed, limit=task.limit,
+                              reference=reference, reference_fingerprint=reference_fingerprint,
+                              cache_dir=Path(cfg.results_dir) / ".reference",
+                              data_dir=cfg.data_dir, is_reference=not _is_quantized(cfg),
+                              extra={"batch_size": task.batch_size, "num_fewshot": task.num_fewshot,
+                                     "include": include})
+            metrics[name] = native.evaluate(ctx)
+        else:
+            from qeval.eval.harness import evaluate_lm_eval
+
+            metrics[name] = evaluate_lm_eval(model, tokenizer, task.task, task.limit, task.num_fewshot,
+                                             task.batch_size, cfg.seed, include)
+        timings[name] = time.perf_counter() - t0
+        log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
+    return metrics, timings
+
+
+def _is_quantized(cfg: DictConfig) -> bool:
+    q = cfg.quant
+    return quantized(q.w) or quantized(q.a) or quantized(q.kv)
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = [k for k in metrics if not k.endswith("_stderr") and isinstance(metrics[k], (int, float))][:4]
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
