@@ -131,6 +131,10 @@ class TaskConfig:
     limit: Optional[int] = None
     num_fewshot: Optional[int] = 0  # null: the task's own default (lm-eval YAML num_fewshot)
     batch_size: int = 16
+    # lm-eval tasks: generation overrides ("max_gen_toks=256") and whether prompts go
+    # through the tokenizer's chat template (lm-eval's --apply_chat_template)
+    gen_kwargs: Optional[str] = None
+    apply_chat_template: bool = False
     # task-specific settings of native tasks (e.g. context lengths, max_new_tokens)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -138,7 +142,10 @@ class TaskConfig:
 @dataclass
 class SuiteConfig:
     name: str = "quick"
-    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    # name -> TaskConfig; typed by normalize_suite() rather than by the schema, because
+    # OmegaConf cannot add a new structured entry from the command line
+    # (`+suite.tasks.mine={task:my_task,limit:50}` must work)
+    tasks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,10 +247,36 @@ def validate_quant(q: Any, prefix: str = "quant") -> None:
             _fail(f"{prefix}.kv.residual", q.kv.residual, "an integer >= 0")
 
 
+def normalize_suite(cfg: DictConfig) -> None:
+    """Type every suite entry as a TaskConfig (defaults filled in, unknown keys refused)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(TaskConfig)
+    for name in list(cfg.suite.tasks):
+        entry = cfg.suite.tasks[name]
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig):
+            _fail(f"suite.tasks.{name}", entry, "a mapping such as {task: qeval_arc_easy, limit: 100}")
+        try:
+            cfg.suite.tasks[name] = OmegaConf.merge(schema, entry)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"invalid suite.tasks.{name}: {err.msg if hasattr(err, 'msg') else err} "
+                              f"(allowed keys: {', '.join(schema.keys())})") from err
+    from omegaconf import open_dict
+
+    with open_dict(cfg.suite.tasks):
+        for name in [n for n, e in cfg.suite.tasks.items() if e is None]:
+            del cfg.suite.tasks[name]
+
+
 def validate(cfg: DictConfig | QevalConfig) -> None:
     """Validate a whole resolved cell config before any heavy work starts."""
     from qeval.quant.methods import METHODS
     from qeval.models.tiny import TINY_FAMILIES
+
+    if isinstance(cfg, DictConfig):
+        normalize_suite(cfg)
 
     m = cfg.model
     _check_choice("model.source", m.source, MODEL_SOURCES)

@@ -79,8 +79,10 @@ class NativeTask:
     def __init__(self, **params: Any) -> None:
         self.params = params
 
-    def check_available(self, data_dir: str | None = None) -> None:
-        """Raise :class:`TaskDataError` before any model loads if the data can't be had."""
+    def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
+        """Raise :class:`TaskDataError` before any model loads if the data can't be had.
+
+        ``include`` are the user's extra task folders (for tasks that run other tasks)."""
         from qeval.data import local_file, offline
 
         missing = [rel for rel in self.data if local_file(rel, data_dir) is None]

@@ -57,9 +57,13 @@ def check_suite(cfg: DictConfig) -> None:
                 raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: no native task of that name "
                                   f"(known: {', '.join(sorted(native))})")
             try:
-                native[task.task](**_params(task)).check_available(cfg.data_dir)
-            except TypeError as err:
+                instance = native[task.task](**_params(task))
+            except (TypeError, ValueError) as err:
                 raise ConfigError(f"invalid suite.tasks.{name}.params for {task.task!r}: {err}") from err
+            try:
+                instance.check_available(cfg.data_dir, include=include)
+            except TaskDataError as err:
+                raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
             from qeval.eval.harness import task_exists
 
@@ -118,13 +122,15 @@ def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_
                               cache_dir=Path(cfg.results_dir) / ".reference",
                               data_dir=cfg.data_dir, is_reference=not _is_quantized(cfg),
                               extra={"batch_size": task.batch_size, "num_fewshot": task.num_fewshot,
-                                     "include": include})
+                                     "include": include, "gen_kwargs": task.gen_kwargs,
+                                     "apply_chat_template": task.apply_chat_template})
             metrics[name] = native.evaluate(ctx)
         else:
             from qeval.eval.harness import evaluate_lm_eval
 
             metrics[name] = evaluate_lm_eval(model, tokenizer, task.task, task.limit, task.num_fewshot,
-                                             task.batch_size, cfg.seed, include)
+                                             task.batch_size, cfg.seed, include, task.gen_kwargs,
+                                             task.apply_chat_template)
         timings[name] = time.perf_counter() - t0
         log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
     return metrics, timings

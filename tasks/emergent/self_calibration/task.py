@@ -1,0 +1,62 @@
+"""Self-calibration (Qllm-Eval's emergent ability): calibration error of a multiple-choice task.
+
+The study found self-calibration among the abilities that suffer most from
+quantization.  This task runs a multiple-choice lm-eval task (default
+``qeval_arc_easy``; any task with ``output_type: multiple_choice`` works,
+groups such as ``qeval_mmlu`` included) with per-sample logging and computes
+ECE and Brier score from the per-choice log-likelihoods
+(:mod:`qeval.eval.calibration_error`).
+
+Suite entry::
+
+    self_calibration:
+      task: qeval_self_calibration
+      limit: 200
+      params: {task: qeval_arc_easy, bins: 10}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qeval.eval.calibration_error import calibration_scores
+from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+
+
+@register_task
+class SelfCalibration(NativeTask):
+    name = "qeval_self_calibration"
+    family = "emergent"
+    primary_metric = "ece"
+    higher_is_better = False
+    description = "ECE and Brier score of a multiple-choice task's answer probabilities"
+
+    def __init__(self, task: str = "qeval_arc_easy", bins: int = 10, num_fewshot: int | None = None) -> None:
+        if bins < 1:
+            raise ValueError(f"bins={bins}: need at least 1")
+        super().__init__(task=task, bins=bins, num_fewshot=num_fewshot)
+        self.task, self.bins, self.num_fewshot = task, bins, num_fewshot
+
+    def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
+        from qeval.eval.harness import task_exists
+
+        if not task_exists(self.task, tuple(include)):
+            raise TaskDataError(f"qeval_self_calibration: params.task={self.task!r} is not an lm-eval task")
+
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        from qeval.eval.harness import run_lm_eval
+
+        shots = self.num_fewshot if self.num_fewshot is not None else ctx.extra.get("num_fewshot")
+        out = run_lm_eval(ctx.model, ctx.tokenizer, self.task, ctx.limit, shots, ctx.extra.get("batch_size", 16),
+                          ctx.seed, tuple(ctx.extra.get("include", ())), log_samples=True)
+        lls: list[list[float]] = []
+        gold: list[int] = []
+        for subtask, samples in out["samples"].items():
+            for s in samples:
+                if not isinstance(s.get("target"), int) or not s.get("filtered_resps"):
+                    raise TaskDataError(f"qeval_self_calibration needs a multiple-choice task; {subtask!r} "
+                                        "logs no per-choice log-likelihoods")
+                lls.append([float(r[0]) for r in s["filtered_resps"]])
+                gold.append(int(s["target"]))
+        metrics = calibration_scores(lls, gold, self.bins, seed=ctx.seed).as_metrics()
+        return metrics

@@ -1,0 +1,160 @@
+"""Task plugins from a folder outside the repository, the registry, and self-calibration metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from qeval.eval.calibration_error import calibration_scores, expected_calibration_error
+
+MC_YAML = """\
+task: my_colors
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+  family: ethics
+  primary_metric: acc
+  higher_is_better: true
+  data: colors.jsonl
+"""
+
+NATIVE_PY = '''
+from qeval.eval.registry import NativeTask, register_task
+
+
+@register_task
+class WordCount(NativeTask):
+    """Counts the tokens of a fixed prompt's greedy continuation: proves a cell ran it."""
+
+    name = "my_word_count"
+    family = "dialogue"
+    primary_metric = "new_tokens"
+    higher_is_better = False
+
+    def __init__(self, max_new_tokens: int = 4):
+        super().__init__(max_new_tokens=max_new_tokens)
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, ctx):
+        ids = ctx.tokenizer("hello there", return_tensors="pt").input_ids
+        out = ctx.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                 min_new_tokens=self.max_new_tokens)
+        return {"new_tokens": float(out.shape[1] - ids.shape[1]), "samples": 1,
+                "has_reference": float(ctx.reference is not None)}
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("my_tasks")
+    rows = [{"question": f"What color is item {i}?", "choices": ["red", "green", "blue"], "answer": i % 3}
+            for i in range(6)]
+    data = root / "colors.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "colors").mkdir()
+    (root / "colors" / "my_colors.yaml").write_text(MC_YAML.format(data=data))
+    (root / "word_count.py").write_text(textwrap.dedent(NATIVE_PY))
+    return root
+
+
+def test_listing_includes_plugins_from_a_user_folder(plugin_dir):
+    from qeval.eval.registry import list_tasks
+
+    tasks = {t.name: t for t in list_tasks([str(plugin_dir)])}
+    assert tasks["my_colors"].family == "ethics" and tasks["my_colors"].kind == "lm_eval"
+    assert tasks["my_word_count"].family == "dialogue" and tasks["my_word_count"].kind == "native"
+    assert not tasks["my_word_count"].higher_is_better
+    # the repository's own plugins are listed too, with their families
+    assert tasks["qeval_lambada_openai"].family == "basic_nlp"
+    assert tasks["qeval_self_calibration"].family == "emergent"
+
+
+def test_qeval_tasks_cli_prints_families(plugin_dir, capsys):
+    from qeval.eval.list_cli import main
+
+    main(["--include", str(plugin_dir)])
+    out = capsys.readouterr().out
+    assert "my_colors" in out and "my_word_count" in out and "\ndialogue\n" in out
+
+
+def test_include_of_a_missing_folder_is_a_clear_error(tmp_path):
+    from qeval.eval.registry import TaskDataError, task_paths
+
+    with pytest.raises(TaskDataError, match="not a folder"):
+        task_paths([str(tmp_path / "nope")])
+
+
+def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval):
+    """A whole `qeval` cell on a tiny model, with both plugin kinds picked up from tasks.include."""
+    results = tmp_path / "results"
+    proc = run_qeval(["model=tiny-llama", "quant=w8", "method=rtn", "hydra.mode=RUN", "suite=tiny",
+                      "~suite.tasks.wikitext2", "~suite.tasks.lambada",
+                      f"tasks.include=[{plugin_dir}]",
+                      "+suite.tasks.colors={task:my_colors}",
+                      "+suite.tasks.count={task:my_word_count,params:{max_new_tokens:3}}",
+                      "+suite.tasks.calib={task:qeval_self_calibration,params:{task:my_colors}}",
+                      f"results_dir={results}", "sweep_name=plugins"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record_path,) = (results / "plugins").glob("*.json")
+    rec = json.loads(record_path.read_text())
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["metrics"]["colors"]["samples"] == 6 and 0 <= rec["metrics"]["colors"]["acc"] <= 1
+    assert rec["metrics"]["count"] == {"new_tokens": 3.0, "samples": 1, "has_reference": 1.0}
+    assert rec["metrics"]["calib"]["samples"] == 6 and 0 <= rec["metrics"]["calib"]["ece"] <= 1
+    # the same items scored twice: self-calibration's accuracy is the MC task's
+    assert rec["metrics"]["calib"]["acc"] == pytest.approx(rec["metrics"]["colors"]["acc"])
+    assert rec["tasks"]["colors"] == {"task": "my_colors", "kind": "lm_eval", "family": "ethics",
+                                      "primary_metric": "acc", "higher_is_better": True}
+    assert rec["tasks"]["count"]["kind"] == "native" and rec["tasks"]["count"]["family"] == "dialogue"
+
+
+def test_unknown_task_fails_before_loading_a_model(tmp_path, run_qeval):
+    proc = run_qeval(["model=tiny-llama", "hydra.mode=RUN", "suite=tiny", "~suite.tasks.lambada",
+                      "+suite.tasks.bad={task:no_such_task}", f"results_dir={tmp_path}"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "suite.tasks.bad.task='no_such_task'" in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------- calibration metrics
+
+
+def test_ece_of_known_bins():
+    # two bins used: conf 0.95 (2 items, 1 right) and conf 0.55 (2 items, 2 right)
+    conf = torch.tensor([0.95, 0.95, 0.55, 0.55], dtype=torch.float64)
+    correct = torch.tensor([True, False, True, True])
+    expected = 0.5 * abs(0.5 - 0.95) + 0.5 * abs(1.0 - 0.55)
+    assert expected_calibration_error(conf, correct, bins=10) == pytest.approx(expected)
+
+
+def test_calibration_scores_from_loglikelihoods():
+    # item 1: p = (0.8, 0.2), gold 0 -> right, Brier 0.04 + 0.04; item 2: p = (0.5, 0.5), gold 1 -> argmax 0, wrong
+    lls = [[math.log(0.8), math.log(0.2)], [math.log(0.3), math.log(0.3)]]
+    scores = calibration_scores(lls, [0, 1], bins=10, bootstrap=50)
+    assert scores.acc == 0.5 and scores.samples == 2
+    assert scores.brier == pytest.approx((0.08 + 0.5) / 2)
+    assert scores.ece == pytest.approx(0.5 * abs(1 - 0.8) + 0.5 * abs(0 - 0.5))
+    assert scores.confidence == pytest.approx(0.65)
+
+
+def test_perfectly_calibrated_predictions_have_zero_ece():
+    # 10 items at confidence 0.7, 7 of them right
+    lls = [[math.log(0.7), math.log(0.3)]] * 10
+    gold = [0] * 7 + [1] * 3
+    assert calibration_scores(lls, gold, bootstrap=0).ece == pytest.approx(0.0, abs=1e-12)
