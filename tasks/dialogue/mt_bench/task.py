@@ -1,0 +1,344 @@
+"""MT-Bench as a qeval-native dialogue task: two-turn answers, scored for degeneration offline.
+
+Why native: lm-eval has no multi-turn chat generation, and the failure
+quantization causes in dialogue (Qllm-Eval: sentence-level repetition at
+W3/KV3; token loops and non-words at W2/W4A4/KV2) is visible in the text
+itself, so it is measured without a judge (:mod:`qeval.eval.dialogue`).
+
+Protocol.  For each MT-Bench question (the first ``limit`` after the optional
+``params.categories`` filter), turn 1 is answered from the tokenizer's chat
+template (``add_generation_prompt=True``); turn 2 sees turn 1 and the model's
+*own* turn-1 answer, as in MT-Bench.  Decoding is greedy (MT-Bench samples
+some categories at temperature 0.7; greedy makes the quantized-vs-FP
+comparison deterministic), ``params.max_new_tokens`` new tokens at most,
+batched across questions per turn with left padding.  Models without a chat
+template get a plain-text prompt (``User: ...\\nAssistant:``; the answer ends
+where the model starts a new ``User:`` line), recorded as ``chat_template: 0``.
+
+Agreement with FP.  ``rougeL_fp`` compares each answer with the unquantized
+model's answer to the same turn (each model continuing its own conversation).
+The FP answers are generated once with ``ctx.reference`` and cached as JSON
+under ``ctx.cache_dir``, keyed by the reference's weight fingerprint, the
+generation settings, the prompt format and the question ids, so every later
+cell of a sweep reuses them; the FP cell itself (``ctx.is_reference``) stores
+its own answers there.
+
+Primary metric ``rep4`` (repeated 4-gram ratio, lower is better): it rises
+with both Qllm-Eval failure modes (a repeated sentence repeats its 4-grams, a
+token loop repeats one 4-gram), needs no threshold, and is defined for every
+answer of four tokens or more.  Sentence repetition, distinct-1/2, non-word
+share, unfinished answers (no end of turn within the budget) and agreement
+with FP are reported beside it, overall and per turn (``turn1_*``,
+``turn2_*``).  An optional LLM judge (MT-Bench single-answer grading, 1-10)
+runs only when an endpoint is configured (:mod:`qeval.eval.judge`).
+
+Suite entry (data: ``<data dir>/mt_bench/question.jsonl``, plus
+``judge_prompts.jsonl`` and ``reference_answer_gpt-4.jsonl`` for the judge)::
+
+    mt_bench:
+      task: qeval_mt_bench
+      limit: 16          # questions (each has two turns); null: all 80
+      batch_size: 8      # questions per generate call
+      params: {max_new_tokens: 128, categories: [writing, roleplay]}
+      # optional judge: params.judge: {base_url: http://host:8000/v1, model: gpt-4, api_key_env: OPENAI_API_KEY}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from qeval.config import ConfigError
+from qeval.data import data_dir, local_file
+from qeval.eval import dialogue
+from qeval.eval import judge as judging
+from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+
+log = logging.getLogger("qeval")
+
+QUESTIONS = "mt_bench/question.jsonl"
+JUDGE_PROMPTS = "mt_bench/judge_prompts.jsonl"
+REFERENCE_ANSWERS = "mt_bench/reference_answer_gpt-4.jsonl"
+FASTCHAT = "https://github.com/lm-sys/FastChat/tree/main/fastchat/llm_judge/data"
+CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+CACHE_VERSION = 1
+PLAIN_USER, PLAIN_ASSISTANT = "User:", "Assistant:"
+
+
+# --------------------------------------------------------------------------- prompts and generation
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The fallback for models without a chat template: ``User: q\\nAssistant: a\\n...Assistant:``."""
+    lines = [f"{PLAIN_USER if m['role'] == 'user' else PLAIN_ASSISTANT} {m['content']}" for m in messages]
+    return "\n".join(lines) + "\n" + PLAIN_ASSISTANT
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], chat: bool) -> list[int]:
+    """Token ids of a conversation ending where the assistant's answer starts.
+
+    The chat template already contains the special tokens it wants, so its text
+    is tokenized without adding any (as ``apply_chat_template(tokenize=True)``
+    does); the plain prompt gets the tokenizer's usual specials (BOS).
+    """
+    if chat:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer(plain_prompt(messages)).input_ids)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+@torch.inference_mode()
+def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int,
+                    batch_size: int, seed: int = 0) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of token-id prompts, batched with left padding.
+
+    Returns per prompt (new token ids before the end-of-turn token, whether the
+    model ended its turn).  Prompts are batched longest first so a batch holds
+    prompts of similar length (less padding); the order of the result is the
+    order of ``prompts``.  A prompt longer than the model's context minus
+    ``max_new_tokens`` keeps its last tokens (logged).
+    """
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               eos_token_id=eos or None, pad_token_id=pad)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [list(prompts[i]) for i in idx]
+        if limit:
+            keep = max(1, int(limit) - max_new_tokens)
+            if any(len(r) > keep for r in rows):
+                log.warning("mt_bench: prompt longer than %d tokens, keeping its last %d", keep, keep)
+                rows = [r[-keep:] for r in rows]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[j, width - len(r):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        for j, i in enumerate(idx):
+            new = gen[j, width:].tolist()
+            stop = next((k for k, t in enumerate(new) if t in eos), None)
+            out[i] = (new if stop is None else new[:stop], stop is not None)
+    return out
+
+
+def converse(model: Any, tokenizer: Any, questions: Sequence[dict[str, Any]], max_new_tokens: int,
+             batch_size: int, seed: int, chat: bool) -> tuple[list[list[str]], list[list[bool]]]:
+    """Both turns of every question: (answers [q][turn], finished [q][turn])."""
+    answers: list[list[str]] = [[] for _ in questions]
+    finished: list[list[bool]] = [[] for _ in questions]
+    for turn in range(2):
+        convs = []
+        for q, own in zip(questions, answers):
+            messages: list[dict[str, str]] = []
+            for t in range(turn):
+                messages += [{"role": "user", "content": q["turns"][t]}, {"role": "assistant", "content": own[t]}]
+            messages.append({"role": "user", "content": q["turns"][turn]})
+            convs.append(prompt_ids(tokenizer, messages, chat))
+        t0 = time.perf_counter()
+        outs = generate_greedy(model, tokenizer, convs, max_new_tokens, batch_size, seed)
+        log.info("mt_bench: turn %d of %d questions in %.1fs", turn + 1, len(questions), time.perf_counter() - t0)
+        for k, (ids, done) in enumerate(outs):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if not chat:  # the plain prompt's turn ends where the model starts the user's next line
+                cut = text.find("\n" + PLAIN_USER)
+                if cut >= 0:
+                    text, done = text[:cut], True
+            answers[k].append(text.strip())
+            finished[k].append(bool(done))
+    return answers, finished
+
+
+# --------------------------------------------------------------------------- the task
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@register_task
+class MTBench(NativeTask):
+    name = "qeval_mt_bench"
+    family = "dialogue"
+    primary_metric = "rep4"
+    higher_is_better = False
+    description = ("MT-Bench 80 two-turn questions, greedy answers; degeneration (rep-4, sentence repetition, "
+                   "distinct-n, non-words), ROUGE-L agreement with the FP model, optional LLM judge")
+    data = (QUESTIONS,)
+
+    def __init__(self, max_new_tokens: int = 128, categories: str | Sequence[str] | None = None,
+                 prompt_format: str = "auto", judge: dict[str, Any] | None = None) -> None:
+        """``max_new_tokens`` per answer; ``categories`` (one or a list) filters the questions;
+        ``prompt_format`` ``auto`` (chat template when the tokenizer has one), ``chat`` or ``plain``;
+        ``judge``: the optional LLM judge's endpoint (see :func:`qeval.eval.judge.judge_config`)."""
+        super().__init__(max_new_tokens=max_new_tokens, categories=categories, prompt_format=prompt_format,
+                         judge=judge)
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ConfigError(f"invalid value params.max_new_tokens={max_new_tokens!r}: a positive integer")
+        cats = [categories] if isinstance(categories, str) else list(categories or [])
+        bad = [c for c in cats if c not in CATEGORIES]
+        if bad:
+            raise ConfigError(f"invalid value params.categories={bad}: allowed {', '.join(CATEGORIES)}")
+        if prompt_format not in ("auto", "chat", "plain"):
+            raise ConfigError(f"invalid value params.prompt_format={prompt_format!r}: allowed auto, chat, plain")
+        self.max_new_tokens = max_new_tokens
+        self.categories = cats
+        self.prompt_format = prompt_format
+        self.judge_cfg = judging.judge_config(judge)
+
+    # -- data
+
+    def _files(self) -> tuple[str, ...]:
+        return self.data + ((JUDGE_PROMPTS, REFERENCE_ANSWERS) if self.judge_cfg else ())
+
+    def check_available(self, data_dir_override: str | None = None, include: tuple[str, ...] = ()) -> None:
+        missing = [rel for rel in self._files() if local_file(rel, data_dir_override) is None]
+        if missing:
+            raise TaskDataError(
+                f"task {self.name!r} needs {', '.join(missing)} under the data directory "
+                f"({data_dir(data_dir_override)}); qeval does not download it: copy FastChat's "
+                f"llm_judge/data/mt_bench files ({FASTCHAT}) into <data dir>/mt_bench/ and set QEVAL_DATA_DIR "
+                "or data_dir=")
+
+    def questions(self, limit: int | None = None, data_dir_override: str | None = None) -> list[dict[str, Any]]:
+        self.check_available(data_dir_override)
+        qs = _read_jsonl(local_file(QUESTIONS, data_dir_override))  # type: ignore[arg-type]
+        if self.categories:
+            qs = [q for q in qs if q["category"] in self.categories]
+        return qs[:limit] if limit else qs
+
+    # -- evaluation
+
+    def _chat(self, tokenizer: Any) -> bool:
+        if self.prompt_format == "plain":
+            return False
+        if not has_chat_template(tokenizer):
+            if self.prompt_format == "chat":
+                raise ConfigError("params.prompt_format=chat but the tokenizer has no chat template")
+            log.warning("mt_bench: the tokenizer has no chat template; using the plain 'User: ...\\nAssistant:' "
+                        "prompt (recorded as chat_template=0)")
+            return False
+        return True
+
+    def cache_key(self, ctx: TaskContext, fingerprint: str, questions: Sequence[dict[str, Any]],
+                  batch_size: int, chat: bool) -> dict[str, Any]:
+        """Everything that determines the FP answers (the batch size too: padding changes float sums)."""
+        template = getattr(ctx.tokenizer, "chat_template", None) if chat else plain_prompt([])
+        return {"task": self.name, "version": CACHE_VERSION, "reference_fingerprint": fingerprint,
+                "max_new_tokens": self.max_new_tokens, "batch_size": batch_size, "seed": ctx.seed,
+                "prompt": "chat" if chat else "plain",
+                "template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
+                "question_ids": [q["question_id"] for q in questions]}
+
+    def reference_answers(self, ctx: TaskContext, questions: Sequence[dict[str, Any]], batch_size: int, chat: bool,
+                          own: list[list[str]] | None = None) -> list[list[str]] | None:
+        """The FP model's answers: from the cache, from ``own`` when the cell is the FP model, or generated."""
+        if not ctx.is_reference and ctx.reference is None:
+            log.warning("mt_bench: no reference (FP) model in the context; rougeL_fp not computed")
+            return None
+        fingerprint = ctx.reference_fingerprint
+        if not fingerprint:
+            from qeval.models.loading import weights_fingerprint
+
+            fingerprint = weights_fingerprint(ctx.model if ctx.is_reference else ctx.reference)
+        key = self.cache_key(ctx, fingerprint, questions, batch_size, chat)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = Path(ctx.cache_dir) / f"mt_bench-{digest}.json" if ctx.cache_dir else None
+        if path is not None and path.is_file() and not ctx.is_reference:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key:
+                log.info("mt_bench: FP answers from %s", path)
+                by_id = cached["answers"]
+                return [by_id[str(q["question_id"])] for q in questions]
+        if ctx.is_reference:
+            answers = own
+        else:
+            log.info("mt_bench: generating the FP model's answers (cached for later cells)")
+            answers, _ = converse(ctx.reference, ctx.tokenizer, questions, self.max_new_tokens, batch_size,
+                                  ctx.seed, chat)
+        assert answers is not None
+        if path is not None and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "answers": {str(q["question_id"]): a
+                                                               for q, a in zip(questions, answers)}},
+                                      indent=1, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(path)
+        return answers
+
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        questions = self.questions(ctx.limit, ctx.data_dir)
+        if not questions:
+            raise ConfigError(f"no MT-Bench question left after params.categories={self.categories}")
+        batch_size = int(ctx.extra.get("batch_size") or 16)
+        chat = self._chat(ctx.tokenizer)
+        answers, finished = converse(ctx.model, ctx.tokenizer, questions, self.max_new_tokens, batch_size,
+                                     ctx.seed, chat)
+        refs = self.reference_answers(ctx, questions, batch_size, chat, own=answers)
+        per_turn: list[list[dict[str, float]]] = [[], []]
+        for k in range(len(questions)):
+            for t in range(2):
+                row = dialogue.answer_metrics(answers[k][t], refs[k][t] if refs is not None else None)
+                row["unfinished"] = float(not finished[k][t])
+                per_turn[t].append(row)
+        metrics: dict[str, Any] = dialogue.aggregate(per_turn[0] + per_turn[1])
+        metrics.update(dialogue.aggregate(per_turn[0], "turn1_"))
+        metrics.update(dialogue.aggregate(per_turn[1], "turn2_"))
+        if self.judge_cfg is not None:
+            metrics.update(self._judge(ctx, questions, answers))
+        metrics["chat_template"] = float(chat)
+        metrics["samples"] = len(per_turn[0]) + len(per_turn[1])
+        self.last_answers = answers  # for scripts that want to look at the text
+        return metrics
+
+    def _judge(self, ctx: TaskContext, questions: Sequence[dict[str, Any]],
+               answers: list[list[str]]) -> dict[str, float]:
+        cfg = self.judge_cfg
+        assert cfg is not None
+        prompts = judging.load_judge_prompts(local_file(JUDGE_PROMPTS, ctx.data_dir))  # type: ignore[arg-type]
+        refs = judging.load_reference_answers(local_file(REFERENCE_ANSWERS, ctx.data_dir))  # type: ignore[arg-type]
+        scores: list[list[float]] = [[], []]
+        unparsed = 0
+        t0 = time.perf_counter()
+        for q, a in zip(questions, answers):
+            for turn in (1, 2):
+                rating = judging.grade(cfg, prompts, q, a, turn, refs.get(int(q["question_id"])))
+                if rating is None:
+                    unparsed += 1
+                else:
+                    scores[turn - 1].append(rating)
+        log.info("mt_bench: judged %d answers with %s at %s in %.1fs", 2 * len(questions), cfg.model, cfg.base_url,
+                 time.perf_counter() - t0)
+        out: dict[str, float] = {}
+        for prefix, values in (("", scores[0] + scores[1]), ("turn1_", scores[0]), ("turn2_", scores[1])):
+            mean, err, _ = dialogue.mean_stderr(values)
+            out[f"{prefix}judge_score"], out[f"{prefix}judge_score_stderr"] = mean, err
+        out["judge_unparsed"] = float(unparsed)
+        return out
