@@ -1,73 +1,223 @@
-"""Check that qeval's task scores equal lm-eval's own scoring on the same model and file.
+"""Check that qeval's task scores equal lm-eval's own scoring on the same model and data.
 
-lm-eval is run the way a user runs it (``model="hf"`` from a model folder,
-its registered task, e.g. ``lambada_openai``) with only the dataset location
-replaced by the local file; qeval runs its plugin task on the in-memory model
-loaded by qeval.  Both numbers are printed side by side.
+lm-eval is run the way a user runs it (``model="hf"`` from the model folder, its
+own registered task or group, e.g. ``arc_easy`` or ``mmlu``) with only the dataset
+replaced: each of its tasks gets a ``custom_dataset`` that returns the local rows
+in the Hub schema, produced by the qeval plugin's own loader, so prompts, targets,
+few-shot settings and metrics stay lm-eval's config.  qeval runs its plugin task
+(``qeval_<name>``) on the in-memory model loaded by qeval, through the same
+``evaluate_lm_eval`` call the sweep uses.  Both numbers are printed side by side,
+with every subtask of a group compared as well.
 
-    python benchmarks/lmeval_parity.py --model smollm2-135m --limit 500
+    python benchmarks/lmeval_parity.py --model smollm2-135m --limit 50 \\
+        --limits qeval_mmlu=5,qeval_wikitext=3
+    python benchmarks/lmeval_parity.py --tasks qeval_arc_easy,qeval_mmlu --limit 20
+
+``--limit`` is lm-eval's: per task, so for MMLU per subject.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
 
 from hydra import compose, initialize_config_dir
 
 from qeval.cli import CONF_DIR
 from qeval.data import local_file
-from qeval.eval.harness import evaluate_lm_eval
+from qeval.eval import harness
+from qeval.eval.registry import REPO_TASKS_DIR
 from qeval.models.loading import load_model, resolve_pretrained_path
 
-# qeval task -> (lm-eval task, local file that replaces its Hub dataset)
-PAIRS = {
-    "qeval_lambada_openai": ("lambada_openai", "lambada/lambada_test.jsonl"),
+Loader = Callable[..., Any]  # custom_dataset function: (**kwargs) -> datasets.DatasetDict
+
+
+@functools.lru_cache(maxsize=None)
+def plugin_module(relative: str) -> ModuleType:
+    """A task plugin's helper module (``tasks/<relative>``), imported by file path like lm-eval does."""
+    path = REPO_TASKS_DIR / relative
+    spec = importlib.util.spec_from_file_location(f"qeval_parity_{path.parent.name}_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def same_loader(relative: str, function: str) -> Callable[[str], Loader | None]:
+    """Every lm-eval task of the pair reads its rows through the plugin's loader ``function``."""
+    return lambda _task: getattr(plugin_module(relative), function)
+
+
+def mmlu_loader(task: str) -> Loader | None:
+    """lm-eval's ``mmlu_<subject>`` reads the local CSVs of <subject>; None when they are not local."""
+    subject = task.removeprefix("mmlu_")
+    if local_file(f"mmlu/test/{subject}_test.csv") is None:
+        return None
+    return functools.partial(plugin_module("nlp/mmlu/utils.py").load_mmlu, subject=subject)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A qeval plugin and the lm-eval task or group it must score identically."""
+
+    reference: str  # lm-eval's registered task or group
+    local: Callable[[str], Loader | None]  # lm-eval task name -> loader of its local rows (None: skip it)
+    metrics: tuple[str, ...]
+
+
+# qeval task -> the lm-eval task it mirrors (the qeval name is "qeval_" + lm-eval's, subtasks too)
+PAIRS: dict[str, Pair] = {
+    "qeval_lambada_openai": Pair("lambada_openai", same_loader("nlp/lambada/utils.py", "load_lambada_openai"),
+                                 ("acc", "perplexity")),
+    "qeval_arc_easy": Pair("arc_easy", same_loader("nlp/arc/utils.py", "load_arc_easy"), ("acc", "acc_norm")),
+    "qeval_arc_challenge": Pair("arc_challenge", same_loader("nlp/arc/utils.py", "load_arc_challenge"),
+                                ("acc", "acc_norm")),
+    "qeval_mmlu": Pair("mmlu", mmlu_loader, ("acc",)),
+    "qeval_ethics_cm": Pair("ethics_cm", same_loader("ethics/ethics_cm/utils.py", "load_ethics_cm"), ("acc",)),
+    "qeval_truthfulqa_mc1": Pair("truthfulqa_mc1", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"),
+                                 ("acc",)),
+    "qeval_truthfulqa_mc2": Pair("truthfulqa_mc2", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"),
+                                 ("acc",)),
+    "qeval_wikitext": Pair("wikitext", same_loader("nlp/wikitext/utils.py", "load_wikitext"),
+                           ("word_perplexity", "byte_perplexity", "bits_per_byte")),
 }
 
 
-def lm_eval_reference(pretrained: str, task: str, data_file: str, limit: int | None, batch_size: int) -> dict:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+def reference_item(tm, name: str, local: Callable[[str], Loader | None], skipped: list[str]) -> Any:
+    """lm-eval's registered task/group/tag ``name`` with each task's dataset replaced by its local loader.
+
+    Groups are rebuilt from lm-eval's own group YAML (same aggregation), keeping
+    only the subtasks that have local data (``skipped`` collects the others, e.g.
+    ``mmlu_professional_law``).  Returns a Task, a Group, a list of Tasks (a tag)
+    or None (nothing local).
+    """
+    from lm_eval.api.group import Group
+    from lm_eval.tasks._factory import GROUP_FIELD_NAMES
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    entry = tm.task_index[name]
+    kind = entry.kind.name
+    if kind == "TAG":
+        items = [reference_item(tm, t, local, skipped) for t in sorted(entry.tags)]
+        return [t for t in items if t is not None]
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    if kind == "GROUP":
+        group = Group.from_config({k: v for k, v in cfg.items() if k in GROUP_FIELD_NAMES and k != "task"})
+        for child in cfg["task"]:
+            item = reference_item(tm, child, local, skipped)
+            for member in item if isinstance(item, list) else [item]:
+                if member is not None:
+                    group.add(member)
+        return group
+    loader = local(name)
+    if loader is None:
+        skipped.append(name)
+        return None
+    cfg["custom_dataset"] = loader  # the only change: where the rows come from
+    return tm.load([cfg])["tasks"][name]
+
+
+def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size: int) -> tuple[dict, list[str]]:
+    """lm-eval's own task (or group) from the model folder; (lm-eval's output, skipped subtasks)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
     tm = TaskManager()
-    # lm-eval's own registered config, with only the dataset location replaced
-    spec = load_yaml(tm.task_index[task].yaml_path, resolve_func=True)
-    spec.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": data_file}})
+    skipped: list[str] = []
+    item = reference_item(tm, pair.reference, pair.local, skipped)
     out = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "dtype": "float32"},
-                          tasks=[spec], limit=limit, batch_size=batch_size, device="cpu",
-                          task_manager=tm, bootstrap_iters=1000, log_samples=False)
-    return out["results"][task]
+                          tasks=[item], limit=limit, batch_size=batch_size, device="cpu", num_fewshot=0,
+                          task_manager=tm, bootstrap_iters=1000, log_samples=False, random_seed=0,
+                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    return out, skipped
+
+
+def qeval_run(model, tokenizer, task: str, limit: int | None, batch_size: int) -> tuple[dict, dict]:
+    """qeval's ``evaluate_lm_eval`` (the sweep's call); (its metrics, lm-eval's full output behind them)."""
+    captured: dict[str, Any] = {}
+    original = harness.run_lm_eval
+
+    def spy(*args: Any, **kwargs: Any) -> dict:
+        captured["out"] = original(*args, **kwargs)
+        return captured["out"]
+
+    harness.run_lm_eval = spy  # evaluate_lm_eval looks it up in the module: keep its output too
+    try:
+        metrics = harness.evaluate_lm_eval(model, tokenizer, task, limit, 0, batch_size)
+    finally:
+        harness.run_lm_eval = original
+    return metrics, captured["out"]
+
+
+def equal(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def compare_subtasks(ours: dict, ref: dict, metrics: tuple[str, ...]) -> tuple[int, int]:
+    """(equal, compared) over every lm-eval result entry: the task, or a group's subgroups and subtasks."""
+    n_equal = n = 0
+    for name, values in ref["results"].items():
+        mine = ours["results"].get(f"qeval_{name}", {})
+        for metric in (m for m in metrics if f"{m},none" in values):
+            n += 1
+            n_equal += equal(float(mine.get(f"{metric},none", float("nan"))), float(values[f"{metric},none"]))
+    return n_equal, n
+
+
+def parse_limits(text: str | None) -> dict[str, int]:
+    if not text:
+        return {}
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {name.strip(): int(value) for name, value in pairs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--tasks", default=",".join(PAIRS),
+                        help=f"comma-separated qeval tasks to compare (default: all of {', '.join(PAIRS)})")
+    parser.add_argument("--limit", type=int, default=None, help="items per task (per subject for MMLU)")
+    parser.add_argument("--limits", default=None, help="per-task limits overriding --limit, e.g. qeval_mmlu=5")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    chosen = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in PAIRS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(PAIRS)}")
+    limits = parse_limits(args.limits)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[f"model={args.model}"])
     pretrained = resolve_pretrained_path(cfg.model, cfg.cache_dir)
     loaded = load_model(cfg.model, cfg.cache_dir)
     rows = []
-    for qeval_task, (ref_task, rel) in PAIRS.items():
-        path = local_file(rel)
-        if path is None:
-            raise SystemExit(f"{rel} not found under the data directory; set QEVAL_DATA_DIR")
+    for task in chosen:
+        pair, limit = PAIRS[task], limits.get(task, args.limit)
         t0 = time.perf_counter()
-        ours = evaluate_lm_eval(loaded.model, loaded.tokenizer, qeval_task, args.limit, 0, args.batch_size)
+        ours, ours_out = qeval_run(loaded.model, loaded.tokenizer, task, limit, args.batch_size)
         t1 = time.perf_counter()
-        ref = lm_eval_reference(pretrained, ref_task, str(path), args.limit, args.batch_size)
+        ref_out, skipped = lm_eval_reference(pretrained, pair, limit, args.batch_size)
         t2 = time.perf_counter()
-        for metric in ("acc", "perplexity"):
-            rows.append((qeval_task, ref_task, metric, ours[metric], ref[f"{metric},none"], t1 - t0, t2 - t1))
-    print(f"\nmodel {args.model}, limit {args.limit}\n")
-    print("| qeval task | lm-eval task | metric | qeval | lm-eval | equal | qeval s | lm-eval s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for q, r, m, a, b, ta, tb in rows:
-        print(f"| {q} | {r} | {m} | {a:.6f} | {b:.6f} | {abs(a - b) <= 1e-9 * max(1, abs(b))} | {ta:.1f} | {tb:.1f} |")
+        ref = ref_out["results"][pair.reference]
+        n_ref = sum(int(c["effective"]) for c in ref_out["n-samples"].values())
+        sub = compare_subtasks(ours_out, ref_out, pair.metrics)
+        for metric in pair.metrics:
+            rows.append((task, pair.reference, limit, metric, ours[metric], float(ref[f"{metric},none"]),
+                         int(ours["samples"]), n_ref, sub, skipped, t1 - t0, t2 - t1))
+        print(f"{task}: qeval {t1 - t0:.1f}s, lm-eval {t2 - t1:.1f}s", flush=True)
+    print(f"\nmodel {args.model}, batch size {args.batch_size}\n")
+    print("| qeval task | lm-eval task | limit | metric | qeval | lm-eval | equal | n qeval / lm-eval "
+          "| all results equal | qeval s | lm-eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for q, r, lim, m, a, b, na, nb, (se, sn), skipped, ta, tb in rows:
+        print(f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
+              f"| {ta:.1f} | {tb:.1f} |")
+    for r, skipped in {row[1]: row[9] for row in rows if row[9]}.items():
+        print(f"\n{r}: left out of lm-eval's group (no local data): {', '.join(sorted(set(skipped)))}")
 
 
 if __name__ == "__main__":
