@@ -67,6 +67,23 @@ def test_nonword_rate_ignores_code_and_numbers():
     assert math.isnan(dialogue.nonword_rate("123 456"))
 
 
+def test_degeneration_counts_repeats_and_nonwords_on_one_token_scale():
+    assert dialogue.degeneration("the quick brown fox jumps") == 0.0
+    # the second copy of "a b c d" (4 of 8 tokens) repeats the first
+    assert dialogue.degeneration("a b c d a b c d") == pytest.approx(4 / 8)
+    # a sentence said three times: the last two copies, like sentence repetition
+    text = "I like cats. I like cats. I like cats."
+    assert dialogue.degeneration(text) == pytest.approx(dialogue.sentence_repetition(text)) == pytest.approx(2 / 3)
+    # "zzzzz" is a non-word: 1 of 2 tokens; code is exempt from the non-word test
+    assert dialogue.degeneration("zzzzz is") == pytest.approx(1 / 2)
+    assert dialogue.degeneration("`zzzzz` is") == 0.0
+    # gibberish without a single repeat: rep-4 sees nothing, degeneration does
+    gibberish = "breuclear soft$place collabwicD4x9 aaaah thethethe"
+    assert dialogue.repeated_ngram_ratio(gibberish, 4) == 0.0
+    assert dialogue.degeneration(gibberish) > 0.5
+    assert dialogue.degeneration("") == 1.0 and dialogue.degeneration("  \n ") == 1.0
+
+
 def test_rouge_l_agreement():
     assert dialogue.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     assert dialogue.rouge_l("dogs bark", "the cat sat") == 0.0
@@ -130,7 +147,8 @@ def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_pat
     first = task.evaluate(_ctx(quant, ref, tok, tmp_path))
     assert counter.calls == 2  # one batch per turn for the FP answers
     assert first["samples"] == 4 and first["chat_template"] == 0.0
-    for key in ("rep4", "sentence_rep", "distinct1", "distinct2", "nonword", "rougeL_fp", "unfinished"):
+    for key in ("degeneration", "rep4", "sentence_rep", "distinct1", "distinct2", "nonword", "rougeL_fp",
+                "unfinished", "empty", "length"):
         for prefix in ("", "turn1_", "turn2_"):
             assert f"{prefix}{key}" in first and f"{prefix}{key}_stderr" in first
     assert 0.0 <= first["rougeL_fp"] <= 1.0
@@ -294,7 +312,7 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
     normalize_suite(cfg)
     check_suite(cfg)
     info = describe_suite(cfg)["chat"]
-    assert info == {"task": "qeval_mt_bench", "kind": "native", "family": "dialogue", "primary_metric": "rep4",
+    assert info == {"task": "qeval_mt_bench", "kind": "native", "family": "dialogue", "primary_metric": "degeneration",
                     "higher_is_better": False}
     metrics, timings = evaluate_suite(ref, tok, cfg, reference=ref, reference_fingerprint="tinyref")
     assert metrics["chat"]["samples"] == 2 and metrics["chat"]["rougeL_fp"] == 1.0

@@ -244,6 +244,46 @@ def nonword_rate(text: str) -> float:
     return sum(is_nonword(w) for w in words) / len(words)
 
 
+# --------------------------------------------------------------------------- combined degeneration
+
+def degeneration(text: str, n: int = 4) -> float:
+    """Share of an answer's word tokens that are repeats or non-words (1.0 for an empty answer).
+
+    A word token (:func:`word_tokens`) is *degenerate* when it lies inside a
+    repeated n-gram occurrence (an n-gram that already occurred earlier in the
+    answer; the earlier occurrence itself is not counted) or inside a
+    whitespace-delimited prose token that :func:`is_nonword` flags (code spans
+    are exempt from the non-word test, as in :func:`nonword_rate`).
+    ``"a b c d a b c d"`` -> 4/8 (the second copy); a sentence said three
+    times -> 2/3, like :func:`sentence_repetition`; ``"zzzzz is"`` -> 1/2.
+
+    Why a combined rate: quantization breaks dialogue either into loops
+    (rep-n sees them) or into high-entropy strings of non-words, where rep-n
+    is 0, i.e. *lower* than a healthy model's (measured on SmolLM2-135M at
+    W2g64 RTN: rep-4 0.00 against 0.20 at FP).  Counting both on one token
+    scale makes every failure mode raise the number.  An answer with no token
+    at all is a failed answer and counts as fully degenerate.
+    """
+    code = [m.span() for m in _FENCE_RE.finditer(text)] + [m.span() for m in _INLINE_CODE_RE.finditer(text)]
+    tokens: list[str] = []
+    bad: list[bool] = []
+    for m in re.finditer(r"\S+", text):
+        in_code = any(a < m.end() and m.start() < b for a, b in code)
+        flag = not in_code and is_nonword(m.group())
+        piece = word_tokens(m.group())  # tokens never cross whitespace: per-chunk = whole-text tokens
+        tokens += piece
+        bad += [flag] * len(piece)
+    if not tokens:
+        return 1.0
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i:i + n])
+        if gram in seen:
+            bad[i:i + n] = [True] * n
+        seen.add(gram)
+    return sum(bad) / len(tokens)
+
+
 # --------------------------------------------------------------------------- agreement with FP
 
 _ROUGE = None
@@ -292,6 +332,7 @@ def mean_stderr(values: Iterable[float]) -> tuple[float, float, int]:
 def answer_metrics(answer: str, reference: str | None = None) -> dict[str, float]:
     """Every per-answer metric of one answer (``rougeL_fp`` only when a reference answer is given)."""
     out = {
+        "degeneration": degeneration(answer, 4),
         "rep4": repeated_ngram_ratio(answer, 4),
         "sentence_rep": sentence_repetition(answer),
         "distinct1": distinct_n(answer, 1),

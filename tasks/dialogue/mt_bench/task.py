@@ -23,14 +23,19 @@ generation settings, the prompt format and the question ids, so every later
 cell of a sweep reuses them; the FP cell itself (``ctx.is_reference``) stores
 its own answers there.
 
-Primary metric ``rep4`` (repeated 4-gram ratio, lower is better): it rises
-with both Qllm-Eval failure modes (a repeated sentence repeats its 4-grams, a
-token loop repeats one 4-gram), needs no threshold, and is defined for every
-answer of four tokens or more.  Sentence repetition, distinct-1/2, non-word
-share, unfinished answers (no end of turn within the budget) and agreement
-with FP are reported beside it, overall and per turn (``turn1_*``,
-``turn2_*``).  An optional LLM judge (MT-Bench single-answer grading, 1-10)
-runs only when an endpoint is configured (:mod:`qeval.eval.judge`).
+Primary metric ``degeneration`` (lower is better): the share of an answer's
+word tokens that are part of a repeated 4-gram or of a non-word
+(:func:`qeval.eval.dialogue.degeneration`).  It rises with both Qllm-Eval
+failure modes, loops and gibberish, with no threshold.  Repetition alone
+(``rep4``) is not enough: a model broken into high-entropy non-words repeats
+nothing, so its rep-4 falls *below* the healthy model's (SmolLM2-135M, 8
+questions, 128 tokens: rep-4 0.20 at FP, 0.00 at W2g64 RTN, while 26% of its
+words are non-words).  Beside it, overall and per turn (``turn1_*``,
+``turn2_*``): ``rep4``, sentence repetition, distinct-1/2, non-word share,
+empty and unfinished answers (no end of turn within the budget), answer
+length in word tokens and ``rougeL_fp``.  An optional LLM judge (MT-Bench
+single-answer grading, 1-10) runs only when an endpoint is configured
+(:mod:`qeval.eval.judge`).
 
 Suite entry (data: ``<data dir>/mt_bench/question.jsonl``, plus
 ``judge_prompts.jsonl`` and ``reference_answer_gpt-4.jsonl`` for the judge)::
@@ -187,10 +192,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 class MTBench(NativeTask):
     name = "qeval_mt_bench"
     family = "dialogue"
-    primary_metric = "rep4"
+    primary_metric = "degeneration"
     higher_is_better = False
-    description = ("MT-Bench 80 two-turn questions, greedy answers; degeneration (rep-4, sentence repetition, "
-                   "distinct-n, non-words), ROUGE-L agreement with the FP model, optional LLM judge")
+    description = ("MT-Bench 80 two-turn questions, greedy answers; degeneration (repeated 4-grams + non-words), "
+                   "rep-4, sentence repetition, distinct-n, ROUGE-L agreement with FP, optional LLM judge")
     data = (QUESTIONS,)
 
     def __init__(self, max_new_tokens: int = 128, categories: str | Sequence[str] | None = None,
