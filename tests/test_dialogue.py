@@ -8,7 +8,6 @@ import json
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -176,6 +175,12 @@ def test_task_reference_cell_agrees_with_itself_and_fills_the_cache(mt_bench, ti
     assert counter.calls == 0
 
 
+def module_categories(task_cls):
+    from importlib import import_module
+
+    return import_module(task_cls.__module__).CATEGORIES
+
+
 def test_task_chat_template_and_categories(mt_bench, tiny, tmp_path):
     ref, quant, tok = tiny
     tok = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", bos_token="<s>",
@@ -185,6 +190,8 @@ def test_task_chat_template_and_categories(mt_bench, tiny, tmp_path):
     task = mt_bench(max_new_tokens=4, categories=["math"])
     qs = task.questions(limit=2)
     assert [q["category"] for q in qs] == ["math", "math"]
+    spread = mt_bench(per_category=1).questions()
+    assert sorted(q["category"] for q in spread) == sorted(module_categories(mt_bench))
     from importlib import import_module
 
     module = import_module(type(task).__module__)
@@ -201,6 +208,8 @@ def test_task_rejects_bad_params_and_missing_data(mt_bench, tmp_path, monkeypatc
         mt_bench(categories=["poetry"])
     with pytest.raises(ConfigError, match="max_new_tokens"):
         mt_bench(max_new_tokens=0)
+    with pytest.raises(ConfigError, match="per_category"):
+        mt_bench(per_category=0)
     with pytest.raises(TypeError):
         mt_bench(temperature=0.7)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

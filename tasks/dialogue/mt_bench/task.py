@@ -6,7 +6,7 @@ W3/KV3; token loops and non-words at W2/W4A4/KV2) is visible in the text
 itself, so it is measured without a judge (:mod:`qeval.eval.dialogue`).
 
 Protocol.  For each MT-Bench question (the first ``limit`` after the optional
-``params.categories`` filter), turn 1 is answered from the tokenizer's chat
+``params.categories`` and ``params.per_category`` filters), turn 1 is answered from the tokenizer's chat
 template (``add_generation_prompt=True``); turn 2 sees turn 1 and the model's
 *own* turn-1 answer, as in MT-Bench.  Decoding is greedy (MT-Bench samples
 some categories at temperature 0.7; greedy makes the quantized-vs-FP
@@ -44,7 +44,7 @@ Suite entry (data: ``<data dir>/mt_bench/question.jsonl``, plus
       task: qeval_mt_bench
       limit: 16          # questions (each has two turns); null: all 80
       batch_size: 8      # questions per generate call
-      params: {max_new_tokens: 128, categories: [writing, roleplay]}
+      params: {max_new_tokens: 128, per_category: 2}   # or categories: [writing, roleplay]
       # optional judge: params.judge: {base_url: http://host:8000/v1, model: gpt-4, api_key_env: OPENAI_API_KEY}
 """
 
@@ -199,12 +199,17 @@ class MTBench(NativeTask):
     data = (QUESTIONS,)
 
     def __init__(self, max_new_tokens: int = 128, categories: str | Sequence[str] | None = None,
-                 prompt_format: str = "auto", judge: dict[str, Any] | None = None) -> None:
+                 per_category: int | None = None, prompt_format: str = "auto",
+                 judge: dict[str, Any] | None = None) -> None:
         """``max_new_tokens`` per answer; ``categories`` (one or a list) filters the questions;
-        ``prompt_format`` ``auto`` (chat template when the tokenizer has one), ``chat`` or ``plain``;
-        ``judge``: the optional LLM judge's endpoint (see :func:`qeval.eval.judge.judge_config`)."""
-        super().__init__(max_new_tokens=max_new_tokens, categories=categories, prompt_format=prompt_format,
-                         judge=judge)
+        ``per_category`` keeps the first k questions of each category (MT-Bench's file is ordered by
+        category, so a plain ``limit`` samples only the first categories); ``prompt_format`` ``auto``
+        (chat template when the tokenizer has one), ``chat`` or ``plain``; ``judge``: the optional LLM
+        judge's endpoint (see :func:`qeval.eval.judge.judge_config`)."""
+        super().__init__(max_new_tokens=max_new_tokens, categories=categories, per_category=per_category,
+                         prompt_format=prompt_format, judge=judge)
+        if per_category is not None and (not isinstance(per_category, int) or per_category <= 0):
+            raise ConfigError(f"invalid value params.per_category={per_category!r}: a positive integer or null")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ConfigError(f"invalid value params.max_new_tokens={max_new_tokens!r}: a positive integer")
         cats = [categories] if isinstance(categories, str) else list(categories or [])
@@ -215,6 +220,7 @@ class MTBench(NativeTask):
             raise ConfigError(f"invalid value params.prompt_format={prompt_format!r}: allowed auto, chat, plain")
         self.max_new_tokens = max_new_tokens
         self.categories = cats
+        self.per_category = per_category
         self.prompt_format = prompt_format
         self.judge_cfg = judging.judge_config(judge)
 
@@ -237,6 +243,14 @@ class MTBench(NativeTask):
         qs = _read_jsonl(local_file(QUESTIONS, data_dir_override))  # type: ignore[arg-type]
         if self.categories:
             qs = [q for q in qs if q["category"] in self.categories]
+        if self.per_category:
+            taken: dict[str, int] = {}
+            kept = []
+            for q in qs:
+                taken[q["category"]] = taken.get(q["category"], 0) + 1
+                if taken[q["category"]] <= self.per_category:
+                    kept.append(q)
+            qs = kept
         return qs[:limit] if limit else qs
 
     # -- evaluation
@@ -301,7 +315,8 @@ class MTBench(NativeTask):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         questions = self.questions(ctx.limit, ctx.data_dir)
         if not questions:
-            raise ConfigError(f"no MT-Bench question left after params.categories={self.categories}")
+            raise ConfigError(f"no MT-Bench question left after params.categories={self.categories}, "
+                              f"per_category={self.per_category}")
         batch_size = int(ctx.extra.get("batch_size") or 16)
         chat = self._chat(ctx.tokenizer)
         answers, finished = converse(ctx.model, ctx.tokenizer, questions, self.max_new_tokens, batch_size,
