@@ -47,13 +47,16 @@ def test_word_tokens_keep_apostrophes_and_split_symbols():
 
 @pytest.mark.parametrize("word", ["hello", "Hello,", "don't", "and/or", "H2O", "COVID-19", "4th", "MP3s", "HTTPS",
                                   "iPhone", "JavaScript", "naïve", "πr²", "internationalization", "(e.g.",
-                                  "https://example.com/a_b", "1,000th", "shèng", "12345"])
+                                  "https://example.com/a_b", "1,000th", "shèng", "12345",
+                                  # maths, markup and identifiers in prose
+                                  "x^2", "f(x)=2x+3.", "(√(a^2", "πr^2,", "<h1>Title", "class=\"story\">", "my_var",
+                                  "os.path.join()", "arr[i]", "a", "I,"])
 def test_plausible_words_are_not_nonwords(word):
     assert not dialogue.is_nonword(word)
 
 
-@pytest.mark.parametrize("word", ["fo$o", "wor_d", "a1b2", "aaaa", "thethethe", "understandingthatthisisit",
-                                  "bcdfgk", "wordпри", "tHeCaTs"])
+@pytest.mark.parametrize("word", ["fo$o", "wor:d", "soft\ufffdplace", "(<[c']}edP", "a1b2", "aaaa", "thethethe", "understandingthatthisisit",
+                                  "bcdfgk", "wordпри", "tHeCaTs", "C.", "H"])
 def test_degenerate_tokens_are_nonwords(word):
     assert dialogue.is_nonword(word)
 
@@ -68,8 +71,10 @@ def test_nonword_rate_ignores_code_and_numbers():
 
 def test_degeneration_counts_repeats_and_nonwords_on_one_token_scale():
     assert dialogue.degeneration("the quick brown fox jumps") == 0.0
-    # the second copy of "a b c d" (4 of 8 tokens) repeats the first
-    assert dialogue.degeneration("a b c d a b c d") == pytest.approx(4 / 8)
+    # the second copy (4 of 8 tokens) repeats the first
+    assert dialogue.degeneration("one two three four one two three four") == pytest.approx(4 / 8)
+    # lone letters other than a/I are non-words: 3 of 4 tokens
+    assert dialogue.degeneration("C C. I") == pytest.approx(3 / 4)
     # a sentence said three times: the last two copies, like sentence repetition
     text = "I like cats. I like cats. I like cats."
     assert dialogue.degeneration(text) == pytest.approx(dialogue.sentence_repetition(text)) == pytest.approx(2 / 3)

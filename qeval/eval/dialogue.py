@@ -141,6 +141,40 @@ def distinct_n(text: str, n: int) -> float:
 # --------------------------------------------------------------------------- non-words
 
 _JOINERS = set("'’-./,&°–")
+_CODE_OR_MATHS = set("^()[]{}_\\*#`")  # with every Unicode maths symbol (category Sm: + = < > | ~ √ ±)
+_MATHS_CHARS_RE = re.compile(r"^[\d.,:;!?'’()\[\]{}^*/+\-−=<>≤≥≠≈±×÷√∑∏∫∞%|²³a-zA-Zα-ωΑ-Ω]+$")
+_MATHS_FUNCS = {"sin", "cos", "tan", "log", "ln", "exp", "sqrt", "max", "min", "lim", "mod", "gcd", "lcm", "abs",
+                "det"}
+_MARKUP_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:[\s>/]|$)|\w=[\"']")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\([^()]*\)|\[[^\[\]]*\])*$")
+
+
+def _has_operator(tok: str) -> bool:
+    return any(ch in _CODE_OR_MATHS or unicodedata.category(ch) == "Sm" for ch in tok)
+
+
+def _code_or_maths(raw: str) -> bool:
+    """Whether a whitespace token is maths, markup or a code identifier written in prose.
+
+    Maths: only digits, single letters (or two: ``πr``, ``ab``) and
+    functions such as ``sqrt``, with an operator (``x^2``, ``f(x)=2x+3``,
+    ``(√(a^2``).  Markup: an HTML tag or attribute (``<h1>Title``,
+    ``class="x">``).  Code: a dotted identifier with optional call or index
+    (``my_var``, ``os.path.join()``, ``arr[i]``).  MT-Bench's maths and coding
+    answers are full of these outside code fences; gibberish rarely has their
+    shape.
+    """
+    core = raw.strip("\"'“”‘’").rstrip(".,;:!?")
+    if not _has_operator(core):
+        return False
+    if _MARKUP_RE.search(core) or _IDENT_RE.match(core):
+        return True
+    if not _MATHS_CHARS_RE.match(core):
+        return False
+    runs = re.findall(r"[^\W\d_]+", core)
+    return all(len(r) <= 2 or r.lower() in _MATHS_FUNCS for r in runs)
+
+
 _VOWELS = set("aeiouy")
 
 
@@ -167,12 +201,14 @@ def is_nonword(token: str) -> bool:
 
     The token is first stripped of leading/trailing characters that are neither
     letters nor digits (punctuation, quotes, markdown).  Tokens without a letter
-    (numbers, symbols) and URLs/e-mail addresses are never non-words.  A token
-    is a non-word when any of these holds:
+    (numbers, symbols), URLs/e-mail addresses and maths, markup or code
+    identifiers written in prose (``x^2``, ``f(x)=2x+3``, ``<h1>Title``,
+    ``my_var``; see :func:`_code_or_maths`) are never non-words.  A token is
+    a non-word when any of these holds:
 
     1. it contains a character other than a letter, a digit, a combining mark
-       or one of the joiners ``' ’ - . , / & ° –`` (``fo$o``, ``wor_d``,
-       ``a=b``);
+       or one of the joiners ``' ’ - . , / & ° –`` (``fo$o``, ``wor:d``,
+       ``ab"cd``, ``soft�place``);
     2. letters and digits alternate three times or more (``a1b2``; ``H2O``,
        ``COVID-19``, ``4th``, ``MP3s`` are fine);
     3. a letter occurs four or more times in a row (``aaaa``, ``soooo``);
@@ -188,16 +224,22 @@ def is_nonword(token: str) -> bool:
        letters aside (``wordпри``, ``Пoдвoдник`` with Latin ``o``; ``πr²``,
        ``Δx`` and IPA are fine; Chinese/Japanese/Korean count as one script);
     8. it switches from lower to upper case three or more times (``tHeCaTs``;
-       ``iPhone``, ``JavaScript``, ``McDonald`` are fine).
+       ``iPhone``, ``JavaScript``, ``McDonald`` are fine);
+    9. it is a lone letter other than ``a``, ``A`` and ``I`` (``C.``, ``H``).
 
-    Rules 3-8 are the shapes of Qllm-Eval's "meaningless symbols / non-words"
-    at W2/W4A4/KV2: sub-word pieces glued together, stuttered letters and
-    script mixing.  Rare legitimate words can trip them (``hahaha``); what
-    matters is the change against the unquantized model on the same prompts.
+    Rules 2-9 are the shapes of Qllm-Eval's "meaningless symbols / non-words"
+    at W2/W4A4/KV2: sub-word pieces glued together, stuttered letters, script
+    mixing, streams of stray letters (``C C. H. HH S.``: SmolLM2-135M at W4A4
+    RTN writes 25% lone letters, at FP 1%).  Legitimate text trips them too:
+    ``hahaha``, initials and variables such as ``x`` (rule 9: about 1% of the
+    words of Wikipedia text and of SmolLM2's FP answers).  What matters is the
+    change against the unquantized model on the same prompts.
     """
     tok = _strip_non_alnum(token)
-    if not any(ch.isalpha() for ch in tok) or _URL_RE.search(tok):
+    if not any(ch.isalpha() for ch in tok) or _URL_RE.search(tok) or _code_or_maths(token):
         return False
+    if len(tok) == 1:
+        return tok not in ("a", "A", "I")
     if any(not (ch.isalnum() or ch in _JOINERS or unicodedata.category(ch).startswith("M")) for ch in tok):
         return True
     kinds = [("L" if ch.isalpha() else "D") for ch in tok if ch.isalnum()]
@@ -254,8 +296,9 @@ def degeneration(text: str, n: int = 4) -> float:
     answer; the earlier occurrence itself is not counted) or inside a
     whitespace-delimited prose token that :func:`is_nonword` flags (code spans
     are exempt from the non-word test, as in :func:`nonword_rate`).
-    ``"a b c d a b c d"`` -> 4/8 (the second copy); a sentence said three
-    times -> 2/3, like :func:`sentence_repetition`; ``"zzzzz is"`` -> 1/2.
+    ``"one two three four one two three four"`` -> 4/8 (the second copy); a
+    sentence said three times -> 2/3, like :func:`sentence_repetition`;
+    ``"zzzzz is"`` -> 1/2.
 
     Why a combined rate: quantization breaks dialogue either into loops
     (rep-n sees them) or into high-entropy strings of non-words, where rep-n
