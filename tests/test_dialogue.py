@@ -117,6 +117,18 @@ def mt_bench():
     return discover_native()["qeval_mt_bench"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a busy machine oversubscribed OpenMP
+    threads make each generate step many times slower; restore the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from qeval.models.tiny import build_tiny_model, byte_tokenizer

@@ -28,9 +28,9 @@ word tokens that are part of a repeated 4-gram or of a non-word
 (:func:`qeval.eval.dialogue.degeneration`).  It rises with both Qllm-Eval
 failure modes, loops and gibberish, with no threshold.  Repetition alone
 (``rep4``) is not enough: a model broken into high-entropy non-words repeats
-nothing, so its rep-4 falls *below* the healthy model's (SmolLM2-135M, 8
-questions, 128 tokens: rep-4 0.20 at FP, 0.00 at W2g64 RTN, while 26% of its
-words are non-words).  Beside it, overall and per turn (``turn1_*``,
+nothing, so its rep-4 falls *below* the healthy model's (SmolLM2-135M, 24
+questions, 128 tokens: rep-4 0.22 at FP, 0.01 at W2g64 RTN, while 29% of its
+words are non-words against 0.6% at FP).  Beside it, overall and per turn (``turn1_*``,
 ``turn2_*``): ``rep4``, sentence repetition, distinct-1/2, non-word share,
 empty and unfinished answers (no end of turn within the budget), answer
 length in word tokens and ``rougeL_fp``.  An optional LLM judge (MT-Bench
