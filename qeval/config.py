@@ -137,6 +137,9 @@ class TaskConfig:
     apply_chat_template: bool = False
     # task-specific settings of native tasks (e.g. context lengths, max_new_tokens)
     params: dict[str, Any] = field(default_factory=dict)
+    # report this entry under another family than the task declares (MMLU with shots is
+    # in-context learning: emergent; null keeps the task's own)
+    family: Optional[str] = None
 
 
 @dataclass

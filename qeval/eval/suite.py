@@ -90,8 +90,8 @@ def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                          "higher_is_better": False}
             continue
         info = task_info(task.task, include)
-        out[name] = {"task": task.task, "kind": kind, "family": info.family, "primary_metric": info.primary_metric,
-                     "higher_is_better": info.higher_is_better}
+        out[name] = {"task": task.task, "kind": kind, "family": task.family or info.family,
+                     "primary_metric": info.primary_metric, "higher_is_better": info.higher_is_better}
     return out
 
 

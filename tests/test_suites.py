@@ -1,0 +1,73 @@
+"""Every suite preset composes, passes the pre-flight checks (task names, data, params) and
+covers the families it claims; the default suite covers all five."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qeval.cli import CONF_DIR
+from qeval.eval.registry import FAMILIES
+
+SUITES = sorted(p.stem for p in (Path(CONF_DIR) / "suite").glob("*.yaml"))
+
+
+def _cfg(suite: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=["model=tiny-llama", f"suite={suite}"])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_passes_preflight(suite):
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval.eval.suite import describe_suite
+    from qeval.runner import preflight
+
+    cfg = _cfg(suite)
+    preflight(cfg)
+    described = describe_suite(cfg)
+    assert set(described) == set(cfg.suite.tasks)
+    for name, info in described.items():
+        assert info["family"] in FAMILIES, (suite, name, info)
+        assert isinstance(info["higher_is_better"], bool) and info["primary_metric"]
+
+
+def test_default_suite_covers_all_families():
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval.eval.suite import describe_suite
+    from qeval.runner import preflight
+
+    cfg = _cfg("quick")
+    preflight(cfg)
+    assert {info["family"] for info in describe_suite(cfg).values()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("suite,family", [("basic_nlp", "basic_nlp"), ("emergent", "emergent"), ("ethics", "ethics"),
+                                          ("dialogue", "dialogue"), ("long_context", "long_context")])
+def test_family_suites_hold_their_family(suite, family):
+    from qeval.eval.suite import describe_suite
+
+    cfg = _cfg(suite)
+    from qeval.config import normalize_suite
+
+    normalize_suite(cfg)
+    families = {info["family"] for info in describe_suite(cfg).values()}
+    assert families == {family}
+
+
+def test_a_typo_in_a_suite_entry_names_the_entry():
+    from qeval.config import ConfigError, normalize_suite
+
+    from omegaconf import open_dict
+
+    cfg = _cfg("quick")
+    with open_dict(cfg):
+        cfg.suite.tasks.arc_easy.limt = 5  # the typo under test
+    with pytest.raises(ConfigError, match="suite.tasks.arc_easy"):
+        normalize_suite(cfg)
