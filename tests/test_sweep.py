@@ -201,7 +201,20 @@ def test_report_cli(first_run, run_report, tmp_path):
     assert "wikitext2.ppl /FP" in md
     for label in ("FP16", "W4g128", "KV4"):
         assert sum(label in line for line in md.splitlines()) == 1, label
-    assert md in proc.stdout or md.strip() in proc.stdout
+    # printed: the family summary (perplexity and LAMBADA accuracy are both basic NLP) and
+    # the primary metrics; the full table is in the files
+    families = pd.read_csv(out_dir / "families.csv")
+    assert list(families.columns[-1:]) == ["basic_nlp"]
+    fam = dict(zip(families["quant"], families["basic_nlp"]))
+    assert fam["fp16"] == pytest.approx(1.0)
+    acc = {q: rec["metrics"]["lambada"]["acc"] for q, (_, rec) in recs.items()}
+    # the mean of FP/ppl (lower is better) and acc/FP_acc (higher is better), where FP's acc isn't 0
+    if acc["fp16"] > 0:
+        expected = (ppl["fp16"] / ppl["w4g128"] + acc["w4g128"] / acc["fp16"]) / 2
+        assert fam["w4g128"] == pytest.approx(expected, rel=1e-9)
+    assert (out_dir / "families.md").read_text().strip() in proc.stdout
+    primary = pd.read_csv(out_dir / "primary.csv")
+    assert {"wikitext2.ppl", "lambada.acc"} <= set(primary.columns) and "lambada.perplexity" not in primary.columns
 
 
 def test_report_cli_on_empty_folder(run_report, tmp_path):

@@ -9,6 +9,7 @@ perplexity and better for accuracy.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +25,26 @@ _TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}
 _HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
 
 
+def _entry_info(rec: dict, entry: str, metrics: dict) -> dict:
+    """Family, primary metric and direction of one suite entry of a record.
+
+    Records written before tasks declared them (no ``record["tasks"]``) fall back to
+    the two tasks those suites had: perplexity (lower is better) and accuracy.
+    """
+    info = (rec.get("tasks") or {}).get(entry)
+    if info:
+        return info
+    primary = "ppl" if "ppl" in metrics else "acc"
+    return {"family": "basic_nlp", "primary_metric": primary, "higher_is_better": primary != "ppl"}
+
+
+def _entry_label(rec: dict, entry: str) -> str:
+    """The entry's name, with its shots when it has any (shots are a sweep axis: MMLU@5shot)."""
+    task_cfg = ((rec.get("config") or {}).get("suite") or {}).get("tasks", {}).get(entry) or {}
+    shots = task_cfg.get("num_fewshot") if isinstance(task_cfg, dict) else None
+    return f"{entry}@{shots}shot" if shots else entry
+
+
 def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
     rows = []
     for d in dirs:
@@ -32,14 +53,19 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 continue
             cell = rec["cell"]
             for task, metrics in rec["metrics"].items():
+                info = _entry_info(rec, task, metrics)
+                label = _entry_label(rec, task)
                 for metric, value in metrics.items():
-                    if metric.endswith("_stderr") or metric in _HIDDEN:
+                    if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
                         continue
+                    primary = metric == info["primary_metric"]
                     rows.append({**{k: cell[k] for k in CELL_KEYS},
                                  "suite": cell["suite"], "backend": cell["backend"], "sweep": rec["sweep"],
-                                 "task": task, "metric": f"{task}.{metric}", "value": value,
+                                 "task": label, "metric": f"{label}.{metric}", "value": value,
                                  "stderr": metrics.get(f"{metric}_stderr"),
-                                 "samples": metrics.get("samples", metrics.get("windows"))})
+                                 "samples": metrics.get("samples", metrics.get("windows")),
+                                 "family": info["family"], "primary": primary,
+                                 "higher_is_better": bool(info["higher_is_better"]) if primary else None})
     if not rows:
         raise ValueError(f"no finished cells under {', '.join(map(str, dirs))}")
     return pd.DataFrame(rows)
@@ -71,16 +97,48 @@ def _bits_key(label: str) -> tuple:
     return tuple(-d for d in digits)
 
 
+def family_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Quality retained per family: the mean over a family's tasks of the primary metric
+    relative to the unquantized model, oriented so that 1 = unchanged and below 1 = worse
+    (value/FP where higher is better, FP/value where lower is better, e.g. perplexity)."""
+    prim = add_normalized(long[long.primary]) if "normalized" not in long else long[long.primary].copy()
+    # a ratio to an FP score of 0 (or to a missing one) says nothing: left out of the mean
+    prim = prim.assign(retained=[(n if hib else 1 / n) if n and math.isfinite(n) else float("nan")
+                                 for n, hib in zip(prim["normalized"], prim["higher_is_better"])])
+    table = prim.pivot_table(index=CELL_KEYS, columns="family", values="retained", aggfunc="mean")
+    from qeval.eval.registry import FAMILIES
+
+    table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
+    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4]))
+    return table.loc[order]
+
+
+def primary_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, the primary metric of each task (with /FP), the table to read first."""
+    return cell_table(long[long.primary].drop(columns=[c for c in ("fp_value", "normalized") if c in long]))
+
+
 def write_tables(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
-    """Write CSV (raw long + cell table) and Markdown; return the Markdown and the files."""
+    """Write CSV (raw long, every metric, primary metrics, families) and Markdown; return the
+    Markdown of the family and primary-metric tables and the files written."""
     results_dir = Path(results_dir)
     long = add_normalized(long_frame([results_dir]))
-    table = cell_table(long.drop(columns=["fp_value", "normalized"]))
+    raw = long.drop(columns=["fp_value", "normalized"])
+    table = cell_table(raw)
+    primary = primary_table(raw)
+    families = family_table(long)
     out = Path(out_dir) if out_dir else Path("plots") / results_dir.name
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "scores_long.csv", out / "table.csv", out / "table.md"]
+    files = [out / "scores_long.csv", out / "table.csv", out / "table.md", out / "primary.csv",
+             out / "families.csv", out / "families.md"]
     long.to_csv(files[0], index=False)
     table.to_csv(files[1])
-    markdown = table.reset_index().to_markdown(index=False, floatfmt=".4g")
-    files[2].write_text(markdown + "\n")
+    files[2].write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+    primary.to_csv(files[3])
+    families.to_csv(files[4])
+    fam_md = families.reset_index().to_markdown(index=False, floatfmt=".3f")
+    files[5].write_text(fam_md + "\n")
+    markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
+                "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
+                + primary.reset_index().to_markdown(index=False, floatfmt=".4g"))
     return markdown, files
