@@ -10,14 +10,14 @@ The shared file holds every non-blank line of the test split in order (CRLF-join
 but not the 1,467 blank lines, so the pages are rebuilt here:
 
 * page boundaries and all text lines are exact: 62 articles, the same lines in each;
-* blank lines are put back where WikiText always has them, one before and one after
+* blank lines are put back where WikiText regularly has them, one before and one after
   every heading (any level). That restores 1,412 of the 1,467 blank lines; the other
-  55 (e.g. between some paragraphs) cannot be located, so those spots have ``"\\n"``
-  where the Hub page has ``"\\n \\n"``.
+  ~55 (e.g. between some paragraphs, or at the file's ends) cannot be located, so
+  those spots have ``"\\n"`` where the Hub page has ``"\\n \\n"``.
 
 Effect on lm-eval's metrics: word counts (lm-eval counts the whitespace-separated
 pieces of ``page``) are identical, byte counts are about 110 bytes lower (0.01% of
-1.29 MB), and the model sees one "\\n" instead of two at those 55 spots, so perplexities
+1.29 MB), and the model sees one "\\n" instead of two at those ~55 spots, so perplexities
 are close to, not identical with, lm-eval on the Hub data.  qeval's own perplexity
 task (``kind: perplexity``) is a different protocol (fixed token windows) and is not
 affected.
