@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{family}")
         arrow = "higher is better" if t.higher_is_better else "lower is better"
         print(f"  {t.name:<32} {t.kind:<14} {t.primary_metric} ({arrow})")
+        if t.description and t.kind == "lm_eval group":
+            print(f"  {'':<32} {t.description}")
         if t.data:
             print(f"  {'':<32} data: {t.data}")
     print(f"\n{len(infos)} tasks; lm-eval's own tasks are usable by name too (online).")

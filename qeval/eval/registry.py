@@ -197,8 +197,21 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
         info = _lm_eval_info(name, entry)
         if info is not None:
             infos.append(info)
+    # a group's members (qeval_mmlu_<subject>, its category groups) are usable by name but
+    # listed as one line: the group's, with the count of its members
+    groups = sorted((t.name for t in infos if t.kind == "lm_eval group"), key=len)
+    members: dict[str, int] = {}
+    kept = []
+    for t in infos:
+        parent = next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None)
+        if parent is None:
+            kept.append(t)
+        elif t.kind == "lm_eval":
+            members[parent] = members.get(parent, 0) + 1
+    kept = [TaskInfo(**{**t.__dict__, "description": f"{members[t.name]} subtasks ({t.name}_*)"})
+            if t.name in members else t for t in kept]
     order = {f: i for i, f in enumerate(FAMILIES)}
-    return sorted(infos, key=lambda t: (order.get(t.family, len(order)), t.family, t.name))
+    return sorted(kept, key=lambda t: (order.get(t.family, len(order)), t.family, t.name))
 
 
 def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
