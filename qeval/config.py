@@ -145,16 +145,17 @@ class TaskConfig:
 @dataclass
 class SuiteConfig:
     name: str = "quick"
-    # name -> TaskConfig; typed by normalize_suite() rather than by the schema, because
-    # OmegaConf cannot add a new structured entry from the command line
-    # (`+suite.tasks.mine={task:my_task,limit:50}` must work)
-    tasks: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
 
 
 @dataclass
 class TaskPluginsConfig:
     # extra folders of task plugins (lm-eval YAML or qeval-native Python), searched after tasks/
     include: list[str] = field(default_factory=list)
+    # suite entries added from the command line: '+tasks.add.mine={task:my_task,limit:50}'
+    # (OmegaConf cannot create a typed suite.tasks entry from an override; these are merged
+    # into suite.tasks, typed, before anything runs)
+    add: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,23 +252,27 @@ def validate_quant(q: Any, prefix: str = "quant") -> None:
 
 
 def normalize_suite(cfg: DictConfig) -> None:
-    """Type every suite entry as a TaskConfig (defaults filled in, unknown keys refused)."""
+    """Move the entries of ``tasks.add`` into the suite, typed as TaskConfig (defaults
+    filled in, unknown keys refused with the entry's name)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(TaskConfig)
-    for name in list(cfg.suite.tasks):
-        entry = cfg.suite.tasks[name]
-        if entry is None:
-            continue
-        if not isinstance(entry, DictConfig):
-            _fail(f"suite.tasks.{name}", entry, "a mapping such as {task: qeval_arc_easy, limit: 100}")
-        try:
-            cfg.suite.tasks[name] = OmegaConf.merge(schema, entry)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid suite.tasks.{name}: {err.msg if hasattr(err, 'msg') else err} "
-                              f"(allowed keys: {', '.join(schema.keys())})") from err
     from omegaconf import open_dict
 
+    schema = OmegaConf.structured(TaskConfig)
+    added = cfg.tasks.add if "tasks" in cfg and cfg.tasks.add else {}
+    for name, entry in added.items():
+        if not isinstance(entry, DictConfig):
+            _fail(f"tasks.add.{name}", entry, "a mapping such as {task: qeval_arc_easy, limit: 100}")
+        try:
+            typed = OmegaConf.merge(schema, entry)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"invalid tasks.add.{name}: {getattr(err, 'msg', err)} "
+                              f"(allowed keys: {', '.join(schema.keys())})") from err
+        with open_dict(cfg.suite.tasks):
+            cfg.suite.tasks[name] = typed
+    if added:
+        with open_dict(cfg.tasks):
+            cfg.tasks.add = {}
     with open_dict(cfg.suite.tasks):
         for name in [n for n, e in cfg.suite.tasks.items() if e is None]:
             del cfg.suite.tasks[name]

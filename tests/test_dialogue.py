@@ -331,7 +331,7 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
     from qeval.eval.suite import check_suite, describe_suite, evaluate_suite
 
     ref, quant, tok = tiny
-    entry = "+suite.tasks.chat={task: qeval_mt_bench, limit: 1, batch_size: 1, params: {max_new_tokens: 4}}"
+    entry = "+tasks.add.chat={task: qeval_mt_bench, limit: 1, batch_size: 1, params: {max_new_tokens: 4}}"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "~suite.tasks.wikitext2",
                                            "~suite.tasks.lambada", entry, f"results_dir={tmp_path}"])

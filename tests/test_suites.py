@@ -61,13 +61,24 @@ def test_family_suites_hold_their_family(suite, family):
     assert families == {family}
 
 
-def test_a_typo_in_a_suite_entry_names_the_entry():
+def test_a_typo_in_an_added_entry_names_the_entry():
     from qeval.config import ConfigError, normalize_suite
 
-    from omegaconf import open_dict
-
-    cfg = _cfg("quick")
-    with open_dict(cfg):
-        cfg.suite.tasks.arc_easy.limt = 5  # the typo under test
-    with pytest.raises(ConfigError, match="suite.tasks.arc_easy"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=tiny-llama", "+tasks.add.extra={task:qeval_arc_easy,limt:5}"])
+    with pytest.raises(ConfigError, match="tasks.add.extra"):
         normalize_suite(cfg)
+
+
+def test_entries_are_overridable_and_addable_from_the_command_line():
+    """Any field of a preset's entry (even one the YAML leaves at its default), and whole new entries."""
+    from qeval.config import normalize_suite
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=tiny-llama", "suite=nlp-full", "suite.tasks.wikitext2.max_windows=2",
+                                           "suite.tasks.lambada.num_fewshot=3",
+                                           "+tasks.add.arc={task:qeval_arc_easy,limit:7,params:{a:1}}"])
+    normalize_suite(cfg)
+    assert cfg.suite.tasks.wikitext2.max_windows == 2 and cfg.suite.tasks.lambada.num_fewshot == 3
+    assert cfg.suite.tasks.arc.limit == 7 and cfg.suite.tasks.arc.batch_size == 16 and cfg.suite.tasks.arc.params.a == 1
+    assert not cfg.tasks.add

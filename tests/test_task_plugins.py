@@ -107,9 +107,9 @@ def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval
     proc = run_qeval(["model=tiny-llama", "quant=w8", "method=rtn", "hydra.mode=RUN", "suite=tiny",
                       "~suite.tasks.wikitext2", "~suite.tasks.lambada",
                       f"tasks.include=[{plugin_dir}]",
-                      "+suite.tasks.colors={task:my_colors}",
-                      "+suite.tasks.count={task:my_word_count,params:{max_new_tokens:3}}",
-                      "+suite.tasks.calib={task:qeval_self_calibration,params:{task:my_colors}}",
+                      "+tasks.add.colors={task:my_colors}",
+                      "+tasks.add.count={task:my_word_count,params:{max_new_tokens:3}}",
+                      "+tasks.add.calib={task:qeval_self_calibration,params:{task:my_colors}}",
                       f"results_dir={results}", "sweep_name=plugins"], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (record_path,) = (results / "plugins").glob("*.json")
@@ -127,7 +127,7 @@ def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval
 
 def test_unknown_task_fails_before_loading_a_model(tmp_path, run_qeval):
     proc = run_qeval(["model=tiny-llama", "hydra.mode=RUN", "suite=tiny", "~suite.tasks.lambada",
-                      "+suite.tasks.bad={task:no_such_task}", f"results_dir={tmp_path}"], tmp_path, timeout=120)
+                      "+tasks.add.bad={task:no_such_task}", f"results_dir={tmp_path}"], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "suite.tasks.bad.task='no_such_task'" in proc.stderr + proc.stdout
 
