@@ -99,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     sweep = args.sweep_name or f"methods-{args.model}"
     cmd = [sys.executable, "-m", "qeval.cli", "-m", f"model={args.model}", f"method={args.methods}",
-           f"quant={args.quants}", "~suite.tasks.lambada", f"suite.tasks.wikitext2.max_windows={args.windows}",
+           f"quant={args.quants}", "suite=nlp-full", "~suite.tasks.lambada",
+           f"suite.tasks.wikitext2.max_windows={args.windows}",
            f"calib.nsamples={args.calib_samples}", f"results_dir={args.results_dir}", f"sweep_name={sweep}",
            *args.extra]
     if not args.skip_qeval:

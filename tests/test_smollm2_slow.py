@@ -39,7 +39,8 @@ def ppl(tmp_path_factory) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for quant in CELLS:
             cfg = compose("config", overrides=[
-                f"quant={quant}", "~suite.tasks.lambada", f"suite.tasks.wikitext2.max_windows={WINDOWS}",
+                f"quant={quant}", "suite=nlp-full", "~suite.tasks.lambada",
+                f"suite.tasks.wikitext2.max_windows={WINDOWS}",
                 f"results_dir={results}", "sweep_name=ordering"])
             record = run_cell(cfg)
             assert record["status"] == "ok", record.get("reason")
