@@ -233,7 +233,7 @@ def test_suite_entry_params_reach_the_task():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[
             "model=tiny-llama", "suite=tiny", "~suite.tasks.wikitext2", "~suite.tasks.lambada",
-            "+suite.tasks.needle={task: qeval_needle, limit: 1, params: {context_lengths: [48, 96], depths: [0.5]}}"])
+            "+tasks.add.needle={task: qeval_needle, limit: 1, params: {context_lengths: [48, 96], depths: [0.5]}}"])
     validate(cfg)  # types the entry as a TaskConfig, as the runner's preflight does
     check_suite(cfg)
     loaded = load_model(cfg.model)
