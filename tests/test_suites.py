@@ -82,3 +82,24 @@ def test_entries_are_overridable_and_addable_from_the_command_line():
     assert cfg.suite.tasks.wikitext2.max_windows == 2 and cfg.suite.tasks.lambada.num_fewshot == 3
     assert cfg.suite.tasks.arc.limit == 7 and cfg.suite.tasks.arc.batch_size == 16 and cfg.suite.tasks.arc.params.a == 1
     assert not cfg.tasks.add
+
+
+def test_family_table_keeps_a_task_that_dropped_to_zero():
+    """Quality retained: accuracy 0 is 0 retained (the row stays); perplexity is inverted."""
+    import pandas as pd
+
+    from qeval.report.table import add_normalized, family_table
+
+    def row(quant, tt, metric, value, family, hib):
+        return {"model": "m", "tensor_type": tt, "bits": quant.upper(), "quant": quant, "method": "rtn",
+                "suite": "s", "backend": "hf", "sweep": "x", "task": metric.split(".")[0], "metric": metric,
+                "value": value, "stderr": None, "samples": 1, "family": family, "primary": True,
+                "higher_is_better": hib}
+
+    long = pd.DataFrame([row("fp16", "FP", "needle.acc", 0.8, "long_context", True),
+                         row("kv2", "KV", "needle.acc", 0.0, "long_context", True),
+                         row("fp16", "FP", "wt.ppl", 20.0, "basic_nlp", False),
+                         row("kv2", "KV", "wt.ppl", 40.0, "basic_nlp", False)])
+    table = family_table(add_normalized(long)).reset_index().set_index("quant")
+    assert table.loc["kv2", "long_context"] == 0.0 and table.loc["kv2", "basic_nlp"] == pytest.approx(0.5)
+    assert table.loc["fp16", "long_context"] == 1.0 and table.loc["fp16", "basic_nlp"] == 1.0

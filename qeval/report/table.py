@@ -103,14 +103,23 @@ def family_table(long: pd.DataFrame) -> pd.DataFrame:
     (value/FP where higher is better, FP/value where lower is better, e.g. perplexity)."""
     prim = add_normalized(long[long.primary]) if "normalized" not in long else long[long.primary].copy()
     # a ratio to an FP score of 0 (or to a missing one) says nothing: left out of the mean
-    prim = prim.assign(retained=[(n if hib else 1 / n) if n and math.isfinite(n) else float("nan")
-                                 for n, hib in zip(prim["normalized"], prim["higher_is_better"])])
+    prim = prim.assign(retained=[_retained(n, hib) for n, hib in zip(prim["normalized"], prim["higher_is_better"])])
     table = prim.pivot_table(index=CELL_KEYS, columns="family", values="retained", aggfunc="mean")
     from qeval.eval.registry import FAMILIES
 
     table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
     order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4]))
     return table.loc[order]
+
+
+def _retained(normalized: float, higher_is_better: bool) -> float:
+    """value/FP oriented so that 1 = unchanged and 0 = nothing left; NaN where FP's score is 0
+    (or missing), which makes the ratio meaningless.  A task that drops to 0 retains 0."""
+    if normalized is None or not math.isfinite(normalized):
+        return float("nan")
+    if higher_is_better:
+        return normalized
+    return 1 / normalized if normalized > 0 else float("nan")
 
 
 def primary_table(long: pd.DataFrame) -> pd.DataFrame:
