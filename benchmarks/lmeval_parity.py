@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -31,21 +30,15 @@ from hydra import compose, initialize_config_dir
 from qeval.cli import CONF_DIR
 from qeval.data import local_file
 from qeval.eval import harness
-from qeval.eval.registry import REPO_TASKS_DIR
+from qeval.eval.registry import REPO_TASKS_DIR, import_plugin_file
 from qeval.models.loading import load_model, resolve_pretrained_path
 
 Loader = Callable[..., Any]  # custom_dataset function: (**kwargs) -> datasets.DatasetDict
 
 
-@functools.lru_cache(maxsize=None)
 def plugin_module(relative: str) -> ModuleType:
     """A task plugin's helper module (``tasks/<relative>``), imported by file path like lm-eval does."""
-    path = REPO_TASKS_DIR / relative
-    spec = importlib.util.spec_from_file_location(f"qeval_parity_{path.parent.name}_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_plugin_file(REPO_TASKS_DIR / relative)
 
 
 def same_loader(relative: str, function: str) -> Callable[[str], Loader | None]:

@@ -12,18 +12,16 @@ the real model).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import re
-from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from qeval.data import data_dir, local_file
-from qeval.eval.registry import REPO_TASKS_DIR
+from qeval.eval.registry import REPO_TASKS_DIR, import_plugin_file
 
 DATA_FILES = ("arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "mmlu/PROVENANCE.md",
               "ethics/commonsense/cm_test.csv", "ethics/PROVENANCE.md", "truthfulqa/mc_task.json",
@@ -39,15 +37,9 @@ def _needs_data() -> None:
         pytest.skip(f"evaluation data {missing} not found under {data_dir()}; set QEVAL_DATA_DIR")
 
 
-@lru_cache(maxsize=None)
 def plugin(relative: str) -> ModuleType:
     """A plugin's helper module, imported from its file as lm-eval's ``!function`` does."""
-    path = REPO_TASKS_DIR / relative
-    spec = importlib.util.spec_from_file_location(f"test_plugin_{path.parent.name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_plugin_file(REPO_TASKS_DIR / relative)
 
 
 def _data(relative: str) -> Path:

@@ -26,8 +26,8 @@ def task_manager(include: tuple[str, ...] = ()):
     return TaskManager(include_path=task_paths(include))
 
 
-def task_exists(name: str, extra: tuple[str, ...] = ()) -> bool:
-    return name in task_manager(extra).all_tasks
+def task_exists(name: str, include: tuple[str, ...] = ()) -> bool:
+    return name in task_manager(include).all_tasks
 
 
 def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:

@@ -24,6 +24,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Iterable
 
 log = logging.getLogger(__name__)
@@ -127,23 +128,38 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
     return paths
 
 
-_IMPORTED: set[Path] = set()
+_PLUGIN_MODULES: dict[Path, ModuleType] = {}
+
+
+def import_plugin_file(path: str | Path) -> ModuleType:
+    """Import a plugin's Python file by path, once per process, the way lm-eval's
+    ``!function`` does (task folders are not packages).  Native tasks register
+    themselves on import; YAML helpers (``utils.py``) are plain modules."""
+    path = Path(path).resolve()
+    if path not in _PLUGIN_MODULES:
+        module_name = "qeval_task_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        _PLUGIN_MODULES[path] = module
+    return _PLUGIN_MODULES[path]
+
+
+_SCANNED: set[Path] = set()
 
 
 def discover_native(include: Iterable[str] = ()) -> dict[str, type[NativeTask]]:
-    """Import the native task modules under every task folder (once each)."""
+    """Import the native task modules under every task folder (each file read once)."""
     for root in task_paths(include):
         for path in sorted(Path(root).rglob("*.py")):
             path = path.resolve()
-            if path in _IMPORTED or "register_task" not in path.read_text(encoding="utf-8", errors="ignore"):
+            if path in _SCANNED:
                 continue
-            _IMPORTED.add(path)
-            module_name = "qeval_task_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)
+            _SCANNED.add(path)
+            if "register_task" in path.read_text(encoding="utf-8", errors="ignore"):
+                import_plugin_file(path)
     return NATIVE_TASKS
 
 
@@ -161,6 +177,13 @@ class TaskInfo:
     description: str = ""
 
 
+def _native_info(cls: type[NativeTask]) -> TaskInfo:
+    return TaskInfo(name=cls.name, kind="native", family=cls.family, primary_metric=cls.primary_metric,
+                    higher_is_better=cls.higher_is_better, source=sys.modules[cls.__module__].__file__ or "",
+                    data=", ".join(cls.data) + (f" | online: {cls.online}" if cls.online else ""),
+                    description=cls.description)
+
+
 def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
     """TaskInfo of an lm-eval index entry (a task or a group; tags are not tasks)."""
     kind = getattr(entry.kind, "name", str(entry.kind)).lower()
@@ -174,22 +197,14 @@ def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
                     data=str(meta.get("data", "")), description=str(meta.get("description", "")))
 
 
-def lm_eval_task_manager(include: tuple[str, ...] = ()):
-    from qeval.eval.harness import task_manager
-
-    return task_manager(tuple(include))
-
-
 def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
     """Every qeval task plugin (native and lm-eval YAML) under the task folders."""
     include = tuple(include)
     roots = [Path(p) for p in task_paths(include)]
-    infos = [TaskInfo(name=cls.name, kind="native", family=cls.family, primary_metric=cls.primary_metric,
-                      higher_is_better=cls.higher_is_better, source=sys.modules[cls.__module__].__file__ or "",
-                      data=", ".join(cls.data) + (f" | online: {cls.online}" if cls.online else ""),
-                      description=cls.description)
-             for cls in discover_native(include).values()]
-    tm = lm_eval_task_manager(include)
+    from qeval.eval.harness import task_manager
+
+    infos = [_native_info(cls) for cls in discover_native(include).values()]
+    tm = task_manager(include)
     for name, entry in tm.task_index.items():
         yaml_path = entry.yaml_path
         if not yaml_path or not any(Path(yaml_path).resolve().is_relative_to(r) for r in roots):
@@ -220,13 +235,13 @@ def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
     lm-eval's built-in tasks (used by name, online) have no qeval metadata: they are
     reported under family ``unassigned`` with lm-eval's first metric.
     """
+    from qeval.eval.harness import task_manager
+
     include = tuple(include)
     native = discover_native(include)
     if name in native:
-        cls = native[name]
-        return TaskInfo(name, "native", cls.family, cls.primary_metric, cls.higher_is_better,
-                        sys.modules[cls.__module__].__file__ or "", ", ".join(cls.data), cls.description)
-    entry = lm_eval_task_manager(include).task_index.get(name)
+        return _native_info(native[name])
+    entry = task_manager(include).task_index.get(name)
     if entry is None:
         raise KeyError(name)
     info = _lm_eval_info(name, entry)

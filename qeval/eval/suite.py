@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qeval.config import ConfigError, quantized
+from qeval.config import ConfigError, quantized, tensor_type
 
 log = logging.getLogger("qeval")
 
@@ -120,7 +120,7 @@ def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_
             ctx = TaskContext(model=model, tokenizer=tokenizer, seed=cfg.seed, limit=task.limit,
                               reference=reference, reference_fingerprint=reference_fingerprint,
                               cache_dir=Path(cfg.results_dir) / ".reference",
-                              data_dir=cfg.data_dir, is_reference=not _is_quantized(cfg),
+                              data_dir=cfg.data_dir, is_reference=tensor_type(cfg.quant) == "FP",
                               extra={"batch_size": task.batch_size, "num_fewshot": task.num_fewshot,
                                      "include": include, "gen_kwargs": task.gen_kwargs,
                                      "apply_chat_template": task.apply_chat_template})
@@ -134,11 +134,6 @@ def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_
         timings[name] = time.perf_counter() - t0
         log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
     return metrics, timings
-
-
-def _is_quantized(cfg: DictConfig) -> bool:
-    q = cfg.quant
-    return quantized(q.w) or quantized(q.a) or quantized(q.kv)
 
 
 def _short(metrics: dict[str, Any]) -> str:

@@ -86,15 +86,6 @@ def _group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torc
     return qt.scale, qt.zero
 
 
-def _round_column(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """RTN of one column with given [out] parameters (the hot loop: integer case inlined)."""
-    if fmt.kind != "int":
-        return fake_quantize_with_scale(w[:, None], fmt, scale[:, None], None if zero is None else zero[:, None])[:, 0]
-    if zero is None:
-        return torch.clamp(torch.round(w / scale), fmt.qmin, fmt.qmax).mul_(scale)
-    return torch.clamp(torch.round(w / scale).add_(zero), fmt.qmin, fmt.qmax).sub_(zero).mul_(scale)
-
-
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor | None, fmt: QuantFormat, granularity: str,
                   group_size: int, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
@@ -144,7 +135,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor | None, fmt: QuantFormat
                 scale, zero = s[:, 0], None if z is None else z[:, 0]
                 group_params[(i1 + i) // gs] = (scale, zero)
             w = W1[:, i]
-            q = _round_column(w, fmt, scale, zero)
+            q = fake_quantize_with_scale(w, fmt, scale, zero)
             Q1[:, i] = q
             err = (w - q).div_(diag[i])
             W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
