@@ -239,3 +239,21 @@ def test_wikitext_end_to_end(tiny) -> None:
     assert out["samples"] == 1
     assert out["word_perplexity"] > 1 and out["byte_perplexity"] > 1
     assert math.isclose(out["bits_per_byte"], math.log2(out["byte_perplexity"]), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("task", ["qeval_arc_easy_icl", "qeval_arc_challenge_icl"])
+def test_arc_icl_shots_are_other_test_questions(tiny, task: str) -> None:
+    """Offline ARC has no train split: the in-context variants draw their 10 shots from the
+    other test questions, never the one being asked, before arc's own prompt."""
+    from qeval.eval.harness import run_lm_eval
+    from qeval.eval.registry import task_info
+
+    assert task_info(task).family == "emergent"
+    out = run_lm_eval(*tiny, task, limit=2, num_fewshot=10, batch_size=8, log_samples=True)
+    assert out["n-shot"][task] == 10
+    for sample in out["samples"][task]:
+        prompt = sample["arguments"][0][0]
+        asked = sample["doc"]["question"]
+        assert prompt.count("Question: ") == 11  # ten shots, then the question itself
+        assert prompt.endswith(f"Question: {asked}\nAnswer:")
+        assert prompt.count(f"Question: {asked}\n") == 1
