@@ -37,7 +37,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from qeval.config import FULL_PRECISION_BITS
-from qeval.quant.formats import QuantFormat, fake_quantize
+from qeval.quant.formats import QuantFormat, fake_quantize, fake_quantize_per_tensor
 
 
 class KVQuantizer:
@@ -61,6 +61,8 @@ class KVQuantizer:
             return x
         if granularity == "channel":
             return fake_quantize(x.transpose(-1, -2), self.fmt, None).transpose(-1, -2)
+        if granularity == "tensor":  # one scale per layer and call (vLLM's FP8 cache is per tensor)
+            return fake_quantize_per_tensor(x, self.fmt)
         return fake_quantize(x, self.fmt, self.group_size)
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

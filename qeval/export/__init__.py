@@ -1,0 +1,1 @@
+"""Exporters: qeval-quantized models in formats real kernels load."""

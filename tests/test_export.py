@@ -1,0 +1,157 @@
+"""compressed-tensors export: the written checkpoint decodes back to qeval's own weights,
+its config says what vLLM needs, and inexpressible specs are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is installed with vllm (pip install qeval[vllm])")
+
+from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig  # noqa: E402
+from qeval.export.compressed_tensors import (  # noqa: E402
+    NotExportableError,
+    dequantized_weights,
+    export_checkpoint,
+    export_scheme,
+)
+from qeval.models.tiny import build_tiny_model, byte_tokenizer  # noqa: E402
+from qeval.quant.apply import quantize_model  # noqa: E402
+from qeval.quant.linear import QuantLinear  # noqa: E402
+from qeval.quant.methods import get_method  # noqa: E402
+
+
+def _calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 200, (2, 24), generator=g) for _ in range(2)]
+
+
+def _export(tmp_path, spec, family="llama", method="rtn", params=None):
+    model = build_tiny_model(family)
+    quantize_model(model, spec, get_method(method, params or {}), _calib)
+    path = export_checkpoint(model, byte_tokenizer(), spec, tmp_path / "ckpt", kv_calibration=_calib())
+    return model, path
+
+
+def _assert_decodes_exactly(model, path):
+    decoded = dequantized_weights(path)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert linears
+    for name, module in linears.items():
+        torch.testing.assert_close(decoded[f"{name}.weight"], module.weight.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits,granularity", [(4, "group"), (4, "channel"), (8, "group")])
+def test_w4a16_w8a16_pack_quantized_decodes_to_qeval_weights(tmp_path, bits, granularity, sym):
+    spec = QuantConfig(name="w", w=WeightQuantConfig(bits=bits, granularity=granularity, group_size=16, sym=sym))
+    model, path = _export(tmp_path, spec)
+    _assert_decodes_exactly(model, path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    args = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
+    assert (args["num_bits"], args["strategy"], args["symmetric"]) == (bits, granularity, sym)
+    assert args["group_size"] == (16 if granularity == "group" else None)
+    assert qc["ignore"] == ["lm_head"]  # the head stays float and "Linear" must not claim it
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    packed = tensors["model.layers.0.mlp.down_proj.weight_packed"]
+    assert packed.dtype == torch.int32 and packed.shape == (64, 160 * bits // 32)
+    assert ("model.layers.0.mlp.down_proj.weight_zero_point" in tensors) == (not sym)
+    assert "lm_head.weight" not in tensors  # tied to the embedding: stored once
+
+
+def test_gptq_and_awq_codes_export_exactly(tmp_path):
+    spec = QuantConfig(name="w4g16", w=WeightQuantConfig(bits=4, granularity="group", group_size=16, sym=False))
+    for method in ("gptq", "awq"):
+        model, path = _export(tmp_path / method, spec, method=method)
+        _assert_decodes_exactly(model, path)
+
+
+def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = QuantConfig(name="w8a8", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+                       a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True))
+    model, path = _export(tmp_path / "int", spec, family="qwen2", method="smoothquant")
+    _assert_decodes_exactly(model, path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    acts = qc["config_groups"]["group_0"]["input_activations"]
+    assert qc["format"] == "int-quantized" and acts["strategy"] == "token" and acts["dynamic"] is True
+    tensors = load_file(str(path / "model.safetensors"))
+    assert tensors["model.layers.1.self_attn.q_proj.weight"].dtype == torch.int8
+    # SmoothQuant's scales live in the norms: the exported norm is the smoothed one
+    torch.testing.assert_close(tensors["model.layers.0.input_layernorm.weight"],
+                               model.model.layers[0].input_layernorm.weight.detach())
+
+    fp8 = QuantConfig(name="w8a8-fp8", w=WeightQuantConfig(bits=8, format="fp8_e4m3", granularity="channel", sym=True),
+                      a=ActQuantConfig(bits=8, format="fp8_e4m3", granularity="token", dynamic=True, sym=True))
+    model, path = _export(tmp_path / "fp8", fp8)
+    _assert_decodes_exactly(model, path)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+
+
+def test_static_activation_scale_is_written(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = QuantConfig(name="w8a8-static", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+                       a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=True))
+    model, path = _export(tmp_path, spec)
+    tensors = load_file(str(path / "model.safetensors"))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert tensors["model.layers.0.self_attn.q_proj.input_scale"].item() == pytest.approx(
+        q_proj.input_quantizer.scale.item(), rel=0, abs=0)
+
+
+def test_fp8_kv_scales_bound_the_cached_states(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = QuantConfig(name="kv8-fp8", kv=KVQuantConfig(bits=8, format="fp8_e4m3", sym=True,
+                                                        key_granularity="tensor", value_granularity="tensor"))
+    model, path = _export(tmp_path, spec, family="gemma3")  # q/k norms: scales must see the cached keys
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"]["type"] == "float" and qc["kv_cache_scheme"]["strategy"] == "tensor"
+    assert qc["config_groups"] == {}
+    tensors = load_file(str(path / "model.safetensors"))
+    k0 = tensors["model.layers.0.self_attn.k_scale"]
+    assert k0.shape == (1,) and k0.item() > 0
+    # the largest cached key/value of the calibration data maps onto FP8's largest value (448)
+    from transformers import DynamicCache
+
+    fp_model = build_tiny_model("gemma3")
+    k_max = v_max = 0.0
+    with torch.no_grad():
+        for batch in _calib():
+            cache = DynamicCache(config=fp_model.config)
+            fp_model(batch, past_key_values=cache, use_cache=True)
+            k_max = max(k_max, cache.layers[0].keys.abs().max().item())
+            v_max = max(v_max, cache.layers[0].values.abs().max().item())
+    assert k0.item() * 448 == pytest.approx(k_max, rel=1e-5)
+    assert tensors["model.layers.0.self_attn.v_scale"].item() * 448 == pytest.approx(v_max, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    (QuantConfig(name="w3g128", w=WeightQuantConfig(bits=3)), "int4 or int8"),
+    (QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
+                 a=ActQuantConfig(bits=4)), "W4A4"),
+    (QuantConfig(name="kv4", kv=KVQuantConfig(bits=4)), "int4 KV"),
+    (QuantConfig(name="kivi", kv=KVQuantConfig(bits=8, format="fp8_e4m3", semantics="cache",
+                                               key_granularity="tensor", value_granularity="tensor")), "semantics=cache"),
+    (QuantConfig(name="w8t", w=WeightQuantConfig(bits=8, granularity="tensor")), "per-group or per-channel"),
+])
+def test_inexpressible_specs_are_refused_with_the_reason(spec, needle):
+    with pytest.raises(NotExportableError, match=f"quant={spec.name} cannot be exported.*{needle}"):
+        export_scheme(spec)
+
+
+def test_online_hadamard_and_ragged_groups_are_refused(tmp_path):
+    spec = QuantConfig(name="w8a8", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+                       a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True))
+    with pytest.raises(NotExportableError, match="online"):
+        _export(tmp_path / "rot", spec, method="quarot")
+    ragged = QuantConfig(name="w4g48", w=WeightQuantConfig(bits=4, granularity="group", group_size=48))
+    with pytest.raises(NotExportableError, match="not a multiple of group_size=48"):
+        _export(tmp_path / "ragged", ragged)
