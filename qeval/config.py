@@ -161,8 +161,21 @@ class TaskPluginsConfig:
 @dataclass
 class BackendConfig:
     name: str = "hf"
-    device: str = "cpu"
+    device: str = "cpu"  # hf: the torch device; vllm: vLLM's platform decides
     threads: Optional[int] = None
+    # vllm only (null: device defaults, float32 + eager on CPU, auto dtype + graphs on GPU)
+    dtype: Optional[str] = None
+    enforce_eager: Optional[bool] = None
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: float = 1.0
+    max_num_seqs: Optional[int] = None
+    export_dir: Optional[str] = None  # null: <cache_dir>/exports
+
+
+# the backend keys that change a cell's numbers (threads and memory sizes do not)
+BACKEND_IDENTITY_KEYS = {"hf": ("name", "device"), "vllm": ("name", "dtype", "max_model_len")}
+BACKENDS = tuple(BACKEND_IDENTITY_KEYS)
 
 
 @dataclass
@@ -297,8 +310,7 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
         _fail("model.gguf.parts", list(m.gguf.parts), "a list of 'distribution:path' pieces")
     validate_quant(cfg.quant)
     _check_choice("method.name", cfg.method.name, tuple(sorted(METHODS)))
-    if cfg.backend.name != "hf":
-        _fail("backend.name", cfg.backend.name, "hf")
+    _check_choice("backend.name", cfg.backend.name, BACKENDS)
     if not cfg.suite.tasks:
         _fail("suite.tasks", dict(cfg.suite.tasks), "at least one task")
     for name, task in cfg.suite.tasks.items():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qeval.config import ConfigError, bits_label, quantized, tensor_type, to_container, validate
+from qeval.config import BACKEND_IDENTITY_KEYS, ConfigError, bits_label, quantized, tensor_type, to_container, validate
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, stable_hash
 
 log = logging.getLogger("qeval")
@@ -33,12 +33,18 @@ def uses_calibration(cfg: DictConfig) -> bool:
     return bool(method_cls.needs_calibration or static_acts)
 
 
+def needs_kv_scales(cfg: DictConfig) -> bool:
+    """An FP8 KV-cache export calibrates static per-layer scales."""
+    return cfg.backend.name == "vllm" and quantized(cfg.quant.kv)
+
+
 def cell_identity(cfg: DictConfig) -> dict[str, Any]:
     """The parts of a config that determine a cell's numbers."""
     c = to_container(cfg)
     identity = {k: c[k] for k in ("model", "quant", "method", "suite", "backend", "seed")}
-    identity["backend"] = {k: v for k, v in identity["backend"].items() if k != "threads"}
-    if uses_calibration(cfg):
+    identity["backend"] = {k: v for k, v in identity["backend"].items()
+                           if k in BACKEND_IDENTITY_KEYS[cfg.backend.name]}
+    if uses_calibration(cfg) or needs_kv_scales(cfg):
         identity["calib"] = c["calib"]
     return identity
 
@@ -71,8 +77,27 @@ def preflight(cfg: DictConfig) -> None:
     from qeval.eval.suite import check_suite
 
     check_suite(cfg)
-    if uses_calibration(cfg):
+    if cfg.backend.name == "vllm":
+        from qeval.backends.vllm import INSTALL_HINT, vllm_installed
+        from qeval.eval.suite import native_entries
+
+        if not vllm_installed():
+            raise ConfigError(f"backend=vllm: vLLM is not installed; {INSTALL_HINT}")
+        if native := native_entries(cfg):
+            raise ConfigError(f"backend=vllm scores perplexity and lm-eval tasks; suite {cfg.suite.name!r} has "
+                              f"qeval-native tasks ({', '.join(native)}) that need backend=hf: drop them with "
+                              f"'~suite.tasks.<name>' or use suite=kernels")
+    if uses_calibration(cfg) or needs_kv_scales(cfg):
         check_available(cfg.calib.dataset, cfg.data_dir)
+
+
+def _export_dir(cfg: DictConfig, cell_hash: str):
+    from pathlib import Path
+
+    from qeval.models.carriers import cache_root
+
+    root = Path(cfg.backend.export_dir).expanduser() if cfg.backend.export_dir else cache_root(cfg.cache_dir) / "exports"
+    return root / f"{cell_label(cfg)}-{cell_hash[:12]}"
 
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
@@ -106,6 +131,11 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
     try:
         method.check_supported(tensor_type(cfg.quant))
+        if cfg.backend.name == "vllm":
+            from qeval.backends.vllm import check_kernels, device_type
+            from qeval.export.compressed_tensors import export_scheme
+
+            check_kernels(export_scheme(cfg.quant), device_type())
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))
         store.write(record)
@@ -139,8 +169,25 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         log.info("cell %s: quantized in %.1fs", label, record["timings"]["quantize"])
         from qeval.eval.suite import evaluate_suite
 
-        record["metrics"], record["timings"]["eval"] = evaluate_suite(
-            model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint)
+        if cfg.backend.name == "vllm":
+            from qeval.backends.vllm import engine_for, settings_from_config
+            from qeval.export.compressed_tensors import export_checkpoint, export_scheme
+
+            t0 = time.perf_counter()
+            checkpoint = export_checkpoint(
+                model, loaded.tokenizer, cfg.quant, _export_dir(cfg, cell_hash),
+                kv_calibration=calibration() if needs_kv_scales(cfg) else None,
+                provenance={"cell": label, "hash": cell_hash, "method": cfg.method.name})
+            record["export"] = str(checkpoint)
+            record["timings"]["export"] = time.perf_counter() - t0
+            model = None
+            gc.collect()
+            with engine_for(checkpoint, settings_from_config(cfg, export_scheme(cfg.quant))) as engine:
+                record["engine"] = {"device": engine.device, **engine.kwargs}
+                record["metrics"], record["timings"]["eval"] = evaluate_suite(engine, loaded.tokenizer, cfg)
+        else:
+            record["metrics"], record["timings"]["eval"] = evaluate_suite(
+                model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint)
         record["status"] = "ok"
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))

@@ -227,7 +227,8 @@ def test_report_cli_on_empty_folder(run_report, tmp_path):
 # ---------------------------------------------------------------------------- report, synthetic records
 
 
-def _synthetic(store: ResultStore, quant: str, ppl: float, cell_hash: str) -> None:
+def _synthetic(store: ResultStore, quant: str, ppl: float, cell_hash: str, backend: str = "hf",
+               acc: float | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -242,9 +243,10 @@ def _synthetic(store: ResultStore, quant: str, ppl: float, cell_hash: str) -> No
     store.write({
         "schema_version": SCHEMA_VERSION, "hash": cell_hash, "label": f"m__{quant}__rtn", "sweep": "syn",
         "status": "ok",
-        "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "tiny", "backend": "hf",
+        "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "tiny", "backend": backend,
                  "tensor_type": tensor_type(q), "bits": bits_label(q)},
-        "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 2}},
+        "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 2},
+                    **({"arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500}} if acc is not None else {})},
     })
 
 
@@ -275,3 +277,28 @@ def test_report_keeps_cells_with_same_bits_label(tmp_path):
     table = pd.read_csv(files[1])
     assert len(table) == 4
     assert sorted(table["wikitext2.ppl"]) == [10.0, 10.5, 10.7, 11.0]
+
+
+def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, run_report):
+    """Cells run on both backends are paired; perplexity agrees within 1 % relative, accuracy
+    within 2 standard errors of the difference (sqrt(0.02^2 + 0.02^2) = 0.028 -> 0.057)."""
+    store = ResultStore(tmp_path, "syn")
+    _synthetic(store, "fp16", 10.0, "c1", acc=0.50)
+    _synthetic(store, "fp16", 10.05, "c2", backend="vllm", acc=0.52)      # 0.5 % and 0.02: agree
+    _synthetic(store, "w8a8", 11.0, "c3", acc=0.50)
+    _synthetic(store, "w8a8", 11.2, "c4", backend="vllm", acc=0.44)       # 1.8 % and 0.06: disagree
+    _synthetic(store, "w4g128", 12.0, "c5")                               # hf only: not paired
+    proc = run_report([str(store.dir), "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 4 agree, 2 DISAGREE" in proc.stdout
+    table = pd.read_csv(tmp_path / "out" / "agreement.csv")
+    verdict = {(r.quant, r.metric): r.agree for r in table.itertuples()}
+    assert verdict == {("fp16", "wikitext2.ppl"): True, ("fp16", "arc.acc"): True,
+                       ("w8a8", "wikitext2.ppl"): False, ("w8a8", "arc.acc"): False}
+    row = table[(table.quant == "w8a8") & (table.metric == "arc.acc")].iloc[0]
+    assert row.tolerance == pytest.approx(2 * (2 * 0.02 ** 2) ** 0.5)
+    # a looser tolerance from the command line changes the verdict
+    proc = run_report([str(store.dir), "--out", str(tmp_path / "out2"), "--ppl-rtol", "0.02", "--n-se", "3"], tmp_path)
+    assert "4 of 4 agree" in proc.stdout
+    # the main table keeps the two backends as separate rows
+    assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 5

