@@ -175,6 +175,8 @@ class VllmEngine:
         from vllm import LLM
 
         self.kwargs = self.settings.llm_kwargs(self.device)
+        if not any((Path(self.checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            self.kwargs["skip_tokenizer_init"] = True  # token-id prompts only (random-weight timing)
         log.info("vLLM engine on %s (%s): %s", self.checkpoint, self.device, self.kwargs)
         self.llm = LLM(model=self.checkpoint, **self.kwargs)
         self._lm_eval_model: Any = None

@@ -268,7 +268,8 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, spec: Any, out_dir: str 
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:  # a random-weight timing model has none
+        tokenizer.save_pretrained(tmp)
     (tmp / EXPORT_MARKER).write_text(json.dumps({"scheme": scheme.label, "quant": spec.name,
                                                  **(provenance or {})}, indent=2, default=str))
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -49,7 +49,7 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
     rows = []
     for d in dirs:
         for rec in iter_records(d):
-            if rec.get("status") != "ok":
+            if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
                 continue
             cell = rec["cell"]
             for task, metrics in rec["metrics"].items():
