@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", default="128,1024")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cpu-kv-cache-gib", type=float, default=4.0,
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=4,
                         help="CPU only: KV space; must hold max(batch) x (input + output) tokens")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--sweep-name", default="efficiency")
@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                                   cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                                   kv_cache_dtype="fp8_e4m3" if scheme.kv_cache else "auto",
                                   weight_only_packed=scheme.format == "pack-quantized")
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.cpu_kv_cache_gib:g}"
         config = json.loads((checkpoint / "config.json").read_text())
         vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 32000)
         with VllmEngine(checkpoint, settings) as engine:

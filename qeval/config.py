@@ -168,7 +168,7 @@ class BackendConfig:
     enforce_eager: Optional[bool] = None
     max_model_len: Optional[int] = None
     gpu_memory_utilization: float = 0.85
-    cpu_kv_cache_gib: float = 1.0
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     max_num_seqs: Optional[int] = None
     export_dir: Optional[str] = None  # null: <cache_dir>/exports
 

@@ -121,7 +121,7 @@ class EngineSettings:
     enforce_eager: bool | None = None
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.85
-    cpu_kv_cache_gib: float = 1.0
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     max_num_seqs: int | None = None
     seed: int = 0
     kv_cache_dtype: str = "auto"
@@ -171,7 +171,7 @@ class VllmEngine:
         self.settings = settings or EngineSettings()
         self.device = device_type()
         if self.device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.cpu_kv_cache_gib:g}")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.settings.cpu_kv_cache_gib))
         from vllm import LLM
 
         self.kwargs = self.settings.llm_kwargs(self.device)
