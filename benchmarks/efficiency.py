@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     device = device_type()
     rows = []
     for quant in _csv(args.quants):
-        scheme = export_scheme(_compose(args, quant).quant)
         try:
+            scheme = export_scheme(_compose(args, quant).quant)
             check_kernels(scheme, device)
         except UnsupportedCellError as err:
             print(f"{quant}: skipped ({err})", flush=True)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         record["hash"] = stable_hash({k: record[k] for k in ("label", "device", "engine", "timings")})
         store.write(record)
         for t in record["timings"]:
-            rows.append({"quant": quant, "scheme": scheme.label, "weight_MB": record["weight_bytes"] / 2**20,
+            rows.append({"quant": quant, "scheme": scheme.label, "dtype": record["engine"]["dtype"], "weight_MB": record["weight_bytes"] / 2**20,
                          "kv_B/token": record["kv_bytes_per_token"], **t})
     if not rows:
         print("nothing measured", file=sys.stderr)
