@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = EngineSettings(max_model_len=max(lengths) + args.output_len + 8, max_num_seqs=max(batches),
                                   cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                                   kv_cache_dtype="fp8_e4m3" if scheme.kv_cache else "auto",
-                                  weight_only_packed=scheme.format == "pack-quantized")
+                                  weight_only_packed=scheme.format == "pack-quantized",
+                                  prefix_caching=False)  # repeats send the same prompts
         config = json.loads((checkpoint / "config.json").read_text())
         vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 32000)
         with VllmEngine(checkpoint, settings) as engine:

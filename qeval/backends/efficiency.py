@@ -7,7 +7,8 @@ speedup of W8A8 or W4A16 on a Llama-2-7B shape without downloading weights.
 
 Definitions (one batch of ``batch`` prompts of ``input_len`` random tokens):
 
-* prefill latency: time to the first generated token (``max_tokens=1``);
+* prefill latency: time to the first generated token (``max_tokens=1``), with prefix
+  caching off so that repeated prompts are computed again;
 * end-to-end latency: time to ``1 + output_len`` tokens, EOS ignored;
 * decode latency per token: (end-to-end - prefill) / output_len;
 * throughput: generated tokens per second of end-to-end time;

@@ -126,6 +126,7 @@ class EngineSettings:
     seed: int = 0
     kv_cache_dtype: str = "auto"
     weight_only_packed: bool = False  # a W4A16/W8A16 checkpoint
+    prefix_caching: bool | None = None  # None: vLLM's default; timing turns it off (repeats share prompts)
 
     def llm_kwargs(self, device: str) -> dict[str, Any]:
         on_cpu = device == "cpu"
@@ -142,6 +143,8 @@ class EngineSettings:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_seqs:
             kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.prefix_caching is not None:
+            kwargs["enable_prefix_caching"] = self.prefix_caching
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         return kwargs
