@@ -155,3 +155,29 @@ def test_online_hadamard_and_ragged_groups_are_refused(tmp_path):
     ragged = QuantConfig(name="w4g48", w=WeightQuantConfig(bits=4, granularity="group", group_size=48))
     with pytest.raises(NotExportableError, match="not a multiple of group_size=48"):
         _export(tmp_path / "ragged", ragged)
+
+
+def test_efficiency_memory_accounting(tmp_path):
+    """Weight bytes are the checkpoint's tensors (W4 packs 8 codes per int32); KV bytes per
+    token follow the model shape and cache dtype."""
+    from safetensors.torch import load_file
+
+    from qeval.backends.efficiency import checkpoint_weight_bytes, kv_bytes_per_token
+
+    dense_spec = QuantConfig(name="fp16")
+    w4_spec = QuantConfig(name="w4", w=WeightQuantConfig(bits=4, granularity="group", group_size=16, sym=True))
+    _, dense = _export(tmp_path / "dense", dense_spec)
+    _, w4 = _export(tmp_path / "w4", w4_spec)
+    for path in (dense, w4):
+        tensors = load_file(str(path / "model.safetensors"))
+        assert checkpoint_weight_bytes(path) == sum(t.numel() * t.element_size() for t in tensors.values())
+    # every linear's float32 weight (4 bytes/value) became 0.5 byte/value plus one fp32 scale per 16
+    linears = [m for n, m in build_tiny_model("llama").named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    values = sum(m.weight.numel() for m in linears)
+    saved = checkpoint_weight_bytes(dense) - checkpoint_weight_bytes(w4)
+    shapes = len(linears) * 2 * 8  # each linear also stores its weight_shape: two int64
+    assert saved == values * 4 - values // 2 - values // 16 * 4 - shapes
+    config = json.loads((dense / "config.json").read_text())  # 2 layers, 2 KV heads of 16
+    assert kv_bytes_per_token(config, "auto", "float32") == 2 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(config, "fp8_e4m3", "float32") == 2 * 2 * 2 * 16
