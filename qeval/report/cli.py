@@ -10,15 +10,16 @@ from qeval.report.table import write_tables
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qeval-report", description=__doc__)
-    parser.add_argument("results_dir", help="a sweep folder, e.g. results/default")
-    parser.add_argument("--out", default=None, help="output folder (default: plots/<sweep name>)")
+    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                        help="one or more sweep folders, e.g. results/rtn results/gptq (compared together)")
+    parser.add_argument("--out", default=None, help="output folder (default: plots/<sweep>[+<sweep>...])")
     parser.add_argument("--ppl-rtol", type=float, default=0.01,
                         help="fake vs real kernels: largest relative perplexity difference that agrees (0.01)")
     parser.add_argument("--n-se", type=float, default=2.0,
                         help="fake vs real kernels: largest accuracy difference in standard errors (2)")
     args = parser.parse_args(argv)
     try:
-        markdown, files = write_tables(args.results_dir, args.out, args.ppl_rtol, args.n_se)
+        markdown, files = write_tables(args.results_dirs, args.out, args.ppl_rtol, args.n_se)
     except ValueError as err:
         print(f"qeval-report: {err}", file=sys.stderr)
         return 2

@@ -71,12 +71,20 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def add_normalized(long: pd.DataFrame) -> pd.DataFrame:
-    """Add ``normalized`` = value / the same model's FP value for that metric."""
+def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
+    """Add ``normalized`` = value / the same model's FP value for that metric, and
+    ``significant``: whether value and FP value differ by more than ``n_se`` standard
+    errors of the difference (sqrt(se^2 + se_FP^2)); missing where either has no
+    standard error, so a reader never takes noise for loss."""
     group = ["model", "suite", "backend", "metric"]
-    base = long[long.tensor_type == "FP"].groupby(group)["value"].first().rename("fp_value")
-    out = long.join(base, on=group)
+    fp = long[long.tensor_type == "FP"].groupby(group)
+    base = pd.concat([fp["value"].first().rename("fp_value"), fp["stderr"].first().rename("fp_stderr")], axis=1)
+    out = long.drop(columns=[c for c in ("fp_value", "fp_stderr") if c in long]).join(base, on=group)
     out["normalized"] = out["value"] / out["fp_value"]
+    se = (pd.to_numeric(out["stderr"], errors="coerce") ** 2
+          + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2) ** 0.5
+    diff = (out["value"] - out["fp_value"]).abs()
+    out["significant"] = (diff > n_se * se).where(se.notna() & (se > 0) & (out["tensor_type"] != "FP"))
     return out
 
 
@@ -124,7 +132,7 @@ def _retained(normalized: float, higher_is_better: bool) -> float:
 
 def primary_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, the primary metric of each task (with /FP), the table to read first."""
-    return cell_table(long[long.primary].drop(columns=[c for c in ("fp_value", "normalized") if c in long]))
+    return cell_table(long[long.primary].drop(columns=[c for c in DERIVED if c in long]))
 
 
 FAKE_BACKEND, REAL_BACKEND = "hf", "vllm"
@@ -161,17 +169,75 @@ def agreement_table(long: pd.DataFrame, ppl_rtol: float = 0.01, n_se: float = 2.
     return out[["fake_quant", "real_kernel", "diff", "rel_diff", "tolerance", "rule", "agree"]]
 
 
-def write_tables(results_dir: str | Path, out_dir: str | Path | None = None, ppl_rtol: float = 0.01,
-                 n_se: float = 2.0) -> tuple[str, list[Path]]:
-    """Write CSV (raw long, every metric, primary metrics, families) and Markdown; return the
-    Markdown of the family and primary-metric tables and the files written."""
-    results_dir = Path(results_dir)
-    long = add_normalized(long_frame([results_dir]))
-    raw = long.drop(columns=["fp_value", "normalized"])
+DERIVED = ["fp_value", "fp_stderr", "normalized", "significant"]
+
+
+def marked_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Primary metrics as text, one row per cell: value, ± standard error, and ``*`` where
+    the difference from the unquantized model exceeds two standard errors."""
+    prim = long[long.primary]
+
+    def fmt(r) -> str:
+        text = f"{r.value:.4g}"
+        if r.stderr is not None and pd.notna(r.stderr):
+            text += f" ± {r.stderr:.2g}"
+        return text + (" *" if r.significant is True else "")
+
+    prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
+    table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")
+    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
+    return table.loc[order].fillna("")
+
+
+def views(long: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
+    """One primary-metric table per value of ``key`` (tensor_type or method), each with the
+    unquantized rows it is normalized to."""
+    raw = long.drop(columns=[c for c in DERIVED if c in long])
+    fp = raw[raw.tensor_type == "FP"]
+    out = {}
+    for value in sorted(raw.loc[raw.tensor_type != "FP", key].unique()):
+        part = pd.concat([fp, raw[(raw[key] == value) & (raw.tensor_type != "FP")]])
+        out[str(value)] = primary_table(part)
+    return out
+
+
+def _write(table: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[Path]:
+    """CSV, Markdown and LaTeX of one table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    files = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
+    table.to_csv(files[0])
+    flat = table.reset_index()
+    files[1].write_text(flat.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    files[2].write_text(flat.to_latex(index=False, float_format=lambda v: format(v, floatfmt), na_rep="--"))
+    return files
+
+
+def report_name(results_dirs: list[Path]) -> str:
+    return "+".join(d.name for d in results_dirs)
+
+
+def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str | Path | None = None,
+                 ppl_rtol: float = 0.01, n_se: float = 2.0) -> tuple[str, list[Path]]:
+    """Write every table of one or several sweeps (compared together) and return the Markdown
+    to print (families, primary metrics, agreement) and the files written.
+
+    Files (CSV, plus Markdown and LaTeX for the tables meant for reading): the long frame with
+    standard errors, normalization and significance; every metric; primary metrics (numbers
+    and the marked text version); families; one view per tensor type and per method; the
+    fake-vs-real agreement when cells ran on both backends.
+    """
+    dirs = [Path(results_dirs)] if isinstance(results_dirs, (str, Path)) else [Path(d) for d in results_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"results folder {d} does not exist")
+        if not any(rec.get("status") == "ok" and rec.get("kind") != "efficiency" for rec in iter_records(d)):
+            raise ValueError(f"no finished cells under {d}")
+    long = add_normalized(long_frame(dirs), n_se)
+    raw = long.drop(columns=DERIVED)
     table = cell_table(raw)
     primary = primary_table(raw)
     families = family_table(long)
-    out = Path(out_dir) if out_dir else Path("plots") / results_dir.name
+    out = Path(out_dir) if out_dir else Path("plots") / report_name(dirs)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "scores_long.csv", out / "table.csv", out / "table.md", out / "primary.csv",
              out / "families.csv", out / "families.md"]
@@ -182,9 +248,20 @@ def write_tables(results_dir: str | Path, out_dir: str | Path | None = None, ppl
     families.to_csv(files[4])
     fam_md = families.reset_index().to_markdown(index=False, floatfmt=".3f")
     files[5].write_text(fam_md + "\n")
+    files += [out / "families.tex", out / "primary.md", out / "primary.tex"]
+    files[-3].write_text(families.reset_index().to_latex(index=False, float_format="%.3f", na_rep="--"))
+    files[-2].write_text(primary.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+    files[-1].write_text(primary.reset_index().to_latex(index=False, float_format="%.4g", na_rep="--"))
+    marked = marked_table(long)
+    files += _write(marked, out / "primary_marked")
+    for key, folder in (("tensor_type", "by_tensor_type"), ("method", "by_method")):
+        for value, view in views(long, key).items():
+            files += _write(view, out / folder / value.replace("+", "_"))
     markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
                 "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
-                + primary.reset_index().to_markdown(index=False, floatfmt=".4g"))
+                + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
+                + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
+                + marked.reset_index().to_markdown(index=False))
     agreement = agreement_table(raw, ppl_rtol, n_se)
     if not agreement.empty:
         agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")

@@ -1,0 +1,94 @@
+"""Reports from a small hand-made result store: normalization, family averages, significance
+marks, per-tensor-type and per-method views, and two sweeps compared in one report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from qeval.results import SCHEMA_VERSION, ResultStore
+
+TASKS = {"wikitext2": {"task": "wikitext2", "kind": "perplexity", "family": "basic_nlp", "primary_metric": "ppl",
+                       "higher_is_better": False},
+         "arc": {"task": "qeval_arc_easy", "kind": "lm_eval", "family": "basic_nlp", "primary_metric": "acc",
+                 "higher_is_better": True},
+         "ifeval": {"task": "ifeval", "kind": "lm_eval", "family": "emergent", "primary_metric": "strict",
+                    "higher_is_better": True}}
+SPECS = {"fp16": ("FP", "FP16"), "w4g128": ("W", "W4g128"), "w3g128": ("W", "W3g128"), "kv4": ("KV", "KV4"),
+         "w8a8": ("WA", "W8A8")}
+
+
+def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: float, strict: float) -> None:
+    tensor_type, bits = SPECS[quant]
+    store.write({
+        "schema_version": SCHEMA_VERSION, "hash": f"{quant}-{method}", "label": f"m__{quant}__{method}",
+        "sweep": store.dir.name, "status": "ok", "tasks": TASKS,
+        "cell": {"model": "m", "quant": quant, "method": method, "suite": "s", "backend": "hf",
+                 "tensor_type": tensor_type, "bits": bits},
+        "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 8},
+                    "arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500},
+                    "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": 100}},
+    })
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    rtn = ResultStore(tmp_path, "rtn")
+    write_cell(rtn, "fp16", "rtn", 10.0, 0.60, 0.50)
+    write_cell(rtn, "w4g128", "rtn", 12.0, 0.58, 0.45)   # arc: 0.02 < 2 x 0.028 -> noise
+    write_cell(rtn, "w3g128", "rtn", 15.0, 0.40, 0.20)   # arc: 0.20 -> significant
+    write_cell(rtn, "kv4", "rtn", 10.1, 0.60, 0.50)
+    write_cell(rtn, "w8a8", "rtn", 10.5, 0.59, 0.48)
+    gptq = ResultStore(tmp_path, "gptq")
+    write_cell(gptq, "w4g128", "gptq", 11.0, 0.59, 0.47)
+    write_cell(gptq, "w3g128", "gptq", 12.5, 0.55, 0.40)
+    return rtn.dir, gptq.dir
+
+
+def test_significance_marks_only_differences_beyond_two_standard_errors(stores):
+    from qeval.report.table import add_normalized, long_frame
+
+    long = add_normalized(long_frame([stores[0]])).set_index(["quant", "metric"])
+    assert bool(long.loc[("w3g128", "arc.acc"), "significant"]) is True
+    assert bool(long.loc[("w4g128", "arc.acc"), "significant"]) is False
+    assert bool(long.loc[("w4g128", "wikitext2.ppl"), "significant"]) is True   # 2.0 > 2 x 0.141
+    assert bool(long.loc[("kv4", "wikitext2.ppl"), "significant"]) is False     # 0.1 < 0.283
+    assert pd.isna(long.loc[("fp16", "arc.acc"), "significant"])                # the reference itself
+    assert long.loc[("w3g128", "arc.acc"), "normalized"] == pytest.approx(0.40 / 0.60)
+
+
+def test_two_sweeps_compare_methods_side_by_side(stores, tmp_path):
+    from qeval.report.table import write_tables
+
+    markdown, files = write_tables(list(stores), tmp_path / "out")
+    names = {f.relative_to(tmp_path / "out").as_posix() for f in files}
+    assert {"primary.csv", "primary.tex", "families.tex", "primary_marked.md", "by_method/gptq.csv",
+            "by_method/rtn.csv", "by_tensor_type/W.csv", "by_tensor_type/KV.md", "by_tensor_type/WA.tex"} <= names
+    primary = pd.read_csv(tmp_path / "out" / "primary.csv")
+    w3 = primary[primary.bits == "W3g128"].set_index("method")
+    assert w3.loc["gptq", "wikitext2.ppl /FP"] == pytest.approx(1.25)   # GPTQ normalized to RTN's FP cell
+    assert w3.loc["rtn", "wikitext2.ppl /FP"] == pytest.approx(1.5)
+    # family average, the Qllm-Eval way: mean over the family's tasks of the oriented ratio
+    families = pd.read_csv(tmp_path / "out" / "families.csv").set_index(["quant", "method"])
+    assert families.loc[("w3g128", "rtn"), "basic_nlp"] == pytest.approx((10 / 15 + 0.40 / 0.60) / 2)
+    assert families.loc[("w3g128", "gptq"), "emergent"] == pytest.approx(0.40 / 0.50)
+    # views: each keeps the FP reference rows
+    gptq_view = pd.read_csv(tmp_path / "out" / "by_method" / "gptq.csv")
+    assert sorted(gptq_view["quant"]) == ["fp16", "w3g128", "w4g128"]
+    kv_view = pd.read_csv(tmp_path / "out" / "by_tensor_type" / "KV.csv")
+    assert sorted(kv_view["quant"]) == ["fp16", "kv4"]
+    assert (tmp_path / "out" / "primary.tex").read_text().lstrip().startswith("\\begin{tabular}")
+    marked = pd.read_csv(tmp_path / "out" / "primary_marked.csv").set_index(["quant", "method"])
+    assert marked.loc[("w3g128", "rtn"), "arc.acc"] == "0.4 ± 0.02 *"
+    assert marked.loc[("w4g128", "rtn"), "arc.acc"] == "0.58 ± 0.02"
+    assert "with standard errors (* = differs from unquantized by more than 2 standard errors)" in markdown
+
+
+def test_report_refuses_a_missing_or_empty_folder(stores, tmp_path):
+    from qeval.report.table import write_tables
+
+    with pytest.raises(ValueError, match="does not exist"):
+        write_tables([stores[0], tmp_path / "nope"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no finished cells under .*empty"):
+        write_tables([tmp_path / "empty"], tmp_path / "out")
