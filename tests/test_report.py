@@ -13,7 +13,11 @@ TASKS = {"wikitext2": {"task": "wikitext2", "kind": "perplexity", "family": "bas
          "arc": {"task": "qeval_arc_easy", "kind": "lm_eval", "family": "basic_nlp", "primary_metric": "acc",
                  "higher_is_better": True},
          "ifeval": {"task": "ifeval", "kind": "lm_eval", "family": "emergent", "primary_metric": "strict",
-                    "higher_is_better": True}}
+                    "higher_is_better": True},
+         "needle": {"task": "qeval_needle", "kind": "native", "family": "long_context", "primary_metric": "acc",
+                    "higher_is_better": True},
+         "mt_bench": {"task": "qeval_mt_bench", "kind": "native", "family": "dialogue",
+                      "primary_metric": "degeneration", "higher_is_better": False}}
 SPECS = {"fp16": ("FP", "FP16"), "w4g128": ("W", "W4g128"), "w3g128": ("W", "W3g128"), "kv4": ("KV", "KV4"),
          "w8a8": ("WA", "W8A8")}
 
@@ -27,7 +31,11 @@ def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: flo
                  "tensor_type": tensor_type, "bits": bits},
         "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 8},
                     "arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500},
-                    "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": 100}},
+                    "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": 100},
+                    # long context falls with the KV bits, dialogue degenerates with fewer weight bits
+                    "needle": {"acc": strict, "acc@1000tok": strict + 0.1, "acc@4000tok": strict - 0.1,
+                               "acc@1000tok_stderr": 0.1, "samples": 30},
+                    "mt_bench": {"degeneration": 1.1 - strict, "rep4": 0.9 - strict, "samples": 48}},
     })
 
 
@@ -92,3 +100,26 @@ def test_report_refuses_a_missing_or_empty_folder(stores, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no finished cells under .*empty"):
         write_tables([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_every_plot_type_is_drawn(stores, tmp_path):
+    from qeval.report.table import write_tables
+
+    _, files = write_tables(list(stores), tmp_path / "out")
+    figures = {f.name for f in files if f.suffix == ".png"}
+    assert {"score_vs_bits_W.png", "score_vs_bits_WA.png", "score_vs_bits_KV.png", "methods_by_bits.png",
+            "heatmap.png", "long_context_needle.png", "dialogue_vs_bits.png", "families_radar_m.png",
+            "quality_vs_memory.png"} == figures
+    for png in (f for f in files if f.suffix == ".png"):
+        assert png.stat().st_size > 5000 and png.with_suffix(".svg").is_file()
+
+
+def test_pareto_front_and_memory_axis():
+    from qeval.report.plots import bit_width, pareto_front, weight_bits_per_param
+
+    assert weight_bits_per_param("W4g128") == pytest.approx(4.125)
+    assert weight_bits_per_param("W8A8") == 8 and weight_bits_per_param("KV4") == 16
+    assert bit_width("KV", "KV4") == 4 and bit_width("WA", "W4A8") == 4 and bit_width("FP", "FP16") == 16
+    points = pd.DataFrame({"bits": [16, 8, 4.125, 3.125, 6], "score": [1.0, 0.99, 0.95, 0.80, 0.90]})
+    front = pareto_front(points, "bits", "score")
+    assert list(front.bits) == [3.125, 4.125, 8, 16]  # 6 bits at 0.90: 4.125 bits keep more (0.95)

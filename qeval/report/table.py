@@ -257,6 +257,9 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     for key, folder in (("tensor_type", "by_tensor_type"), ("method", "by_method")):
         for value, view in views(long, key).items():
             files += _write(view, out / folder / value.replace("+", "_"))
+    from qeval.report.plots import all_plots
+
+    files += all_plots(long, families, out / "figures")
     markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
                 "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
                 + primary.reset_index().to_markdown(index=False, floatfmt=".4g")

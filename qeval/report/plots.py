@@ -1,0 +1,248 @@
+"""Figures from the result store (matplotlib, PNG + SVG), all drawn from the long frame.
+
+Every function takes the long frame with normalization (``table.add_normalized``), writes
+its figures under ``out`` and returns the PNG paths (an SVG sits beside each).  A figure
+whose data is absent from the sweep (no KV cells, one method only, no long-context task)
+is simply not drawn, so any sweep gets every plot that applies to it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from qeval.report.table import _TT_ORDER, _retained  # noqa: E402
+
+FP_BITS = 16
+
+
+def bit_width(tensor_type: str, bits: str) -> float:
+    """The bit-width a cell varies: weights for W/WA, the cache for KV; 16 for FP."""
+    if tensor_type == "FP":
+        return FP_BITS
+    part = "KV" if tensor_type == "KV" else "W"
+    match = re.search(rf"{part}(\d+)", bits)
+    return float(match.group(1)) if match else math.nan
+
+
+def weight_bits_per_param(bits: str) -> float:
+    """Weight memory per parameter: the code width plus a 16-bit scale per group
+    (the memory axis of the accuracy-vs-memory plot)."""
+    match = re.search(r"W(\d+)(?:g(\d+))?", bits)
+    if not match:
+        return float(FP_BITS)
+    width, group = int(match.group(1)), match.group(2)
+    return width + (16 / int(group) if group else 0.0)
+
+
+def _save(fig, out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{name}.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def _series_label(row) -> str:
+    return f"{row.model} / {row.method}" + (f" / {row.backend}" if row.backend != "hf" else "")
+
+
+def _with_retained(long: pd.DataFrame) -> pd.DataFrame:
+    prim = long[long.primary].copy()
+    prim["retained"] = [_retained(n, h) for n, h in zip(prim["normalized"], prim["higher_is_better"])]
+    return prim
+
+
+def score_vs_bits(long: pd.DataFrame, out: Path) -> list[Path]:
+    """Per tensor type: each task's primary metric against bit-width, one line per model and
+    method, FP as the 16-bit point, error bars of one standard error."""
+    prim = long[long.primary].copy()
+    prim["bit_width"] = [bit_width(t, b) for t, b in zip(prim.tensor_type, prim.bits)]
+    files = []
+    for tt in sorted(set(prim.tensor_type) - {"FP"}, key=lambda t: _TT_ORDER.get(t, 9)):
+        part = prim[prim.tensor_type.isin([tt, "FP"])]
+        metrics = sorted(part.metric.unique())
+        cols = min(3, len(metrics))
+        rows = math.ceil(len(metrics) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, metric in zip(axes.flat, metrics):
+            m = part[part.metric == metric]
+            fp = m[m.tensor_type == "FP"]
+            for (model, method, backend), s in m[m.tensor_type == tt].groupby(["model", "method", "backend"]):
+                s = pd.concat([s, fp[(fp.model == model) & (fp.backend == backend)]])
+                s = s.groupby("bit_width").first().sort_index()  # one point per width (first preset)
+                ax.errorbar(s.index, s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
+                            capsize=3, label=f"{model} / {method}" + ("" if backend == "hf" else f" / {backend}"))
+            ax.set_title(metric, fontsize=9)
+            ax.set_xlabel(f"{'KV' if tt == 'KV' else 'weight'} bits")
+            if not m.higher_is_better.dropna().empty and not bool(m.higher_is_better.dropna().iloc[0]):
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{tt}: score vs bit-width (error bars: 1 standard error)")
+        files.append(_save(fig, out, f"score_vs_bits_{tt.replace('+', '_')}"))
+    return files
+
+
+def method_bars(long: pd.DataFrame, out: Path) -> list[Path]:
+    """Methods side by side at each bit setting: mean quality retained over tasks."""
+    prim = _with_retained(long)
+    prim = prim[prim.tensor_type != "FP"]
+    if prim.method.nunique() < 2:
+        return []
+    table = prim.pivot_table(index=["tensor_type", "bits"], columns="method", values="retained", aggfunc="mean")
+    table = table.loc[sorted(table.index, key=lambda k: (_TT_ORDER.get(k[0], 9), -bit_width(k[0], k[1])))]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table)), 3.6))
+    table.plot.bar(ax=ax, width=0.8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("quality retained (1 = unquantized)")
+    ax.set_xticklabels([f"{tt} {b}" for tt, b in table.index], rotation=30, ha="right")
+    ax.set_xlabel("")
+    ax.set_title("methods at each bit setting (mean over tasks)")
+    return [_save(fig, out, "methods_by_bits")]
+
+
+def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
+    """Quality retained per configuration (rows) and task (columns)."""
+    prim = _with_retained(long)
+    prim["config"] = [f"{r.bits} {r.method}" + ("" if r.backend == "hf" else f" [{r.backend}]")
+                      + (f" ({r.model})" if prim.model.nunique() > 1 else "") for r in prim.itertuples()]
+    table = prim.pivot_table(index="config", columns="task", values="retained", aggfunc="mean")
+    order = prim.drop_duplicates("config").set_index("config")
+    table = table.loc[sorted(table.index, key=lambda c: (_TT_ORDER.get(order.loc[c, "tensor_type"], 9),
+                                                         -bit_width(order.loc[c, "tensor_type"], order.loc[c, "bits"]), c))]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(table.columns), 0.8 + 0.35 * len(table)))
+    image = ax.imshow(table.values, cmap="RdYlGn", vmin=0.5, vmax=1.1, aspect="auto")
+    ax.set_xticks(range(len(table.columns)), table.columns, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    for i in range(len(table)):
+        for j in range(len(table.columns)):
+            v = table.values[i, j]
+            if pd.notna(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label="quality retained")
+    ax.set_title("quality retained per task (1 = unquantized)")
+    return [_save(fig, out, "heatmap")]
+
+
+def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
+    """A radar per model: each configuration's quality retained per family."""
+    if families.shape[1] < 3:
+        return []  # a radar needs three axes; the family table says it all
+    files = []
+    for model, part in families.groupby(level="model"):
+        labels = list(part.columns)
+        angles = [2 * math.pi * i / len(labels) for i in range(len(labels))] + [0.0]
+        fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
+        for key, row in part.iterrows():
+            values = list(row.values) + [row.values[0]]
+            ax.plot(angles, values, marker="o", ms=3, label=f"{key[2]} {key[4]}" + ("" if key[5] == "hf" else f" [{key[5]}]"))
+        ax.set_xticks(angles[:-1], labels, fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
+        ax.set_title(f"{model}: quality retained per family")
+        files.append(_save(fig, out, f"families_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"))
+    return files
+
+
+def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
+    """Long-context accuracy against context length, one line per KV setting."""
+    rows = long[long.metric.str.contains(r"\.acc@\d+", regex=True)].copy()
+    if rows.empty:
+        return []
+    rows["length"] = rows.metric.str.extract(r"acc@(\d+)")[0].astype(int)
+    rows["entry"] = rows.metric.str.split(".").str[0]
+    files = []
+    for entry, part in rows.groupby("entry"):
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for (bits, method, backend), s in part.groupby(["bits", "method", "backend"]):
+            s = s.sort_values("length")
+            ax.errorbar(s["length"], s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
+                        capsize=3, label=f"{bits} {method}" + ("" if backend == "hf" else f" [{backend}]"))
+        ax.set_xscale("log")
+        ax.set_xlabel("context length")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{entry}: accuracy vs context length")
+        files.append(_save(fig, out, f"long_context_{entry}"))
+    return files
+
+
+def dialogue(long: pd.DataFrame, out: Path) -> list[Path]:
+    """Dialogue degeneration metrics against bit-width, one panel per tensor type."""
+    names = ("degeneration", "rep4", "sentence_rep", "nonword")
+    rows = long[long.metric.str.split(".").str[-1].isin(names)].copy()
+    if rows.empty:
+        return []
+    rows["bit_width"] = [bit_width(t, b) for t, b in zip(rows.tensor_type, rows.bits)]
+    rows["name"] = rows.metric.str.split(".").str[-1]
+    types = sorted(set(rows.tensor_type) - {"FP"}, key=lambda t: _TT_ORDER.get(t, 9))
+    if not types:
+        return []
+    fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.2), squeeze=False)
+    for ax, tt in zip(axes.flat, types):
+        part = rows[rows.tensor_type.isin([tt, "FP"])]
+        for name, s in part.groupby("name"):
+            s = s.groupby("bit_width")["value"].mean().sort_index()
+            ax.plot(s.index, s.values, marker="o", label=name)
+        ax.set_title(tt)
+        ax.set_xlabel("bits")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("dialogue degeneration vs bit-width (higher = more repetition / non-words)")
+    return [_save(fig, out, "dialogue_vs_bits")]
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Points not dominated by another with less-or-equal ``x`` and greater-or-equal ``y``."""
+    keep = []
+    for i, p in points.iterrows():
+        dominated = ((points[x] <= p[x]) & (points[y] >= p[y]) & ((points[x] < p[x]) | (points[y] > p[y]))).any()
+        if not dominated:
+            keep.append(i)
+    return points.loc[keep].sort_values(x)
+
+
+def quality_vs_memory(families: pd.DataFrame, out: Path) -> list[Path]:
+    """Mean quality retained over families against weight bits per parameter, Pareto front marked."""
+    points = families.mean(axis=1).rename("retained").reset_index()
+    points["weight_bits"] = [weight_bits_per_param(b) for b in points.bits]
+    points = points.dropna(subset=["retained"])
+    if points.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for tt, s in points.groupby("tensor_type"):
+        ax.scatter(s.weight_bits, s.retained, label=tt, s=22)
+    front = pareto_front(points, "weight_bits", "retained")
+    ax.plot(front.weight_bits, front.retained, color="black", lw=1, ls="--", label="Pareto front")
+    for r in front.itertuples():
+        ax.annotate(f"{r.quant} {r.method}", (r.weight_bits, r.retained), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("weight memory (bits per weight, with group scales)")
+    ax.set_ylabel("quality retained (mean over families)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title("quality vs memory")
+    return [_save(fig, out, "quality_vs_memory")]
+
+
+def all_plots(long: pd.DataFrame, families: pd.DataFrame, out: Path) -> list[Path]:
+    """Every figure that applies to this sweep."""
+    files = []
+    for draw in (score_vs_bits, method_bars, heatmap, long_context, dialogue):
+        files += draw(long, out)
+    files += family_profiles(families, out)
+    files += quality_vs_memory(families, out)
+    return files
