@@ -123,3 +123,32 @@ def test_pareto_front_and_memory_axis():
     points = pd.DataFrame({"bits": [16, 8, 4.125, 3.125, 6], "score": [1.0, 0.99, 0.95, 0.80, 0.90]})
     front = pareto_front(points, "bits", "score")
     assert list(front.bits) == [3.125, 4.125, 8, 16]  # 6 bits at 0.90: 4.125 bits keep more (0.95)
+
+
+@pytest.mark.parametrize("keep,expected", [(0.98, "kv4 (KV4, rtn)"), (0.95, "w8a8 (W8A8, rtn)"),
+                                           (0.93, "w4g128 (W4g128, gptq)"), (0.999, "unquantized")])
+def test_recommendation_is_the_least_memory_that_keeps_the_share(stores, keep, expected):
+    """basic_nlp retained (mean of the ppl and accuracy ratios): kv4 0.995, w8a8 0.968,
+    GPTQ w4g128 0.946, RTN w4g128 0.900, GPTQ w3g128 0.858, RTN w3g128 0.667."""
+    from qeval.report.recommend import recommendations
+    from qeval.report.table import add_normalized, family_table, long_frame
+
+    families = family_table(add_normalized(long_frame(list(stores))))
+    advice = recommendations(families, keep).set_index("family")
+    assert advice.loc["basic_nlp", "recommended"] == expected
+    if expected == "unquantized":
+        assert "no configuration keeps 100%" in advice.loc["basic_nlp", "evidence"]
+        assert "kv4" in advice.loc["basic_nlp", "evidence"]
+
+
+def test_summary_states_findings_from_the_numbers(stores, tmp_path, run_report):
+    proc = run_report([str(stores[0]), str(stores[1]), "--out", str(tmp_path / "out"), "report.keep=0.95"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "KV: keeps 95% of the unquantized quality down to 4 bits" in summary
+    assert "W: no tested setting (4, 3 bits) keeps 95%" in summary
+    assert "Most sensitive tensor type: W (no tested setting keeps 95%)" in summary
+    # mean over the 4 families: RTN (0.667 + 0.4 + 0.4 + 0.6/0.9) / 4, GPTQ (0.858 + 0.8 + 0.8 + 0.6/0.7) / 4
+    assert "At w3g128 (W3g128) gptq retains 0.829 against RTN's 0.533 (+0.296)" in summary
+    assert "Family that loses most on average" in summary
+    assert "recommended (least memory keeping 95%" in proc.stdout

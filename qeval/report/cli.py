@@ -17,9 +17,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="fake vs real kernels: largest relative perplexity difference that agrees (0.01)")
     parser.add_argument("--n-se", type=float, default=2.0,
                         help="fake vs real kernels: largest accuracy difference in standard errors (2)")
+    parser.add_argument("--keep", type=float, default=0.98,
+                        help="recommendations: share of the unquantized quality to keep (0.98; also report.keep=0.95)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for arg in argv for a in (["--keep", arg.split("=", 1)[1]] if arg.startswith("report.keep=") else [arg])]
     args = parser.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        parser.error(f"invalid value report.keep={args.keep}: allowed a share in (0, 1]")
     try:
-        markdown, files = write_tables(args.results_dirs, args.out, args.ppl_rtol, args.n_se)
+        markdown, files = write_tables(args.results_dirs, args.out, args.ppl_rtol, args.n_se, args.keep)
     except ValueError as err:
         print(f"qeval-report: {err}", file=sys.stderr)
         return 2

@@ -217,7 +217,7 @@ def report_name(results_dirs: list[Path]) -> str:
 
 
 def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str | Path | None = None,
-                 ppl_rtol: float = 0.01, n_se: float = 2.0) -> tuple[str, list[Path]]:
+                 ppl_rtol: float = 0.01, n_se: float = 2.0, keep: float = 0.98) -> tuple[str, list[Path]]:
     """Write every table of one or several sweeps (compared together) and return the Markdown
     to print (families, primary metrics, agreement) and the files written.
 
@@ -258,13 +258,23 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         for value, view in views(long, key).items():
             files += _write(view, out / folder / value.replace("+", "_"))
     from qeval.report.plots import all_plots
+    from qeval.report.recommend import recommendations, summary
 
     files += all_plots(long, families, out / "figures")
+    advice = recommendations(families, keep)
+    findings = summary(families, keep)
+    files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
+    advice.to_csv(files[-3], index=False)
+    advice_md = advice.to_markdown(index=False, floatfmt=".3f")
+    files[-2].write_text(advice_md + "\n")
+    files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
     markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
                 "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
                 + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
                 + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
                 + marked.reset_index().to_markdown(index=False))
+    markdown += (f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
+                 + advice_md + "\n\nfindings\n\n" + "\n".join(f"- {line}" for line in findings))
     agreement = agreement_table(raw, ppl_rtol, n_se)
     if not agreement.empty:
         agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")

@@ -1,0 +1,104 @@
+"""Recommendations and a plain-language summary, generated from the numbers.
+
+A user runs a sweep to decide: *which configuration can I afford?*  For each model and
+task family the recommendation is the configuration with the least memory that keeps at
+least ``keep`` (default 98 %) of the unquantized score, with the evidence.  Memory is
+ordered by weight bits per parameter (group scales included), then KV-cache bits, then
+activation bits: the order in which they shrink a deployed model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from qeval.report.plots import bit_width, weight_bits_per_param
+from qeval.report.table import _TT_ORDER
+
+DEFAULT_KEEP = 0.98
+
+
+def memory_key(bits: str) -> tuple[float, float, float]:
+    """(weight bits per parameter, KV bits, activation bits): smaller is less memory."""
+    kv = re.search(r"KV(\d+)", bits)
+    act = re.search(r"A(\d+)", bits)
+    return (weight_bits_per_param(bits), float(kv.group(1)) if kv else 16.0, float(act.group(1)) if act else 16.0)
+
+
+def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> pd.DataFrame:
+    """Per model and family: the least-memory configuration retaining >= ``keep``."""
+    rows = []
+    for model, part in families.groupby(level="model"):
+        for family in part.columns:
+            scores = part[family].dropna()
+            quantized = scores[[k[1] != "FP" for k in scores.index]]
+            ok = quantized[quantized >= keep]
+            if ok.empty:
+                rows.append({"model": model, "family": family, "recommended": "unquantized",
+                             "retained": 1.0, "memory_key": "16-bit",
+                             "evidence": f"no configuration keeps {keep:.0%} (best: "
+                                         f"{_name(quantized.idxmax())} at {quantized.max():.3f})"
+                             if not quantized.empty else "no quantized configuration in the sweep"})
+                continue
+            best = min(ok.index, key=lambda k: (memory_key(k[2]), -ok[k]))
+            w, kv, a = memory_key(best[2])
+            rows.append({"model": model, "family": family, "recommended": _name(best), "retained": ok[best],
+                         "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
+                         "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"})
+    return pd.DataFrame(rows)
+
+
+def _name(key: tuple) -> str:
+    model, tensor_type, bits, quant, method, backend = key
+    return f"{quant} ({bits}, {method}{'' if backend == 'hf' else ', ' + backend})"
+
+
+def summary(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> list[str]:
+    """Findings in plain language: how low each tensor type goes, which type is most
+    sensitive, which family suffers most, and where a method beats RTN."""
+    lines = []
+    overall = families.mean(axis=1).rename("retained").reset_index()
+    overall = overall[overall.tensor_type != "FP"]
+    if overall.empty:
+        return ["The sweep has no quantized configuration."]
+    overall["width"] = [bit_width(t, b) for t, b in zip(overall.tensor_type, overall.bits)]
+    lowest = {}
+    for tt, part in sorted(overall.groupby("tensor_type"), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
+        ok = part[part.retained >= keep]
+        tested = ", ".join(f"{w:g}" for w in sorted(part.width.unique(), reverse=True))
+        if ok.empty:
+            lines.append(f"{tt}: no tested setting ({tested} bits) keeps {keep:.0%} of the unquantized quality "
+                         f"(best {part.retained.max():.3f}).")
+            lowest[tt] = math.inf
+        else:
+            low = ok.width.min()
+            lowest[tt] = low
+            lines.append(f"{tt}: keeps {keep:.0%} of the unquantized quality down to {low:g} bits "
+                         f"(tested {tested}).")
+    if len(lowest) > 1:
+        need = max(lowest.values())
+        worst = [t for t in lowest if lowest[t] == need]
+        if len(worst) < len(lowest):
+            lines.append(f"Most sensitive tensor type{'s' if len(worst) > 1 else ''}: {' and '.join(worst)} "
+                         f"({'no tested setting keeps' if math.isinf(need) else f'needs {need:g} bits to keep'} "
+                         f"{keep:.0%}).")
+    quantized = families[[k[1] != "FP" for k in families.index]]
+    if quantized.shape[1] > 1:
+        means = quantized.mean(axis=0).sort_values()
+        lines.append(f"Family that loses most on average over quantized configurations: {means.index[0]} "
+                     f"({means.iloc[0]:.3f} retained; least: {means.index[-1]} at {means.iloc[-1]:.3f}).")
+    by_setting = overall.groupby(["model", "tensor_type", "bits", "quant", "backend"])
+    for (model, tt, bits, quant, backend), part in by_setting:
+        if part.method.nunique() < 2 or "rtn" not in set(part.method):
+            continue
+        rtn = part[part.method == "rtn"].retained.iloc[0]
+        best = part.loc[part.retained.idxmax()]
+        where = f"At {quant} ({bits}{'' if backend == 'hf' else ', ' + backend})"
+        if best.method != "rtn":
+            lines.append(f"{where} {best.method} retains {best.retained:.3f} against RTN's {rtn:.3f} "
+                         f"({best.retained - rtn:+.3f}).")
+        else:
+            lines.append(f"{where} no method beats RTN ({rtn:.3f}).")
+    return lines
