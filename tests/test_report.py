@@ -152,3 +152,44 @@ def test_summary_states_findings_from_the_numbers(stores, tmp_path, run_report):
     assert "At w3g128 (W3g128) gptq retains 0.829 against RTN's 0.533 (+0.296)" in summary
     assert "Family that loses most on average" in summary
     assert "recommended (least memory keeping 95%" in proc.stdout
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path):
+    """The page is self-contained and every figure decodes in a real browser: a probe script
+    appended to a copy of the page counts the images that loaded, and Chromium's DOM dump
+    after load reports it."""
+    import re
+    import subprocess
+
+    from qeval.report.table import write_tables
+
+    _, files = write_tables(list(stores), tmp_path / "out")
+    page = tmp_path / "out" / "report.html"
+    text = page.read_text()
+    n_figures = sum(1 for f in files if f.suffix == ".png")
+    assert text.count("<img ") == n_figures and "src=\"data:image/png;base64," in text
+    assert 'href="http' not in text and 'src="http' not in text  # nothing fetched from elsewhere
+    for heading in ("Overview", "Tensor type W", "Tensor type KV", "Methods", "Task families", "Quality vs memory"):
+        assert f">{heading}</h2>" in text
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const p = document.createElement('p'); p.id = 'probe';
+  p.textContent = `loaded ${ok} of ${imgs.length}`; document.body.appendChild(p);
+});</script></body>"""))
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r'<p id="probe">loaded (\d+) of (\d+)</p>', proc.stdout)
+    assert match, proc.stderr[-2000:]
+    assert int(match.group(1)) == int(match.group(2)) == n_figures

@@ -138,8 +138,10 @@ def timings_record(label: str, checkpoint: str | Path, engine_kwargs: dict[str, 
     """A result-store record (kind ``efficiency``) for one checkpoint's grid."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     dtype = str(engine_kwargs.get("dtype", "auto"))
+    from qeval.results import SCHEMA_VERSION
+
     return {
-        "kind": "efficiency", "label": label, "status": "ok", "device": device, "engine": engine_kwargs,
+        "schema_version": SCHEMA_VERSION, "kind": "efficiency", "label": label, "status": "ok", "device": device, "engine": engine_kwargs,
         "checkpoint": str(checkpoint), "weight_bytes": checkpoint_weight_bytes(checkpoint),
         "kv_bytes_per_token": kv_bytes_per_token(config, str(engine_kwargs.get("kv_cache_dtype", "auto")), dtype),
         "timings": [asdict(t) for t in timings], **extra,

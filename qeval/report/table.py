@@ -230,8 +230,8 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"results folder {d} does not exist")
-        if not any(rec.get("status") == "ok" and rec.get("kind") != "efficiency" for rec in iter_records(d)):
-            raise ValueError(f"no finished cells under {d}")
+        if not any(rec.get("status") == "ok" for rec in iter_records(d)):
+            raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
     long = add_normalized(long_frame(dirs), n_se)
     raw = long.drop(columns=DERIVED)
     table = cell_table(raw)
@@ -254,13 +254,16 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     files[-1].write_text(primary.reset_index().to_latex(index=False, float_format="%.4g", na_rep="--"))
     marked = marked_table(long)
     files += _write(marked, out / "primary_marked")
+    all_views = {}
     for key, folder in (("tensor_type", "by_tensor_type"), ("method", "by_method")):
-        for value, view in views(long, key).items():
+        all_views[key] = views(long, key)
+        for value, view in all_views[key].items():
             files += _write(view, out / folder / value.replace("+", "_"))
     from qeval.report.plots import all_plots
     from qeval.report.recommend import recommendations, summary
 
-    files += all_plots(long, families, out / "figures")
+    figures = all_plots(long, families, out / "figures")
+    files += figures
     advice = recommendations(families, keep)
     findings = summary(families, keep)
     files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
@@ -284,4 +287,12 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         n_bad = int((~agreement["agree"]).sum())
         markdown += (f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
                      "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md)
+    from qeval.report.html import efficiency_frame, write_html
+
+    efficiency = efficiency_frame(dirs)
+    if not efficiency.empty:
+        files.append(out / "efficiency.csv")
+        efficiency.to_csv(files[-1], index=False)
+    files.append(write_html(out, f"qeval report: {report_name(dirs)}", findings, families, advice, marked,
+                            all_views["tensor_type"], all_views["method"], figures, agreement, efficiency, keep))
     return markdown, files

@@ -1,0 +1,110 @@
+"""``report.html``: one self-contained page (figures embedded as data URIs) that reads in a browser.
+
+Sections: overview (findings, families, recommendations), one per tensor type, per method,
+per family, fake-vs-real agreement and efficiency when the sweep has them.  Everything on the
+page is already computed by the table, plot and recommendation modules; this module only lays
+it out, so the page can never say something the CSV files do not.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from qeval.results import iter_records
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+nav a { margin-right: 1em; } .bad { color: #b00; font-weight: bold; } .note { color: #555; }
+"""
+
+
+def _figure(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    flat = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
+    return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0,
+                        escape=True)
+
+
+def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
+    """The efficiency records of the given sweeps as one table (empty when there are none)."""
+    rows = []
+    for d in results_dirs:
+        for rec in iter_records(d):
+            if rec.get("kind") != "efficiency":
+                continue
+            for t in rec["timings"]:
+                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "scheme": rec.get("scheme"),
+                             "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
+                             "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                             "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
+                             "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
+                             "throughput_tok_s": t["throughput_tok_s"]})
+    return pd.DataFrame(rows)
+
+
+def write_html(out: Path, title: str, findings: list[str], families: pd.DataFrame, advice: pd.DataFrame,
+               marked: pd.DataFrame, tensor_views: dict[str, pd.DataFrame], method_views: dict[str, pd.DataFrame],
+               figures: list[Path], agreement: pd.DataFrame, efficiency: pd.DataFrame, keep: float) -> Path:
+    """Lay out the report; returns the path of report.html."""
+    by_name = {f.stem: f for f in figures}
+    sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
+
+    overview = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings) + "</ul>"
+    overview += "<h3>Quality retained per family</h3><p class='note'>1 = unquantized; the mean over a family's " \
+                "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse.</p>"
+    overview += _table(families, "{:.3f}")
+    overview += f"<h3>Recommendations (least memory keeping {keep:.0%})</h3>" + _table(advice, "{:.3f}")
+    overview += "<h3>Primary metrics</h3><p class='note'>± one standard error; * = differs from the unquantized " \
+                "model by more than two standard errors of the difference.</p>" + _table(marked)
+    sections.append(("overview", "Overview", overview))
+
+    for tt, view in tensor_views.items():
+        body = _table(view)
+        key = f"score_vs_bits_{tt.replace('+', '_')}"
+        if key in by_name:
+            body += _figure(by_name[key], f"{tt}: score vs bit-width")
+        sections.append((f"tt-{tt}", f"Tensor type {tt}", body))
+
+    body = "".join(f"<h3>{html.escape(m)}</h3>" + _table(v) for m, v in method_views.items())
+    if "methods_by_bits" in by_name:
+        body = _figure(by_name["methods_by_bits"], "methods at each bit setting") + body
+    sections.append(("methods", "Methods", body))
+
+    family_figs = [f for name, f in by_name.items() if name.startswith("families_radar") or name == "heatmap"]
+    family_figs += [f for name, f in by_name.items() if name.startswith(("long_context", "dialogue"))]
+    body = "".join(_figure(f, f.stem.replace("_", " ")) for f in family_figs)
+    sections.append(("families", "Task families", body or "<p>No per-family figure applies.</p>"))
+
+    if "quality_vs_memory" in by_name:
+        sections.append(("memory", "Quality vs memory", _figure(by_name["quality_vs_memory"], "quality vs memory")))
+
+    if not agreement.empty:
+        n_bad = int((~agreement["agree"]).sum())
+        head = (f"<p>{len(agreement) - n_bad} of {len(agreement)} comparisons agree"
+                + (f", <span class='bad'>{n_bad} disagree</span>" if n_bad else "") + ".</p>")
+        sections.append(("agreement", "Fake quantization vs real kernels", head + _table(agreement)))
+    if not efficiency.empty:
+        sections.append(("efficiency", "Efficiency (real kernels)", _table(efficiency)))
+
+    nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections) + "</nav>"
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}"
+            + "".join(f'<h2 id="{a}">{html.escape(h)}</h2>{b}' for a, h, b in sections)
+            + "</body></html>")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
