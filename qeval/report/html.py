@@ -34,7 +34,8 @@ def _figure(path: Path, alt: str) -> str:
 
 
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    flat = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
+    flat = (df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df).copy()
+    flat.columns.name = None  # a pivot's column label would become an empty first column
     return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0,
                         escape=True)
 
@@ -72,7 +73,9 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
                 "model by more than two standard errors of the difference.</p>" + _table(marked)
     sections.append(("overview", "Overview", overview))
 
-    for tt, view in tensor_views.items():
+    from qeval.report.table import _TT_ORDER
+
+    for tt, view in sorted(tensor_views.items(), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
         body = _table(view)
         key = f"score_vs_bits_{tt.replace('+', '_')}"
         if key in by_name:
