@@ -148,7 +148,7 @@ def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
             values = list(row.values) + [row.values[0]]
             ax.plot(angles, values, marker="o", ms=3, label=f"{key[2]} {key[4]}" + ("" if key[5] == "hf" else f" [{key[5]}]"))
         ax.set_xticks(angles[:-1], labels, fontsize=8)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(0, max(1.1, float(part.max().max()) * 1.05))
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
         ax.set_title(f"{model}: quality retained per family")
         files.append(_save(fig, out, f"families_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"))

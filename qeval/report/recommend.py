@@ -27,8 +27,29 @@ def memory_key(bits: str) -> tuple[float, float, float]:
     return (weight_bits_per_param(bits), float(kv.group(1)) if kv else 16.0, float(act.group(1)) if act else 16.0)
 
 
-def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> pd.DataFrame:
-    """Per model and family: the least-memory configuration retaining >= ``keep``."""
+def _noise_note(long: pd.DataFrame | None, key: tuple, family: str) -> str:
+    """How much to trust a choice: the family's smallest sample count and its significant losses."""
+    if long is None:
+        return ""
+    cols = ["model", "tensor_type", "bits", "quant", "method", "backend"]
+    rows = long[long.primary & (long.family == family)]
+    rows = rows[(rows[cols] == pd.Series(dict(zip(cols, key)))).all(axis=1)]
+    if rows.empty:
+        return ""
+    n = pd.to_numeric(rows["samples"], errors="coerce").min()
+    worse = rows[(rows["significant"] == True) & (  # noqa: E712 - a nullable column
+        (rows["value"] < rows["fp_value"]) == rows["higher_is_better"].astype(bool))]
+    note = f"; smallest sample count {n:g}" if pd.notna(n) else ""
+    note += (f"; significantly worse on {', '.join(worse.task)}" if not worse.empty
+             else "; no task significantly worse than unquantized")
+    return note
+
+
+def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP, long: pd.DataFrame | None = None
+                    ) -> pd.DataFrame:
+    """Per model and family: the least-memory configuration retaining >= ``keep``, with the
+    evidence (how many configurations qualify, the smallest sample count behind the choice,
+    and any task where it is significantly worse than unquantized) when ``long`` is given."""
     rows = []
     for model, part in families.groupby(level="model"):
         for family in part.columns:
@@ -46,7 +67,8 @@ def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> pd.Da
             w, kv, a = memory_key(best[2])
             rows.append({"model": model, "family": family, "recommended": _name(best), "retained": ok[best],
                          "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
-                         "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"})
+                         "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"
+                                     + _noise_note(long, best, family)})
     return pd.DataFrame(rows)
 
 

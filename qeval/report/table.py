@@ -264,7 +264,7 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
 
     figures = all_plots(long, families, out / "figures")
     files += figures
-    advice = recommendations(families, keep)
+    advice = recommendations(families, keep, long)
     findings = summary(families, keep)
     files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
     advice.to_csv(files[-3], index=False)
