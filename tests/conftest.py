@@ -19,7 +19,7 @@ def _script(name: str) -> list[str]:
     found = shutil.which(name)
     if found:
         return [found]
-    module = {"qeval": "qeval.cli", "qeval-report": "qeval.report.cli"}[name]
+    module = {"qeval": "qeval.cli", "qeval-report": "qeval.report.cli", "qeval-stats": "qeval.stats.cli"}[name]
     return [sys.executable, "-m", module]
 
 

@@ -1,0 +1,1 @@
+"""Tensor statistics: why some tensor types are harder to quantize than others."""
