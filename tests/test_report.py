@@ -47,6 +47,13 @@ def stores(tmp_path):
     write_cell(rtn, "w3g128", "rtn", 15.0, 0.40, 0.20)   # arc: 0.20 -> significant
     write_cell(rtn, "kv4", "rtn", 10.1, 0.60, 0.50)
     write_cell(rtn, "w8a8", "rtn", 10.5, 0.59, 0.48)
+    for quant, e2e in (("fp16", 2.0), ("w8a8", 1.2)):  # timings from benchmarks/efficiency.py
+        rtn.write({"schema_version": SCHEMA_VERSION, "kind": "efficiency", "status": "ok", "hash": f"eff-{quant}",
+                   "label": f"efficiency__m__{quant}__rtn", "model": "m", "quant": quant, "method": "rtn",
+                   "scheme": "dense", "device": "cpu", "engine": {"dtype": "float32"}, "weight_bytes": 2**20,
+                   "kv_bytes_per_token": 1024,
+                   "timings": [{"batch": 1, "input_len": 128, "output_len": 32, "prefill_s": 0.1,
+                                "decode_s_per_token": 0.02, "e2e_s": e2e, "throughput_tok_s": 16.5}]})
     gptq = ResultStore(tmp_path, "gptq")
     write_cell(gptq, "w4g128", "gptq", 11.0, 0.59, 0.47)
     write_cell(gptq, "w3g128", "gptq", 12.5, 0.55, 0.40)
@@ -109,7 +116,7 @@ def test_every_plot_type_is_drawn(stores, tmp_path):
     figures = {f.name for f in files if f.suffix == ".png"}
     assert {"score_vs_bits_W.png", "score_vs_bits_WA.png", "score_vs_bits_KV.png", "methods_by_bits.png",
             "heatmap.png", "long_context_needle.png", "dialogue_vs_bits.png", "families_radar_m.png",
-            "quality_vs_memory.png"} == figures
+            "quality_vs_memory.png", "quality_vs_latency.png"} == figures
     for png in (f for f in files if f.suffix == ".png"):
         assert png.stat().st_size > 5000 and png.with_suffix(".svg").is_file()
 
@@ -175,7 +182,8 @@ def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path)
     n_figures = sum(1 for f in files if f.suffix == ".png")
     assert text.count("<img ") == n_figures and "src=\"data:image/png;base64," in text
     assert 'href="http' not in text and 'src="http' not in text  # nothing fetched from elsewhere
-    for heading in ("Overview", "Tensor type W", "Tensor type KV", "Methods", "Task families", "Quality vs memory"):
+    assert "Efficiency (real kernels)</h2>" in text
+    for heading in ("Overview", "Tensor type W", "Tensor type KV", "Methods", "Task families", "Quality vs memory and latency"):
         assert f">{heading}</h2>" in text
     browser = _chromium()
     if browser is None:

@@ -48,7 +48,8 @@ def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
             if rec.get("kind") != "efficiency":
                 continue
             for t in rec["timings"]:
-                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "scheme": rec.get("scheme"),
+                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
+                             "scheme": rec.get("scheme"),
                              "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
                              "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
                              "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
@@ -93,7 +94,10 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
     sections.append(("families", "Task families", body or "<p>No per-family figure applies.</p>"))
 
     if "quality_vs_memory" in by_name:
-        sections.append(("memory", "Quality vs memory", _figure(by_name["quality_vs_memory"], "quality vs memory")))
+        body = _figure(by_name["quality_vs_memory"], "quality vs memory")
+        if "quality_vs_latency" in by_name:
+            body += _figure(by_name["quality_vs_latency"], "quality vs latency")
+        sections.append(("memory", "Quality vs memory and latency", body))
 
     if not agreement.empty:
         n_bad = int((~agreement["agree"]).sum())

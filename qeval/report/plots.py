@@ -238,11 +238,45 @@ def quality_vs_memory(families: pd.DataFrame, out: Path) -> list[Path]:
     return [_save(fig, out, "quality_vs_memory")]
 
 
-def all_plots(long: pd.DataFrame, families: pd.DataFrame, out: Path) -> list[Path]:
+def quality_vs_latency(families: pd.DataFrame, efficiency: pd.DataFrame, out: Path) -> list[Path]:
+    """Mean quality retained against measured real-kernel latency (efficiency records of the same
+    model, preset and method), one panel per timed point, Pareto front marked."""
+    if efficiency is None or efficiency.empty:
+        return []
+    quality = families.mean(axis=1).rename("retained").reset_index()
+    # prefer the real-kernel cell's quality when the sweep has one
+    quality = quality.sort_values("backend", key=lambda b: b != "vllm").drop_duplicates(["model", "quant", "method"])
+    points = efficiency.merge(quality[["model", "quant", "method", "retained"]], on=["model", "quant", "method"])
+    if points.empty:
+        return []
+    grid = points[["batch", "input_len"]].drop_duplicates().sort_values(["batch", "input_len"])
+    cols = min(3, len(grid))
+    rows = math.ceil(len(grid) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    for ax, (batch, length) in zip(axes.flat, grid.itertuples(index=False)):
+        p = points[(points.batch == batch) & (points.input_len == length)]
+        ax.scatter(p.e2e_s, p.retained, s=22)
+        front = pareto_front(p.rename(columns={"e2e_s": "latency"}), "latency", "retained")
+        ax.plot(front.latency, front.retained, color="black", lw=1, ls="--")
+        for r in p.itertuples():
+            ax.annotate(f"{r.quant}", (r.e2e_s, r.retained), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"batch {batch}, input {length}", fontsize=9)
+        ax.set_xlabel("end-to-end latency (s)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(grid):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("quality retained")
+    fig.suptitle("quality vs real-kernel latency (dashed: Pareto front)")
+    return [_save(fig, out, "quality_vs_latency")]
+
+
+def all_plots(long: pd.DataFrame, families: pd.DataFrame, out: Path,
+              efficiency: pd.DataFrame | None = None) -> list[Path]:
     """Every figure that applies to this sweep."""
     files = []
     for draw in (score_vs_bits, method_bars, heatmap, long_context, dialogue):
         files += draw(long, out)
     files += family_profiles(families, out)
     files += quality_vs_memory(families, out)
+    files += quality_vs_latency(families, efficiency, out)
     return files

@@ -262,7 +262,10 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     from qeval.report.plots import all_plots
     from qeval.report.recommend import recommendations, summary
 
-    figures = all_plots(long, families, out / "figures")
+    from qeval.report.html import efficiency_frame, write_html
+
+    efficiency = efficiency_frame(dirs)
+    figures = all_plots(long, families, out / "figures", efficiency)
     files += figures
     advice = recommendations(families, keep, long)
     findings = summary(families, keep)
@@ -287,9 +290,6 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         n_bad = int((~agreement["agree"]).sum())
         markdown += (f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
                      "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md)
-    from qeval.report.html import efficiency_frame, write_html
-
-    efficiency = efficiency_frame(dirs)
     if not efficiency.empty:
         files.append(out / "efficiency.csv")
         efficiency.to_csv(files[-1], index=False)
