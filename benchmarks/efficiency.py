@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,21 +33,10 @@ def _csv(text: str, kind=str) -> list:
 
 
 def _compose(args: argparse.Namespace, quant: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from qeval.cli import compose_config
 
-    from qeval.cli import CONF_DIR
-    from qeval.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
     overrides = [f"quant={quant}", f"method={args.method}", "backend=vllm"]
-    if args.model:
-        overrides.append(f"model={args.model}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(overrides + ([f"model={args.model}"] if args.model else []))
 
 
 def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:

@@ -32,6 +32,20 @@ def _app(cfg: DictConfig) -> dict[str, Any]:
     return run_cell(cfg)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config one ``qeval`` cell would get for these overrides (for tools beside the sweep:
+    qeval-stats, benchmarks, tests), composed without starting a Hydra run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main() -> None:
     _app()
 

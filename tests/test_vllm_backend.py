@@ -17,18 +17,9 @@ needs_vllm = pytest.mark.skipif(not vllm_installed(), reason="vLLM is not instal
 
 
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from qeval.cli import compose_config
 
-    from qeval.cli import CONF_DIR
-    from qeval.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(overrides)
 
 
 @needs_vllm

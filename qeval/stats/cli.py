@@ -18,22 +18,6 @@ log = logging.getLogger("qeval")
 KIND_ORDER = ["weight", "activation", "key", "value"]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from qeval.cli import CONF_DIR
-    from qeval.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
-
-
 def plot_stats(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
     """Per-layer lines per tensor kind (absmax, kurtosis, outlier share) and the distribution
     of per-module values per kind (the study's 'why activations are harder' view)."""
@@ -84,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from qeval.stats.tensors import OUTLIER_FACTOR, collect
 
     try:
-        cfg = compose(overrides)
+        from qeval.cli import compose_config
+
+        cfg = compose_config(overrides)
         validate(cfg)
         check_available(cfg.calib.dataset, cfg.data_dir)
     except (ConfigError, ValueError) as err:
