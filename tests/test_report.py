@@ -115,7 +115,7 @@ def test_every_plot_type_is_drawn(stores, tmp_path):
     _, files = write_tables(list(stores), tmp_path / "out")
     figures = {f.name for f in files if f.suffix == ".png"}
     assert {"score_vs_bits_W.png", "score_vs_bits_WA.png", "score_vs_bits_KV.png", "methods_by_bits.png",
-            "heatmap.png", "long_context_needle.png", "dialogue_vs_bits.png", "families_radar_m.png",
+            "heatmap.png", "abilities_radar_m.png", "long_context_needle.png", "dialogue_vs_bits.png", "families_radar_m.png",
             "quality_vs_memory.png", "quality_vs_latency.png"} == figures
     for png in (f for f in files if f.suffix == ".png"):
         assert png.stat().st_size > 5000 and png.with_suffix(".svg").is_file()

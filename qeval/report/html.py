@@ -88,7 +88,7 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
         body = _figure(by_name["methods_by_bits"], "methods at each bit setting") + body
     sections.append(("methods", "Methods", body))
 
-    family_figs = [f for name, f in by_name.items() if name.startswith("families_radar") or name == "heatmap"]
+    family_figs = [f for name, f in by_name.items() if name.startswith(("families_radar", "abilities_radar")) or name == "heatmap"]
     family_figs += [f for name, f in by_name.items() if name.startswith(("long_context", "dialogue"))]
     body = "".join(_figure(f, f.stem.replace("_", " ")) for f in family_figs)
     sections.append(("families", "Task families", body or "<p>No per-family figure applies.</p>"))

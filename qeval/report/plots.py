@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from qeval.report.table import _TT_ORDER, _retained  # noqa: E402
 
 FP_BITS = 16
+RADAR_CAP = 1.25
 
 
 def bit_width(tensor_type: str, bits: str) -> float:
@@ -155,6 +156,34 @@ def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
+def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
+    """A radar per model over the abilities (each task's primary metric, retained), e.g.
+    in-context learning, instruction following, reasoning and self-calibration side by side."""
+    prim = _with_retained(long)
+    table = prim.pivot_table(index=["model", "bits", "method", "backend"], columns="task", values="retained",
+                             aggfunc="mean")
+    if table.shape[1] < 3:
+        return []
+    files = []
+    for model, part in table.groupby(level="model"):
+        part = part.dropna(axis=1, how="all")
+        labels = list(part.columns)
+        angles = [2 * math.pi * i / len(labels) for i in range(len(labels))] + [0.0]
+        fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
+        cap = RADAR_CAP  # small-sample gains (2x on 4 items) would squash every other line
+        for key, row in part.iterrows():
+            values = [0.0 if pd.isna(v) else min(v, cap) for v in row.values]
+            ax.plot(angles, values + [values[0]], marker="o", ms=3,
+                    label=f"{key[1]} {key[2]}" + ("" if key[3] == "hf" else f" [{key[3]}]"))
+        ax.set_xticks(angles[:-1], labels, fontsize=7)
+        ax.set_ylim(0, cap)
+        ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
+        clipped = " (values above 1.25 drawn at 1.25)" if float(part.max().max()) > cap else ""
+        ax.set_title(f"{model}: quality retained per task{clipped}", fontsize=10)
+        files.append(_save(fig, out, f"abilities_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"))
+    return files
+
+
 def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
     """Long-context accuracy against context length, one line per KV setting."""
     rows = long[long.metric.str.contains(r"\.acc@\d+", regex=True)].copy()
@@ -274,7 +303,7 @@ def all_plots(long: pd.DataFrame, families: pd.DataFrame, out: Path,
               efficiency: pd.DataFrame | None = None) -> list[Path]:
     """Every figure that applies to this sweep."""
     files = []
-    for draw in (score_vs_bits, method_bars, heatmap, long_context, dialogue):
+    for draw in (score_vs_bits, method_bars, heatmap, ability_profiles, long_context, dialogue):
         files += draw(long, out)
     files += family_profiles(families, out)
     files += quality_vs_memory(families, out)
