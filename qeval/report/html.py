@@ -77,7 +77,9 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
     from qeval.report.table import _TT_ORDER
 
     for tt, view in sorted(tensor_views.items(), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
-        body = _table(view)
+        rows = marked[marked.index.get_level_values("tensor_type").isin(["FP", tt])]
+        body = ("<p class='note'>± one standard error; * = beyond two standard errors of the difference from "
+                "unquantized.</p>" + _table(rows) + "<p class='note'>Relative to unquantized (/FP):</p>" + _table(view))
         key = f"score_vs_bits_{tt.replace('+', '_')}"
         if key in by_name:
             body += _figure(by_name[key], f"{tt}: score vs bit-width")
