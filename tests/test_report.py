@@ -183,6 +183,7 @@ def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path)
     assert text.count("<img ") == n_figures and "src=\"data:image/png;base64," in text
     assert 'href="http' not in text and 'src="http' not in text  # nothing fetched from elsewhere
     assert "Efficiency (real kernels)</h2>" in text
+    assert text.count("0.4 ± 0.02 *") == 2  # RTN W3's significant loss: in the overview and its tensor-type section
     for heading in ("Overview", "Tensor type W", "Tensor type KV", "Methods", "Task families", "Quality vs memory and latency"):
         assert f">{heading}</h2>" in text
     browser = _chromium()
