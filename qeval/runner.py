@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import random
+import socket
 import time
 import traceback
 from typing import Any
@@ -126,6 +127,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                  "tensor_type": tensor_type(cfg.quant), "bits": bits_label(cfg.quant)},
         "config": to_container(cfg), "identity": identity, "seed": cfg.seed,
         "versions": package_versions(), "timings": {}, "metrics": {},
+        "host": {"hostname": socket.gethostname(), "pid": os.getpid()},
         "tasks": describe_suite(cfg),
     }
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
