@@ -184,9 +184,7 @@ def kv_scales(model: nn.Module, batches: Iterable[torch.Tensor], attention_paths
     rotary embedding and any q/k norm.  ``attention_paths[i]`` is the module that
     owns layer ``i``'s ``k_scale``/``v_scale``.
     """
-    import types
-
-    from transformers import DynamicCache
+    from qeval.quant.kv import observe_cached_states
 
     amax: dict[str, torch.Tensor] = {}
 
@@ -194,17 +192,11 @@ def kv_scales(model: nn.Module, batches: Iterable[torch.Tensor], attention_paths
         m = x.detach().float().abs().amax()
         amax[key] = torch.maximum(amax[key], m) if key in amax else m
 
-    for batch in batches:
-        cache = DynamicCache(config=model.config)
-        original_update = cache.update
+    def observe(layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        record(f"{attention_paths[layer_idx]}.k_scale", keys)
+        record(f"{attention_paths[layer_idx]}.v_scale", values)
 
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            record(f"{attention_paths[layer_idx]}.k_scale", key_states)
-            record(f"{attention_paths[layer_idx]}.v_scale", value_states)
-            return original_update(key_states, value_states, layer_idx, *args, **kwargs)
-
-        cache.update = types.MethodType(update, cache)
-        model(batch, past_key_values=cache, use_cache=True)
+    observe_cached_states(model, batches, observe)
     return {k: (v / FP8_MAX).clamp(min=1e-8).reshape(1) for k, v in amax.items()}
 
 

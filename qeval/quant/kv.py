@@ -29,7 +29,7 @@ one scale per channel over the tokens of the current update.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -127,6 +127,25 @@ def quantize_cache(cache: Cache, quantizer: "KVQuantizer | KIVIQuantizer") -> Ca
     cache.update = types.MethodType(update, cache)  # type: ignore[method-assign]
     cache._qeval_kv = quantizer  # type: ignore[attr-defined]
     return cache
+
+
+@torch.no_grad()
+def observe_cached_states(model: nn.Module, batches: Any,
+                          observe: "Callable[[int, torch.Tensor, torch.Tensor], None]") -> None:
+    """Run ``batches`` through ``model`` and call ``observe(layer_idx, keys, values)`` with the
+    states every layer hands to its cache: after rotary embedding and any q/k norm, i.e.
+    what a serving cache stores (and what any installed KV quantizer has produced)."""
+    for batch in batches:
+        cache = DynamicCache(config=model.config)
+        original_update = cache.update
+
+        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            observe(layer_idx, key_states, value_states)
+            return original_update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        cache.update = types.MethodType(update, cache)  # type: ignore[method-assign]
+        model(batch, past_key_values=cache, use_cache=True)
 
 
 def kv_quantizer_from_spec(kv: Any) -> "KVQuantizer | KIVIQuantizer":

@@ -15,7 +15,6 @@ Per decoder layer, for the weights of each linear, the input activations of each
 
 from __future__ import annotations
 
-import types
 from typing import Iterable
 
 import torch
@@ -77,7 +76,7 @@ def _layer_of(name: str, blocks_path: str) -> int | None:
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable[torch.Tensor], blocks_path: str) -> list[dict]:
     """One row per (layer, tensor kind, module) with the statistics above."""
-    from transformers import DynamicCache
+    from qeval.quant.kv import observe_cached_states
 
     rows = []
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _layer_of(n, blocks_path) is not None}
@@ -87,19 +86,14 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], blocks_path: str)
                      .split(".", 1)[1], **summarize(module.weight)})
     acts = {name: _Accumulator() for name in linears}
     kv: dict[tuple[int, str], _Accumulator] = {}
+
+    def observe(layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        kv.setdefault((layer_idx, "key"), _Accumulator()).add(keys)
+        kv.setdefault((layer_idx, "value"), _Accumulator()).add(values)
+
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acts[n].add(args[0])) for n, m in linears.items()]
     try:
-        for batch in batches:
-            cache = DynamicCache(config=model.config)
-            original = cache.update
-
-            def update(self, k, v, layer_idx, *args, **kwargs):
-                kv.setdefault((layer_idx, "key"), _Accumulator()).add(k)
-                kv.setdefault((layer_idx, "value"), _Accumulator()).add(v)
-                return original(k, v, layer_idx, *args, **kwargs)
-
-            cache.update = types.MethodType(update, cache)
-            model(batch, past_key_values=cache, use_cache=True)
+        observe_cached_states(model, batches, observe)
     finally:
         for h in hooks:
             h.remove()
