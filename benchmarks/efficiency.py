@@ -20,6 +20,7 @@ Formats vLLM cannot serve on this machine are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -43,6 +44,7 @@ def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
     """Quantize and export once per (model, quant, method); later runs reuse the folder."""
     import torch
 
+    from qeval.config import quantized
     from qeval.export.compressed_tensors import export_checkpoint, is_complete_export
     from qeval.quant.apply import quantize_model
     from qeval.quant.methods import get_method
@@ -61,17 +63,14 @@ def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), None
         calibration = None
     else:
-        from qeval.data import calibration_batches
+        from qeval.data import calibration_for
         from qeval.models.loading import load_model
 
         loaded = load_model(cfg.model, cfg.cache_dir)
         model, tokenizer = loaded.fresh_copy(), loaded.tokenizer
-
-        def calibration():
-            return calibration_batches(tokenizer, cfg.calib.dataset, cfg.calib.nsamples, cfg.calib.seqlen,
-                                       cfg.calib.seed, cfg.data_dir)
+        calibration = functools.cache(functools.partial(calibration_for, cfg, tokenizer))
     quantize_model(model, cfg.quant, get_method(cfg.method.name, dict(cfg.method.params)), calibration)
-    kv_calib = calibration() if calibration and cfg.quant.kv.bits < 16 else None
+    kv_calib = calibration() if calibration and quantized(cfg.quant.kv) else None
     path = export_checkpoint(model, tokenizer, cfg.quant, out, kv_calibration=kv_calib,
                              provenance={"benchmark": "efficiency", "model": name, "method": args.method})
     del model
@@ -120,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_checkpoint(args, quant, cache_root())
         settings = EngineSettings(max_model_len=max(lengths) + args.output_len + 8, max_num_seqs=max(batches),
                                   cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-                                  kv_cache_dtype="fp8_e4m3" if scheme.kv_cache else "auto",
-                                  weight_only_packed=scheme.format == "pack-quantized",
-                                  prefix_caching=False)  # repeats send the same prompts
+                                  scheme=scheme, prefix_caching=False)  # repeats send the same prompts
         config = json.loads((checkpoint / "config.json").read_text())
         vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 32000)
         with VllmEngine(checkpoint, settings) as engine:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,6 +107,13 @@ def check_available(name: str, override: str | None = None) -> None:
 def load_text(name: str, override: str | None = None) -> str:
     """The corpus joined with blank lines, the quantization papers' convention."""
     return "\n\n".join(text_dataset(name).rows(override))
+
+
+def calibration_for(cfg: Any, tokenizer) -> list[torch.Tensor]:
+    """The calibration batches a config's ``calib`` group asks for (one recipe for the sweep,
+    qeval-stats and the benchmarks)."""
+    c = cfg.calib
+    return calibration_batches(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, cfg.data_dir)
 
 
 def calibration_batches(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int,

@@ -8,6 +8,7 @@ cell that crashes is recorded as failed with its error and the sweep goes on.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -158,11 +159,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         model = loaded.fresh_copy().to(cfg.backend.device)
 
-        def calibration() -> list[torch.Tensor]:
-            from qeval.data import calibration_batches
+        from qeval.data import calibration_for
 
-            return calibration_batches(loaded.tokenizer, cfg.calib.dataset, cfg.calib.nsamples,
-                                       cfg.calib.seqlen, cfg.calib.seed, cfg.data_dir)
+        # tokenized at most once per cell, whether the method, static scales or the KV export ask
+        calibration = functools.cache(functools.partial(calibration_for, cfg, loaded.tokenizer))
 
         from qeval.quant.apply import quantize_model
 
@@ -172,7 +172,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         from qeval.eval.suite import evaluate_suite
 
         if cfg.backend.name == "vllm":
-            from qeval.backends.vllm import engine_for, settings_from_config
+            from qeval.backends.vllm import VllmEngine, settings_from_config
             from qeval.export.compressed_tensors import export_checkpoint, export_scheme
 
             t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             record["timings"]["export"] = time.perf_counter() - t0
             model = None
             gc.collect()
-            with engine_for(checkpoint, settings_from_config(cfg, export_scheme(cfg.quant))) as engine:
+            with VllmEngine(checkpoint, settings_from_config(cfg, export_scheme(cfg.quant))) as engine:
                 record["engine"] = {"device": engine.device, **engine.kwargs}
                 record["metrics"], record["timings"]["eval"] = evaluate_suite(engine, loaded.tokenizer, cfg)
         else:

@@ -20,7 +20,6 @@ import importlib.metadata as metadata
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -124,20 +123,20 @@ class EngineSettings:
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     max_num_seqs: int | None = None
     seed: int = 0
-    kv_cache_dtype: str = "auto"
-    weight_only_packed: bool = False  # a W4A16/W8A16 checkpoint
+    scheme: Any = None  # the checkpoint's ExportScheme (None: a dense checkpoint)
     prefix_caching: bool | None = None  # None: vLLM's default; timing turns it off (repeats share prompts)
 
     def llm_kwargs(self, device: str) -> dict[str, Any]:
         on_cpu = device == "cpu"
+        weight_only_packed = self.scheme is not None and self.scheme.format == "pack-quantized"
         # float32 and eager: what runs (and runs fastest) on AVX2/AVX-512 CPUs; but the CPU
         # W4A16/W8A16 kernel (cpu_gemm_wna16) exists for 16-bit activations only
-        cpu_dtype = "bfloat16" if self.weight_only_packed else "float32"
+        cpu_dtype = "bfloat16" if weight_only_packed else "float32"
         kwargs: dict[str, Any] = {
             "dtype": self.dtype or (cpu_dtype if on_cpu else "auto"),
             "enforce_eager": on_cpu if self.enforce_eager is None else self.enforce_eager,
             "seed": self.seed,
-            "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_dtype": "fp8_e4m3" if self.scheme is not None and self.scheme.kv_cache else "auto",
         }
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
@@ -155,9 +154,7 @@ def settings_from_config(cfg: Any, scheme: Any) -> EngineSettings:
     b = cfg.backend
     return EngineSettings(dtype=b.dtype, enforce_eager=b.enforce_eager, max_model_len=b.max_model_len,
                           gpu_memory_utilization=b.gpu_memory_utilization, cpu_kv_cache_gib=b.cpu_kv_cache_gib,
-                          max_num_seqs=b.max_num_seqs, seed=cfg.seed,
-                          kv_cache_dtype="fp8_e4m3" if scheme.kv_cache else "auto",
-                          weight_only_packed=scheme.format == "pack-quantized")
+                          max_num_seqs=b.max_num_seqs, seed=cfg.seed, scheme=scheme)
 
 
 class VllmEngine:
@@ -244,12 +241,3 @@ class VllmEngine:
                     pretrained=self.checkpoint, batch_size=batch_size, max_gen_toks=max_gen_toks,
                     max_model_len=self.max_model_len, seed=self.settings.seed)
         return self._lm_eval_model
-
-
-@contextmanager
-def engine_for(checkpoint: str | Path, settings: EngineSettings) -> Iterator[VllmEngine]:
-    engine = VllmEngine(checkpoint, settings)
-    try:
-        yield engine
-    finally:
-        engine.close()

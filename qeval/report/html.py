@@ -11,11 +11,9 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
-from qeval.results import iter_records
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -38,24 +36,6 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     flat.columns.name = None  # a pivot's column label would become an empty first column
     return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0,
                         escape=True)
-
-
-def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
-    """The efficiency records of the given sweeps as one table (empty when there are none)."""
-    rows = []
-    for d in results_dirs:
-        for rec in iter_records(d):
-            if rec.get("kind") != "efficiency":
-                continue
-            for t in rec["timings"]:
-                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
-                             "scheme": rec.get("scheme"),
-                             "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
-                             "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
-                             "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
-                             "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
-                             "throughput_tok_s": t["throughput_tok_s"]})
-    return pd.DataFrame(rows)
 
 
 def write_html(out: Path, title: str, findings: list[str], families: pd.DataFrame, advice: pd.DataFrame,

@@ -71,6 +71,25 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
+    """The efficiency records (benchmarks/efficiency.py) of the given sweeps as one table,
+    a row per timed point (empty when there are none)."""
+    rows = []
+    for d in results_dirs:
+        for rec in iter_records(d):
+            if rec.get("kind") != "efficiency":
+                continue
+            for t in rec["timings"]:
+                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
+                             "scheme": rec.get("scheme"),
+                             "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
+                             "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                             "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
+                             "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
+                             "throughput_tok_s": t["throughput_tok_s"]})
+    return pd.DataFrame(rows)
+
+
 def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
     """Add ``normalized`` = value / the same model's FP value for that metric, and
     ``significant``: whether value and FP value differ by more than ``n_se`` standard
@@ -262,7 +281,7 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     from qeval.report.plots import all_plots
     from qeval.report.recommend import recommendations, summary
 
-    from qeval.report.html import efficiency_frame, write_html
+    from qeval.report.html import write_html
 
     efficiency = efficiency_frame(dirs)
     figures = all_plots(long, families, out / "figures", efficiency)

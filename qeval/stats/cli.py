@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qeval.config import ConfigError, to_container, validate
-    from qeval.data import calibration_batches, check_available
+    from qeval.data import calibration_for, check_available
     from qeval.models.adapters import get_adapter
     from qeval.models.loading import load_model
     from qeval.results import SCHEMA_VERSION, ResultStore, stable_hash
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded = load_model(cfg.model, cfg.cache_dir)
     adapter = get_adapter(loaded.model, "qeval-stats")
-    batches = calibration_batches(loaded.tokenizer, cfg.calib.dataset, cfg.calib.nsamples, cfg.calib.seqlen,
-                                  cfg.calib.seed, cfg.data_dir)
+    batches = calibration_for(cfg, loaded.tokenizer)
     rows = collect(loaded.model, batches, adapter.blocks)
     identity = {"model": to_container(cfg)["model"], "calib": to_container(cfg)["calib"]}
     record = {"schema_version": SCHEMA_VERSION, "kind": "tensor_stats", "status": "ok",
