@@ -52,8 +52,9 @@ def _save(fig, out: Path, name: str) -> Path:
     return png
 
 
-def _series_label(row) -> str:
-    return f"{row.model} / {row.method}" + (f" / {row.backend}" if row.backend != "hf" else "")
+def _backend_tag(backend: str) -> str:
+    """Labels name the backend only when it is not the default fake-quant one."""
+    return "" if backend == "hf" else f" [{backend}]"
 
 
 def _with_retained(long: pd.DataFrame) -> pd.DataFrame:
@@ -81,7 +82,7 @@ def score_vs_bits(long: pd.DataFrame, out: Path) -> list[Path]:
                 s = pd.concat([s, fp[(fp.model == model) & (fp.backend == backend)]])
                 s = s.groupby("bit_width").first().sort_index()  # one point per width (first preset)
                 ax.errorbar(s.index, s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
-                            capsize=3, label=f"{model} / {method}" + ("" if backend == "hf" else f" / {backend}"))
+                            capsize=3, label=f"{model} / {method}{_backend_tag(backend)}")
             ax.set_title(metric, fontsize=9)
             ax.set_xlabel(f"{'KV' if tt == 'KV' else 'weight'} bits")
             if not m.higher_is_better.dropna().empty and not bool(m.higher_is_better.dropna().iloc[0]):
@@ -116,7 +117,7 @@ def method_bars(long: pd.DataFrame, out: Path) -> list[Path]:
 def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
     """Quality retained per configuration (rows) and task (columns)."""
     prim = _with_retained(long)
-    prim["config"] = [f"{r.bits} {r.method}" + ("" if r.backend == "hf" else f" [{r.backend}]")
+    prim["config"] = [f"{r.bits} {r.method}{_backend_tag(r.backend)}"
                       + (f" ({r.model})" if prim.model.nunique() > 1 else "") for r in prim.itertuples()]
     table = prim.pivot_table(index="config", columns="task", values="retained", aggfunc="mean")
     order = prim.drop_duplicates("config").set_index("config")
@@ -147,7 +148,7 @@ def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
         for key, row in part.iterrows():
             values = list(row.values) + [row.values[0]]
-            ax.plot(angles, values, marker="o", ms=3, label=f"{key[2]} {key[4]}" + ("" if key[5] == "hf" else f" [{key[5]}]"))
+            ax.plot(angles, values, marker="o", ms=3, label=f"{key[2]} {key[4]}{_backend_tag(key[5])}")
         ax.set_xticks(angles[:-1], labels, fontsize=8)
         ax.set_ylim(0, max(1.1, float(part.max().max()) * 1.05))
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
@@ -174,7 +175,7 @@ def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
         for key, row in part.iterrows():
             values = [0.0 if pd.isna(v) else min(v, cap) for v in row.values]
             ax.plot(angles, values + [values[0]], marker="o", ms=3,
-                    label=f"{key[1]} {key[2]}" + ("" if key[3] == "hf" else f" [{key[3]}]"))
+                    label=f"{key[1]} {key[2]}{_backend_tag(key[3])}")
         ax.set_xticks(angles[:-1], labels, fontsize=7)
         ax.set_ylim(0, cap)
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
@@ -197,7 +198,7 @@ def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
         for (bits, method, backend), s in part.groupby(["bits", "method", "backend"]):
             s = s.sort_values("length")
             ax.errorbar(s["length"], s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
-                        capsize=3, label=f"{bits} {method}" + ("" if backend == "hf" else f" [{backend}]"))
+                        capsize=3, label=f"{bits} {method}{_backend_tag(backend)}")
         ax.set_xscale("log")
         ax.set_xlabel("context length")
         ax.set_ylabel("accuracy")

@@ -115,8 +115,13 @@ def cell_table(long: pd.DataFrame) -> pd.DataFrame:
     norm.columns = [f"{c} /FP" for c in norm.columns]
     table = values.join(norm)
     table = table[[c for m in values.columns for c in (m, f"{m} /FP") if c in table.columns]]
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
-    return table.loc[order]
+    return _in_cell_order(table)
+
+
+def _in_cell_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows indexed by CELL_KEYS in reading order: model, tensor type, bits (most first),
+    preset, method, backend."""
+    return table.loc[sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
 
 
 def _bits_key(label: str) -> tuple:
@@ -135,8 +140,7 @@ def family_table(long: pd.DataFrame) -> pd.DataFrame:
     from qeval.eval.registry import FAMILIES
 
     table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
-    return table.loc[order]
+    return _in_cell_order(table)
 
 
 def _retained(normalized: float, higher_is_better: bool) -> float:
@@ -204,8 +208,7 @@ def marked_table(long: pd.DataFrame) -> pd.DataFrame:
 
     prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
     table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")
-    order = sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), k[3], k[4], k[5]))
-    return table.loc[order].fillna("")
+    return _in_cell_order(table).fillna("")
 
 
 def views(long: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
