@@ -115,7 +115,8 @@ def reference_item(tm, name: str, local: Callable[[str], Loader | None], skipped
     return tm.load([cfg])["tasks"][name]
 
 
-def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size: int) -> tuple[dict, list[str]]:
+def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size: int,
+                      dtype: str = "float32") -> tuple[dict, list[str]]:
     """lm-eval's own task (or group) from the model folder; (lm-eval's output, skipped subtasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -123,7 +124,7 @@ def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size
     tm = TaskManager()
     skipped: list[str] = []
     item = reference_item(tm, pair.reference, pair.local, skipped)
-    out = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "dtype": "float32"},
+    out = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "dtype": dtype},
                           tasks=[item], limit=limit, batch_size=batch_size, device="cpu", num_fewshot=0,
                           task_manager=tm, bootstrap_iters=1000, log_samples=False, random_seed=0,
                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
