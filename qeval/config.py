@@ -193,6 +193,9 @@ class QevalConfig:
     cache_dir: Optional[str] = None
     seed: int = 0
     rerun: bool = False
+    # keep each weight-quantized model in <cache_dir>/quantized (safetensors), keyed by model
+    # weights + spec + method + calibration + seed, so re-runs with new tasks skip the method
+    quantized_cache: bool = False
 
 
 def register_configs() -> None:

@@ -10,6 +10,7 @@ every cell whose file is already there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import os
 import platform
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,27 +65,79 @@ class ResultStore:
         path = self.find(cell_hash)
         if path is None:
             return None
-        record = _read_record(path)
+        record = read_record(path)
         if record is None:
             log.warning("result file %s is unreadable; the cell will be recomputed", path)
             return None
         return record if record.get("status") in FINISHED else None
 
     def write(self, record: dict[str, Any]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record["hash"], record["label"])
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomically(path, record)
+        if record.get("status") in FINISHED:  # a failed cell keeps its finished tasks for the retry
+            self.drop_partial(record["hash"])
         return path
+
+    # -- tasks finished inside a cell that has not finished (kept across a crash or kill)
+
+    def _partial_path(self, cell_hash: str) -> Path:
+        return self.dir / ".partial" / f"{cell_hash}.json"
+
+    def partial(self, cell_hash: str, fingerprint: str) -> dict[str, Any]:
+        """Per finished task of an unfinished cell: {"metrics": ..., "seconds": ...}.
+
+        Kept only when the model weights (``fingerprint``) and qeval's version are
+        the ones that produced them, so a reused score is the score a fresh run gives.
+        """
+        data = read_record(self._partial_path(cell_hash))
+        if not data or data.get("fingerprint") != fingerprint or data.get("qeval") != _qeval_version():
+            return {}
+        return data.get("tasks", {})
+
+    def save_partial(self, cell_hash: str, fingerprint: str, tasks: dict[str, Any]) -> None:
+        write_json_atomically(self._partial_path(cell_hash),
+                               {"fingerprint": fingerprint, "qeval": _qeval_version(), "tasks": tasks})
+
+    def drop_partial(self, cell_hash: str) -> None:
+        self._partial_path(cell_hash).unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self, older_than_s: float = 600.0) -> list[Path]:
+        """Delete temporary files left by a writer that was killed mid-write.
+
+        Writes take milliseconds, so a temporary older than ``older_than_s`` has
+        no live writer (a parallel worker's fresh one is left alone).
+        """
+        removed = []
+        now = time.time()
+        for tmp in [*self.dir.glob(".tmp-*"), *self.dir.glob(".partial/.tmp-*")]:
+            try:
+                if now - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+@functools.cache
+def _qeval_version() -> str:
+    return package_versions().get("qeval", "")
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:
@@ -92,7 +146,7 @@ def _umask() -> int:
     return mask
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None if it is unreadable or not an object."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -106,7 +160,7 @@ def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
     for path in sorted(Path(root).rglob("*.json")):
         if path.name.startswith(".") or ".hydra" in path.parts:
             continue
-        record = _read_record(path)
+        record = read_record(path)
         if record is None:
             log.warning("skipping unreadable result file %s", path)
             continue

@@ -102,6 +102,52 @@ def _export_dir(cfg: DictConfig, cell_hash: str):
     return root / f"{cell_label(cfg)}-{cell_hash[:12]}"
 
 
+def quantized_cache_dir(cfg: DictConfig, model_fingerprint: str):
+    """The cache entry of this cell's quantized model: everything that decides its weights."""
+    from qeval.models.carriers import cache_root
+    from qeval.quant.cache import CACHE_FORMAT
+
+    c = to_container(cfg)
+    key = {"model": model_fingerprint, "quant": c["quant"], "method": c["method"], "seed": cfg.seed,
+           "format": CACHE_FORMAT, "calib": c["calib"] if uses_calibration(cfg) else None,
+           "device": cfg.backend.device}
+    return cache_root(cfg.cache_dir) / "quantized" / f"{cell_label(cfg)}-{stable_hash(key)}"
+
+
+def _quantized_model(cfg: DictConfig, loaded: Any, method: Any, calibration: Any) -> tuple[torch.nn.Module, str]:
+    """The cell's quantized model, from the quantized-model cache when enabled and present;
+    (model, "hit" / "miss" / "off")."""
+    from qeval.quant.apply import quantize_model
+    from qeval.quant.cache import load_quantized, save_quantized
+
+    model = loaded.fresh_copy().to(cfg.backend.device)
+    if not (cfg.quantized_cache and quantized(cfg.quant.w)):
+        return quantize_model(model, cfg.quant, method, calibration), "off"
+    entry = quantized_cache_dir(cfg, loaded.fingerprint)
+    if load_quantized(model, entry, cfg.quant):
+        log.info("quantized model read from %s", entry)
+        return model, "hit"
+    model = loaded.fresh_copy().to(cfg.backend.device)  # a failed read may have half-rebuilt the copy
+    quantize_model(model, cfg.quant, method, calibration)
+    save_quantized(model, entry, provenance={"cell": cell_label(cfg), "method": cfg.method.name})
+    log.info("quantized model kept in %s", entry)
+    return model, "miss"
+
+
+def _task_checkpoints(store: ResultStore, cell_hash: str, fingerprint: str) -> dict[str, Any]:
+    """evaluate_suite arguments that keep each finished task of the cell on disk until the cell
+    is recorded, and reuse those an interrupted run of the same cell left behind."""
+    kept = store.partial(cell_hash, fingerprint)
+    if kept:
+        log.info("reusing %d task score(s) of an interrupted run: %s", len(kept), ", ".join(kept))
+
+    def on_task_done(name: str, metrics: dict[str, Any], seconds: float) -> None:
+        kept[name] = {"metrics": metrics, "seconds": seconds}
+        store.save_partial(cell_hash, fingerprint, kept)
+
+    return {"finished": dict(kept), "on_task_done": on_task_done}
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, if already finished) one cell and return its record."""
     t_start = time.perf_counter()
@@ -114,7 +160,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     label = cell_label(cfg)
     if not cfg.rerun and (done := store.finished(cell_hash)) is not None:
         log.info("cell %s already finished (%s): skipping", label, store.find(cell_hash))
-        done["_skipped_existing"] = True
         return done
 
     from qeval.eval.suite import describe_suite
@@ -157,18 +202,14 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         record["model_fingerprint"] = loaded.fingerprint
         record["timings"]["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model = loaded.fresh_copy().to(cfg.backend.device)
-
         from qeval.data import calibration_for
 
         # tokenized at most once per cell, whether the method, static scales or the KV export ask
         calibration = functools.cache(functools.partial(calibration_for, cfg, loaded.tokenizer))
-
-        from qeval.quant.apply import quantize_model
-
-        quantize_model(model, cfg.quant, method, calibration)
+        model, record["quantized_cache"] = _quantized_model(cfg, loaded, method, calibration)
         record["timings"]["quantize"] = time.perf_counter() - t0
-        log.info("cell %s: quantized in %.1fs", label, record["timings"]["quantize"])
+        log.info("cell %s: quantized in %.1fs%s", label, record["timings"]["quantize"],
+                 " (from the quantized-model cache)" if record["quantized_cache"] == "hit" else "")
         from qeval.eval.suite import evaluate_suite
 
         if cfg.backend.name == "vllm":
@@ -186,10 +227,12 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             gc.collect()
             with VllmEngine(checkpoint, settings_from_config(cfg, export_scheme(cfg.quant))) as engine:
                 record["engine"] = {"device": engine.device, **engine.kwargs}
-                record["metrics"], record["timings"]["eval"] = evaluate_suite(engine, loaded.tokenizer, cfg)
+                record["metrics"], record["timings"]["eval"] = evaluate_suite(
+                    engine, loaded.tokenizer, cfg, **_task_checkpoints(store, cell_hash, loaded.fingerprint))
         else:
             record["metrics"], record["timings"]["eval"] = evaluate_suite(
-                model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint)
+                model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint,
+                **_task_checkpoints(store, cell_hash, loaded.fingerprint))
         record["status"] = "ok"
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))

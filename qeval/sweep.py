@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
@@ -21,6 +24,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+
+from qeval.results import write_json_atomically, stable_hash
 
 log = logging.getLogger("qeval")
 
@@ -44,72 +49,137 @@ def compose_cell(config: DictConfig, overrides: list[str]) -> DictConfig:
     return GlobalHydra.instance().config_loader().load_sweep_config(config, overrides)
 
 
+PLAN_FILE = "qeval_plan.json"
+
+
+def _plan_path(config: DictConfig) -> Path:
+    """The plan lives in this launch's Hydra sweep folder, which every launcher's jobs can see."""
+    return Path(config.hydra.sweep.dir) / PLAN_FILE
+
+
 class SweepCallback(Callback):
-    def __init__(self) -> None:
-        self.total = 0
-        self.done = 0
-        self.started = 0.0
-        self.statuses: dict[str, int] = {}
-        self.not_ok: list[str] = []  # "status: label (reason)" of skipped and failed cells
+    """Validates the whole sweep before it starts, reports progress, summarizes at the end.
+
+    Parallel launchers (joblib, submitit, Ray) run ``on_job_*`` in their worker
+    processes, not in the process that started the sweep, so nothing here counts
+    in memory: the plan (every cell's hash, written before any cell runs) and the
+    result files are the shared state, and progress and the final summary are read
+    from them whichever process asks.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from qeval.config import ConfigError
-        from qeval.runner import preflight
+        from qeval.results import ResultStore
+        from qeval.runner import cell_identity, cell_label, preflight
 
-        self.started = time.perf_counter()
-        jobs = plan_cells(config)
-        for overrides in jobs:
+        started = time.time()
+        cells = []
+        for overrides in plan_cells(config):
             try:
-                preflight(compose_cell(config, overrides))
+                cell = compose_cell(config, overrides)
+                preflight(cell)
             except (ConfigError, KeyError, FileNotFoundError, OmegaConfBaseException) as err:
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)
-        self.total = len(jobs)
-        log.info("sweep: %d cells planned and validated in %.1fs", self.total, time.perf_counter() - self.started)
+            cells.append({"hash": stable_hash(cell_identity(cell)), "label": cell_label(cell),
+                          "overrides": list(overrides)})
+        store = ResultStore(config.results_dir, config.sweep_name)
+        for tmp in store.remove_stale_temporaries():
+            log.warning("removed %s, left by a writer that was killed mid-write", tmp)
+        done_before = [c["hash"] for c in cells if store.finished(c["hash"]) is not None]
+        plan = {"started": started, "results": str(store.dir), "cells": cells, "done_before": done_before}
+        write_json_atomically(_plan_path(config), plan)
+        log.info("sweep: %d cells planned and validated in %.1fs (%d already finished)",
+                 len(cells), time.time() - started, len(done_before))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.total:
-            log.info("sweep: starting cell %d/%d (%s)", self.done + 1, self.total, " ".join(
-                config.hydra.overrides.task) or "defaults")
+        log.info("sweep: starting cell %s (%s)", config.hydra.job.get("num", "?"),
+                 " ".join(config.hydra.overrides.task) or "defaults")
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        self.done += 1
-        status = "crashed"
-        try:
-            record = job_return.return_value
-            status = record.get("status", "ok")
-            if status in ("skipped", "failed"):
-                self.not_ok.append(f"{status}: {record['label']} ({record.get('reason', '')})")
-            if record.get("_skipped_existing"):
-                status = "already done"
-        except Exception:  # noqa: BLE001 - the job itself raised; Hydra reports it
-            pass
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        elapsed = time.perf_counter() - self.started
-        if self.total:
-            remaining = elapsed / self.done * (self.total - self.done)
-            log.info("sweep: %d/%d cells done, elapsed %s, estimated remaining %s",
-                     self.done, self.total, _hms(elapsed), _hms(remaining))
+        plan = _read_plan(config)
+        if plan is None:
+            return
+        statuses = _statuses(plan)
+        done = sum(s != "missing" for s in statuses.values())
+        total = len(statuses)
+        computed = done - len(plan["done_before"])
+        elapsed = time.time() - plan["started"]
+        remaining = elapsed / computed * (total - done) if computed > 0 else float("nan")
+        log.info("sweep: %d/%d cells done, elapsed %s, estimated remaining %s",
+                 done, total, _hms(elapsed), _hms(remaining))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from qeval.report.table import write_tables
 
-        sweep_dir = f"{config.results_dir}/{config.sweep_name}"
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
-        print(f"\nqeval: sweep finished in {_hms(time.perf_counter() - self.started)} ({counts})")
-        for line in self.not_ok:
+        plan = _read_plan(config)
+        if plan is None:
+            print(f"qeval: the sweep plan {_plan_path(config)} is missing or unreadable", file=sys.stderr)
+            sys.exit(1)
+        statuses = _statuses(plan)
+        counts: dict[str, int] = {}
+        for cell_hash, status in statuses.items():
+            if status == "ok" and cell_hash in plan["done_before"]:
+                status = "already done"
+            counts[status] = counts.get(status, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        print(f"\nqeval: sweep finished in {_hms(time.time() - plan['started'])} ({summary})")
+        for line in _not_ok_lines(plan, statuses):
             print(f"  {line}")
         try:
-            table, files = write_tables(sweep_dir)
+            table, files = write_tables(plan["results"])
             print(table)
-            print(f"\nresults: {sweep_dir}/  tables: {', '.join(map(str, files))}")
+            print(f"\nresults: {plan['results']}/  tables: {', '.join(map(str, files))}")
         except ValueError as err:
             print(f"qeval: no table ({err})")
-        if self.statuses.get("failed") or self.statuses.get("crashed"):
+        if counts.get("failed") or counts.get("missing"):
             sys.exit(1)
 
 
+def _read_plan(config: DictConfig) -> dict[str, Any] | None:
+    try:
+        return json.loads(_plan_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _records(plan: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    from qeval.results import ResultStore, read_record
+
+    store_dir = Path(plan["results"])
+    store = ResultStore(store_dir.parent, store_dir.name)
+    out = {}
+    for cell in plan["cells"]:
+        path = store.find(cell["hash"])
+        # a result from before this launch counts only if it was finished then (a failed one is retried)
+        current = path is not None and (cell["hash"] in plan["done_before"]
+                                        or path.stat().st_mtime >= plan["started"] - 1)
+        out[cell["hash"]] = read_record(path) if current else None
+    return out
+
+
+def _statuses(plan: dict[str, Any]) -> dict[str, str]:
+    """ok / skipped / failed per planned cell, or missing: no readable result (not run yet,
+    or its worker died before recording it)."""
+    return {h: (rec or {}).get("status", "missing") for h, rec in _records(plan).items()}
+
+
+def _not_ok_lines(plan: dict[str, Any], statuses: dict[str, str]) -> list[str]:
+    records = _records(plan)
+    lines = []
+    for cell in plan["cells"]:
+        status = statuses[cell["hash"]]
+        if status in ("skipped", "failed"):
+            lines.append(f"{status}: {cell['label']} ({records[cell['hash']].get('reason', '')})")
+        elif status == "missing":
+            lines.append(f"missing: {cell['label']} (no result: its job crashed or was killed; "
+                         f"overrides {' '.join(cell['overrides']) or '(defaults)'})")
+    return lines
+
+
 def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

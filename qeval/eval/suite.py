@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,15 +101,28 @@ def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_fingerprint: str = "") -> tuple[
+def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_fingerprint: str = "",
+                   finished: dict[str, dict[str, Any]] | None = None,
+                   on_task_done: Callable[[str, dict[str, Any], float], None] | None = None) -> tuple[
         dict[str, Any], dict[str, float]]:
-    """Score ``model`` on every suite entry; returns (metrics per entry, seconds per entry)."""
+    """Score ``model`` on every suite entry; returns (metrics per entry, seconds per entry).
+
+    ``finished`` holds entries already scored by an earlier, interrupted run of the
+    same cell ({"metrics", "seconds"} per name): they are reused, not re-run.
+    ``on_task_done(name, metrics, seconds)`` is called after each newly scored entry
+    so that the caller can keep it.
+    """
     from qeval.eval.perplexity import perplexity
 
     include = include_paths(cfg)
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    finished = finished or {}
     for name, task in cfg.suite.tasks.items():
+        if name in finished:
+            metrics[name], timings[name] = finished[name]["metrics"], finished[name]["seconds"]
+            log.info("  %s: %s (kept from an interrupted run)", name, _short(metrics[name]))
+            continue
         t0 = time.perf_counter()
         kind = resolve_kind(task, include)
         if kind == "perplexity":
@@ -139,6 +152,8 @@ def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_
                                              task.apply_chat_template)
         timings[name] = time.perf_counter() - t0
         log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
+        if on_task_done is not None:
+            on_task_done(name, metrics[name], timings[name])
     return metrics, timings
 
 

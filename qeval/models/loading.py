@@ -115,7 +115,13 @@ def resolve_pretrained_path(cfg: Any, cache_dir: str | None = None) -> str:
     cache = cache_root(cache_dir)
     out_dir = cache / "models" / cfg.name
     if not (out_dir / CONVERTED_MARKER).is_file():
-        convert_gguf(materialize_gguf(cfg.gguf, cfg.name, cache), out_dir)
+        from filelock import FileLock
+
+        # parallel workers (joblib, submitit) sharing one cache: the first converts, the others wait
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out_dir) + ".lock"):
+            if not (out_dir / CONVERTED_MARKER).is_file():
+                convert_gguf(materialize_gguf(cfg.gguf, cfg.name, cache), out_dir)
     return str(out_dir)
 
 
