@@ -163,6 +163,9 @@ class BackendConfig:
     name: str = "hf"
     device: str = "cpu"  # hf: the torch device; vllm: vLLM's platform decides
     threads: Optional[int] = None
+    # hf only: spread the quantized model over the visible GPUs for evaluation ("auto",
+    # "balanced", "sequential"; accelerate's dispatch); quantization runs on `device`
+    device_map: Optional[str] = None
     # vllm only (null: device defaults, float32 + eager on CPU, auto dtype + graphs on GPU)
     dtype: Optional[str] = None
     enforce_eager: Optional[bool] = None
@@ -171,11 +174,13 @@ class BackendConfig:
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     max_num_seqs: Optional[int] = None
     export_dir: Optional[str] = None  # null: <cache_dir>/exports
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine spreads the model over
 
 
 # the backend keys that change a cell's numbers (threads and memory sizes do not)
 BACKEND_IDENTITY_KEYS = {"hf": ("name", "device"), "vllm": ("name", "dtype", "max_model_len")}
 BACKENDS = tuple(BACKEND_IDENTITY_KEYS)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -314,6 +319,13 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
     validate_quant(cfg.quant)
     _check_choice("method.name", cfg.method.name, tuple(sorted(METHODS)))
     _check_choice("backend.name", cfg.backend.name, BACKENDS)
+    if cfg.backend.device_map is not None:
+        _check_choice("backend.device_map", cfg.backend.device_map, DEVICE_MAPS)
+        if cfg.backend.name != "hf":
+            _fail("backend.device_map", cfg.backend.device_map,
+                  "null with backend=vllm (spread a vLLM engine with backend.tensor_parallel_size)")
+    if cfg.backend.tensor_parallel_size < 1:
+        _fail("backend.tensor_parallel_size", cfg.backend.tensor_parallel_size, "an integer >= 1")
     if not cfg.suite.tasks:
         _fail("suite.tasks", dict(cfg.suite.tasks), "at least one task")
     for name, task in cfg.suite.tasks.items():

@@ -46,6 +46,11 @@ def cell_identity(cfg: DictConfig) -> dict[str, Any]:
     identity = {k: c[k] for k in ("model", "quant", "method", "suite", "backend", "seed")}
     identity["backend"] = {k: v for k, v in identity["backend"].items()
                            if k in BACKEND_IDENTITY_KEYS[cfg.backend.name]}
+    if tensor_type(cfg.quant) == "FP":
+        # no method touches an unquantized model: quant=fp16 x method=rtn,gptq,awq is one
+        # baseline cell, computed once per sweep and found by every method's normalization
+        identity["method"] = None
+        return identity
     if uses_calibration(cfg) or needs_kv_scales(cfg):
         identity["calib"] = c["calib"]
     return identity
@@ -160,6 +165,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     label = cell_label(cfg)
     if not cfg.rerun and (done := store.finished(cell_hash)) is not None:
         log.info("cell %s already finished (%s): skipping", label, store.find(cell_hash))
+        store.drop_partial(cell_hash)  # left if a kill fell between recording the cell and dropping it
         return done
 
     from qeval.eval.suite import describe_suite
@@ -174,6 +180,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         "config": to_container(cfg), "identity": identity, "seed": cfg.seed,
         "versions": package_versions(), "timings": {}, "metrics": {},
         "host": {"hostname": socket.gethostname(), "pid": os.getpid()},
+        "started_at": time.time(),
         "tasks": describe_suite(cfg),
     }
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params))
@@ -230,6 +237,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                 record["metrics"], record["timings"]["eval"] = evaluate_suite(
                     engine, loaded.tokenizer, cfg, **_task_checkpoints(store, cell_hash, loaded.fingerprint))
         else:
+            if cfg.backend.device_map:
+                from qeval.models.loading import spread_over_devices
+
+                record["device_map"] = spread_over_devices(model, cfg.backend.device_map)
             record["metrics"], record["timings"]["eval"] = evaluate_suite(
                 model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint,
                 **_task_checkpoints(store, cell_hash, loaded.fingerprint))
@@ -244,6 +255,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         del model
         gc.collect()
     record["timings"]["total"] = time.perf_counter() - t_start
+    record["finished_at"] = time.time()
     path = store.write(record)
     log.info("cell %s: %s -> %s", label, record["status"], path)
     return record

@@ -87,11 +87,14 @@ class SweepCallback(Callback):
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)
-        done_before = [c["hash"] for c in cells if store.finished(c["hash"]) is not None]
+        done_before = sorted({c["hash"] for c in cells if store.finished(c["hash"]) is not None})
         plan = {"started": started, "results": str(store.dir), "cells": cells, "done_before": done_before}
         write_json_atomically(_plan_path(config), plan)
-        log.info("sweep: %d cells planned and validated in %.1fs (%d already finished)",
-                 len(cells), time.time() - started, len(done_before))
+        distinct = len({c["hash"] for c in cells})
+        shared = f", {len(cells) - distinct} sharing another cell's result (the FP baseline of each method)" \
+            if distinct < len(cells) else ""
+        log.info("sweep: %d cells planned and validated in %.1fs (%d already finished%s)",
+                 len(cells), time.time() - started, len(done_before), shared)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         log.info("sweep: starting cell %s (%s)", config.hydra.job.get("num", "?"),
@@ -101,7 +104,7 @@ class SweepCallback(Callback):
         plan = _read_plan(config)
         if plan is None:
             return
-        statuses = _statuses(plan)
+        statuses = _statuses(plan, read=False)
         done = sum(s != "missing" for s in statuses.values())
         total = len(statuses)
         computed = done - len(plan["done_before"])
@@ -144,34 +147,53 @@ def _read_plan(config: DictConfig) -> dict[str, Any] | None:
         return None
 
 
-def _records(plan: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
-    from qeval.results import ResultStore, read_record
+def _result_files(plan: dict[str, Any]) -> dict[str, Path]:
+    """Planned cell hash -> its result file, for the files that count for this launch (one
+    directory listing, however many cells): those finished before it, and those written since
+    it started (an older failed one is being retried, so it does not count yet)."""
+    planned = {c["hash"] for c in plan["cells"]}
+    found = {}
+    for path in Path(plan["results"]).glob("*.json"):
+        cell_hash = path.stem.rpartition("-")[2]
+        if cell_hash not in planned:
+            continue
+        try:
+            if cell_hash in plan["done_before"] or path.stat().st_mtime >= plan["started"] - 1:
+                found[cell_hash] = path
+        except FileNotFoundError:
+            pass
+    return found
 
-    store_dir = Path(plan["results"])
-    store = ResultStore(store_dir.parent, store_dir.name)
+
+def _statuses(plan: dict[str, Any], read: bool = True) -> dict[str, str]:
+    """ok / skipped / failed per planned cell, or missing: no readable result (not run yet, or
+    its worker died before recording it).  ``read=False``: "done" for any result file, which
+    is all a progress line needs."""
+    from qeval.results import read_record
+
+    files = _result_files(plan)
     out = {}
     for cell in plan["cells"]:
-        path = store.find(cell["hash"])
-        # a result from before this launch counts only if it was finished then (a failed one is retried)
-        current = path is not None and (cell["hash"] in plan["done_before"]
-                                        or path.stat().st_mtime >= plan["started"] - 1)
-        out[cell["hash"]] = read_record(path) if current else None
+        path = files.get(cell["hash"])
+        if path is None:
+            out[cell["hash"]] = "missing"
+        elif not read:
+            out[cell["hash"]] = "done"
+        else:
+            out[cell["hash"]] = (read_record(path) or {}).get("status", "missing")
     return out
 
 
-def _statuses(plan: dict[str, Any]) -> dict[str, str]:
-    """ok / skipped / failed per planned cell, or missing: no readable result (not run yet,
-    or its worker died before recording it)."""
-    return {h: (rec or {}).get("status", "missing") for h, rec in _records(plan).items()}
-
-
 def _not_ok_lines(plan: dict[str, Any], statuses: dict[str, str]) -> list[str]:
-    records = _records(plan)
+    from qeval.results import read_record
+
+    files = _result_files(plan)
     lines = []
     for cell in plan["cells"]:
         status = statuses[cell["hash"]]
         if status in ("skipped", "failed"):
-            lines.append(f"{status}: {cell['label']} ({records[cell['hash']].get('reason', '')})")
+            reason = (read_record(files[cell["hash"]]) or {}).get("reason", "")
+            lines.append(f"{status}: {cell['label']} ({reason})")
         elif status == "missing":
             lines.append(f"missing: {cell['label']} (no result: its job crashed or was killed; "
                          f"overrides {' '.join(cell['overrides']) or '(defaults)'})")

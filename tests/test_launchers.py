@@ -1,5 +1,6 @@
-"""Hydra launchers run the same cells to the same numbers: a 2-worker joblib sweep against the
-basic (sequential) launcher on tiny-model cells."""
+"""Hydra launchers run the same cells to the same numbers: a 2-worker joblib sweep and a
+submitit-local sweep (one process per cell, SLURM's code path) against the basic (sequential)
+launcher on tiny-model cells, through qeval's launcher configs (conf/hydra/launcher/)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import json
 import pytest
 from conftest import require_eval_data
 
-pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed "
-                                                                   "(pip install -e '.[dev]')")
 
 CELLS = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,w8a8,kv4", "sweep_name=launch"]
 
@@ -18,19 +17,40 @@ def _records(root):
     return {r["hash"]: r for r in (json.loads(p.read_text()) for p in (root / "launch").glob("*.json"))}
 
 
-def test_joblib_two_workers_match_the_basic_launcher(tmp_path, run_qeval):
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory, run_qeval):
     require_eval_data()
-    basic = run_qeval(CELLS + [f"results_dir={tmp_path / 'basic'}"], tmp_path, timeout=400)
-    joblib = run_qeval(CELLS + ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                                f"results_dir={tmp_path / 'joblib'}"], tmp_path, timeout=400)
-    assert basic.returncode == 0, basic.stderr[-3000:]
-    assert joblib.returncode == 0, joblib.stderr[-3000:]
-    a, b = _records(tmp_path / "basic"), _records(tmp_path / "joblib")
-    assert len(a) == 4 and a.keys() == b.keys()
-    for cell_hash in a:
-        assert a[cell_hash]["status"] == b[cell_hash]["status"] == "ok"
-        assert a[cell_hash]["metrics"] == b[cell_hash]["metrics"]
-    # the joblib cells really ran in two worker processes, the basic ones in one
-    assert len({r["host"]["pid"] for r in a.values()}) == 1
-    assert len({r["host"]["pid"] for r in b.values()}) == 2
-    assert "4 cells planned and validated" in joblib.stdout + joblib.stderr
+    tmp = tmp_path_factory.mktemp("basic")
+    proc = run_qeval(CELLS + [f"results_dir={tmp}"], tmp, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(tmp)
+    assert len(records) == 4 and len({r["host"]["pid"] for r in records.values()}) == 1
+    return records
+
+
+def _same_as_basic(basic, proc, root, n_processes: int) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    records = _records(root)
+    assert records.keys() == basic.keys()
+    for cell_hash, rec in records.items():
+        assert rec["status"] == basic[cell_hash]["status"] == "ok"
+        assert rec["metrics"] == basic[cell_hash]["metrics"]
+    assert len({r["host"]["pid"] for r in records.values()}) == n_processes
+    # the sweep's plan, progress and summary work although the cells ran in other processes
+    assert "4 cells planned and validated" in out
+    assert "(4 ok)" in out
+
+
+def test_joblib_two_workers_match_the_basic_launcher(basic, tmp_path, run_qeval):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[dev]'")
+    proc = run_qeval(CELLS + ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "backend.threads=1",
+                              f"results_dir={tmp_path}"], tmp_path, timeout=400)
+    _same_as_basic(basic, proc, tmp_path, n_processes=2)
+
+
+def test_submitit_local_matches_the_basic_launcher(basic, tmp_path, run_qeval):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[dev]'")
+    proc = run_qeval(CELLS + ["hydra/launcher=local", "backend.threads=1", f"results_dir={tmp_path}"],
+                     tmp_path, timeout=600)
+    _same_as_basic(basic, proc, tmp_path, n_processes=4)  # one process per cell

@@ -87,3 +87,28 @@ def test_split_gguf_is_concatenated_and_checked(tmp_path, monkeypatch):
 def test_part_without_distribution_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="distribution:relative/path"):
         carriers.locate_parts(["just/a/path.gguf"], tmp_path)
+
+
+def test_spread_over_devices_keeps_a_quantized_model_computing_the_same():
+    """backend.device_map: accelerate's dispatch of a fake-quantized model (QuantLinear,
+    activation quantizers, KV hook) leaves its outputs unchanged; on a machine without GPUs
+    every module lands on the CPU."""
+    from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig
+    from qeval.models.loading import spread_over_devices
+    from qeval.quant.apply import quantize_model
+    from qeval.quant.methods import get_method
+
+    spec = QuantConfig(name="w4a8kv4", w=WeightQuantConfig(bits=4, group_size=32), a=ActQuantConfig(bits=8),
+                       kv=KVQuantConfig(bits=4))
+    model = quantize_model(build_tiny_model("llama"), spec, get_method("rtn"))
+    x = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x).logits
+        placement = spread_over_devices(model, "auto")
+        after = model(x).logits
+    devices = set(placement.values())
+    assert devices <= {"cpu"} | {f"{i}" for i in range(torch.cuda.device_count())}
+    if not torch.cuda.is_available():
+        assert placement == {"": "cpu"}
+    tol = 0 if placement == {"": "cpu"} else 1e-3  # other devices: other kernels, other roundings
+    torch.testing.assert_close(after.cpu(), before.cpu(), rtol=tol, atol=tol)

@@ -148,3 +148,18 @@ def test_package_versions_names_the_stack():
     for key in ("python", "qeval", "torch", "transformers", "lm_eval"):
         assert key in v and v[key]
     assert v["qeval"] == "0.1.0"
+
+
+def test_fp_baseline_is_one_cell_across_methods():
+    """quant=fp16 x method=rtn,gptq is one baseline (same hash, computed once per sweep);
+    quantized cells of different methods stay distinct."""
+    from qeval.cli import compose_config
+    from qeval.runner import cell_identity
+
+    def cell_hash(*overrides: str) -> str:
+        return stable_hash(cell_identity(compose_config(["model=tiny-llama", "suite=tiny", *overrides])))
+
+    assert cell_hash("quant=fp16", "method=rtn") == cell_hash("quant=fp16", "method=gptq") \
+        == cell_hash("quant=fp16", "method=awq")
+    assert cell_hash("quant=w4g128", "method=rtn") != cell_hash("quant=w4g128", "method=gptq")
+    assert cell_hash("quant=fp16") != cell_hash("quant=fp16", "seed=1")

@@ -125,6 +125,7 @@ class EngineSettings:
     seed: int = 0
     scheme: Any = None  # the checkpoint's ExportScheme (None: a dense checkpoint)
     prefix_caching: bool | None = None  # None: vLLM's default; timing turns it off (repeats share prompts)
+    tensor_parallel_size: int = 1  # GPUs one engine spreads the model over
 
     def llm_kwargs(self, device: str) -> dict[str, Any]:
         on_cpu = device == "cpu"
@@ -144,6 +145,8 @@ class EngineSettings:
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.prefix_caching is not None:
             kwargs["enable_prefix_caching"] = self.prefix_caching
+        if self.tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = self.tensor_parallel_size
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         return kwargs
@@ -154,7 +157,8 @@ def settings_from_config(cfg: Any, scheme: Any) -> EngineSettings:
     b = cfg.backend
     return EngineSettings(dtype=b.dtype, enforce_eager=b.enforce_eager, max_model_len=b.max_model_len,
                           gpu_memory_utilization=b.gpu_memory_utilization, cpu_kv_cache_gib=b.cpu_kv_cache_gib,
-                          max_num_seqs=b.max_num_seqs, seed=cfg.seed, scheme=scheme)
+                          max_num_seqs=b.max_num_seqs, seed=cfg.seed, scheme=scheme,
+                          tensor_parallel_size=b.tensor_parallel_size)
 
 
 class VllmEngine:

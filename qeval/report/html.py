@@ -40,7 +40,8 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 def write_html(out: Path, title: str, findings: list[str], families: pd.DataFrame, advice: pd.DataFrame,
                marked: pd.DataFrame, tensor_views: dict[str, pd.DataFrame], method_views: dict[str, pd.DataFrame],
-               figures: list[Path], agreement: pd.DataFrame, efficiency: pd.DataFrame, keep: float) -> Path:
+               figures: list[Path], agreement: pd.DataFrame, efficiency: pd.DataFrame, keep: float,
+               not_ok: pd.DataFrame | None = None) -> Path:
     """Lay out the report; returns the path of report.html."""
     by_name = {f.stem: f for f in figures}
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
@@ -88,6 +89,13 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
         sections.append(("agreement", "Fake quantization vs real kernels", head + _table(agreement)))
     if not efficiency.empty:
         sections.append(("efficiency", "Efficiency (real kernels)", _table(efficiency)))
+    if not_ok is not None and not not_ok.empty:
+        counts = not_ok["status"].value_counts()
+        head = "<p>" + ", ".join(f"{n} {status}" for status, n in counts.items()) + \
+               ": these cells have no scores and appear in no table or figure above.</p>"
+        from qeval.report.table import CELL_KEYS
+
+        sections.append(("not-run", "Failed and skipped cells", head + _table(not_ok.set_index(CELL_KEYS))))
 
     nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections) + "</nav>"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

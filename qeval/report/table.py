@@ -71,6 +71,19 @@ def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def not_ok_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """The cells that produced no scores, a row each: failed (with the error) or skipped (with
+    why the method, format or kernel cannot make that cell)."""
+    rows = []
+    for d in dirs:
+        for rec in iter_records(d):
+            if rec.get("status") in ("failed", "skipped"):
+                cell = rec.get("cell") or {}
+                rows.append({**{k: cell.get(k) for k in CELL_KEYS}, "sweep": rec.get("sweep"),
+                             "status": rec["status"], "reason": rec.get("reason", "")})
+    return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
+
+
 def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
     """The efficiency records (benchmarks/efficiency.py) of the given sweeps as one table,
     a row per timed point (empty when there are none)."""
@@ -315,6 +328,14 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     if not efficiency.empty:
         files.append(out / "efficiency.csv")
         efficiency.to_csv(files[-1], index=False)
+    not_ok = not_ok_frame(dirs)
+    if not not_ok.empty:
+        files += [out / "not_run.csv", out / "not_run.md"]
+        not_ok.to_csv(files[-2], index=False)
+        not_ok_md = not_ok.to_markdown(index=False)
+        files[-1].write_text(not_ok_md + "\n")
+        markdown += f"\n\ncells without scores (failed or skipped)\n\n{not_ok_md}"
     files.append(write_html(out, f"qeval report: {report_name(dirs)}", findings, families, advice, marked,
-                            all_views["tensor_type"], all_views["method"], figures, agreement, efficiency, keep))
+                            all_views["tensor_type"], all_views["method"], figures, agreement, efficiency, keep,
+                            not_ok))
     return markdown, files
