@@ -68,6 +68,15 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns a callback's exception into a warning and goes on; a sweep that cannot
+        # be planned must not start, so any error here ends the run
+        try:
+            self._plan(config)
+        except Exception as err:  # noqa: BLE001
+            print(f"qeval: could not plan the sweep: {type(err).__name__}: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def _plan(self, config: DictConfig) -> None:
         from qeval.config import ConfigError
         from qeval.results import ResultStore
         from qeval.runner import cell_identity, cell_label, preflight

@@ -120,7 +120,8 @@ def test_sweep_log(first_run):
     assert out.count("quantized in") == 3
     assert "3 ok" in out
     assert "wikitext2.ppl /FP" in out  # the table printed at the end
-    assert "already finished" not in out
+    assert "(0 already finished)" in out and "cell tiny-llama__fp16__rtn already finished" not in out
+    assert "sweep: 3/3 cells done" in out
 
 
 # ---------------------------------------------------------------------------- resume
@@ -133,7 +134,8 @@ def test_rerun_skips_finished_cells(second_run):
     assert len(before) == 3
     # byte-identical files, not rewritten (same mtime)
     assert after == before
-    assert out.count("already finished") == 3
+    assert out.count("already finished") == 4  # the plan's count, then each cell
+    assert "(3 already finished)" in out
     for quant in CELLS:
         assert f"cell tiny-llama__{quant}__rtn already finished" in out
     # no model loaded, nothing quantized or evaluated
@@ -158,7 +160,8 @@ def test_corrupt_result_is_recomputed(first_run, workdir, run_qeval, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # the two intact cells are skipped, the broken one is computed again
-    assert out.count("already finished") == 2
+    assert out.count(" already finished (") == 2
+    assert "(2 already finished)" in out
     assert "cell tiny-llama__w4g128__rtn already finished" not in out
     assert out.count("quantized in") == 1
     assert "unreadable" in out

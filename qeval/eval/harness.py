@@ -11,6 +11,7 @@ names for online users.
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -48,6 +49,11 @@ def run_lm_eval(model, tokenizer, task: str, limit: int | None = None, num_fewsh
     """lm-eval's ``simple_evaluate`` on an in-memory model; returns lm-eval's whole output."""
     from lm_eval import simple_evaluate
 
+    # lm-eval bootstraps some standard errors (perplexity, F1, BLEU) in a fork()ed process pool:
+    # forking a process that runs torch threads can deadlock, and under submitit (whose job
+    # handler ignores SIGTERM, inherited by the forked workers) Pool.terminate() waits forever.
+    # The serial path draws the same seeded resamples, so the numbers are identical.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     if hasattr(model, "lm_eval_model"):  # a real-kernel engine brings lm-eval's model for it
         lm = model.lm_eval_model()
     else:
