@@ -9,6 +9,7 @@ layout.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +117,28 @@ def calibration_for(cfg: Any, tokenizer) -> list[torch.Tensor]:
     return calibration_batches(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, cfg.data_dir)
 
 
+_TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def tokenized_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> torch.Tensor:
+    """Token ids of a whole corpus, cached per process by content: the tokenizer and the
+    sha256 of the text, so every cell of a sweep (perplexity and calibration alike) tokenizes
+    a corpus once, and an edited file is tokenized again."""
+    text = load_text(dataset, data_dir)
+    tok_id = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}#{len(tokenizer)}" \
+             f":bos={getattr(tokenizer, 'add_bos_token', None)}"
+    key = (tok_id, hashlib.sha256(text.encode()).hexdigest())
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = tokenizer(text, return_tensors="pt").input_ids[0]
+    return _TOKEN_CACHE[key]
+
+
 def calibration_batches(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int,
                         override: str | None = None) -> list[torch.Tensor]:
     """``nsamples`` random windows of ``seqlen`` tokens from a corpus (GPTQ's recipe)."""
-    ids = tokenizer(load_text(dataset, override), return_tensors="pt").input_ids
+    ids = tokenized_corpus(tokenizer, dataset, override).unsqueeze(0)
     if ids.shape[1] <= seqlen:
         raise ValueError(f"calibration corpus {dataset!r} has {ids.shape[1]} tokens, fewer than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.shape[1] - seqlen, (nsamples,), generator=gen)
-    return [ids[:, s:s + seqlen] for s in starts.tolist()]
+    return [ids[:, s:s + seqlen].clone() for s in starts.tolist()]  # never views of the cached corpus

@@ -44,3 +44,30 @@ def test_collect_linear_inputs_stops_early_but_hands_over_the_true_inputs(family
             torch.testing.assert_close(a, b)
     # the forward stopped before the block's last stage ran
     assert all(c == 0 for c in calls.values()), calls
+
+
+def test_corpora_are_tokenized_once_per_process_by_content(monkeypatch):
+    """Every cell of a sweep asks for calibration batches (and perplexity for the test corpus);
+    the corpus is tokenized once, the batches are copies (a method writing into one cannot
+    change the cache), and the same seed gives the same windows."""
+    from conftest import require_eval_data
+    from qeval import data
+    from qeval.models.tiny import byte_tokenizer
+
+    require_eval_data()
+    monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+    tok = byte_tokenizer()
+    calls = []
+    original = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    first = data.calibration_batches(tok, "wikitext2_train", 4, 64, seed=0)
+    second = data.calibration_batches(tok, "wikitext2_train", 4, 64, seed=0)
+    other_seed = data.calibration_batches(tok, "wikitext2_train", 4, 64, seed=1)
+    assert len(calls) == 1 and len(data._TOKEN_CACHE) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_seed))
+    corpus = data.tokenized_corpus(tok, "wikitext2_train")
+    snapshot = corpus.clone()
+    first[0].zero_()
+    assert torch.equal(corpus, snapshot)
+    assert torch.equal(second[0], data.calibration_batches(tok, "wikitext2_train", 4, 64, seed=0)[0])

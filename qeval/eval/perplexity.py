@@ -18,9 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from qeval.data import load_text
-
-_TOKEN_CACHE: dict[tuple[str, str, str | None], torch.Tensor] = {}
+from qeval.data import tokenized_corpus  # noqa: F401  (re-exported: benchmarks and tests use it here)
 
 
 @dataclass
@@ -34,14 +32,6 @@ class PerplexityResult:
     def as_metrics(self) -> dict[str, float | int]:
         return {"ppl": self.ppl, "ppl_stderr": self.ppl_stderr, "nll": self.nll,
                 "windows": self.windows, "tokens": self.tokens}
-
-
-def tokenized_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> torch.Tensor:
-    """Token ids of the whole corpus, cached per process by tokenizer and dataset."""
-    key = (getattr(tokenizer, "name_or_path", "") + f"#{len(tokenizer)}", dataset, data_dir)
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = tokenizer(load_text(dataset, data_dir), return_tensors="pt").input_ids[0]
-    return _TOKEN_CACHE[key]
 
 
 def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
