@@ -108,14 +108,15 @@ def _export_dir(cfg: DictConfig, cell_hash: str):
 
 
 def quantized_cache_dir(cfg: DictConfig, model_fingerprint: str):
-    """The cache entry of this cell's quantized model: everything that decides its weights."""
+    """The cache entry of this cell's quantized model: everything that decides its weights
+    (qeval's version included: a new release may quantize differently)."""
     from qeval.models.carriers import cache_root
     from qeval.quant.cache import CACHE_FORMAT
 
     c = to_container(cfg)
     key = {"model": model_fingerprint, "quant": c["quant"], "method": c["method"], "seed": cfg.seed,
            "format": CACHE_FORMAT, "calib": c["calib"] if uses_calibration(cfg) else None,
-           "device": cfg.backend.device}
+           "device": cfg.backend.device, "qeval": package_versions().get("qeval", "")}
     return cache_root(cfg.cache_dir) / "quantized" / f"{cell_label(cfg)}-{stable_hash(key)}"
 
 

@@ -25,8 +25,14 @@ from qeval.results import read_record
 SWEEP = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,w8a8", "sweep_name=kill"]
 
 
+def _files(folder: Path) -> list[Path]:
+    """The JSON files of a folder, without the temporaries of a writer killed mid-write
+    (``.tmp-*.json``: never read as results, removed once stale)."""
+    return [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+
+
 def _results(sweep_dir: Path) -> dict[str, dict]:
-    return {p.name: json.loads(p.read_text()) for p in sweep_dir.glob("*.json")}
+    return {p.name: json.loads(p.read_text()) for p in _files(sweep_dir)}
 
 
 def _kill_mid_cell(args: list[str], cwd: Path, sweep_dir: Path, timeout: float = 300) -> None:
@@ -41,8 +47,8 @@ def _kill_mid_cell(args: list[str], cwd: Path, sweep_dir: Path, timeout: float =
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be killed")
-            recorded = {p.stem.rpartition("-")[2] for p in sweep_dir.glob("*.json")}
-            half_done = [p for p in sweep_dir.glob(".partial/*.json") if p.stem not in recorded
+            recorded = {p.stem.rpartition("-")[2] for p in _files(sweep_dir)}
+            half_done = [p for p in _files(sweep_dir / ".partial") if p.stem not in recorded
                          and len((read_record(p) or {}).get("tasks", ())) == 1]  # wikitext2 done, lambada not
             if recorded and half_done:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -62,12 +68,12 @@ def test_kill_9_then_resume(tmp_path, run_qeval):
     _kill_mid_cell(SWEEP + [f"results_dir={tmp_path / 'killed'}"], tmp_path, sweep_dir)
 
     # nothing corrupt: every result file reads, and every one is a finished cell
-    survivors = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep_dir.glob("*.json")}
+    survivors = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in _files(sweep_dir)}
     assert 1 <= len(survivors) < 3
     for name in survivors:
         record = read_record(sweep_dir / name)
         assert record is not None and record["status"] == "ok", name
-    partial = [read_record(p) for p in sweep_dir.glob(".partial/*.json")]
+    partial = [read_record(p) for p in _files(sweep_dir / ".partial")]
     assert len(partial) == 1 and partial[0] is not None
     kept_tasks = set(partial[0]["tasks"])
     assert kept_tasks == {"wikitext2"}
@@ -80,7 +86,7 @@ def test_kill_9_then_resume(tmp_path, run_qeval):
     assert "kept from an interrupted run" in out
     for name, (data, mtime) in survivors.items():  # and their files are untouched
         assert (sweep_dir / name).read_bytes() == data and (sweep_dir / name).stat().st_mtime_ns == mtime
-    assert not list(sweep_dir.glob(".partial/*.json")) and not list(sweep_dir.glob(".tmp-*"))
+    assert not _files(sweep_dir / ".partial")  # dropped once their cells were recorded
 
     clean = run_qeval(SWEEP + [f"results_dir={tmp_path / 'clean'}"], tmp_path, timeout=400)
     assert clean.returncode == 0, clean.stderr[-3000:]
