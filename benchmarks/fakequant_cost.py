@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from qeval.cli import compose_config
-    from qeval.eval.perplexity import corpus_windows, tokenized_corpus
+    from qeval.data import tokenized_corpus
+    from qeval.eval.perplexity import corpus_windows
     from qeval.models.loading import load_model
     from qeval.quant.apply import quantize_model
     from qeval.quant.methods import get_method

@@ -377,6 +377,5 @@ def bits_label(q: Any) -> str:
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config, without Hydra's own node (which holds run-time values such as
     the job number that exist only inside a running job)."""
-    keys = [k for k in cfg.keys() if k != "hydra"]
-    return {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True) if OmegaConf.is_config(cfg[k])
-            else cfg[k] for k in keys}
+    return {k: OmegaConf.to_container(v, resolve=True, throw_on_missing=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}

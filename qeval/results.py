@@ -60,6 +60,13 @@ class ResultStore:
         matches = sorted(self.dir.glob(f"*-{cell_hash}.json"))
         return matches[0] if matches else None
 
+    def paths_by_hash(self) -> dict[str, Path]:
+        """Every result file of the sweep by cell hash, from one directory listing (``find``
+        lists the folder once per call; a sweep-wide question asks this once)."""
+        # reverse order, so that for a hash with two files the first in name order wins, as in find
+        return {path.stem.rpartition("-")[2]: path for path in sorted(self.dir.glob("*.json"), reverse=True)
+                if not path.name.startswith(".")}
+
     def finished(self, cell_hash: str) -> dict[str, Any] | None:
         """The record of a finished cell, or None (missing, failed, or unreadable)."""
         path = self.find(cell_hash)
@@ -90,13 +97,13 @@ class ResultStore:
         the ones that produced them, so a reused score is the score a fresh run gives.
         """
         data = read_record(self._partial_path(cell_hash))
-        if not data or data.get("fingerprint") != fingerprint or data.get("qeval") != _qeval_version():
+        if not data or data.get("fingerprint") != fingerprint or data.get("qeval") != qeval_version():
             return {}
         return data.get("tasks", {})
 
     def save_partial(self, cell_hash: str, fingerprint: str, tasks: dict[str, Any]) -> None:
         write_json_atomically(self._partial_path(cell_hash),
-                               {"fingerprint": fingerprint, "qeval": _qeval_version(), "tasks": tasks})
+                               {"fingerprint": fingerprint, "qeval": qeval_version(), "tasks": tasks})
 
     def drop_partial(self, cell_hash: str) -> None:
         self._partial_path(cell_hash).unlink(missing_ok=True)
@@ -120,7 +127,7 @@ class ResultStore:
 
 
 @functools.cache
-def _qeval_version() -> str:
+def qeval_version() -> str:
     return package_versions().get("qeval", "")
 
 

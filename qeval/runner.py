@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qeval.config import BACKEND_IDENTITY_KEYS, ConfigError, bits_label, quantized, tensor_type, to_container, validate
-from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, stable_hash
+from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
 
 log = logging.getLogger("qeval")
 
@@ -116,7 +116,7 @@ def quantized_cache_dir(cfg: DictConfig, model_fingerprint: str):
     c = to_container(cfg)
     key = {"model": model_fingerprint, "quant": c["quant"], "method": c["method"], "seed": cfg.seed,
            "format": CACHE_FORMAT, "calib": c["calib"] if uses_calibration(cfg) else None,
-           "device": cfg.backend.device, "qeval": package_versions().get("qeval", "")}
+           "device": cfg.backend.device, "qeval": qeval_version()}
     return cache_root(cfg.cache_dir) / "quantized" / f"{cell_label(cfg)}-{stable_hash(key)}"
 
 
@@ -133,7 +133,8 @@ def _quantized_model(cfg: DictConfig, loaded: Any, method: Any, calibration: Any
     if load_quantized(model, entry, cfg.quant):
         log.info("quantized model read from %s", entry)
         return model, "hit"
-    model = loaded.fresh_copy().to(cfg.backend.device)  # a failed read may have half-rebuilt the copy
+    if entry.exists():  # an entry that failed to load may have half-rebuilt the copy
+        model = loaded.fresh_copy().to(cfg.backend.device)
     quantize_model(model, cfg.quant, method, calibration)
     save_quantized(model, entry, provenance={"cell": cell_label(cfg), "method": cfg.method.name})
     log.info("quantized model kept in %s", entry)

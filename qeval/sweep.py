@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -113,9 +113,8 @@ class SweepCallback(Callback):
         plan = _read_plan(config)
         if plan is None:
             return
-        statuses = _statuses(plan, read=False)
-        done = sum(s != "missing" for s in statuses.values())
-        total = len(statuses)
+        total = len({c["hash"] for c in plan["cells"]})
+        done = len(_result_files(plan))
         computed = done - len(plan["done_before"])
         elapsed = time.time() - plan["started"]
         remaining = elapsed / computed * (total - done) if computed > 0 else float("nan")
@@ -129,15 +128,16 @@ class SweepCallback(Callback):
         if plan is None:
             print(f"qeval: the sweep plan {_plan_path(config)} is missing or unreadable", file=sys.stderr)
             sys.exit(1)
-        statuses = _statuses(plan)
+        records = _records(plan)
         counts: dict[str, int] = {}
-        for cell_hash, status in statuses.items():
+        for cell_hash, record in records.items():
+            status = record.get("status", "missing")
             if status == "ok" and cell_hash in plan["done_before"]:
                 status = "already done"
             counts[status] = counts.get(status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         print(f"\nqeval: sweep finished in {_hms(time.time() - plan['started'])} ({summary})")
-        for line in _not_ok_lines(plan, statuses):
+        for line in _not_ok_lines(plan, records):
             print(f"  {line}")
         try:
             table, files = write_tables(plan["results"])
@@ -157,14 +157,16 @@ def _read_plan(config: DictConfig) -> dict[str, Any] | None:
 
 
 def _result_files(plan: dict[str, Any]) -> dict[str, Path]:
-    """Planned cell hash -> its result file, for the files that count for this launch (one
-    directory listing, however many cells): those finished before it, and those written since
-    it started (an older failed one is being retried, so it does not count yet)."""
+    """Planned cell hash -> its result file, for the files that count for this launch: those
+    finished before it, and those written since it started (an older failed one is being
+    retried, so it does not count yet)."""
+    from qeval.results import ResultStore
+
+    store_dir = Path(plan["results"])
     planned = {c["hash"] for c in plan["cells"]}
     found = {}
-    for path in Path(plan["results"]).glob("*.json"):
-        cell_hash = path.stem.rpartition("-")[2]
-        if cell_hash not in planned:
+    for cell_hash, path in ResultStore(store_dir.parent, store_dir.name).paths_by_hash().items():
+        if cell_hash not in planned:  # another launch's cells in the same sweep folder
             continue
         try:
             if cell_hash in plan["done_before"] or path.stat().st_mtime >= plan["started"] - 1:
@@ -174,35 +176,24 @@ def _result_files(plan: dict[str, Any]) -> dict[str, Path]:
     return found
 
 
-def _statuses(plan: dict[str, Any], read: bool = True) -> dict[str, str]:
-    """ok / skipped / failed per planned cell, or missing: no readable result (not run yet, or
-    its worker died before recording it).  ``read=False``: "done" for any result file, which
-    is all a progress line needs."""
+def _records(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per planned cell (hash), its record, or {} when it has no readable result: not run yet,
+    or its worker died before recording it (status "missing")."""
     from qeval.results import read_record
 
-    files = _result_files(plan)
-    out = {}
-    for cell in plan["cells"]:
-        path = files.get(cell["hash"])
-        if path is None:
-            out[cell["hash"]] = "missing"
-        elif not read:
-            out[cell["hash"]] = "done"
-        else:
-            out[cell["hash"]] = (read_record(path) or {}).get("status", "missing")
-    return out
+    records: dict[str, dict[str, Any]] = {c["hash"]: {} for c in plan["cells"]}
+    for cell_hash, path in _result_files(plan).items():
+        records[cell_hash] = read_record(path) or {}
+    return records
 
 
-def _not_ok_lines(plan: dict[str, Any], statuses: dict[str, str]) -> list[str]:
-    from qeval.results import read_record
-
-    files = _result_files(plan)
+def _not_ok_lines(plan: dict[str, Any], records: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    for cell in plan["cells"]:
-        status = statuses[cell["hash"]]
+    for cell in {c["hash"]: c for c in plan["cells"]}.values():
+        record = records[cell["hash"]]
+        status = record.get("status", "missing")
         if status in ("skipped", "failed"):
-            reason = (read_record(files[cell["hash"]]) or {}).get("reason", "")
-            lines.append(f"{status}: {cell['label']} ({reason})")
+            lines.append(f"{status}: {cell['label']} ({record.get('reason', '')})")
         elif status == "missing":
             lines.append(f"missing: {cell['label']} (no result: its job crashed or was killed; "
                          f"overrides {' '.join(cell['overrides']) or '(defaults)'})")

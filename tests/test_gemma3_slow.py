@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import require_eval_data
 from qeval.cli import CONF_DIR
-from qeval.eval.perplexity import tokenized_corpus, window_nlls
+from qeval.data import tokenized_corpus
+from qeval.eval.perplexity import window_nlls
 from qeval.models.carriers import cache_root, materialize_gguf
 from qeval.models.loading import _gguf_add_bos, load_model
 

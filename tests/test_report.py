@@ -61,9 +61,9 @@ def stores(tmp_path):
 
 
 def test_significance_marks_only_differences_beyond_two_standard_errors(stores):
-    from qeval.report.table import add_normalized, long_frame
+    from qeval.report.table import add_normalized, long_frame, read_sweeps
 
-    long = add_normalized(long_frame([stores[0]])).set_index(["quant", "metric"])
+    long = add_normalized(long_frame(read_sweeps([stores[0]]))).set_index(["quant", "metric"])
     assert bool(long.loc[("w3g128", "arc.acc"), "significant"]) is True
     assert bool(long.loc[("w4g128", "arc.acc"), "significant"]) is False
     assert bool(long.loc[("w4g128", "wikitext2.ppl"), "significant"]) is True   # 2.0 > 2 x 0.141
@@ -138,9 +138,9 @@ def test_recommendation_is_the_least_memory_that_keeps_the_share(stores, keep, e
     """basic_nlp retained (mean of the ppl and accuracy ratios): kv4 0.995, w8a8 0.968,
     GPTQ w4g128 0.946, RTN w4g128 0.900, GPTQ w3g128 0.858, RTN w3g128 0.667."""
     from qeval.report.recommend import recommendations
-    from qeval.report.table import add_normalized, family_table, long_frame
+    from qeval.report.table import add_normalized, family_table, long_frame, read_sweeps
 
-    families = family_table(add_normalized(long_frame(list(stores))))
+    families = family_table(add_normalized(long_frame(read_sweeps(list(stores)))))
     advice = recommendations(families, keep).set_index("family")
     assert advice.loc["basic_nlp", "recommended"] == expected
     if expected == "unquantized":

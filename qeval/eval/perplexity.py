@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from qeval.data import tokenized_corpus  # noqa: F401  (re-exported: benchmarks and tests use it here)
+from qeval.data import tokenized_corpus
 
 
 @dataclass

@@ -45,61 +45,63 @@ def _entry_label(rec: dict, entry: str) -> str:
     return f"{entry}@{shots}shot" if shots else entry
 
 
-def long_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
+def read_sweeps(dirs: Iterable[str | Path]) -> list[dict]:
+    """Every readable record under the given sweep folders, read once for all the tables."""
+    return [rec for d in dirs for rec in iter_records(d)]
+
+
+def long_frame(records: Iterable[dict]) -> pd.DataFrame:
     rows = []
-    for d in dirs:
-        for rec in iter_records(d):
-            if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
-                continue
-            cell = rec["cell"]
-            for task, metrics in rec["metrics"].items():
-                info = _entry_info(rec, task, metrics)
-                label = _entry_label(rec, task)
-                for metric, value in metrics.items():
-                    if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
-                        continue
-                    primary = metric == info["primary_metric"]
-                    rows.append({**{k: cell[k] for k in CELL_KEYS},
-                                 "suite": cell["suite"], "sweep": rec["sweep"],
-                                 "task": label, "metric": f"{label}.{metric}", "value": value,
-                                 "stderr": metrics.get(f"{metric}_stderr"),
-                                 "samples": metrics.get("samples", metrics.get("windows")),
-                                 "family": info["family"], "primary": primary,
-                                 "higher_is_better": bool(info["higher_is_better"]) if primary else None})
+    for rec in records:
+        if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
+            continue
+        cell = rec["cell"]
+        for task, metrics in rec["metrics"].items():
+            info = _entry_info(rec, task, metrics)
+            label = _entry_label(rec, task)
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
+                    continue
+                primary = metric == info["primary_metric"]
+                rows.append({**{k: cell[k] for k in CELL_KEYS},
+                             "suite": cell["suite"], "sweep": rec["sweep"],
+                             "task": label, "metric": f"{label}.{metric}", "value": value,
+                             "stderr": metrics.get(f"{metric}_stderr"),
+                             "samples": metrics.get("samples", metrics.get("windows")),
+                             "family": info["family"], "primary": primary,
+                             "higher_is_better": bool(info["higher_is_better"]) if primary else None})
     if not rows:
-        raise ValueError(f"no finished cells under {', '.join(map(str, dirs))}")
+        raise ValueError("no finished cells among the records")
     return pd.DataFrame(rows)
 
 
-def not_ok_frame(dirs: Iterable[str | Path]) -> pd.DataFrame:
+def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
     """The cells that produced no scores, a row each: failed (with the error) or skipped (with
     why the method, format or kernel cannot make that cell)."""
     rows = []
-    for d in dirs:
-        for rec in iter_records(d):
-            if rec.get("status") in ("failed", "skipped"):
-                cell = rec.get("cell") or {}
-                rows.append({**{k: cell.get(k) for k in CELL_KEYS}, "sweep": rec.get("sweep"),
-                             "status": rec["status"], "reason": rec.get("reason", "")})
+    for rec in records:
+        if rec.get("status") in ("failed", "skipped"):
+            cell = rec.get("cell") or {}
+            rows.append({**{k: cell.get(k) for k in CELL_KEYS}, "sweep": rec.get("sweep"),
+                         "status": rec["status"], "reason": rec.get("reason", "")})
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
 
 
-def efficiency_frame(results_dirs: Iterable[Path]) -> pd.DataFrame:
-    """The efficiency records (benchmarks/efficiency.py) of the given sweeps as one table,
+def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """The efficiency records (benchmarks/efficiency.py) among ``records`` as one table,
     a row per timed point (empty when there are none)."""
     rows = []
-    for d in results_dirs:
-        for rec in iter_records(d):
-            if rec.get("kind") != "efficiency":
-                continue
-            for t in rec["timings"]:
-                rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
-                             "scheme": rec.get("scheme"),
-                             "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
-                             "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
-                             "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
-                             "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
-                             "throughput_tok_s": t["throughput_tok_s"]})
+    for rec in records:
+        if rec.get("kind") != "efficiency":
+            continue
+        for t in rec["timings"]:
+            rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
+                         "scheme": rec.get("scheme"),
+                         "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
+                         "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                         "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
+                         "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
+                         "throughput_tok_s": t["throughput_tok_s"]})
     return pd.DataFrame(rows)
 
 
@@ -262,12 +264,15 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     fake-vs-real agreement when cells ran on both backends.
     """
     dirs = [Path(results_dirs)] if isinstance(results_dirs, (str, Path)) else [Path(d) for d in results_dirs]
+    records = []
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"results folder {d} does not exist")
-        if not any(rec.get("status") == "ok" for rec in iter_records(d)):
+        in_dir = read_sweeps([d])
+        if not any(rec.get("status") == "ok" for rec in in_dir):
             raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
-    long = add_normalized(long_frame(dirs), n_se)
+        records += in_dir
+    long = add_normalized(long_frame(records), n_se)
     raw = long.drop(columns=DERIVED)
     table = cell_table(raw)
     primary = primary_table(raw)
@@ -299,7 +304,7 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
 
     from qeval.report.html import write_html
 
-    efficiency = efficiency_frame(dirs)
+    efficiency = efficiency_frame(records)
     figures = all_plots(long, families, out / "figures", efficiency)
     files += figures
     advice = recommendations(families, keep, long)
@@ -328,7 +333,7 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     if not efficiency.empty:
         files.append(out / "efficiency.csv")
         efficiency.to_csv(files[-1], index=False)
-    not_ok = not_ok_frame(dirs)
+    not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
         not_ok.to_csv(files[-2], index=False)
