@@ -71,8 +71,14 @@ def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
         calibration = functools.cache(functools.partial(calibration_for, cfg, tokenizer))
     quantize_model(model, cfg.quant, get_method(cfg.method.name, dict(cfg.method.params)), calibration)
     kv_calib = calibration() if calibration and quantized(cfg.quant.kv) else None
-    path = export_checkpoint(model, tokenizer, cfg.quant, out, kv_calibration=kv_calib,
-                             provenance={"benchmark": "efficiency", "model": name, "method": args.method})
+    path = export_checkpoint(
+        model,
+        tokenizer,
+        cfg.quant,
+        out,
+        kv_calibration=kv_calib,
+        provenance={"benchmark": "efficiency", "model": name, "method": args.method},
+    )
     del model
     gc.collect()
     return path
@@ -82,16 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="a qeval model config (default smollm2-135m)")
-    source.add_argument("--random", default=None, help="random weights of a real shape: llama-2-7b, llama-3-8b, "
-                                                        "or a config.json path")
+    source.add_argument(
+        "--random", default=None, help="random weights of a real shape: llama-2-7b, llama-3-8b, or a config.json path"
+    )
     parser.add_argument("--quants", default="fp16,w8a8", help="quant presets (fp16 = the float checkpoint)")
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--input-len", default="128,1024")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cpu-kv-cache-gib", type=int, default=4,
-                        help="CPU only: KV space; must hold max(batch) x (input + output) tokens")
+    parser.add_argument(
+        "--cpu-kv-cache-gib",
+        type=int,
+        default=4,
+        help="CPU only: KV space; must hold max(batch) x (input + output) tokens",
+    )
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--sweep-name", default="efficiency")
     args = parser.parse_args(argv)
@@ -117,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{quant}: skipped ({err})", flush=True)
             continue
         checkpoint = build_checkpoint(args, quant, cache_root())
-        settings = EngineSettings(max_model_len=max(lengths) + args.output_len + 8, max_num_seqs=max(batches),
-                                  cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-                                  scheme=scheme, prefix_caching=False)  # repeats send the same prompts
+        settings = EngineSettings(
+            max_model_len=max(lengths) + args.output_len + 8,
+            max_num_seqs=max(batches),
+            cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+            scheme=scheme,
+            prefix_caching=False,
+        )  # repeats send the same prompts
         config = json.loads((checkpoint / "config.json").read_text())
         vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 32000)
         with VllmEngine(checkpoint, settings) as engine:
@@ -127,19 +142,39 @@ def main(argv: list[str] | None = None) -> int:
             for batch in batches:
                 for length in lengths:
                     t = measure(engine.llm, batch, length, args.output_len, args.repeats, vocab)
-                    print(f"{quant}: batch {batch} input {length}: prefill {t.prefill_s:.3f}s, "
-                          f"decode {1000 * t.decode_s_per_token:.1f} ms/token, {t.throughput_tok_s:.1f} tok/s",
-                          flush=True)
+                    print(
+                        f"{quant}: batch {batch} input {length}: prefill {t.prefill_s:.3f}s, "
+                        f"decode {1000 * t.decode_s_per_token:.1f} ms/token, {t.throughput_tok_s:.1f} tok/s",
+                        flush=True,
+                    )
                     timings.append(t)
             label = f"efficiency__{args.model or 'random-' + args.random}__{quant}__{args.method}"
-            record = timings_record(label, checkpoint, engine.kwargs, device, timings,
-                                    {"quant": quant, "method": args.method, "scheme": scheme.label,
-                                     "model": args.model or f"random-{args.random}"})
+            record = timings_record(
+                label,
+                checkpoint,
+                engine.kwargs,
+                device,
+                timings,
+                {
+                    "quant": quant,
+                    "method": args.method,
+                    "scheme": scheme.label,
+                    "model": args.model or f"random-{args.random}",
+                },
+            )
         record["hash"] = stable_hash({k: record[k] for k in ("label", "device", "engine", "timings")})
         store.write(record)
         for t in record["timings"]:
-            rows.append({"quant": quant, "scheme": scheme.label, "dtype": record["engine"]["dtype"], "weight_MB": record["weight_bytes"] / 2**20,
-                         "kv_B/token": record["kv_bytes_per_token"], **t})
+            rows.append(
+                {
+                    "quant": quant,
+                    "scheme": scheme.label,
+                    "dtype": record["engine"]["dtype"],
+                    "weight_MB": record["weight_bytes"] / 2**20,
+                    "kv_B/token": record["kv_bytes_per_token"],
+                    **t,
+                }
+            )
     if not rows:
         print("nothing measured", file=sys.stderr)
         return 1

@@ -69,21 +69,24 @@ def main() -> None:
             if side == "qeval":
                 seconds, scores[side] = time_qeval(cfg, args.task, args.limit, args.batch_size)
             else:
-                seconds, scores[side] = time_lm_eval(pretrained, args.task, args.limit, args.batch_size,
-                                                     cfg.model.dtype)
+                seconds, scores[side] = time_lm_eval(
+                    pretrained, args.task, args.limit, args.batch_size, cfg.model.dtype
+                )
             times[side].append(seconds)
             print(f"round {r + 1}: {side:7s} {seconds:6.1f}s", flush=True)
-    q, l = statistics.mean(times["qeval"]), statistics.mean(times["lm-eval"])
+    q, ref = statistics.mean(times["qeval"]), statistics.mean(times["lm-eval"])
     metric = PAIRS[args.task].metrics[0]
-    print(f"\nmodel {args.model} ({cfg.model.dtype}), task {args.task} ({args.limit} docs), "
-          f"batch size {args.batch_size}, {args.rounds} ABBA round(s)\n")
+    print(
+        f"\nmodel {args.model} ({cfg.model.dtype}), task {args.task} ({args.limit} docs), "
+        f"batch size {args.batch_size}, {args.rounds} ABBA round(s)\n"
+    )
     print("| side | runs (s) | mean (s) | " + metric + " |")
     print("|---|---|---|---|")
-    for side, mean in (("qeval", q), ("lm-eval", l)):
+    for side, mean in (("qeval", q), ("lm-eval", ref)):
         runs = ", ".join(f"{t:.1f}" for t in times[side])
         print(f"| {side} | {runs} | {mean:.1f} | {scores[side][metric]:.4f} |")
     same = equal(scores["qeval"][metric], scores["lm-eval"][metric])
-    print(f"\nratio lm-eval / qeval = {l / q:.3f} (>= 1.0: qeval no slower); scores equal: {same}")
+    print(f"\nratio lm-eval / qeval = {ref / q:.3f} (>= 1.0: qeval no slower); scores equal: {same}")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     base = table.loc[table.quant == "fp16", "s_per_window"]
     if not base.empty:
         table["ratio_to_fp16"] = table["s_per_window"] / float(base.iloc[0])
-    print(f"\n{args.model}, {args.seqlen}-token windows, median of {args.repeats} x {args.windows}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"\n{args.model}, {args.seqlen}-token windows, median of {args.repeats} x {args.windows}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print(table.to_markdown(index=False, floatfmt=".3f"))
     return 0
 

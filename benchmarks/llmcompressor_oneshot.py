@@ -29,8 +29,7 @@ def weight_only_scheme(group_size: int, symmetric: bool) -> dict:
     """4-bit integer weights in groups of ``group_size`` input columns (qeval's ``w4g<N>``)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group",
-                               group_size=group_size)
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
@@ -49,17 +48,20 @@ def build_recipe(name: str, group_size: int, sq_alpha: float) -> list:
         return [GPTQModifier(config_groups=weight_only_scheme(group_size, name.endswith("sym")), ignore=ignore)]
     if name == "awq_w4":
         from llmcompressor.modifiers.transform.awq import AWQModifier
+
         if not torch.cuda.is_available():
             # llm-compressor 0.14's AWQ pins its activation cache for faster host-to-GPU copies,
             # which raises on a machine without an accelerator; pinning is only a transfer
             # optimisation, so on CPU it is made a no-op
             torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-        return [AWQModifier(),
-                QuantizationModifier(config_groups=weight_only_scheme(group_size, False), ignore=ignore)]
+        return [AWQModifier(), QuantizationModifier(config_groups=weight_only_scheme(group_size, False), ignore=ignore)]
     if name == "sq_w8a8":
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-        return [SmoothQuantModifier(smoothing_strength=sq_alpha),
-                QuantizationModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
+
+        return [
+            SmoothQuantModifier(smoothing_strength=sq_alpha),
+            QuantizationModifier(targets="Linear", scheme="W8A8", ignore=ignore),
+        ]
     if name == "rtn_w8a8":
         return [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
     raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
@@ -91,24 +93,43 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     model.eval()
-    batches = calibration_batches(tokenizer, args.calib_dataset, args.nsamples, args.seqlen, args.seed,
-                                  args.data_dir)
-    calib = Dataset.from_dict({"input_ids": [b[0].tolist() for b in batches],
-                               "attention_mask": [[1] * b.shape[1] for b in batches]})
+    batches = calibration_batches(tokenizer, args.calib_dataset, args.nsamples, args.seqlen, args.seed, args.data_dir)
+    calib = Dataset.from_dict(
+        {"input_ids": [b[0].tolist() for b in batches], "attention_mask": [[1] * b.shape[1] for b in batches]}
+    )
 
     start = time.perf_counter()
-    oneshot(model=model, dataset=calib, recipe=build_recipe(args.recipe, args.group_size, args.sq_alpha),
-            num_calibration_samples=args.nsamples, max_seq_length=args.seqlen,
-            shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=calib,
+        recipe=build_recipe(args.recipe, args.group_size, args.sq_alpha),
+        num_calibration_samples=args.nsamples,
+        max_seq_length=args.seqlen,
+        shuffle_calibration_samples=False,
+    )
     quantize_s = time.perf_counter() - start
 
     with torch.no_grad():
-        result = perplexity(model, tokenizer, "wikitext2", seqlen=2048, max_windows=args.windows,
-                            data_dir=args.data_dir)
-    print("RESULT " + json.dumps({
-        "recipe": args.recipe, "ppl": result.ppl, "windows": result.windows, "quantize_s": quantize_s,
-        "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "llmcompressor": llmcompressor.__version__,
-        "torch_threads": torch.get_num_threads()}), flush=True)
+        result = perplexity(
+            model, tokenizer, "wikitext2", seqlen=2048, max_windows=args.windows, data_dir=args.data_dir
+        )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "recipe": args.recipe,
+                "ppl": result.ppl,
+                "windows": result.windows,
+                "quantize_s": quantize_s,
+                "group_size": args.group_size,
+                "nsamples": args.nsamples,
+                "seqlen": args.seqlen,
+                "llmcompressor": llmcompressor.__version__,
+                "torch_threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 
 from qeval.cli import CONF_DIR
 from qeval.data import local_file
 from qeval.eval import harness
-from qeval.eval.registry import REPO_TASKS_DIR, import_plugin_file
+from qeval.eval.registry import BUILTIN_TASKS_DIR, import_plugin_file
 from qeval.models.loading import load_model, resolve_pretrained_path
 
 Loader = Callable[..., Any]  # custom_dataset function: (**kwargs) -> datasets.DatasetDict
@@ -38,7 +39,7 @@ Loader = Callable[..., Any]  # custom_dataset function: (**kwargs) -> datasets.D
 
 def plugin_module(relative: str) -> ModuleType:
     """A task plugin's helper module (``tasks/<relative>``), imported by file path like lm-eval does."""
-    return import_plugin_file(REPO_TASKS_DIR / relative)
+    return import_plugin_file(BUILTIN_TASKS_DIR / relative)
 
 
 def same_loader(relative: str, function: str) -> Callable[[str], Loader | None]:
@@ -65,19 +66,26 @@ class Pair:
 
 # qeval task -> the lm-eval task it mirrors (the qeval name is "qeval_" + lm-eval's, subtasks too)
 PAIRS: dict[str, Pair] = {
-    "qeval_lambada_openai": Pair("lambada_openai", same_loader("nlp/lambada/utils.py", "load_lambada_openai"),
-                                 ("acc", "perplexity")),
+    "qeval_lambada_openai": Pair(
+        "lambada_openai", same_loader("nlp/lambada/utils.py", "load_lambada_openai"), ("acc", "perplexity")
+    ),
     "qeval_arc_easy": Pair("arc_easy", same_loader("nlp/arc/utils.py", "load_arc_easy"), ("acc", "acc_norm")),
-    "qeval_arc_challenge": Pair("arc_challenge", same_loader("nlp/arc/utils.py", "load_arc_challenge"),
-                                ("acc", "acc_norm")),
+    "qeval_arc_challenge": Pair(
+        "arc_challenge", same_loader("nlp/arc/utils.py", "load_arc_challenge"), ("acc", "acc_norm")
+    ),
     "qeval_mmlu": Pair("mmlu", mmlu_loader, ("acc",)),
     "qeval_ethics_cm": Pair("ethics_cm", same_loader("ethics/ethics_cm/utils.py", "load_ethics_cm"), ("acc",)),
-    "qeval_truthfulqa_mc1": Pair("truthfulqa_mc1", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"),
-                                 ("acc",)),
-    "qeval_truthfulqa_mc2": Pair("truthfulqa_mc2", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"),
-                                 ("acc",)),
-    "qeval_wikitext": Pair("wikitext", same_loader("nlp/wikitext/utils.py", "load_wikitext"),
-                           ("word_perplexity", "byte_perplexity", "bits_per_byte")),
+    "qeval_truthfulqa_mc1": Pair(
+        "truthfulqa_mc1", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"), ("acc",)
+    ),
+    "qeval_truthfulqa_mc2": Pair(
+        "truthfulqa_mc2", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"), ("acc",)
+    ),
+    "qeval_wikitext": Pair(
+        "wikitext",
+        same_loader("nlp/wikitext/utils.py", "load_wikitext"),
+        ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    ),
 }
 
 
@@ -115,8 +123,9 @@ def reference_item(tm, name: str, local: Callable[[str], Loader | None], skipped
     return tm.load([cfg])["tasks"][name]
 
 
-def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size: int,
-                      dtype: str = "float32") -> tuple[dict, list[str]]:
+def lm_eval_reference(
+    pretrained: str, pair: Pair, limit: int | None, batch_size: int, dtype: str = "float32"
+) -> tuple[dict, list[str]]:
     """lm-eval's own task (or group) from the model folder; (lm-eval's output, skipped subtasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -124,10 +133,22 @@ def lm_eval_reference(pretrained: str, pair: Pair, limit: int | None, batch_size
     tm = TaskManager()
     skipped: list[str] = []
     item = reference_item(tm, pair.reference, pair.local, skipped)
-    out = simple_evaluate(model="hf", model_args={"pretrained": pretrained, "dtype": dtype},
-                          tasks=[item], limit=limit, batch_size=batch_size, device="cpu", num_fewshot=0,
-                          task_manager=tm, bootstrap_iters=1000, log_samples=False, random_seed=0,
-                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": pretrained, "dtype": dtype},
+        tasks=[item],
+        limit=limit,
+        batch_size=batch_size,
+        device="cpu",
+        num_fewshot=0,
+        task_manager=tm,
+        bootstrap_iters=1000,
+        log_samples=False,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     return out, skipped
 
 
@@ -173,8 +194,11 @@ def parse_limits(text: str | None) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default=",".join(PAIRS),
-                        help=f"comma-separated qeval tasks to compare (default: all of {', '.join(PAIRS)})")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(PAIRS),
+        help=f"comma-separated qeval tasks to compare (default: all of {', '.join(PAIRS)})",
+    )
     parser.add_argument("--limit", type=int, default=None, help="items per task (per subject for MMLU)")
     parser.add_argument("--limits", default=None, help="per-task limits overriding --limit, e.g. qeval_mmlu=5")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -200,16 +224,34 @@ def main() -> None:
         n_ref = sum(int(c["effective"]) for c in ref_out["n-samples"].values())
         sub = compare_subtasks(ours_out, ref_out, pair.metrics)
         for metric in pair.metrics:
-            rows.append((task, pair.reference, limit, metric, ours[metric], float(ref[f"{metric},none"]),
-                         int(ours["samples"]), n_ref, sub, skipped, t1 - t0, t2 - t1))
+            rows.append(
+                (
+                    task,
+                    pair.reference,
+                    limit,
+                    metric,
+                    ours[metric],
+                    float(ref[f"{metric},none"]),
+                    int(ours["samples"]),
+                    n_ref,
+                    sub,
+                    skipped,
+                    t1 - t0,
+                    t2 - t1,
+                )
+            )
         print(f"{task}: qeval {t1 - t0:.1f}s, lm-eval {t2 - t1:.1f}s", flush=True)
     print(f"\nmodel {args.model}, batch size {args.batch_size}\n")
-    print("| qeval task | lm-eval task | limit | metric | qeval | lm-eval | equal | n qeval / lm-eval "
-          "| all results equal | qeval s | lm-eval s |")
+    print(
+        "| qeval task | lm-eval task | limit | metric | qeval | lm-eval | equal | n qeval / lm-eval "
+        "| all results equal | qeval s | lm-eval s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for q, r, lim, m, a, b, na, nb, (se, sn), skipped, ta, tb in rows:
-        print(f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
-              f"| {ta:.1f} | {tb:.1f} |")
+    for q, r, lim, m, a, b, na, nb, (se, sn), _skipped, ta, tb in rows:
+        print(
+            f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
+            f"| {ta:.1f} | {tb:.1f} |"
+        )
     for r, skipped in {row[1]: row[9] for row in rows if row[9]}.items():
         print(f"\n{r}: left out of lm-eval's group (no local data): {', '.join(sorted(set(skipped)))}")
 

@@ -38,8 +38,10 @@ ONESHOT_SCRIPT = Path(__file__).resolve().parent / "llmcompressor_oneshot.py"
 def ensure_llmcompressor_venv(venv: Path) -> Path:
     """The venv's python, creating the venv and installing llm-compressor if needed."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import llmcompressor"],
-                                          capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([str(python), "-c", "import llmcompressor"], capture_output=True).returncode == 0
+    ):
         return python
     print(f"creating {venv} with llmcompressor=={LLMCOMPRESSOR_VERSION} (one time)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -65,17 +67,32 @@ def run_llmcompressor(args: argparse.Namespace) -> list[dict]:
     model_dir = converted_model_dir(args.model)
     rows = []
     for recipe in args.llmcompressor.split(","):
-        cmd = [str(python), str(ONESHOT_SCRIPT), "--model-dir", model_dir, "--recipe", recipe,
-               "--nsamples", str(args.calib_samples), "--seqlen", "512", "--windows", str(args.windows),
-               "--group-size", str(args.llmcompressor_group_size)]
+        cmd = [
+            str(python),
+            str(ONESHOT_SCRIPT),
+            "--model-dir",
+            model_dir,
+            "--recipe",
+            recipe,
+            "--nsamples",
+            str(args.calib_samples),
+            "--seqlen",
+            "512",
+            "--windows",
+            str(args.windows),
+            "--group-size",
+            str(args.llmcompressor_group_size),
+        ]
         print("running:", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ONESHOT_SCRIPT.parent.parent)})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ONESHOT_SCRIPT.parent.parent)}
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(proc.stderr[-3000:], file=sys.stderr)
             rows.append({"recipe": recipe, "status": f"failed (exit {proc.returncode})"})
             continue
-        rows.append({**json.loads(lines[-1][len("RESULT "):]), "status": "ok"})
+        rows.append({**json.loads(lines[-1][len("RESULT ") :]), "status": "ok"})
     return rows
 
 
@@ -88,21 +105,38 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--sweep-name", default=None)
-    parser.add_argument("--llmcompressor", default=None,
-                        help="comma-separated llm-compressor recipes to run as well "
-                             "(gptq_w4, gptq_w4_sym, awq_w4, sq_w8a8, rtn_w8a8)")
-    parser.add_argument("--llmcompressor-group-size", type=int, default=128,
-                        help="group size of llm-compressor's W4 recipes (it needs in_features %% group == 0)")
+    parser.add_argument(
+        "--llmcompressor",
+        default=None,
+        help="comma-separated llm-compressor recipes to run as well (gptq_w4, gptq_w4_sym, awq_w4, sq_w8a8, rtn_w8a8)",
+    )
+    parser.add_argument(
+        "--llmcompressor-group-size",
+        type=int,
+        default=128,
+        help="group size of llm-compressor's W4 recipes (it needs in_features %% group == 0)",
+    )
     parser.add_argument("--llmcompressor-venv", default=f"~/.cache/qeval/venvs/llmcompressor-{LLMCOMPRESSOR_VERSION}")
     parser.add_argument("--skip-qeval", action="store_true", help="only print the table of an earlier run")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides (after --)")
     args = parser.parse_args()
     sweep = args.sweep_name or f"methods-{args.model}"
-    cmd = [sys.executable, "-m", "qeval.cli", "-m", f"model={args.model}", f"method={args.methods}",
-           f"quant={args.quants}", "suite=nlp-full", "~suite.tasks.lambada",
-           f"suite.tasks.wikitext2.max_windows={args.windows}",
-           f"calib.nsamples={args.calib_samples}", f"results_dir={args.results_dir}", f"sweep_name={sweep}",
-           *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qeval.cli",
+        "-m",
+        f"model={args.model}",
+        f"method={args.methods}",
+        f"quant={args.quants}",
+        "suite=nlp-full",
+        "~suite.tasks.lambada",
+        f"suite.tasks.wikitext2.max_windows={args.windows}",
+        f"calib.nsamples={args.calib_samples}",
+        f"results_dir={args.results_dir}",
+        f"sweep_name={sweep}",
+        *args.extra,
+    ]
     if not args.skip_qeval:
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)

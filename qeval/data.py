@@ -66,7 +66,8 @@ class TextDataset:
         if offline():
             raise DataNotFoundError(
                 f"{self.local} not found under the data directory ({data_dir(override)}) and the Hub is "
-                "disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE); set QEVAL_DATA_DIR to a folder holding it")
+                "disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE); set QEVAL_DATA_DIR to a folder holding it"
+            )
         import datasets
 
         ds = datasets.load_dataset(self.hub_path, self.hub_name, split=self.hub_split)
@@ -75,10 +76,12 @@ class TextDataset:
 
 TEXT_DATASETS: dict[str, TextDataset] = {
     # WikiText-2 raw test: the local file has the HF rows without the empty ones
-    "wikitext2": TextDataset("wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt",
-                             "Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
-    "wikitext2_train": TextDataset("wikitext2/wiki.train.raw.first1MB.kent_apex.txt",
-                                   "Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+    "wikitext2": TextDataset(
+        "wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt", "Salesforce/wikitext", "wikitext-2-raw-v1", "test"
+    ),
+    "wikitext2_train": TextDataset(
+        "wikitext2/wiki.train.raw.first1MB.kent_apex.txt", "Salesforce/wikitext", "wikitext-2-raw-v1", "train"
+    ),
     "c4_sample": TextDataset("c4_sample/c4_sample.exllamav2.txt", "allenai/c4", "en", "validation"),
 }
 
@@ -90,8 +93,9 @@ def text_dataset(name: str) -> TextDataset:
     path = Path(name).expanduser()
     if path.is_file():
         return TextDataset(str(path.resolve()), "", None, "")
-    raise DataNotFoundError(f"unknown text dataset {name!r}: use one of {', '.join(sorted(TEXT_DATASETS))} "
-                            "or the path of a text file")
+    raise DataNotFoundError(
+        f"unknown text dataset {name!r}: use one of {', '.join(sorted(TEXT_DATASETS))} or the path of a text file"
+    )
 
 
 def check_available(name: str, override: str | None = None) -> None:
@@ -102,7 +106,8 @@ def check_available(name: str, override: str | None = None) -> None:
     if local_file(ds.local, override) is None and offline():
         raise DataNotFoundError(
             f"dataset {name!r} needs {ds.local} under the data directory ({data_dir(override)}), "
-            "and the Hub is disabled; set QEVAL_DATA_DIR")
+            "and the Hub is disabled; set QEVAL_DATA_DIR"
+        )
 
 
 def load_text(name: str, override: str | None = None) -> str:
@@ -125,20 +130,23 @@ def tokenized_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> to
     sha256 of the text, so every cell of a sweep (perplexity and calibration alike) tokenizes
     a corpus once, and an edited file is tokenized again."""
     text = load_text(dataset, data_dir)
-    tok_id = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}#{len(tokenizer)}" \
-             f":bos={getattr(tokenizer, 'add_bos_token', None)}"
+    tok_id = (
+        f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}#{len(tokenizer)}"
+        f":bos={getattr(tokenizer, 'add_bos_token', None)}"
+    )
     key = (tok_id, hashlib.sha256(text.encode()).hexdigest())
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = tokenizer(text, return_tensors="pt").input_ids[0]
     return _TOKEN_CACHE[key]
 
 
-def calibration_batches(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int,
-                        override: str | None = None) -> list[torch.Tensor]:
+def calibration_batches(
+    tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int, override: str | None = None
+) -> list[torch.Tensor]:
     """``nsamples`` random windows of ``seqlen`` tokens from a corpus (GPTQ's recipe)."""
     ids = tokenized_corpus(tokenizer, dataset, override).unsqueeze(0)
     if ids.shape[1] <= seqlen:
         raise ValueError(f"calibration corpus {dataset!r} has {ids.shape[1]} tokens, fewer than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.shape[1] - seqlen, (nsamples,), generator=gen)
-    return [ids[:, s:s + seqlen].clone() for s in starts.tolist()]  # never views of the cached corpus
+    return [ids[:, s : s + seqlen].clone() for s in starts.tolist()]  # never views of the cached corpus

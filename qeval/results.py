@@ -19,8 +19,9 @@ import platform
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,11 @@ class ResultStore:
         """Every result file of the sweep by cell hash, from one directory listing (``find``
         lists the folder once per call; a sweep-wide question asks this once)."""
         # reverse order, so that for a hash with two files the first in name order wins, as in find
-        return {path.stem.rpartition("-")[2]: path for path in sorted(self.dir.glob("*.json"), reverse=True)
-                if not path.name.startswith(".")}
+        return {
+            path.stem.rpartition("-")[2]: path
+            for path in sorted(self.dir.glob("*.json"), reverse=True)
+            if not path.name.startswith(".")
+        }
 
     def finished(self, cell_hash: str) -> dict[str, Any] | None:
         """The record of a finished cell, or None (missing, failed, or unreadable)."""
@@ -102,8 +106,9 @@ class ResultStore:
         return data.get("tasks", {})
 
     def save_partial(self, cell_hash: str, fingerprint: str, tasks: dict[str, Any]) -> None:
-        write_json_atomically(self._partial_path(cell_hash),
-                               {"fingerprint": fingerprint, "qeval": qeval_version(), "tasks": tasks})
+        write_json_atomically(
+            self._partial_path(cell_hash), {"fingerprint": fingerprint, "qeval": qeval_version(), "tasks": tasks}
+        )
 
     def drop_partial(self, cell_hash: str) -> None:
         self._partial_path(cell_hash).unlink(missing_ok=True)

@@ -44,8 +44,7 @@ def cell_identity(cfg: DictConfig) -> dict[str, Any]:
     """The parts of a config that determine a cell's numbers."""
     c = to_container(cfg)
     identity = {k: c[k] for k in ("model", "quant", "method", "suite", "backend", "seed")}
-    identity["backend"] = {k: v for k, v in identity["backend"].items()
-                           if k in BACKEND_IDENTITY_KEYS[cfg.backend.name]}
+    identity["backend"] = {k: v for k, v in identity["backend"].items() if k in BACKEND_IDENTITY_KEYS[cfg.backend.name]}
     if tensor_type(cfg.quant) == "FP":
         # no method touches an unquantized model: quant=fp16 x method=rtn,gptq,awq is one
         # baseline cell, computed once per sweep and found by every method's normalization
@@ -91,9 +90,11 @@ def preflight(cfg: DictConfig) -> None:
         if not vllm_installed():
             raise ConfigError(f"backend=vllm: vLLM is not installed; {INSTALL_HINT}")
         if native := native_entries(cfg):
-            raise ConfigError(f"backend=vllm scores perplexity and lm-eval tasks; suite {cfg.suite.name!r} has "
-                              f"qeval-native tasks ({', '.join(native)}) that need backend=hf: drop them with "
-                              f"'~suite.tasks.<name>' or use suite=kernels")
+            raise ConfigError(
+                f"backend=vllm scores perplexity and lm-eval tasks; suite {cfg.suite.name!r} has "
+                f"qeval-native tasks ({', '.join(native)}) that need backend=hf: drop them with "
+                f"'~suite.tasks.<name>' or use suite=kernels"
+            )
     if uses_calibration(cfg) or needs_kv_scales(cfg):
         check_available(cfg.calib.dataset, cfg.data_dir)
 
@@ -103,7 +104,9 @@ def _export_dir(cfg: DictConfig, cell_hash: str):
 
     from qeval.models.carriers import cache_root
 
-    root = Path(cfg.backend.export_dir).expanduser() if cfg.backend.export_dir else cache_root(cfg.cache_dir) / "exports"
+    root = (
+        Path(cfg.backend.export_dir).expanduser() if cfg.backend.export_dir else cache_root(cfg.cache_dir) / "exports"
+    )
     return root / f"{cell_label(cfg)}-{cell_hash[:12]}"
 
 
@@ -114,9 +117,16 @@ def quantized_cache_dir(cfg: DictConfig, model_fingerprint: str):
     from qeval.quant.cache import CACHE_FORMAT
 
     c = to_container(cfg)
-    key = {"model": model_fingerprint, "quant": c["quant"], "method": c["method"], "seed": cfg.seed,
-           "format": CACHE_FORMAT, "calib": c["calib"] if uses_calibration(cfg) else None,
-           "device": cfg.backend.device, "qeval": qeval_version()}
+    key = {
+        "model": model_fingerprint,
+        "quant": c["quant"],
+        "method": c["method"],
+        "seed": cfg.seed,
+        "format": CACHE_FORMAT,
+        "calib": c["calib"] if uses_calibration(cfg) else None,
+        "device": cfg.backend.device,
+        "qeval": qeval_version(),
+    }
     return cache_root(cfg.cache_dir) / "quantized" / f"{cell_label(cfg)}-{stable_hash(key)}"
 
 
@@ -174,13 +184,25 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from qeval.quant.methods import UnsupportedCellError, get_method
 
     record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "hash": cell_hash, "label": label,
+        "schema_version": SCHEMA_VERSION,
+        "hash": cell_hash,
+        "label": label,
         "sweep": cfg.sweep_name,
-        "cell": {"model": cfg.model.name, "quant": cfg.quant.name, "method": cfg.method.name,
-                 "suite": cfg.suite.name, "backend": cfg.backend.name,
-                 "tensor_type": tensor_type(cfg.quant), "bits": bits_label(cfg.quant)},
-        "config": to_container(cfg), "identity": identity, "seed": cfg.seed,
-        "versions": package_versions(), "timings": {}, "metrics": {},
+        "cell": {
+            "model": cfg.model.name,
+            "quant": cfg.quant.name,
+            "method": cfg.method.name,
+            "suite": cfg.suite.name,
+            "backend": cfg.backend.name,
+            "tensor_type": tensor_type(cfg.quant),
+            "bits": bits_label(cfg.quant),
+        },
+        "config": to_container(cfg),
+        "identity": identity,
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "timings": {},
+        "metrics": {},
         "host": {"hostname": socket.gethostname(), "pid": os.getpid()},
         "started_at": time.time(),
         "tasks": describe_suite(cfg),
@@ -217,8 +239,12 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         calibration = functools.cache(functools.partial(calibration_for, cfg, loaded.tokenizer))
         model, record["quantized_cache"] = _quantized_model(cfg, loaded, method, calibration)
         record["timings"]["quantize"] = time.perf_counter() - t0
-        log.info("cell %s: quantized in %.1fs%s", label, record["timings"]["quantize"],
-                 " (from the quantized-model cache)" if record["quantized_cache"] == "hit" else "")
+        log.info(
+            "cell %s: quantized in %.1fs%s",
+            label,
+            record["timings"]["quantize"],
+            " (from the quantized-model cache)" if record["quantized_cache"] == "hit" else "",
+        )
         from qeval.eval.suite import evaluate_suite
 
         if cfg.backend.name == "vllm":
@@ -227,9 +253,13 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
 
             t0 = time.perf_counter()
             checkpoint = export_checkpoint(
-                model, loaded.tokenizer, cfg.quant, _export_dir(cfg, cell_hash),
+                model,
+                loaded.tokenizer,
+                cfg.quant,
+                _export_dir(cfg, cell_hash),
                 kv_calibration=calibration() if needs_kv_scales(cfg) else None,
-                provenance={"cell": label, "hash": cell_hash, "method": cfg.method.name})
+                provenance={"cell": label, "hash": cell_hash, "method": cfg.method.name},
+            )
             record["export"] = str(checkpoint)
             record["timings"]["export"] = time.perf_counter() - t0
             model = None
@@ -237,15 +267,21 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             with VllmEngine(checkpoint, settings_from_config(cfg, export_scheme(cfg.quant))) as engine:
                 record["engine"] = {"device": engine.device, **engine.kwargs}
                 record["metrics"], record["timings"]["eval"] = evaluate_suite(
-                    engine, loaded.tokenizer, cfg, **_task_checkpoints(store, cell_hash, loaded.fingerprint))
+                    engine, loaded.tokenizer, cfg, **_task_checkpoints(store, cell_hash, loaded.fingerprint)
+                )
         else:
             if cfg.backend.device_map:
                 from qeval.models.loading import spread_over_devices
 
                 record["device_map"] = spread_over_devices(model, cfg.backend.device_map)
             record["metrics"], record["timings"]["eval"] = evaluate_suite(
-                model, loaded.tokenizer, cfg, reference=loaded.model, reference_fingerprint=loaded.fingerprint,
-                **_task_checkpoints(store, cell_hash, loaded.fingerprint))
+                model,
+                loaded.tokenizer,
+                cfg,
+                reference=loaded.model,
+                reference_fingerprint=loaded.fingerprint,
+                **_task_checkpoints(store, cell_hash, loaded.fingerprint),
+            )
         record["status"] = "ok"
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))

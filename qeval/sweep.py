@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qeval.results import write_json_atomically, stable_hash
+from qeval.results import stable_hash, write_json_atomically
 
 log = logging.getLogger("qeval")
 
@@ -91,8 +91,9 @@ class SweepCallback(Callback):
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)
-            cells.append({"hash": stable_hash(cell_identity(cell)), "label": cell_label(cell),
-                          "overrides": list(overrides)})
+            cells.append(
+                {"hash": stable_hash(cell_identity(cell)), "label": cell_label(cell), "overrides": list(overrides)}
+            )
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)
@@ -100,14 +101,25 @@ class SweepCallback(Callback):
         plan = {"started": started, "results": str(store.dir), "cells": cells, "done_before": done_before}
         write_json_atomically(_plan_path(config), plan)
         distinct = len({c["hash"] for c in cells})
-        shared = f", {len(cells) - distinct} sharing another cell's result (the FP baseline of each method)" \
-            if distinct < len(cells) else ""
-        log.info("sweep: %d cells planned and validated in %.1fs (%d already finished%s)",
-                 len(cells), time.time() - started, len(done_before), shared)
+        shared = (
+            f", {len(cells) - distinct} sharing another cell's result (the FP baseline of each method)"
+            if distinct < len(cells)
+            else ""
+        )
+        log.info(
+            "sweep: %d cells planned and validated in %.1fs (%d already finished%s)",
+            len(cells),
+            time.time() - started,
+            len(done_before),
+            shared,
+        )
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        log.info("sweep: starting cell %s (%s)", config.hydra.job.get("num", "?"),
-                 " ".join(config.hydra.overrides.task) or "defaults")
+        log.info(
+            "sweep: starting cell %s (%s)",
+            config.hydra.job.get("num", "?"),
+            " ".join(config.hydra.overrides.task) or "defaults",
+        )
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         plan = _read_plan(config)
@@ -118,8 +130,9 @@ class SweepCallback(Callback):
         computed = done - len(plan["done_before"])
         elapsed = time.time() - plan["started"]
         remaining = elapsed / computed * (total - done) if computed > 0 else float("nan")
-        log.info("sweep: %d/%d cells done, elapsed %s, estimated remaining %s",
-                 done, total, _hms(elapsed), _hms(remaining))
+        log.info(
+            "sweep: %d/%d cells done, elapsed %s, estimated remaining %s", done, total, _hms(elapsed), _hms(remaining)
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from qeval.report.table import write_tables
@@ -195,8 +208,10 @@ def _not_ok_lines(plan: dict[str, Any], records: dict[str, dict[str, Any]]) -> l
         if status in ("skipped", "failed"):
             lines.append(f"{status}: {cell['label']} ({record.get('reason', '')})")
         elif status == "missing":
-            lines.append(f"missing: {cell['label']} (no result: its job crashed or was killed; "
-                         f"overrides {' '.join(cell['overrides']) or '(defaults)'})")
+            lines.append(
+                f"missing: {cell['label']} (no result: its job crashed or was killed; "
+                f"overrides {' '.join(cell['overrides']) or '(defaults)'})"
+            )
     return lines
 
 

@@ -26,16 +26,22 @@ def _script(name: str) -> list[str]:
 def run_script(name: str, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # never touch the network: the Hub is unreachable and must not be waited for
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", QEVAL_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        QEVAL_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(_script(name) + args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(_script(name) + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def run_qeval():
     """``run_qeval(args, cwd, timeout)``: the ``qeval`` CLI in a subprocess."""
+
     def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
         return run_script("qeval", args, cwd, timeout)
 
@@ -45,6 +51,7 @@ def run_qeval():
 @pytest.fixture(scope="session")
 def run_report():
     """``run_report(args, cwd, timeout)``: the ``qeval-report`` CLI in a subprocess."""
+
     def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
         return run_script("qeval-report", args, cwd, timeout)
 

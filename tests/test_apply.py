@@ -147,8 +147,7 @@ def test_static_activation_quantization_calibrates():
         seen.append(1)
         return _calib()
 
-    spec = QuantConfig(w=_w(8, "channel", sym=True),
-                       a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
+    spec = QuantConfig(w=_w(8, "channel", sym=True), a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
     model = _quantized(spec, calibration)
     assert seen  # the calibration data was asked for
     aqs = [m.input_quantizer for m in model.modules() if isinstance(m, QuantLinear)]
@@ -169,8 +168,7 @@ def test_static_activation_quantization_calibrates():
 
 
 def test_static_activation_needs_calibration():
-    spec = QuantConfig(w=_w(8, "channel", sym=True),
-                       a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
+    spec = QuantConfig(w=_w(8, "channel", sym=True), a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
     with pytest.raises(ValueError, match="calibration"):
         _quantized(spec, None)
 

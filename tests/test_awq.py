@@ -92,7 +92,8 @@ def test_awq_runs_on_every_family_and_keeps_first_group_error_at_most_rtn(family
     v_o_folded = fp.get_submodule(prefix + v_o.prev).out_features == fp.get_submodule(prefix + v_o.next).in_features
     seen: list[torch.Tensor] = []
     h = fp.get_submodule(prefix + names[0]).register_forward_pre_hook(
-        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         for b in CALIB:
             fp(b)
@@ -102,13 +103,19 @@ def test_awq_runs_on_every_family_and_keeps_first_group_error_at_most_rtn(family
     err = {}
     for method, params in (("rtn", {}), ("awq", {"clip": False})):
         model = quantize_model(build_tiny_model(family), spec, get_method(method, params), calibration=lambda: CALIB)
-        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(adapter.block_linears()) * len(adapter.get_blocks(model))
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(adapter.block_linears()) * len(
+            adapter.get_blocks(model)
+        )
         with torch.no_grad():
             # compare outputs of the block's first norm group through the (possibly rescaled) model:
             # y = linear(norm(h)); use the FP norm input h = captured pre-norm state
-            err[method] = sum((x @ (fp.get_submodule(prefix + n).weight
-                                    - _effective_weight(model, fp, prefix, adapter, n)).T).pow(2).mean().item()
-                              for n in names)
+            err[method] = sum(
+                (x @ (fp.get_submodule(prefix + n).weight - _effective_weight(model, fp, prefix, adapter, n)).T)
+                .pow(2)
+                .mean()
+                .item()
+                for n in names
+            )
     assert torch.isfinite(torch.tensor(err["awq"]))
     if not v_o_folded:
         assert err["awq"] <= err["rtn"] * 1.0001, err

@@ -22,8 +22,10 @@ def test_collect_linear_inputs_stops_early_but_hands_over_the_true_inputs(family
 
     # reference: every linear's input from complete forwards with plain hooks
     reference: dict[str, list[torch.Tensor]] = {n: [] for n in adapter.block_linears()}
-    handles = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, _n=n: reference[_n].append(args[0].clone())) for n in reference]
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(lambda _m, args, _n=n: reference[_n].append(args[0].clone()))
+        for n in reference
+    ]
     with torch.no_grad():
         for h in hidden:
             block_output(block, h, inputs.kwargs)
@@ -31,8 +33,10 @@ def test_collect_linear_inputs_stops_early_but_hands_over_the_true_inputs(family
         handle.remove()
 
     calls = {n: 0 for n in last_stage}
-    counters = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, _a, _n=n: calls.__setitem__(_n, calls[_n] + 1)) for n in last_stage]
+    counters = [
+        block.get_submodule(n).register_forward_pre_hook(lambda _m, _a, _n=n: calls.__setitem__(_n, calls[_n] + 1))
+        for n in last_stage
+    ]
     got: dict[str, list[torch.Tensor]] = {n: [] for n in first_stage}
     collect_linear_inputs(block, first_stage, inputs, lambda n, x: got[n].append(x.clone()))
     for handle in counters:
@@ -51,6 +55,7 @@ def test_corpora_are_tokenized_once_per_process_by_content(monkeypatch):
     the corpus is tokenized once, the batches are copies (a method writing into one cannot
     change the cache), and the same seed gives the same windows."""
     from conftest import require_eval_data
+
     from qeval import data
     from qeval.models.tiny import byte_tokenizer
 

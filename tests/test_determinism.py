@@ -15,8 +15,15 @@ def _metrics(root):
 
 def test_same_config_twice_gives_identical_numbers(tmp_path, run_qeval):
     require_eval_data()
-    args = ["model=tiny-llama", "suite=tiny", "quant=w4g128,w4a8kv4", "method=gptq", "calib.nsamples=4",
-            "calib.seqlen=128", "sweep_name=det"]
+    args = [
+        "model=tiny-llama",
+        "suite=tiny",
+        "quant=w4g128,w4a8kv4",
+        "method=gptq",
+        "calib.nsamples=4",
+        "calib.seqlen=128",
+        "sweep_name=det",
+    ]
     first = run_qeval(args + [f"results_dir={tmp_path / 'a'}"], tmp_path, timeout=400)
     second = run_qeval(args + [f"results_dir={tmp_path / 'b'}"], tmp_path, timeout=400)
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]

@@ -19,6 +19,7 @@ DATA = "mt_bench/question.jsonl"
 
 # --------------------------------------------------------------------------- metrics
 
+
 def test_sentence_repetition_counts_repeats_after_the_first():
     assert dialogue.sentence_repetition("I like cats. I like cats. I like cats.") == pytest.approx(2 / 3)
     # case, whitespace, list markers and the final punctuation are normalised away
@@ -45,18 +46,64 @@ def test_word_tokens_keep_apostrophes_and_split_symbols():
     assert dialogue.word_tokens("Don't STOP, now!!") == ["don't", "stop", ",", "now", "!", "!"]
 
 
-@pytest.mark.parametrize("word", ["hello", "Hello,", "don't", "and/or", "H2O", "COVID-19", "4th", "MP3s", "HTTPS",
-                                  "iPhone", "JavaScript", "naïve", "πr²", "internationalization", "(e.g.",
-                                  "https://example.com/a_b", "1,000th", "shèng", "12345",
-                                  # maths, markup and identifiers in prose
-                                  "x^2", "f(x)=2x+3.", "(√(a^2", "πr^2,", "<h1>Title", "class=\"story\">", "my_var",
-                                  "os.path.join()", "arr[i]", "a", "I,"])
+@pytest.mark.parametrize(
+    "word",
+    [
+        "hello",
+        "Hello,",
+        "don't",
+        "and/or",
+        "H2O",
+        "COVID-19",
+        "4th",
+        "MP3s",
+        "HTTPS",
+        "iPhone",
+        "JavaScript",
+        "naïve",
+        "πr²",
+        "internationalization",
+        "(e.g.",
+        "https://example.com/a_b",
+        "1,000th",
+        "shèng",
+        "12345",
+        # maths, markup and identifiers in prose
+        "x^2",
+        "f(x)=2x+3.",
+        "(√(a^2",
+        "πr^2,",
+        "<h1>Title",
+        'class="story">',
+        "my_var",
+        "os.path.join()",
+        "arr[i]",
+        "a",
+        "I,",
+    ],
+)
 def test_plausible_words_are_not_nonwords(word):
     assert not dialogue.is_nonword(word)
 
 
-@pytest.mark.parametrize("word", ["fo$o", "wor:d", "soft\ufffdplace", "(<[c']}edP", "a1b2", "aaaa", "thethethe", "understandingthatthisisit",
-                                  "bcdfgk", "wordпри", "tHeCaTs", "C.", "H"])
+@pytest.mark.parametrize(
+    "word",
+    [
+        "fo$o",
+        "wor:d",
+        "soft\ufffdplace",
+        "(<[c']}edP",
+        "a1b2",
+        "aaaa",
+        "thethethe",
+        "understandingthatthisisit",
+        "bcdfgk",
+        "wordпри",
+        "tHeCaTs",
+        "C.",
+        "H",
+    ],
+)
 def test_degenerate_tokens_are_nonwords(word):
     assert dialogue.is_nonword(word)
 
@@ -108,6 +155,7 @@ def test_mean_stderr_and_aggregate():
 
 # --------------------------------------------------------------------------- the task on a tiny model
 
+
 @pytest.fixture(scope="module")
 def mt_bench():
     from qeval.data import local_file
@@ -151,8 +199,17 @@ class CountingGenerate:
 
 
 def _ctx(model, ref, tok, cache_dir, **kw):
-    return TaskContext(model=model, tokenizer=tok, seed=0, limit=2, reference=ref, reference_fingerprint="tinyref",
-                       cache_dir=cache_dir, extra={"batch_size": 2}, **kw)
+    return TaskContext(
+        model=model,
+        tokenizer=tok,
+        seed=0,
+        limit=2,
+        reference=ref,
+        reference_fingerprint="tinyref",
+        cache_dir=cache_dir,
+        extra={"batch_size": 2},
+        **kw,
+    )
 
 
 def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_path, monkeypatch):
@@ -163,8 +220,18 @@ def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_pat
     first = task.evaluate(_ctx(quant, ref, tok, tmp_path))
     assert counter.calls == 2  # one batch per turn for the FP answers
     assert first["samples"] == 4 and first["chat_template"] == 0.0
-    for key in ("degeneration", "rep4", "sentence_rep", "distinct1", "distinct2", "nonword", "rougeL_fp",
-                "unfinished", "empty", "length"):
+    for key in (
+        "degeneration",
+        "rep4",
+        "sentence_rep",
+        "distinct1",
+        "distinct2",
+        "nonword",
+        "rougeL_fp",
+        "unfinished",
+        "empty",
+        "length",
+    ):
         for prefix in ("", "turn1_", "turn2_"):
             assert f"{prefix}{key}" in first and f"{prefix}{key}_stderr" in first
     assert 0.0 <= first["rougeL_fp"] <= 1.0
@@ -200,10 +267,11 @@ def module_categories(task_cls):
 
 def test_task_chat_template_and_categories(mt_bench, tiny, tmp_path):
     ref, quant, tok = tiny
-    tok = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", bos_token="<s>",
-                        eos_token="</s>")
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok = tok.__class__(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     task = mt_bench(max_new_tokens=4, categories=["math"])
     qs = task.questions(limit=2)
     assert [q["category"] for q in qs] == ["math", "math"]
@@ -235,6 +303,7 @@ def test_task_rejects_bad_params_and_missing_data(mt_bench, tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------- the judge
+
 
 class _StubJudge(BaseHTTPRequestHandler):
     requests: list[dict] = []
@@ -333,13 +402,27 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
     ref, quant, tok = tiny
     entry = "+tasks.add.chat={task: qeval_mt_bench, limit: 1, batch_size: 1, params: {max_new_tokens: 4}}"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "~suite.tasks.wikitext2",
-                                           "~suite.tasks.lambada", entry, f"results_dir={tmp_path}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=tiny-llama",
+                "suite=tiny",
+                "~suite.tasks.wikitext2",
+                "~suite.tasks.lambada",
+                entry,
+                f"results_dir={tmp_path}",
+            ],
+        )
     normalize_suite(cfg)
     check_suite(cfg)
     info = describe_suite(cfg)["chat"]
-    assert info == {"task": "qeval_mt_bench", "kind": "native", "family": "dialogue", "primary_metric": "degeneration",
-                    "higher_is_better": False}
+    assert info == {
+        "task": "qeval_mt_bench",
+        "kind": "native",
+        "family": "dialogue",
+        "primary_metric": "degeneration",
+        "higher_is_better": False,
+    }
     metrics, timings = evaluate_suite(ref, tok, cfg, reference=ref, reference_fingerprint="tinyref")
     assert metrics["chat"]["samples"] == 2 and metrics["chat"]["rougeL_fp"] == 1.0
     assert len(list((tmp_path / ".reference").glob("mt_bench-*.json"))) == 1

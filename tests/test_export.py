@@ -74,8 +74,11 @@ def test_gptq_and_awq_codes_export_exactly(tmp_path):
 def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(name="w8a8", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-                       a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True))
+    spec = QuantConfig(
+        name="w8a8",
+        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+        a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True),
+    )
     model, path = _export(tmp_path / "int", spec, family="qwen2", method="smoothquant")
     _assert_decodes_exactly(model, path)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -84,11 +87,15 @@ def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
     tensors = load_file(str(path / "model.safetensors"))
     assert tensors["model.layers.1.self_attn.q_proj.weight"].dtype == torch.int8
     # SmoothQuant's scales live in the norms: the exported norm is the smoothed one
-    torch.testing.assert_close(tensors["model.layers.0.input_layernorm.weight"],
-                               model.model.layers[0].input_layernorm.weight.detach())
+    torch.testing.assert_close(
+        tensors["model.layers.0.input_layernorm.weight"], model.model.layers[0].input_layernorm.weight.detach()
+    )
 
-    fp8 = QuantConfig(name="w8a8-fp8", w=WeightQuantConfig(bits=8, format="fp8_e4m3", granularity="channel", sym=True),
-                      a=ActQuantConfig(bits=8, format="fp8_e4m3", granularity="token", dynamic=True, sym=True))
+    fp8 = QuantConfig(
+        name="w8a8-fp8",
+        w=WeightQuantConfig(bits=8, format="fp8_e4m3", granularity="channel", sym=True),
+        a=ActQuantConfig(bits=8, format="fp8_e4m3", granularity="token", dynamic=True, sym=True),
+    )
     model, path = _export(tmp_path / "fp8", fp8)
     _assert_decodes_exactly(model, path)
     assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
@@ -97,20 +104,26 @@ def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
 def test_static_activation_scale_is_written(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(name="w8a8-static", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-                       a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=True))
+    spec = QuantConfig(
+        name="w8a8-static",
+        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+        a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=True),
+    )
     model, path = _export(tmp_path, spec)
     tensors = load_file(str(path / "model.safetensors"))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert tensors["model.layers.0.self_attn.q_proj.input_scale"].item() == pytest.approx(
-        q_proj.input_quantizer.scale.item(), rel=0, abs=0)
+        q_proj.input_quantizer.scale.item(), rel=0, abs=0
+    )
 
 
 def test_fp8_kv_scales_bound_the_cached_states(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(name="kv8-fp8", kv=KVQuantConfig(bits=8, format="fp8_e4m3", sym=True,
-                                                        key_granularity="tensor", value_granularity="tensor"))
+    spec = QuantConfig(
+        name="kv8-fp8",
+        kv=KVQuantConfig(bits=8, format="fp8_e4m3", sym=True, key_granularity="tensor", value_granularity="tensor"),
+    )
     model, path = _export(tmp_path, spec, family="gemma3")  # q/k norms: scales must see the cached keys
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["kv_cache_scheme"]["type"] == "float" and qc["kv_cache_scheme"]["strategy"] == "tensor"
@@ -133,23 +146,40 @@ def test_fp8_kv_scales_bound_the_cached_states(tmp_path):
     assert tensors["model.layers.0.self_attn.v_scale"].item() * 448 == pytest.approx(v_max, rel=1e-5)
 
 
-@pytest.mark.parametrize("spec,needle", [
-    (QuantConfig(name="w3g128", w=WeightQuantConfig(bits=3)), "int4 or int8"),
-    (QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
-                 a=ActQuantConfig(bits=4)), "W4A4"),
-    (QuantConfig(name="kv4", kv=KVQuantConfig(bits=4)), "int4 KV"),
-    (QuantConfig(name="kivi", kv=KVQuantConfig(bits=8, format="fp8_e4m3", semantics="cache",
-                                               key_granularity="tensor", value_granularity="tensor")), "semantics=cache"),
-    (QuantConfig(name="w8t", w=WeightQuantConfig(bits=8, granularity="tensor")), "per-group or per-channel"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        (QuantConfig(name="w3g128", w=WeightQuantConfig(bits=3)), "int4 or int8"),
+        (
+            QuantConfig(
+                name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=4)
+            ),
+            "W4A4",
+        ),
+        (QuantConfig(name="kv4", kv=KVQuantConfig(bits=4)), "int4 KV"),
+        (
+            QuantConfig(
+                name="kivi",
+                kv=KVQuantConfig(
+                    bits=8, format="fp8_e4m3", semantics="cache", key_granularity="tensor", value_granularity="tensor"
+                ),
+            ),
+            "semantics=cache",
+        ),
+        (QuantConfig(name="w8t", w=WeightQuantConfig(bits=8, granularity="tensor")), "per-group or per-channel"),
+    ],
+)
 def test_inexpressible_specs_are_refused_with_the_reason(spec, needle):
     with pytest.raises(NotExportableError, match=f"quant={spec.name} cannot be exported.*{needle}"):
         export_scheme(spec)
 
 
 def test_online_hadamard_and_ragged_groups_are_refused(tmp_path):
-    spec = QuantConfig(name="w8a8", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-                       a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True))
+    spec = QuantConfig(
+        name="w8a8",
+        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+        a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True),
+    )
     with pytest.raises(NotExportableError, match="online"):
         _export(tmp_path / "rot", spec, method="quarot")
     ragged = QuantConfig(name="w4g48", w=WeightQuantConfig(bits=4, granularity="group", group_size=48))
@@ -172,8 +202,9 @@ def test_efficiency_memory_accounting(tmp_path):
         tensors = load_file(str(path / "model.safetensors"))
         assert checkpoint_weight_bytes(path) == sum(t.numel() * t.element_size() for t in tensors.values())
     # every linear's float32 weight (4 bytes/value) became 0.5 byte/value plus one fp32 scale per 16
-    linears = [m for n, m in build_tiny_model("llama").named_modules()
-               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    linears = [
+        m for n, m in build_tiny_model("llama").named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
     values = sum(m.weight.numel() for m in linears)
     saved = checkpoint_weight_bytes(dense) - checkpoint_weight_bytes(w4)
     shapes = len(linears) * 2 * 8  # each linear also stores its weight_shape: two int64

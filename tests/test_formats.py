@@ -49,7 +49,7 @@ def test_int_ranges():
     assert E4M3.fp_max == 448.0
     assert E5M2.fp_max == 57344.0
     with pytest.raises(ValueError):
-        E4M3.qmax
+        _ = E4M3.qmax
 
 
 # ---------------------------------------------------------------------------- symmetric int
@@ -212,9 +212,7 @@ def test_group_size_dividing_exactly():
 
 def test_per_token_each_row_own_scale():
     # [tokens=3, hidden=4]; row absmax 1, 7, 0.5 -> scales 1/7, 1, 0.5/7 (4-bit sym)
-    x = t([[1.0, -0.5, 0.25, 0.0],
-           [7.0, -3.0, 2.0, 1.0],
-           [0.5, 0.5, -0.5, 0.25]])
+    x = t([[1.0, -0.5, 0.25, 0.0], [7.0, -3.0, 2.0, 1.0], [0.5, 0.5, -0.5, 0.25]])
     qt = quantize(x, SYM4, None)
     assert qt.scale.shape == (3, 1)
     torch.testing.assert_close(qt.scale[:, 0], t([1 / 7, 1.0, 0.5 / 7]), rtol=1e-6, atol=0)
@@ -270,9 +268,9 @@ def test_fake_quantize_with_given_scale():
     "fmt, values",
     [
         # absmax 448 = e4m3 max -> scale 1: every value below is an e4m3 number
-        (E4M3, [448.0, -1.5, 0.125, 3.5, -240.0, 0.0, 2.0 ** -9, 26.0]),
+        (E4M3, [448.0, -1.5, 0.125, 3.5, -240.0, 0.0, 2.0**-9, 26.0]),
         # absmax 57344 = e5m2 max -> scale 1: e5m2 numbers (2 mantissa bits)
-        (E5M2, [57344.0, -1.5, 0.25, 3.0, -1024.0, 0.0, 2.0 ** -16, 28.0]),
+        (E5M2, [57344.0, -1.5, 0.25, 3.0, -1024.0, 0.0, 2.0**-16, 28.0]),
     ],
 )
 def test_fp8_exactly_representable_values_survive(fmt, values):
@@ -309,7 +307,7 @@ def test_fp8_relative_error_bound_random(fmt, mant_bits, min_normal_exp):
     y = qt.dequantize()
     scale = qt.scale.repeat_interleave(64, dim=-1)
     scaled = (x / scale).abs()
-    normal = scaled >= 2.0 ** min_normal_exp
+    normal = scaled >= 2.0**min_normal_exp
     assert normal.float().mean() > 0.99
     rel = ((y - x).abs() / x.abs())[normal]
     bound = 2.0 ** -(mant_bits + 1)
@@ -344,8 +342,7 @@ def _matrix():
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_mean_error_strictly_decreases_with_bits(sym, group_size):
     w = _matrix()
-    errors = [(fake_quantize(w, QuantFormat(b, "int", sym), group_size) - w).abs().mean().item()
-              for b in range(2, 9)]
+    errors = [(fake_quantize(w, QuantFormat(b, "int", sym), group_size) - w).abs().mean().item() for b in range(2, 9)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     # one more bit roughly halves the error in the fine-grained regime
     assert errors[-2] / errors[-1] == pytest.approx(2.0, rel=0.25)
@@ -370,7 +367,7 @@ def test_fake_quantize_is_idempotent_for_int():
         once = fake_quantize(w, fmt, 32)
         twice = fake_quantize(once, fmt, 32)
         torch.testing.assert_close(twice, once, rtol=0, atol=1e-6)
-        assert torch.unique(quantize(w, fmt, 32).q).numel() <= 2 ** fmt.bits
+        assert torch.unique(quantize(w, fmt, 32).q).numel() <= 2**fmt.bits
 
 
 # ---------------------------------------------------------------------------- quantize_weight
@@ -433,6 +430,6 @@ def test_smollm2_width_partial_group():
     assert ((deq[:, 512:] - tail).abs() <= qt.scale[:, 4:5] / 2 * (1 + 1e-4)).all()
     # each full group likewise
     for gi in range(4):
-        g = w[:, gi * 128:(gi + 1) * 128]
+        g = w[:, gi * 128 : (gi + 1) * 128]
         expected = (g.amax(1).clamp(min=0) - g.amin(1).clamp(max=0)) / 15
         torch.testing.assert_close(qt.scale[:, gi], expected, rtol=1e-6, atol=0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_eval_data
 from hydra import compose, initialize_config_dir
 
-from conftest import require_eval_data
 from qeval.cli import CONF_DIR
 from qeval.data import tokenized_corpus
 from qeval.eval.perplexity import window_nlls

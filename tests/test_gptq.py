@@ -39,8 +39,7 @@ def test_gptq_beats_rtn_on_output_error(granularity, group_size, act_order, stat
     acc.add(x)
     fmt = QuantFormat(bits, "int", sym)
     rtn, _ = quantize_weight(w, fmt, granularity, group_size)
-    deq, qt = gptq_quantize(w, acc.H, fmt, granularity, group_size, act_order=act_order,
-                            static_groups=static_groups)
+    deq, qt = gptq_quantize(w, acc.H, fmt, granularity, group_size, act_order=act_order, static_groups=static_groups)
     err_rtn = ((x @ (w - rtn).T) ** 2).mean()
     err_gptq = ((x @ (w - deq).T) ** 2).mean()
     assert err_gptq < 0.8 * err_rtn
@@ -75,8 +74,12 @@ def test_gptq_on_every_family_beats_rtn_on_first_layers(family):
     first = adapter.norm_groups[0].linears
     prefix = f"{adapter.blocks}.0."
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in first}
-    hooks = [fp.get_submodule(prefix + n).register_forward_pre_hook(
-        lambda _m, a, _n=n: inputs[_n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in first]
+    hooks = [
+        fp.get_submodule(prefix + n).register_forward_pre_hook(
+            lambda _m, a, _n=n: inputs[_n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in first
+    ]
     with torch.no_grad():
         for b in calib:
             fp(b)

@@ -38,7 +38,7 @@ def test_stored_keys_are_quantized_per_channel_in_token_groups():
     keys, values = layer.keys, layer.values  # [1, kv_heads, 50, head_dim]
     # 50 tokens, residual 16: the oldest 32 (four groups of 8) are quantized, 18 stay FP
     for g in range(4):
-        block = keys[0, 0, g * 8:(g + 1) * 8, :]
+        block = keys[0, 0, g * 8 : (g + 1) * 8, :]
         for ch in range(block.shape[-1]):
             assert block[:, ch].unique().numel() <= 4  # 2 bits per channel within the group
         for t in range(8):

@@ -9,7 +9,6 @@ import json
 import pytest
 from conftest import require_eval_data
 
-
 CELLS = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,w8a8,kv4", "sweep_name=launch"]
 
 
@@ -44,13 +43,17 @@ def _same_as_basic(basic, proc, root, n_processes: int) -> None:
 
 def test_joblib_two_workers_match_the_basic_launcher(basic, tmp_path, run_qeval):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[dev]'")
-    proc = run_qeval(CELLS + ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "backend.threads=1",
-                              f"results_dir={tmp_path}"], tmp_path, timeout=400)
+    proc = run_qeval(
+        CELLS + ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "backend.threads=1", f"results_dir={tmp_path}"],
+        tmp_path,
+        timeout=400,
+    )
     _same_as_basic(basic, proc, tmp_path, n_processes=2)
 
 
 def test_submitit_local_matches_the_basic_launcher(basic, tmp_path, run_qeval):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[dev]'")
-    proc = run_qeval(CELLS + ["hydra/launcher=local", "backend.threads=1", f"results_dir={tmp_path}"],
-                     tmp_path, timeout=600)
+    proc = run_qeval(
+        CELLS + ["hydra/launcher=local", "backend.threads=1", f"results_dir={tmp_path}"], tmp_path, timeout=600
+    )
     _same_as_basic(basic, proc, tmp_path, n_processes=4)  # one process per cell

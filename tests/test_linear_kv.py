@@ -190,8 +190,7 @@ def test_kv16_passthrough_is_exact(models, input_ids, family):
 def test_kv_quantization_changes_logits_monotonically(models, input_ids, family):
     model = models[family]
     ref = _logits(model, input_ids)
-    diffs = {bits: (_logits(model, input_ids, KVQuantizer(bits=bits)) - ref).abs().max().item()
-             for bits in (8, 4, 2)}
+    diffs = {bits: (_logits(model, input_ids, KVQuantizer(bits=bits)) - ref).abs().max().item() for bits in (8, 4, 2)}
     assert diffs[4] > 1e-3, diffs
     assert diffs[2] > diffs[8], diffs
     assert diffs[2] > diffs[4] > diffs[8] > 0, diffs
@@ -218,8 +217,7 @@ def test_kv_quantizer_sees_keys_of_every_layer(models, input_ids, family):
                 for states in (layer.keys, layer.values):
                     rows = states.reshape(-1, states.shape[-1])
                     assert max(torch.unique(r).numel() for r in rows) <= 16
-                    torch.testing.assert_close(fake_quantize(states, q.fmt, None), states,
-                                               rtol=0, atol=1e-5)
+                    torch.testing.assert_close(fake_quantize(states, q.fmt, None), states, rtol=0, atol=1e-5)
             # a second call without a cache gets a fresh one: same logits, 2 more updates
             again = model(input_ids)
             assert torch.equal(again.logits, out.logits)

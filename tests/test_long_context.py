@@ -18,8 +18,12 @@ from qeval.eval import longeval_gen as lg
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native
 from qeval.models.tiny import build_tiny_model, byte_tokenizer
 
-NEEDED = ("longeval/lines/200_lines.jsonl", "longeval/topics/conversations.jsonl",
-          "longeval/topics/1_topics.jsonl", "needle_haystack/PaulGrahamEssays/addiction.txt")
+NEEDED = (
+    "longeval/lines/200_lines.jsonl",
+    "longeval/topics/conversations.jsonl",
+    "longeval/topics/1_topics.jsonl",
+    "needle_haystack/PaulGrahamEssays/addiction.txt",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,8 +106,9 @@ def test_prompt_length_grows_with_lines_topics_and_context_length(tok):
     assert topics[0] < topics[1] < topics[2]
     haystack = tok(lg.essays_text(), add_special_tokens=False).input_ids
     needles = [lg.needle_case(tok, haystack, n, 0.5, random.Random(0)) for n in (100, 200, 400)]
-    sizes = [len(tok(c.prompt.split("\n\n" + lg.NEEDLE_QUESTION)[0], add_special_tokens=False).input_ids)
-             for c in needles]
+    sizes = [
+        len(tok(c.prompt.split("\n\n" + lg.NEEDLE_QUESTION)[0], add_special_tokens=False).input_ids) for c in needles
+    ]
     assert sizes[0] < sizes[1] < sizes[2]
     for want, got in zip((100, 200, 400), sizes):
         assert abs(got - want) <= 2  # byte tokens: the filler is cut at the token count
@@ -183,8 +188,17 @@ def test_lines_end_to_end_with_capping(tasks, tok):
     # a 1-line prompt is ~520 byte tokens, a 4-line one ~700: a 640-token window fits only the first
     task = tasks["qeval_longeval_lines"](num_lines=[1, 4], max_new_tokens=4)
     m = task.evaluate(ctx(tiny(640), tok))
-    assert set(m) >= {"acc", "acc_stderr", "acc_at", "acc@1lines", "acc@1lines_stderr", "context_tokens@1lines",
-                      "skipped@4lines", "max_prompt_tokens", "samples"}
+    assert set(m) >= {
+        "acc",
+        "acc_stderr",
+        "acc_at",
+        "acc@1lines",
+        "acc@1lines_stderr",
+        "context_tokens@1lines",
+        "skipped@4lines",
+        "max_prompt_tokens",
+        "samples",
+    }
     assert "acc@4lines" not in m and m["skipped@4lines"] > m["max_prompt_tokens"] == 636
     assert m["acc_at"] == 1 and m["acc"] == m["acc@1lines"] and m["samples"] == 2
     assert 0 <= m["acc"] <= 1
@@ -210,8 +224,18 @@ def test_topics_end_to_end(tasks, tok):
 def test_needle_end_to_end_with_capping(tasks, tok):
     task = tasks["qeval_needle"](context_lengths=[64, 128, 600], depths=[0.0, 1.0], max_new_tokens=4)
     m = task.evaluate(ctx(tiny(512), tok))  # 600 tokens don't fit 512
-    assert {"acc", "acc_at", "acc@64", "acc@128", "acc@128_stderr", "acc@64_d0", "acc@128_d100",
-            "context_tokens@128", "skipped@600", "samples"} <= set(m)
+    assert {
+        "acc",
+        "acc_at",
+        "acc@64",
+        "acc@128",
+        "acc@128_stderr",
+        "acc@64_d0",
+        "acc@128_d100",
+        "context_tokens@128",
+        "skipped@600",
+        "samples",
+    } <= set(m)
     assert m["acc_at"] == 128 and m["acc"] == m["acc@128"] and m["samples"] == 2 * 2 * 2
     assert m["context_tokens@64"] < m["context_tokens@128"] < 512
 
@@ -231,9 +255,16 @@ def test_suite_entry_params_reach_the_task():
     from qeval.models.loading import load_model
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[
-            "model=tiny-llama", "suite=tiny", "~suite.tasks.wikitext2", "~suite.tasks.lambada",
-            "+tasks.add.needle={task: qeval_needle, limit: 1, params: {context_lengths: [48, 96], depths: [0.5]}}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=tiny-llama",
+                "suite=tiny",
+                "~suite.tasks.wikitext2",
+                "~suite.tasks.lambada",
+                "+tasks.add.needle={task: qeval_needle, limit: 1, params: {context_lengths: [48, 96], depths: [0.5]}}",
+            ],
+        )
     validate(cfg)  # types the entry as a TaskConfig, as the runner's preflight does
     check_suite(cfg)
     loaded = load_model(cfg.model)

@@ -9,12 +9,26 @@ from conftest import require_eval_data
 
 def test_method_sweep_skips_incompatible_cells(tmp_path, run_qeval):
     require_eval_data()
-    proc = run_qeval(["model=tiny-opt", "suite=tiny", "~suite.tasks.lambada", "quant=w4g128,w8a8",
-                      "method=gptq,smoothquant,quarot", "calib.nsamples=4", "calib.seqlen=128",
-                      "sweep_name=methods", f"results_dir={tmp_path}"], tmp_path, timeout=400)
+    proc = run_qeval(
+        [
+            "model=tiny-opt",
+            "suite=tiny",
+            "~suite.tasks.lambada",
+            "quant=w4g128,w8a8",
+            "method=gptq,smoothquant,quarot",
+            "calib.nsamples=4",
+            "calib.seqlen=128",
+            "sweep_name=methods",
+            f"results_dir={tmp_path}",
+        ],
+        tmp_path,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = {(r["cell"]["quant"], r["cell"]["method"]): r
-               for r in (json.loads(p.read_text()) for p in (tmp_path / "methods").glob("*.json"))}
+    records = {
+        (r["cell"]["quant"], r["cell"]["method"]): r
+        for r in (json.loads(p.read_text()) for p in (tmp_path / "methods").glob("*.json"))
+    }
     assert len(records) == 6
     assert records["w4g128", "gptq"]["status"] == "ok"
     assert records["w8a8", "gptq"]["status"] == "ok"
@@ -31,8 +45,8 @@ def test_method_sweep_skips_incompatible_cells(tmp_path, run_qeval):
 
 
 def test_unknown_method_parameter_fails_before_any_work():
-    from hydra import compose, initialize_config_dir
     import pytest
+    from hydra import compose, initialize_config_dir
 
     from qeval.cli import CONF_DIR
     from qeval.config import ConfigError
@@ -42,7 +56,8 @@ def test_unknown_method_parameter_fails_before_any_work():
         cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=gptq", "+method.params.bogus=1"])
         with pytest.raises(ConfigError, match=r"method\.params.*bogus"):
             preflight(cfg)
-        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=smoothquant",
-                                           "method.params.alpha=1.5"])
+        cfg = compose(
+            "config", overrides=["model=tiny-llama", "suite=tiny", "method=smoothquant", "method.params.alpha=1.5"]
+        )
         with pytest.raises(ConfigError, match=r"alpha=1.5"):
             preflight(cfg)

@@ -98,8 +98,9 @@ def test_spread_over_devices_keeps_a_quantized_model_computing_the_same():
     from qeval.quant.apply import quantize_model
     from qeval.quant.methods import get_method
 
-    spec = QuantConfig(name="w4a8kv4", w=WeightQuantConfig(bits=4, group_size=32), a=ActQuantConfig(bits=8),
-                       kv=KVQuantConfig(bits=4))
+    spec = QuantConfig(
+        name="w4a8kv4", w=WeightQuantConfig(bits=4, group_size=32), a=ActQuantConfig(bits=8), kv=KVQuantConfig(bits=4)
+    )
     model = quantize_model(build_tiny_model("llama"), spec, get_method("rtn"))
     x = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

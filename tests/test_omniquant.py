@@ -72,12 +72,13 @@ def test_let_transformation_is_exact_before_rounding(family):
     with torch.no_grad():
         for p in _params:  # move away from the initial values
             p.mul_(torch.rand(p.shape, generator=g) + 0.5)
-        for name, let_norm in norms.items():
+        for let_norm in norms.values():
             if let_norm.shift is not None:
                 let_norm.norm.bias.sub_(let_norm.shift)
             from qeval.quant.transforms import fold_into_norm
+
             fold_into_norm(let_norm.norm, let_norm.scale, adapter.norm_kind)
-        for n, w in wrapped.items():
+        for w in wrapped.values():
             weight, bias = w.transformed()
             w.linear.weight.copy_(weight)
             if bias is not None:
@@ -91,8 +92,9 @@ def test_let_transformation_is_exact_before_rounding(family):
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_weight_activation_cells_train_let(family):
-    spec = QuantConfig(name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=False),
-                       a=ActQuantConfig(bits=4))
+    spec = QuantConfig(
+        name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=False), a=ActQuantConfig(bits=4)
+    )
     method = get_method("omniquant", {"epochs": 4, "lwc_lr": 0.01, "let_lr": 0.001})
     model = quantize_model(build_tiny_model(family), spec, method, calibration=lambda: CALIB)
     for block, losses in method.loss_history.items():

@@ -34,8 +34,12 @@ def test_perplexity_equals_hand_computed_windows(corpus):
     seqlen = 64
     n = ids.numel() // seqlen
     with torch.no_grad():
-        nlls = [F.cross_entropy(model(ids[i * seqlen:(i + 1) * seqlen][None]).logits[0, :-1],
-                                ids[i * seqlen + 1:(i + 1) * seqlen]).item() for i in range(n)]
+        nlls = [
+            F.cross_entropy(
+                model(ids[i * seqlen : (i + 1) * seqlen][None]).logits[0, :-1], ids[i * seqlen + 1 : (i + 1) * seqlen]
+            ).item()
+            for i in range(n)
+        ]
     res = perplexity(model, tok, str(corpus), seqlen=seqlen)
     assert res.windows == n and res.tokens == n * (seqlen - 1)
     assert res.ppl == pytest.approx(math.exp(sum(nlls) / n), rel=1e-6)

@@ -25,15 +25,36 @@ W4G32 = WeightQuantConfig(bits=4, granularity="group", group_size=32, sym=False)
 CASES = {
     # name: (family, method, params, spec)
     "gptq-w4g32": ("llama", "gptq", {}, QuantConfig(name="w4g32", w=W4G32)),
-    "smoothquant-w8a8-static": ("llama", "smoothquant", {}, QuantConfig(
-        name="w8a8s", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=False))),
-    "quarot-w4a4-kv4": ("qwen2", "quarot", {}, QuantConfig(
-        name="w4a4kv4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=4), kv=KVQuantConfig(bits=4))),
+    "smoothquant-w8a8-static": (
+        "llama",
+        "smoothquant",
+        {},
+        QuantConfig(
+            name="w8a8s",
+            w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+            a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=False),
+        ),
+    ),
+    "quarot-w4a4-kv4": (
+        "qwen2",
+        "quarot",
+        {},
+        QuantConfig(
+            name="w4a4kv4",
+            w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
+            a=ActQuantConfig(bits=4),
+            kv=KVQuantConfig(bits=4),
+        ),
+    ),
     # weight-activation OmniQuant learns LET: OPT's norms and biases change too
-    "omniquant-let-opt": ("opt", "omniquant", {"epochs": 1}, QuantConfig(
-        name="w4a8", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=8))),
+    "omniquant-let-opt": (
+        "opt",
+        "omniquant",
+        {"epochs": 1},
+        QuantConfig(
+            name="w4a8", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=8)
+        ),
+    ),
 }
 
 
@@ -93,6 +114,7 @@ def test_damaged_or_foreign_entries_are_misses(tmp_path):
 
 def test_run_cell_reads_the_cache_on_a_second_sweep(tmp_path, monkeypatch):
     from conftest import require_eval_data
+
     from qeval.cli import compose_config
     from qeval.quant.methods.gptq import GPTQ
     from qeval.runner import run_cell
@@ -100,10 +122,17 @@ def test_run_cell_reads_the_cache_on_a_second_sweep(tmp_path, monkeypatch):
     require_eval_data()
     calls = []
     original = GPTQ.quantize_weights
-    monkeypatch.setattr(GPTQ, "quantize_weights",
-                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    common = ["model=tiny-llama", "suite=tiny", "quant=w4g128", "method=gptq", "quantized_cache=true",
-              f"cache_dir={tmp_path / 'cache'}", "calib.nsamples=4", "calib.seqlen=64"]
+    monkeypatch.setattr(GPTQ, "quantize_weights", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    common = [
+        "model=tiny-llama",
+        "suite=tiny",
+        "quant=w4g128",
+        "method=gptq",
+        "quantized_cache=true",
+        f"cache_dir={tmp_path / 'cache'}",
+        "calib.nsamples=4",
+        "calib.seqlen=64",
+    ]
     first = run_cell(compose_config(common + [f"results_dir={tmp_path / 'a'}"]))
     second = run_cell(compose_config(common + [f"results_dir={tmp_path / 'b'}"]))
     assert first["status"] == second["status"] == "ok"

@@ -8,52 +8,126 @@ import pytest
 
 from qeval.results import SCHEMA_VERSION, ResultStore
 
-TASKS = {"wikitext2": {"task": "wikitext2", "kind": "perplexity", "family": "basic_nlp", "primary_metric": "ppl",
-                       "higher_is_better": False},
-         "arc": {"task": "qeval_arc_easy", "kind": "lm_eval", "family": "basic_nlp", "primary_metric": "acc",
-                 "higher_is_better": True},
-         "ifeval": {"task": "ifeval", "kind": "lm_eval", "family": "emergent", "primary_metric": "strict",
-                    "higher_is_better": True},
-         "needle": {"task": "qeval_needle", "kind": "native", "family": "long_context", "primary_metric": "acc",
-                    "higher_is_better": True},
-         "mt_bench": {"task": "qeval_mt_bench", "kind": "native", "family": "dialogue",
-                      "primary_metric": "degeneration", "higher_is_better": False}}
-SPECS = {"fp16": ("FP", "FP16"), "w4g128": ("W", "W4g128"), "w3g128": ("W", "W3g128"), "kv4": ("KV", "KV4"),
-         "w8a8": ("WA", "W8A8")}
+TASKS = {
+    "wikitext2": {
+        "task": "wikitext2",
+        "kind": "perplexity",
+        "family": "basic_nlp",
+        "primary_metric": "ppl",
+        "higher_is_better": False,
+    },
+    "arc": {
+        "task": "qeval_arc_easy",
+        "kind": "lm_eval",
+        "family": "basic_nlp",
+        "primary_metric": "acc",
+        "higher_is_better": True,
+    },
+    "ifeval": {
+        "task": "ifeval",
+        "kind": "lm_eval",
+        "family": "emergent",
+        "primary_metric": "strict",
+        "higher_is_better": True,
+    },
+    "needle": {
+        "task": "qeval_needle",
+        "kind": "native",
+        "family": "long_context",
+        "primary_metric": "acc",
+        "higher_is_better": True,
+    },
+    "mt_bench": {
+        "task": "qeval_mt_bench",
+        "kind": "native",
+        "family": "dialogue",
+        "primary_metric": "degeneration",
+        "higher_is_better": False,
+    },
+}
+SPECS = {
+    "fp16": ("FP", "FP16"),
+    "w4g128": ("W", "W4g128"),
+    "w3g128": ("W", "W3g128"),
+    "kv4": ("KV", "KV4"),
+    "w8a8": ("WA", "W8A8"),
+}
 
 
 def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: float, strict: float) -> None:
     tensor_type, bits = SPECS[quant]
-    store.write({
-        "schema_version": SCHEMA_VERSION, "hash": f"{quant}-{method}", "label": f"m__{quant}__{method}",
-        "sweep": store.dir.name, "status": "ok", "tasks": TASKS,
-        "cell": {"model": "m", "quant": quant, "method": method, "suite": "s", "backend": "hf",
-                 "tensor_type": tensor_type, "bits": bits},
-        "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 8},
-                    "arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500},
-                    "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": 100},
-                    # long context falls with the KV bits, dialogue degenerates with fewer weight bits
-                    "needle": {"acc": strict, "acc@1000tok": strict + 0.1, "acc@4000tok": strict - 0.1,
-                               "acc@1000tok_stderr": 0.1, "samples": 30},
-                    "mt_bench": {"degeneration": 1.1 - strict, "rep4": 0.9 - strict, "samples": 48}},
-    })
+    store.write(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "hash": f"{quant}-{method}",
+            "label": f"m__{quant}__{method}",
+            "sweep": store.dir.name,
+            "status": "ok",
+            "tasks": TASKS,
+            "cell": {
+                "model": "m",
+                "quant": quant,
+                "method": method,
+                "suite": "s",
+                "backend": "hf",
+                "tensor_type": tensor_type,
+                "bits": bits,
+            },
+            "metrics": {
+                "wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 8},
+                "arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500},
+                "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": 100},
+                # long context falls with the KV bits, dialogue degenerates with fewer weight bits
+                "needle": {
+                    "acc": strict,
+                    "acc@1000tok": strict + 0.1,
+                    "acc@4000tok": strict - 0.1,
+                    "acc@1000tok_stderr": 0.1,
+                    "samples": 30,
+                },
+                "mt_bench": {"degeneration": 1.1 - strict, "rep4": 0.9 - strict, "samples": 48},
+            },
+        }
+    )
 
 
 @pytest.fixture()
 def stores(tmp_path):
     rtn = ResultStore(tmp_path, "rtn")
     write_cell(rtn, "fp16", "rtn", 10.0, 0.60, 0.50)
-    write_cell(rtn, "w4g128", "rtn", 12.0, 0.58, 0.45)   # arc: 0.02 < 2 x 0.028 -> noise
-    write_cell(rtn, "w3g128", "rtn", 15.0, 0.40, 0.20)   # arc: 0.20 -> significant
+    write_cell(rtn, "w4g128", "rtn", 12.0, 0.58, 0.45)  # arc: 0.02 < 2 x 0.028 -> noise
+    write_cell(rtn, "w3g128", "rtn", 15.0, 0.40, 0.20)  # arc: 0.20 -> significant
     write_cell(rtn, "kv4", "rtn", 10.1, 0.60, 0.50)
     write_cell(rtn, "w8a8", "rtn", 10.5, 0.59, 0.48)
     for quant, e2e in (("fp16", 2.0), ("w8a8", 1.2)):  # timings from benchmarks/efficiency.py
-        rtn.write({"schema_version": SCHEMA_VERSION, "kind": "efficiency", "status": "ok", "hash": f"eff-{quant}",
-                   "label": f"efficiency__m__{quant}__rtn", "model": "m", "quant": quant, "method": "rtn",
-                   "scheme": "dense", "device": "cpu", "engine": {"dtype": "float32"}, "weight_bytes": 2**20,
-                   "kv_bytes_per_token": 1024,
-                   "timings": [{"batch": 1, "input_len": 128, "output_len": 32, "prefill_s": 0.1,
-                                "decode_s_per_token": 0.02, "e2e_s": e2e, "throughput_tok_s": 16.5}]})
+        rtn.write(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "efficiency",
+                "status": "ok",
+                "hash": f"eff-{quant}",
+                "label": f"efficiency__m__{quant}__rtn",
+                "model": "m",
+                "quant": quant,
+                "method": "rtn",
+                "scheme": "dense",
+                "device": "cpu",
+                "engine": {"dtype": "float32"},
+                "weight_bytes": 2**20,
+                "kv_bytes_per_token": 1024,
+                "timings": [
+                    {
+                        "batch": 1,
+                        "input_len": 128,
+                        "output_len": 32,
+                        "prefill_s": 0.1,
+                        "decode_s_per_token": 0.02,
+                        "e2e_s": e2e,
+                        "throughput_tok_s": 16.5,
+                    }
+                ],
+            }
+        )
     gptq = ResultStore(tmp_path, "gptq")
     write_cell(gptq, "w4g128", "gptq", 11.0, 0.59, 0.47)
     write_cell(gptq, "w3g128", "gptq", 12.5, 0.55, 0.40)
@@ -66,9 +140,9 @@ def test_significance_marks_only_differences_beyond_two_standard_errors(stores):
     long = add_normalized(long_frame(read_sweeps([stores[0]]))).set_index(["quant", "metric"])
     assert bool(long.loc[("w3g128", "arc.acc"), "significant"]) is True
     assert bool(long.loc[("w4g128", "arc.acc"), "significant"]) is False
-    assert bool(long.loc[("w4g128", "wikitext2.ppl"), "significant"]) is True   # 2.0 > 2 x 0.141
-    assert bool(long.loc[("kv4", "wikitext2.ppl"), "significant"]) is False     # 0.1 < 0.283
-    assert pd.isna(long.loc[("fp16", "arc.acc"), "significant"])                # the reference itself
+    assert bool(long.loc[("w4g128", "wikitext2.ppl"), "significant"]) is True  # 2.0 > 2 x 0.141
+    assert bool(long.loc[("kv4", "wikitext2.ppl"), "significant"]) is False  # 0.1 < 0.283
+    assert pd.isna(long.loc[("fp16", "arc.acc"), "significant"])  # the reference itself
     assert long.loc[("w3g128", "arc.acc"), "normalized"] == pytest.approx(0.40 / 0.60)
 
 
@@ -77,11 +151,20 @@ def test_two_sweeps_compare_methods_side_by_side(stores, tmp_path):
 
     markdown, files = write_tables(list(stores), tmp_path / "out")
     names = {f.relative_to(tmp_path / "out").as_posix() for f in files}
-    assert {"primary.csv", "primary.tex", "families.tex", "primary_marked.md", "by_method/gptq.csv",
-            "by_method/rtn.csv", "by_tensor_type/W.csv", "by_tensor_type/KV.md", "by_tensor_type/WA.tex"} <= names
+    assert {
+        "primary.csv",
+        "primary.tex",
+        "families.tex",
+        "primary_marked.md",
+        "by_method/gptq.csv",
+        "by_method/rtn.csv",
+        "by_tensor_type/W.csv",
+        "by_tensor_type/KV.md",
+        "by_tensor_type/WA.tex",
+    } <= names
     primary = pd.read_csv(tmp_path / "out" / "primary.csv")
     w3 = primary[primary.bits == "W3g128"].set_index("method")
-    assert w3.loc["gptq", "wikitext2.ppl /FP"] == pytest.approx(1.25)   # GPTQ normalized to RTN's FP cell
+    assert w3.loc["gptq", "wikitext2.ppl /FP"] == pytest.approx(1.25)  # GPTQ normalized to RTN's FP cell
     assert w3.loc["rtn", "wikitext2.ppl /FP"] == pytest.approx(1.5)
     # family average, the Qllm-Eval way: mean over the family's tasks of the oriented ratio
     families = pd.read_csv(tmp_path / "out" / "families.csv").set_index(["quant", "method"])
@@ -114,9 +197,19 @@ def test_every_plot_type_is_drawn(stores, tmp_path):
 
     _, files = write_tables(list(stores), tmp_path / "out")
     figures = {f.name for f in files if f.suffix == ".png"}
-    assert {"score_vs_bits_W.png", "score_vs_bits_WA.png", "score_vs_bits_KV.png", "methods_by_bits.png",
-            "heatmap.png", "abilities_radar_m.png", "long_context_needle.png", "dialogue_vs_bits.png", "families_radar_m.png",
-            "quality_vs_memory.png", "quality_vs_latency.png"} == figures
+    assert {
+        "score_vs_bits_W.png",
+        "score_vs_bits_WA.png",
+        "score_vs_bits_KV.png",
+        "methods_by_bits.png",
+        "heatmap.png",
+        "abilities_radar_m.png",
+        "long_context_needle.png",
+        "dialogue_vs_bits.png",
+        "families_radar_m.png",
+        "quality_vs_memory.png",
+        "quality_vs_latency.png",
+    } == figures
     for png in (f for f in files if f.suffix == ".png"):
         assert png.stat().st_size > 5000 and png.with_suffix(".svg").is_file()
 
@@ -132,8 +225,10 @@ def test_pareto_front_and_memory_axis():
     assert list(front.bits) == [3.125, 4.125, 8, 16]  # 6 bits at 0.90: 4.125 bits keep more (0.95)
 
 
-@pytest.mark.parametrize("keep,expected", [(0.98, "kv4 (KV4, rtn)"), (0.95, "w8a8 (W8A8, rtn)"),
-                                           (0.93, "w4g128 (W4g128, gptq)"), (0.999, "unquantized")])
+@pytest.mark.parametrize(
+    "keep,expected",
+    [(0.98, "kv4 (KV4, rtn)"), (0.95, "w8a8 (W8A8, rtn)"), (0.93, "w4g128 (W4g128, gptq)"), (0.999, "unquantized")],
+)
 def test_recommendation_is_the_least_memory_that_keeps_the_share(stores, keep, expected):
     """basic_nlp retained (mean of the ppl and accuracy ratios): kv4 0.995, w8a8 0.968,
     GPTQ w4g128 0.946, RTN w4g128 0.900, GPTQ w3g128 0.858, RTN w3g128 0.667."""
@@ -180,25 +275,49 @@ def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path)
     page = tmp_path / "out" / "report.html"
     text = page.read_text()
     n_figures = sum(1 for f in files if f.suffix == ".png")
-    assert text.count("<img ") == n_figures and "src=\"data:image/png;base64," in text
+    assert text.count("<img ") == n_figures and 'src="data:image/png;base64,' in text
     assert 'href="http' not in text and 'src="http' not in text  # nothing fetched from elsewhere
     assert "Efficiency (real kernels)</h2>" in text
     assert text.count("0.4 ± 0.02 *") == 2  # RTN W3's significant loss: in the overview and its tensor-type section
-    for heading in ("Overview", "Tensor type W", "Tensor type KV", "Methods", "Task families", "Quality vs memory and latency"):
+    for heading in (
+        "Overview",
+        "Tensor type W",
+        "Tensor type KV",
+        "Methods",
+        "Task families",
+        "Quality vs memory and latency",
+    ):
         assert f">{heading}</h2>" in text
     browser = _chromium()
     if browser is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
     probe = tmp_path / "probe.html"
-    probe.write_text(text.replace("</body>", """<script>
+    probe.write_text(
+        text.replace(
+            "</body>",
+            """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   const p = document.createElement('p'); p.id = 'probe';
   p.textContent = `loaded ${ok} of ${imgs.length}`; document.body.appendChild(p);
-});</script></body>"""))
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+});</script></body>""",
+        )
+    )
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r'<p id="probe">loaded (\d+) of (\d+)</p>', proc.stdout)
     assert match, proc.stderr[-2000:]
     assert int(match.group(1)) == int(match.group(2)) == n_figures

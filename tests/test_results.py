@@ -10,8 +10,14 @@ from qeval.results import SCHEMA_VERSION, ResultStore, iter_records, package_ver
 
 
 def _record(cell_hash="0123456789abcdef", label="tiny-llama__w4g128__rtn", status="ok", **extra):
-    return {"schema_version": SCHEMA_VERSION, "hash": cell_hash, "label": label, "status": status,
-            "metrics": {"wikitext2": {"ppl": 12.5}}, **extra}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "hash": cell_hash,
+        "label": label,
+        "status": status,
+        "metrics": {"wikitext2": {"ppl": 12.5}},
+        **extra,
+    }
 
 
 def _stray_files(directory):
@@ -159,7 +165,10 @@ def test_fp_baseline_is_one_cell_across_methods():
     def cell_hash(*overrides: str) -> str:
         return stable_hash(cell_identity(compose_config(["model=tiny-llama", "suite=tiny", *overrides])))
 
-    assert cell_hash("quant=fp16", "method=rtn") == cell_hash("quant=fp16", "method=gptq") \
+    assert (
+        cell_hash("quant=fp16", "method=rtn")
+        == cell_hash("quant=fp16", "method=gptq")
         == cell_hash("quant=fp16", "method=awq")
+    )
     assert cell_hash("quant=w4g128", "method=rtn") != cell_hash("quant=w4g128", "method=gptq")
     assert cell_hash("quant=fp16") != cell_hash("quant=fp16", "seed=1")

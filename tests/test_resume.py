@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import _script, require_eval_data
+
 from qeval.results import read_record
 
 SWEEP = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,w8a8", "sweep_name=kill"]
@@ -38,18 +38,28 @@ def _results(sweep_dir: Path) -> dict[str, dict]:
 def _kill_mid_cell(args: list[str], cwd: Path, sweep_dir: Path, timeout: float = 300) -> None:
     """Start the sweep and SIGKILL its whole process group once one cell is recorded and the
     next has its first task (of two) on disk, so both kinds of progress are at stake."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QEVAL_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(_script("qeval") + args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QEVAL_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
+    proc = subprocess.Popen(
+        _script("qeval") + args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be killed")
             recorded = {p.stem.rpartition("-")[2] for p in _files(sweep_dir)}
-            half_done = [p for p in _files(sweep_dir / ".partial") if p.stem not in recorded
-                         and len((read_record(p) or {}).get("tasks", ())) == 1]  # wikitext2 done, lambada not
+            half_done = [
+                p
+                for p in _files(sweep_dir / ".partial")
+                if p.stem not in recorded and len((read_record(p) or {}).get("tasks", ())) == 1
+            ]  # wikitext2 done, lambada not
             if recorded and half_done:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -101,8 +111,18 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, run_qeval):
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text("{}")  # a folder, so preflight passes; loading fails
-    proc = run_qeval(["model=tiny-llama,local", f"model.path={not_a_model}", "quant=fp16", "suite=tiny", "sweep_name=fail",
-                      f"results_dir={tmp_path / 'results'}"], tmp_path, timeout=300)
+    proc = run_qeval(
+        [
+            "model=tiny-llama,local",
+            f"model.path={not_a_model}",
+            "quant=fp16",
+            "suite=tiny",
+            "sweep_name=fail",
+            f"results_dir={tmp_path / 'results'}",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     records = {r["cell"]["model"]: r for r in _results(tmp_path / "results" / "fail").values()}

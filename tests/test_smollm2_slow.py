@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.metadata as md
 
 import pytest
+from conftest import require_eval_data
 from hydra import compose, initialize_config_dir
 
-from conftest import require_eval_data
 from qeval.cli import CONF_DIR
 from qeval.runner import run_cell
 
@@ -38,10 +38,17 @@ def ppl(tmp_path_factory) -> dict[str, float]:
     out = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for quant in CELLS:
-            cfg = compose("config", overrides=[
-                f"quant={quant}", "suite=nlp-full", "~suite.tasks.lambada",
-                f"suite.tasks.wikitext2.max_windows={WINDOWS}",
-                f"results_dir={results}", "sweep_name=ordering"])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"quant={quant}",
+                    "suite=nlp-full",
+                    "~suite.tasks.lambada",
+                    f"suite.tasks.wikitext2.max_windows={WINDOWS}",
+                    f"results_dir={results}",
+                    "sweep_name=ordering",
+                ],
+            )
             record = run_cell(cfg)
             assert record["status"] == "ok", record.get("reason")
             assert record["metrics"]["wikitext2"]["windows"] == WINDOWS

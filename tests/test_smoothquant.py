@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import outlier_llama
+
 from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter
@@ -62,8 +62,11 @@ def test_weight_only_spec_is_refused():
 def test_w4a4_smoothquant_beats_rtn_on_a_model_with_outlier_channels():
     """Give one hidden channel a large scale (the outlier pattern of real LLMs): per-token
     activation quantization then suffers, and smoothing recovers most of it."""
-    spec = QuantConfig(name="w8a4", w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-                       a=ActQuantConfig(bits=4, granularity="token", sym=True))
+    spec = QuantConfig(
+        name="w8a4",
+        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
+        a=ActQuantConfig(bits=4, granularity="token", sym=True),
+    )
 
     x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

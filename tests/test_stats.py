@@ -53,8 +53,12 @@ def test_every_family_gets_weight_activation_and_kv_rows(family):
 
 def test_cli_writes_a_record_and_plots(tmp_path):
     require_eval_data()
-    proc = run_script("qeval-stats", ["model=tiny-qwen2", "calib.nsamples=2", "calib.seqlen=64",
-                                      f"results_dir={tmp_path / 'results'}"], tmp_path, timeout=300)
+    proc = run_script(
+        "qeval-stats",
+        ["model=tiny-qwen2", "calib.nsamples=2", "calib.seqlen=64", f"results_dir={tmp_path / 'results'}"],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads(next((tmp_path / "results" / "stats").glob("stats__tiny-qwen2-*.json")).read_text())
     assert record["kind"] == "tensor_stats" and len(record["rows"]) == 2 * (7 + 7 + 2)

@@ -48,8 +48,16 @@ def test_default_suite_covers_all_families():
     assert {info["family"] for info in describe_suite(cfg).values()} == set(FAMILIES)
 
 
-@pytest.mark.parametrize("suite,family", [("basic_nlp", "basic_nlp"), ("emergent", "emergent"), ("ethics", "ethics"),
-                                          ("dialogue", "dialogue"), ("long_context", "long_context")])
+@pytest.mark.parametrize(
+    "suite,family",
+    [
+        ("basic_nlp", "basic_nlp"),
+        ("emergent", "emergent"),
+        ("ethics", "ethics"),
+        ("dialogue", "dialogue"),
+        ("long_context", "long_context"),
+    ],
+)
 def test_family_suites_hold_their_family(suite, family):
     from qeval.eval.suite import describe_suite
 
@@ -75,9 +83,16 @@ def test_entries_are_overridable_and_addable_from_the_command_line():
     from qeval.config import normalize_suite
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["model=tiny-llama", "suite=nlp-full", "suite.tasks.wikitext2.max_windows=2",
-                                           "suite.tasks.lambada.num_fewshot=3",
-                                           "+tasks.add.arc={task:qeval_arc_easy,limit:7,params:{a:1}}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=tiny-llama",
+                "suite=nlp-full",
+                "suite.tasks.wikitext2.max_windows=2",
+                "suite.tasks.lambada.num_fewshot=3",
+                "+tasks.add.arc={task:qeval_arc_easy,limit:7,params:{a:1}}",
+            ],
+        )
     normalize_suite(cfg)
     assert cfg.suite.tasks.wikitext2.max_windows == 2 and cfg.suite.tasks.lambada.num_fewshot == 3
     assert cfg.suite.tasks.arc.limit == 7 and cfg.suite.tasks.arc.batch_size == 16 and cfg.suite.tasks.arc.params.a == 1
@@ -91,15 +106,33 @@ def test_family_table_keeps_a_task_that_dropped_to_zero():
     from qeval.report.table import add_normalized, family_table
 
     def row(quant, tt, metric, value, family, hib):
-        return {"model": "m", "tensor_type": tt, "bits": quant.upper(), "quant": quant, "method": "rtn",
-                "suite": "s", "backend": "hf", "sweep": "x", "task": metric.split(".")[0], "metric": metric,
-                "value": value, "stderr": None, "samples": 1, "family": family, "primary": True,
-                "higher_is_better": hib}
+        return {
+            "model": "m",
+            "tensor_type": tt,
+            "bits": quant.upper(),
+            "quant": quant,
+            "method": "rtn",
+            "suite": "s",
+            "backend": "hf",
+            "sweep": "x",
+            "task": metric.split(".")[0],
+            "metric": metric,
+            "value": value,
+            "stderr": None,
+            "samples": 1,
+            "family": family,
+            "primary": True,
+            "higher_is_better": hib,
+        }
 
-    long = pd.DataFrame([row("fp16", "FP", "needle.acc", 0.8, "long_context", True),
-                         row("kv2", "KV", "needle.acc", 0.0, "long_context", True),
-                         row("fp16", "FP", "wt.ppl", 20.0, "basic_nlp", False),
-                         row("kv2", "KV", "wt.ppl", 40.0, "basic_nlp", False)])
+    long = pd.DataFrame(
+        [
+            row("fp16", "FP", "needle.acc", 0.8, "long_context", True),
+            row("kv2", "KV", "needle.acc", 0.0, "long_context", True),
+            row("fp16", "FP", "wt.ppl", 20.0, "basic_nlp", False),
+            row("kv2", "KV", "wt.ppl", 40.0, "basic_nlp", False),
+        ]
+    )
     table = family_table(add_normalized(long)).reset_index().set_index("quant")
     assert table.loc["kv2", "long_context"] == 0.0 and table.loc["kv2", "basic_nlp"] == pytest.approx(0.5)
     assert table.loc["fp16", "long_context"] == 1.0 and table.loc["fp16", "basic_nlp"] == 1.0

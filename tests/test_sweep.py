@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import require_eval_data
+
 from qeval.results import SCHEMA_VERSION, ResultStore
 
 SWEEP = ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128,kv4", "sweep_name=e2e"]
@@ -230,8 +230,9 @@ def test_report_cli_on_empty_folder(run_report, tmp_path):
 # ---------------------------------------------------------------------------- report, synthetic records
 
 
-def _synthetic(store: ResultStore, quant: str, ppl: float, cell_hash: str, backend: str = "hf",
-               acc: float | None = None) -> None:
+def _synthetic(
+    store: ResultStore, quant: str, ppl: float, cell_hash: str, backend: str = "hf", acc: float | None = None
+) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -243,14 +244,28 @@ def _synthetic(store: ResultStore, quant: str, ppl: float, cell_hash: str, backe
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         q = compose("config", overrides=["model=tiny-llama", "suite=tiny", f"quant={quant}"]).quant
     GlobalHydra.instance().clear()
-    store.write({
-        "schema_version": SCHEMA_VERSION, "hash": cell_hash, "label": f"m__{quant}__rtn", "sweep": "syn",
-        "status": "ok",
-        "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "tiny", "backend": backend,
-                 "tensor_type": tensor_type(q), "bits": bits_label(q)},
-        "metrics": {"wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 2},
-                    **({"arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500}} if acc is not None else {})},
-    })
+    store.write(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "hash": cell_hash,
+            "label": f"m__{quant}__rtn",
+            "sweep": "syn",
+            "status": "ok",
+            "cell": {
+                "model": "m",
+                "quant": quant,
+                "method": "rtn",
+                "suite": "tiny",
+                "backend": backend,
+                "tensor_type": tensor_type(q),
+                "bits": bits_label(q),
+            },
+            "metrics": {
+                "wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": 2},
+                **({"arc": {"acc": acc, "acc_stderr": 0.02, "samples": 500}} if acc is not None else {}),
+            },
+        }
+    )
 
 
 def test_report_normalizes_by_fp(tmp_path):
@@ -260,8 +275,17 @@ def test_report_normalizes_by_fp(tmp_path):
     _synthetic(store, "fp16", 10.0, "a1")
     _synthetic(store, "w4g128", 12.0, "a2")
     _synthetic(store, "w3g128", 15.0, "a3")
-    store.write({"schema_version": SCHEMA_VERSION, "hash": "a4", "label": "m__w2g64__rtn", "sweep": "syn",
-                 "status": "failed", "cell": {}, "metrics": {}})
+    store.write(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "hash": "a4",
+            "label": "m__w2g64__rtn",
+            "sweep": "syn",
+            "status": "failed",
+            "cell": {},
+            "metrics": {},
+        }
+    )
     _, files = write_tables(store.dir, tmp_path / "out")
     table = pd.read_csv(files[1])
     assert list(table["bits"]) == ["FP16", "W4g128", "W3g128"]  # failed cell left out
@@ -287,19 +311,23 @@ def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, run_report):
     within 2 standard errors of the difference (sqrt(0.02^2 + 0.02^2) = 0.028 -> 0.057)."""
     store = ResultStore(tmp_path, "syn")
     _synthetic(store, "fp16", 10.0, "c1", acc=0.50)
-    _synthetic(store, "fp16", 10.05, "c2", backend="vllm", acc=0.52)      # 0.5 % and 0.02: agree
+    _synthetic(store, "fp16", 10.05, "c2", backend="vllm", acc=0.52)  # 0.5 % and 0.02: agree
     _synthetic(store, "w8a8", 11.0, "c3", acc=0.50)
-    _synthetic(store, "w8a8", 11.2, "c4", backend="vllm", acc=0.44)       # 1.8 % and 0.06: disagree
-    _synthetic(store, "w4g128", 12.0, "c5")                               # hf only: not paired
+    _synthetic(store, "w8a8", 11.2, "c4", backend="vllm", acc=0.44)  # 1.8 % and 0.06: disagree
+    _synthetic(store, "w4g128", 12.0, "c5")  # hf only: not paired
     proc = run_report([str(store.dir), "--out", str(tmp_path / "out")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 of 4 agree, 2 DISAGREE" in proc.stdout
     table = pd.read_csv(tmp_path / "out" / "agreement.csv")
     verdict = {(r.quant, r.metric): r.agree for r in table.itertuples()}
-    assert verdict == {("fp16", "wikitext2.ppl"): True, ("fp16", "arc.acc"): True,
-                       ("w8a8", "wikitext2.ppl"): False, ("w8a8", "arc.acc"): False}
+    assert verdict == {
+        ("fp16", "wikitext2.ppl"): True,
+        ("fp16", "arc.acc"): True,
+        ("w8a8", "wikitext2.ppl"): False,
+        ("w8a8", "arc.acc"): False,
+    }
     row = table[(table.quant == "w8a8") & (table.metric == "arc.acc")].iloc[0]
-    assert row.tolerance == pytest.approx(2 * (2 * 0.02 ** 2) ** 0.5)
+    assert row.tolerance == pytest.approx(2 * (2 * 0.02**2) ** 0.5)
     # a looser tolerance from the command line changes the verdict
     proc = run_report([str(store.dir), "--out", str(tmp_path / "out2"), "--ppl-rtol", "0.02", "--n-se", "3"], tmp_path)
     assert "4 of 4 agree" in proc.stdout

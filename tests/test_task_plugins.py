@@ -64,8 +64,9 @@ class WordCount(NativeTask):
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("my_tasks")
-    rows = [{"question": f"What color is item {i}?", "choices": ["red", "green", "blue"], "answer": i % 3}
-            for i in range(6)]
+    rows = [
+        {"question": f"What color is item {i}?", "choices": ["red", "green", "blue"], "answer": i % 3} for i in range(6)
+    ]
     data = root / "colors.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (root / "colors").mkdir()
@@ -104,13 +105,25 @@ def test_include_of_a_missing_folder_is_a_clear_error(tmp_path):
 def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval):
     """A whole `qeval` cell on a tiny model, with both plugin kinds picked up from tasks.include."""
     results = tmp_path / "results"
-    proc = run_qeval(["model=tiny-llama", "quant=w8", "method=rtn", "hydra.mode=RUN", "suite=tiny",
-                      "~suite.tasks.wikitext2", "~suite.tasks.lambada",
-                      f"tasks.include=[{plugin_dir}]",
-                      "+tasks.add.colors={task:my_colors}",
-                      "+tasks.add.count={task:my_word_count,params:{max_new_tokens:3}}",
-                      "+tasks.add.calib={task:qeval_self_calibration,params:{task:my_colors}}",
-                      f"results_dir={results}", "sweep_name=plugins"], tmp_path, timeout=300)
+    proc = run_qeval(
+        [
+            "model=tiny-llama",
+            "quant=w8",
+            "method=rtn",
+            "hydra.mode=RUN",
+            "suite=tiny",
+            "~suite.tasks.wikitext2",
+            "~suite.tasks.lambada",
+            f"tasks.include=[{plugin_dir}]",
+            "+tasks.add.colors={task:my_colors}",
+            "+tasks.add.count={task:my_word_count,params:{max_new_tokens:3}}",
+            "+tasks.add.calib={task:qeval_self_calibration,params:{task:my_colors}}",
+            f"results_dir={results}",
+            "sweep_name=plugins",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (record_path,) = (results / "plugins").glob("*.json")
     rec = json.loads(record_path.read_text())
@@ -120,14 +133,29 @@ def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval
     assert rec["metrics"]["calib"]["samples"] == 6 and 0 <= rec["metrics"]["calib"]["ece"] <= 1
     # the same items scored twice: self-calibration's accuracy is the MC task's
     assert rec["metrics"]["calib"]["acc"] == pytest.approx(rec["metrics"]["colors"]["acc"])
-    assert rec["tasks"]["colors"] == {"task": "my_colors", "kind": "lm_eval", "family": "ethics",
-                                      "primary_metric": "acc", "higher_is_better": True}
+    assert rec["tasks"]["colors"] == {
+        "task": "my_colors",
+        "kind": "lm_eval",
+        "family": "ethics",
+        "primary_metric": "acc",
+        "higher_is_better": True,
+    }
     assert rec["tasks"]["count"]["kind"] == "native" and rec["tasks"]["count"]["family"] == "dialogue"
 
 
 def test_unknown_task_fails_before_loading_a_model(tmp_path, run_qeval):
-    proc = run_qeval(["model=tiny-llama", "hydra.mode=RUN", "suite=tiny", "~suite.tasks.lambada",
-                      "+tasks.add.bad={task:no_such_task}", f"results_dir={tmp_path}"], tmp_path, timeout=120)
+    proc = run_qeval(
+        [
+            "model=tiny-llama",
+            "hydra.mode=RUN",
+            "suite=tiny",
+            "~suite.tasks.lambada",
+            "+tasks.add.bad={task:no_such_task}",
+            f"results_dir={tmp_path}",
+        ],
+        tmp_path,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "suite.tasks.bad.task='no_such_task'" in proc.stderr + proc.stdout
 

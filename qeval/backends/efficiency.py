@@ -37,12 +37,29 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
 # shapes for random-weight timing (no download): the published configs of these models
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "llama-2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -74,8 +91,20 @@ def checkpoint_weight_bytes(checkpoint: str | Path) -> int:
 
 
 def _dtype_size(name: str) -> int:
-    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}.get(name, 4)
+    return {
+        "F64": 8,
+        "F32": 4,
+        "I64": 8,
+        "I32": 4,
+        "BF16": 2,
+        "F16": 2,
+        "I16": 2,
+        "I8": 1,
+        "U8": 1,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+        "BOOL": 1,
+    }.get(name, 4)
 
 
 def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str, model_dtype: str) -> int:
@@ -93,15 +122,18 @@ def _timed(llm: Any, prompts: list[Any], params: Any) -> float:
     return time.perf_counter() - t0
 
 
-def measure(llm: Any, batch: int, input_len: int, output_len: int, repeats: int = 3,
-            vocab_size: int = 32000, seed: int = 0) -> Timing:
+def measure(
+    llm: Any, batch: int, input_len: int, output_len: int, repeats: int = 3, vocab_size: int = 32000, seed: int = 0
+) -> Timing:
     """Time prefill and generation for one (batch, input length) point."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [TokensPrompt(prompt_token_ids=torch.randint(10, vocab_size - 10, (input_len,), generator=g).tolist())
-               for _ in range(batch)]
+    prompts = [
+        TokensPrompt(prompt_token_ids=torch.randint(10, vocab_size - 10, (input_len,), generator=g).tolist())
+        for _ in range(batch)
+    ]
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     full = SamplingParams(max_tokens=1 + output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     _timed(llm, prompts, full)  # warm-up (also fills any kernel caches)
@@ -125,24 +157,38 @@ def random_checkpoint(name_or_config: str, out_dir: str | Path, dtype: torch.dty
     elif Path(name_or_config).is_file():
         config = AutoConfig.from_pretrained(Path(name_or_config).parent)
     else:
-        raise ValueError(f"unknown random model {name_or_config!r}: one of {', '.join(RANDOM_CONFIGS)} "
-                         "or the path of a config.json")
+        raise ValueError(
+            f"unknown random model {name_or_config!r}: one of {', '.join(RANDOM_CONFIGS)} or the path of a config.json"
+        )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(out_dir)
     return out_dir
 
 
-def timings_record(label: str, checkpoint: str | Path, engine_kwargs: dict[str, Any], device: str,
-                   timings: list[Timing], extra: dict[str, Any]) -> dict[str, Any]:
+def timings_record(
+    label: str,
+    checkpoint: str | Path,
+    engine_kwargs: dict[str, Any],
+    device: str,
+    timings: list[Timing],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """A result-store record (kind ``efficiency``) for one checkpoint's grid."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     dtype = str(engine_kwargs.get("dtype", "auto"))
     from qeval.results import SCHEMA_VERSION
 
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "efficiency", "label": label, "status": "ok", "device": device, "engine": engine_kwargs,
-        "checkpoint": str(checkpoint), "weight_bytes": checkpoint_weight_bytes(checkpoint),
+        "schema_version": SCHEMA_VERSION,
+        "kind": "efficiency",
+        "label": label,
+        "status": "ok",
+        "device": device,
+        "engine": engine_kwargs,
+        "checkpoint": str(checkpoint),
+        "weight_bytes": checkpoint_weight_bytes(checkpoint),
         "kv_bytes_per_token": kv_bytes_per_token(config, str(engine_kwargs.get("kv_cache_dtype", "auto")), dtype),
-        "timings": [asdict(t) for t in timings], **extra,
+        "timings": [asdict(t) for t in timings],
+        **extra,
     }

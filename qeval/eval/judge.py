@@ -23,9 +23,10 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # FastChat's llm_judge/common.py: categories graded against a reference answer
 NEED_REF_CATS = ("math", "reasoning", "coding")
@@ -54,8 +55,9 @@ class JudgeConfig:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
-def judge_config(params: Mapping[str, Any] | None = None,
-                 environ: Mapping[str, str] | None = None) -> JudgeConfig | None:
+def judge_config(
+    params: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> JudgeConfig | None:
     """The judge configured by ``params`` (the task's ``judge`` param) or the environment; None if none.
 
     ``params`` keys: ``base_url``, ``model``, ``api_key_env`` (the name of the
@@ -66,8 +68,10 @@ def judge_config(params: Mapping[str, Any] | None = None,
     p = dict(params or {})
     unknown = set(p) - {"base_url", "model", "api_key_env", "timeout", "max_tokens", "retries"}
     if unknown:
-        raise TypeError(f"unknown judge settings {sorted(unknown)} (allowed: base_url, model, api_key_env, "
-                        "timeout, max_tokens, retries)")
+        raise TypeError(
+            f"unknown judge settings {sorted(unknown)} (allowed: base_url, model, api_key_env, "
+            "timeout, max_tokens, retries)"
+        )
     base_url = p.get("base_url") or env.get("QEVAL_JUDGE_BASE_URL")
     if not base_url:
         return None
@@ -75,23 +79,29 @@ def judge_config(params: Mapping[str, Any] | None = None,
     api_key = env.get(key_env)
     if p.get("api_key_env") and not api_key:
         raise JudgeError(f"judge api_key_env={key_env!r} is set but the environment variable {key_env} is empty")
-    return JudgeConfig(base_url=str(base_url), model=str(p.get("model") or env.get("QEVAL_JUDGE_MODEL") or "gpt-4"),
-                       api_key=api_key, timeout=float(p.get("timeout", 120.0)),
-                       max_tokens=int(p.get("max_tokens", 2048)), retries=int(p.get("retries", 2)))
+    return JudgeConfig(
+        base_url=str(base_url),
+        model=str(p.get("model") or env.get("QEVAL_JUDGE_MODEL") or "gpt-4"),
+        api_key=api_key,
+        timeout=float(p.get("timeout", 120.0)),
+        max_tokens=int(p.get("max_tokens", 2048)),
+        retries=int(p.get("retries", 2)),
+    )
 
 
 def chat(cfg: JudgeConfig, system: str, user: str) -> str:
     """One chat completion from the judge; raises :class:`JudgeError` naming the URL on failure."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    body = json.dumps({"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-                       "max_tokens": cfg.max_tokens, "n": 1}).encode()
+    body = json.dumps(
+        {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "n": 1}
+    ).encode()
     headers = {"Content-Type": "application/json"}
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     last: Exception | None = None
     for attempt in range(cfg.retries + 1):
         if attempt:
-            time.sleep(min(2 ** attempt, 10))
+            time.sleep(min(2**attempt, 10))
         req = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
@@ -137,8 +147,13 @@ def load_reference_answers(path: str | Path) -> dict[int, list[str]]:
     return refs
 
 
-def single_prompt(prompts: Mapping[str, Mapping[str, Any]], question: Mapping[str, Any], answers: list[str],
-                  turn: int, reference: list[str] | None = None) -> tuple[str, str, str]:
+def single_prompt(
+    prompts: Mapping[str, Mapping[str, Any]],
+    question: Mapping[str, Any],
+    answers: list[str],
+    turn: int,
+    reference: list[str] | None = None,
+) -> tuple[str, str, str]:
     """(prompt name, system prompt, user prompt) grading ``answers[turn - 1]`` of one question.
 
     ``turn`` is 1 or 2; turn 2 shows the whole conversation (FastChat's
@@ -147,8 +162,10 @@ def single_prompt(prompts: Mapping[str, Mapping[str, Any]], question: Mapping[st
     """
     needs_ref = question.get("category") in NEED_REF_CATS
     if needs_ref and not reference:
-        raise JudgeError(f"question {question.get('question_id')} ({question.get('category')}) needs a reference "
-                         "answer for grading; reference_answer_gpt-4.jsonl has none")
+        raise JudgeError(
+            f"question {question.get('question_id')} ({question.get('category')}) needs a reference "
+            "answer for grading; reference_answer_gpt-4.jsonl has none"
+        )
     name = ("single-math-v1" if needs_ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
     p = prompts[name]
     q = question["turns"]
@@ -163,8 +180,14 @@ def single_prompt(prompts: Mapping[str, Mapping[str, Any]], question: Mapping[st
     return name, p["system_prompt"], p["prompt_template"].format(**kwargs)
 
 
-def grade(cfg: JudgeConfig, prompts: Mapping[str, Mapping[str, Any]], question: Mapping[str, Any],
-          answers: list[str], turn: int, reference: list[str] | None = None) -> float | None:
+def grade(
+    cfg: JudgeConfig,
+    prompts: Mapping[str, Mapping[str, Any]],
+    question: Mapping[str, Any],
+    answers: list[str],
+    turn: int,
+    reference: list[str] | None = None,
+) -> float | None:
     """The judge's 1-10 rating of one turn's answer (None when it gave no parseable rating)."""
     _, system, user = single_prompt(prompts, question, answers, turn, reference)
     return parse_rating(chat(cfg, system, user))

@@ -1,8 +1,8 @@
 """``qeval-tasks``: list the task plugins by family, with where each reads its data.
 
-    qeval-tasks                       # tasks/ and QEVAL_TASKS_PATH
-    qeval-tasks --include ~/my_tasks  # plus a folder of your own plugins
-    qeval-tasks --family dialogue
+qeval-tasks                       # tasks/ and QEVAL_TASKS_PATH
+qeval-tasks --include ~/my_tasks  # plus a folder of your own plugins
+qeval-tasks --family dialogue
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import logging
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qeval-tasks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qeval-tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--include", action="append", default=[], help="another folder of task plugins")
     parser.add_argument("--family", default=None, help="only this family")
     args = parser.parse_args(argv)

@@ -30,36 +30,42 @@ import json
 import math
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 LINES_DIR = "longeval/lines"
 TOPICS_DIR = "longeval/topics"
 ESSAYS_DIR = "needle_haystack/PaulGrahamEssays"
 
 # LongChat's text, as in the shipped test cases
-LINES_HEADER = ("Below is a record of lines I want you to remember. "
-                "Each line begins with 'line <line index>' and contains "
-                "a '<REGISTER_CONTENT>' at the end of the line as a numerical value. "
-                "For each line index, memorize its corresponding <REGISTER_CONTENT>. At "
-                "the end of the record, I will ask you to retrieve the corresponding "
-                "<REGISTER_CONTENT> of a certain line index. Now the record start:\n\n")
+LINES_HEADER = (
+    "Below is a record of lines I want you to remember. "
+    "Each line begins with 'line <line index>' and contains "
+    "a '<REGISTER_CONTENT>' at the end of the line as a numerical value. "
+    "For each line index, memorize its corresponding <REGISTER_CONTENT>. At "
+    "the end of the record, I will ask you to retrieve the corresponding "
+    "<REGISTER_CONTENT> of a certain line index. Now the record start:\n\n"
+)
 LINES_QUESTION = "\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {index}? I need the number. "
 LINE_PATTERN = re.compile(r"^line (.+?): REGISTER_CONTENT is <(\d+)>$", re.M)
 MAX_REGISTER = 50000  # LongChat: random.randint(1, 50000)
 
-TOPICS_HEADER = ("Below is a record of our previous conversation on {n} different topics. You are the ASSISTANT, "
-                 "and I am the USER. At the beginning of each topic, the USER will say 'I would like to discuss "
-                 "the topic of <TOPIC>'. Memorize each <TOPIC>. At the end of the record, I will ask you to "
-                 "retrieve the first topic. Now the record start. ")
-TOPICS_QUESTION = (" Now the record ends. What is the first topic we discussed? Only give me the topic name. "
-                   "Do not summarize yourself.")
+TOPICS_HEADER = (
+    "Below is a record of our previous conversation on {n} different topics. You are the ASSISTANT, "
+    "and I am the USER. At the beginning of each topic, the USER will say 'I would like to discuss "
+    "the topic of <TOPIC>'. Memorize each <TOPIC>. At the end of the record, I will ask you to "
+    "retrieve the first topic. Now the record start. "
+)
+TOPICS_QUESTION = (
+    " Now the record ends. What is the first topic we discussed? Only give me the topic name. "
+    "Do not summarize yourself."
+)
 
 NEEDLE = "The special magic number is {key}."
-NEEDLE_QUESTION = ("What is the special magic number mentioned in the text above? "
-                   "Answer with the number only.")
+NEEDLE_QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
 
 # How the answer starts (``answer_prefix=true``): small models asked in a chat turn tend to
 # chat about the record instead of answering ("The record is over. You can now ...");
@@ -101,9 +107,17 @@ def local_lines_cases(num_lines: int, data_dir: str | None = None) -> list[Case]
     path = local_lines_path(num_lines, data_dir)
     if path is None:
         return None
-    return [Case(prompt=r["prompt"], answer=str(r["expected_number"]), size=int(r["num_lines"]),
-                 target=str(r["random_idx"][0]), source="local", meta={"position": int(r["random_idx"][1])})
-            for r in read_jsonl(path)]
+    return [
+        Case(
+            prompt=r["prompt"],
+            answer=str(r["expected_number"]),
+            size=int(r["num_lines"]),
+            target=str(r["random_idx"][0]),
+            source="local",
+            meta={"position": int(r["random_idx"][1])},
+        )
+        for r in read_jsonl(path)
+    ]
 
 
 @lru_cache(maxsize=4)
@@ -130,8 +144,9 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
     if not adjectives:
         from qeval.eval.registry import TaskDataError
 
-        raise TaskDataError(f"no LongEval line test cases under {root}/{LINES_DIR} to take line-index words from; "
-                            "set QEVAL_DATA_DIR")
+        raise TaskDataError(
+            f"no LongEval line test cases under {root}/{LINES_DIR} to take line-index words from; set QEVAL_DATA_DIR"
+        )
     return tuple(sorted(adjectives)), tuple(sorted(nouns))
 
 
@@ -152,12 +167,19 @@ def lines_case(num_lines: int, rng: random.Random, adjectives: Sequence[str], no
     position = rng.randint(0, num_lines - 1)
     lines = "".join(f"line {n}: REGISTER_CONTENT is <{v}>\n" for n, v in zip(names, values))
     prompt = LINES_HEADER + lines + LINES_QUESTION.format(index=names[position])
-    return Case(prompt=prompt, answer=str(values[position]), size=num_lines, target=names[position],
-                source="generated", meta={"position": position})
+    return Case(
+        prompt=prompt,
+        answer=str(values[position]),
+        size=num_lines,
+        target=names[position],
+        source="generated",
+        meta={"position": position},
+    )
 
 
-def lines_cases(num_lines: int, count: int, seed: int = 0, data_dir: str | None = None,
-                prefer_local: bool = True) -> list[Case]:
+def lines_cases(
+    num_lines: int, count: int, seed: int = 0, data_dir: str | None = None, prefer_local: bool = True
+) -> list[Case]:
     """``count`` line-retrieval cases: LongChat's shipped ones when a file for ``num_lines``
     exists (the first ``count``), otherwise generated from ``seed`` (same seed, same cases)."""
     if prefer_local:
@@ -188,8 +210,9 @@ def topics_prompt(chosen: Sequence[tuple[str, str]]) -> str:
     return TOPICS_HEADER.format(n=len(chosen)) + "".join(c for _, c in chosen) + TOPICS_QUESTION
 
 
-def topics_cases(num_topics: int, count: int, seed: int = 0, data_dir: str | None = None,
-                 prefer_local: bool = True) -> list[Case]:
+def topics_cases(
+    num_topics: int, count: int, seed: int = 0, data_dir: str | None = None, prefer_local: bool = True
+) -> list[Case]:
     """``count`` topic-retrieval cases with ``num_topics`` conversations; the answer is the first topic.
 
     LongChat's shipped file is used when one exists for ``num_topics``; otherwise cases are
@@ -200,8 +223,16 @@ def topics_cases(num_topics: int, count: int, seed: int = 0, data_dir: str | Non
     if prefer_local:
         path = local_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
         if path is not None:
-            return [Case(prompt=r["prompt"], answer=r["topics"][0], size=len(r["topics"]), target=r["topics"][0],
-                         source="local") for r in read_jsonl(path)[:count]]
+            return [
+                Case(
+                    prompt=r["prompt"],
+                    answer=r["topics"][0],
+                    size=len(r["topics"]),
+                    target=r["topics"][0],
+                    source="local",
+                )
+                for r in read_jsonl(path)[:count]
+            ]
     convs = conversations(data_dir)
     if not 1 <= num_topics <= len(convs):
         raise ValueError(f"num_topics must be in 1..{len(convs)} (LongChat has {len(convs)} conversations)")
@@ -225,8 +256,10 @@ def essays_text(data_dir: str | None = None) -> str:
     folder = root / ESSAYS_DIR if root else None
     files = sorted(folder.glob("*.txt")) if folder and folder.is_dir() else []
     if not files:
-        raise TaskDataError(f"needle-in-a-haystack filler {ESSAYS_DIR}/*.txt not found under the data directory "
-                            f"({root}); it has no online source: set QEVAL_DATA_DIR")
+        raise TaskDataError(
+            f"needle-in-a-haystack filler {ESSAYS_DIR}/*.txt not found under the data directory "
+            f"({root}); it has no online source: set QEVAL_DATA_DIR"
+        )
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 
@@ -241,8 +274,14 @@ def sentence_boundary(text: str, pos: int) -> int:
     return best
 
 
-def needle_case(tokenizer: Any, haystack_ids: Sequence[int], context_tokens: int, depth: float,
-                rng: random.Random, key_digits: int = 4) -> Case:
+def needle_case(
+    tokenizer: Any,
+    haystack_ids: Sequence[int],
+    context_tokens: int,
+    depth: float,
+    rng: random.Random,
+    key_digits: int = 4,
+) -> Case:
     """One needle-in-a-haystack case: ``context_tokens`` tokens of essay text with the needle
     sentence inserted at a sentence boundary near ``depth`` (0 = start, 1 = end).
 
@@ -252,7 +291,7 @@ def needle_case(tokenizer: Any, haystack_ids: Sequence[int], context_tokens: int
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    key = str(rng.randint(10 ** (key_digits - 1), 10 ** key_digits - 1))
+    key = str(rng.randint(10 ** (key_digits - 1), 10**key_digits - 1))
     needle = NEEDLE.format(key=key)
     budget = context_tokens - len(tokenizer(" " + needle + " ", add_special_tokens=False).input_ids)
     if budget < 1:
@@ -260,14 +299,19 @@ def needle_case(tokenizer: Any, haystack_ids: Sequence[int], context_tokens: int
     if budget > len(haystack_ids):
         raise ValueError(f"context_tokens={context_tokens} is more than the {len(haystack_ids)} tokens of the essays")
     start = rng.randint(0, len(haystack_ids) - budget)
-    filler = tokenizer.decode(list(haystack_ids[start:start + budget]), skip_special_tokens=True)
+    filler = tokenizer.decode(list(haystack_ids[start : start + budget]), skip_special_tokens=True)
     pos = sentence_boundary(filler, int(round(depth * len(filler))))
     if depth >= 1.0:
         pos = len(filler)
     before, after = filler[:pos].rstrip(), filler[pos:].lstrip()
     text = " ".join(p for p in (before, needle, after) if p)
-    return Case(prompt=f"{text}\n\n{NEEDLE_QUESTION}", answer=key, size=context_tokens, target=needle,
-                meta={"depth": depth, "offset": start, "char_pos": pos})
+    return Case(
+        prompt=f"{text}\n\n{NEEDLE_QUESTION}",
+        answer=key,
+        size=context_tokens,
+        target=needle,
+        meta={"depth": depth, "offset": start, "char_pos": pos},
+    )
 
 
 # ---------------------------------------------------------------- scoring
@@ -335,8 +379,9 @@ def encode_prompt(tokenizer: Any, user_text: str, use_chat: bool, answer_prefix:
     a new line.
     """
     if use_chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
         return list(tokenizer(text + answer_prefix, add_special_tokens=False).input_ids)
     return list(tokenizer(user_text + ("\n" + answer_prefix if answer_prefix else "")).input_ids)
 
@@ -345,7 +390,7 @@ def context_limit(model: Any, max_new_tokens: int, max_tokens: int | None = None
     """The longest prompt (in tokens) a setting may have: the model's context window
     (``config.max_position_embeddings``) and the ``max_tokens`` budget, minus the room
     the answer needs."""
-    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10 ** 9
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     limit = min(int(window), int(max_tokens)) if max_tokens else int(window)
     return limit - int(max_new_tokens)
 
@@ -363,10 +408,19 @@ def greedy_generate(model: Any, tokenizer: Any, ids: Sequence[int], max_new_toke
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
-    return tokenizer.decode(out[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True)
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tokenizer.decode(out[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
 @dataclass
@@ -393,9 +447,15 @@ class SettingResult:
         return sum(o.prompt_tokens for o in self.outcomes) / max(1, len(self.outcomes))
 
 
-def run_settings(model: Any, tokenizer: Any, settings: dict[Any, list[tuple[Case, list[int]]]],
-                 score: Any, max_new_tokens: int, limit_tokens: int,
-                 log: Any = None) -> tuple[dict[Any, SettingResult], dict[Any, int]]:
+def run_settings(
+    model: Any,
+    tokenizer: Any,
+    settings: dict[Any, list[tuple[Case, list[int]]]],
+    score: Any,
+    max_new_tokens: int,
+    limit_tokens: int,
+    log: Any = None,
+) -> tuple[dict[Any, SettingResult], dict[Any, int]]:
     """Generate and score every case of the settings that fit; return (results, skipped).
 
     A setting is skipped as a whole (``skipped[key]`` = its longest prompt) when any of its
@@ -438,8 +498,9 @@ def _sub_seed(kind: str, seed: int, size: int) -> int:
     return (int(seed) * 1_000_003 + size) * 31 + sum(map(ord, kind))
 
 
-def summarize(results: dict[int, SettingResult], skipped: dict[int, int], unit: str,
-              limit_tokens: int) -> dict[str, float]:
+def summarize(
+    results: dict[int, SettingResult], skipped: dict[int, int], unit: str, limit_tokens: int
+) -> dict[str, float]:
     """Flat metrics of a length sweep.
 
     Per tested length ``n``: ``acc@<n><unit>`` (+ ``_stderr``) and ``context_tokens@<n><unit>``
@@ -470,8 +531,10 @@ def skip_note(skipped: dict[Any, int], unit: str, limit_tokens: int) -> str:
     """A sentence naming the skipped settings (for the log)."""
     if not skipped:
         return ""
-    return (f"skipped {', '.join(f'{k}{unit} ({v} tokens)' for k, v in sorted(skipped.items()))}: longer than "
-            f"{limit_tokens} prompt tokens (context window / max_tokens minus max_new_tokens)")
+    return (
+        f"skipped {', '.join(f'{k}{unit} ({v} tokens)' for k, v in sorted(skipped.items()))}: longer than "
+        f"{limit_tokens} prompt tokens (context window / max_tokens minus max_new_tokens)"
+    )
 
 
 def int_list(value: Any, name: str) -> list[int]:

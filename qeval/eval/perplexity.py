@@ -30,8 +30,13 @@ class PerplexityResult:
     tokens: int
 
     def as_metrics(self) -> dict[str, float | int]:
-        return {"ppl": self.ppl, "ppl_stderr": self.ppl_stderr, "nll": self.nll,
-                "windows": self.windows, "tokens": self.tokens}
+        return {
+            "ppl": self.ppl,
+            "ppl_stderr": self.ppl_stderr,
+            "nll": self.nll,
+            "windows": self.windows,
+            "tokens": self.tokens,
+        }
 
 
 def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
@@ -41,7 +46,7 @@ def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> tor
     # earlier tokens are seen the way a serving cache stores them (KIVI semantics)
     cache, logits = None, []
     for start in range(0, window.shape[1], decode_chunk):
-        out = model(window[:, start:start + decode_chunk], past_key_values=cache, use_cache=True)
+        out = model(window[:, start : start + decode_chunk], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
@@ -54,12 +59,18 @@ def corpus_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = Non
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"corpus has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n_windows)]
+    return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n_windows)]
 
 
 @torch.no_grad()
-def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                desc: str = "perplexity", decode_chunk: int | None = None) -> list[float]:
+def window_nlls(
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    desc: str = "perplexity",
+    decode_chunk: int | None = None,
+) -> list[float]:
     """Mean NLL of each non-overlapping window of ``seqlen`` tokens."""
     device = next(model.parameters()).device
     nlls = []
@@ -70,8 +81,15 @@ def window_nlls(model, ids: torch.Tensor, seqlen: int, max_windows: int | None =
     return nlls
 
 
-def perplexity(model, tokenizer, dataset: str, seqlen: int = 2048, max_windows: int | None = None,
-               data_dir: str | None = None, decode_chunk: int | None = None) -> PerplexityResult:
+def perplexity(
+    model,
+    tokenizer,
+    dataset: str,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | None = None,
+    decode_chunk: int | None = None,
+) -> PerplexityResult:
     """Perplexity of ``model`` (an HF model, or an engine with ``window_nlls``
     such as the vLLM backend's) on ``dataset`` with the papers' protocol."""
     ids = tokenized_corpus(tokenizer, dataset, data_dir)
@@ -83,5 +101,4 @@ def perplexity(model, tokenizer, dataset: str, seqlen: int = 2048, max_windows: 
     mean = sum(nlls) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")
     ppl = math.exp(mean)
-    return PerplexityResult(ppl=ppl, ppl_stderr=ppl * sd / math.sqrt(n), nll=mean, windows=n,
-                            tokens=n * (seqlen - 1))
+    return PerplexityResult(ppl=ppl, ppl_stderr=ppl * sd / math.sqrt(n), nll=mean, windows=n, tokens=n * (seqlen - 1))

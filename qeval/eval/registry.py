@@ -22,16 +22,17 @@ import hashlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
 # the five Qllm-Eval families, in report order; a plugin may declare another
 FAMILIES = ("basic_nlp", "emergent", "ethics", "dialogue", "long_context")
-REPO_TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+BUILTIN_TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 
 class TaskDataError(FileNotFoundError):
@@ -91,7 +92,8 @@ class NativeTask:
             raise TaskDataError(
                 f"task {self.name!r} needs {', '.join(missing)} under the data directory; "
                 + ("the Hub is disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE)" if self.online else "it has no online source")
-                + "; set QEVAL_DATA_DIR or data_dir=")
+                + "; set QEVAL_DATA_DIR or data_dir="
+            )
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError
@@ -116,7 +118,7 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
     """The repository's ``tasks/`` folder, ``QEVAL_TASKS_PATH`` entries, then ``include``."""
     import os
 
-    paths = [str(REPO_TASKS_DIR)] if REPO_TASKS_DIR.is_dir() else []
+    paths = [str(BUILTIN_TASKS_DIR)] if BUILTIN_TASKS_DIR.is_dir() else []
     env = os.environ.get("QEVAL_TASKS_PATH")
     if env:
         paths += [p for p in env.split(os.pathsep) if p]
@@ -178,10 +180,16 @@ class TaskInfo:
 
 
 def _native_info(cls: type[NativeTask]) -> TaskInfo:
-    return TaskInfo(name=cls.name, kind="native", family=cls.family, primary_metric=cls.primary_metric,
-                    higher_is_better=cls.higher_is_better, source=sys.modules[cls.__module__].__file__ or "",
-                    data=", ".join(cls.data) + (f" | online: {cls.online}" if cls.online else ""),
-                    description=cls.description)
+    return TaskInfo(
+        name=cls.name,
+        kind="native",
+        family=cls.family,
+        primary_metric=cls.primary_metric,
+        higher_is_better=cls.higher_is_better,
+        source=sys.modules[cls.__module__].__file__ or "",
+        data=", ".join(cls.data) + (f" | online: {cls.online}" if cls.online else ""),
+        description=cls.description,
+    )
 
 
 def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
@@ -190,11 +198,16 @@ def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
     if kind not in ("task", "group", "py_task"):
         return None
     meta = (entry.cfg or {}).get("metadata") or {}
-    return TaskInfo(name=name, kind="lm_eval" if kind != "group" else "lm_eval group",
-                    family=str(meta.get("family", "unassigned")),
-                    primary_metric=str(meta.get("primary_metric", "acc")),
-                    higher_is_better=bool(meta.get("higher_is_better", True)), source=str(entry.yaml_path or ""),
-                    data=str(meta.get("data", "")), description=str(meta.get("description", "")))
+    return TaskInfo(
+        name=name,
+        kind="lm_eval" if kind != "group" else "lm_eval group",
+        family=str(meta.get("family", "unassigned")),
+        primary_metric=str(meta.get("primary_metric", "acc")),
+        higher_is_better=bool(meta.get("higher_is_better", True)),
+        source=str(entry.yaml_path or ""),
+        data=str(meta.get("data", "")),
+        description=str(meta.get("description", "")),
+    )
 
 
 def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
@@ -223,8 +236,12 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
             kept.append(t)
         elif t.kind == "lm_eval":
             members[parent] = members.get(parent, 0) + 1
-    kept = [TaskInfo(**{**t.__dict__, "description": f"{members[t.name]} subtasks ({t.name}_*)"})
-            if t.name in members else t for t in kept]
+    kept = [
+        TaskInfo(**{**t.__dict__, "description": f"{members[t.name]} subtasks ({t.name}_*)"})
+        if t.name in members
+        else t
+        for t in kept
+    ]
     order = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(kept, key=lambda t: (order.get(t.family, len(order)), t.family, t.name))
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,8 +55,10 @@ def check_suite(cfg: DictConfig) -> None:
             check_available(task.dataset, cfg.data_dir)
         elif kind == "native":
             if task.task not in native:
-                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: no native task of that name "
-                                  f"(known: {', '.join(sorted(native))})")
+                raise ConfigError(
+                    f"invalid value suite.tasks.{name}.task={task.task!r}: no native task of that name "
+                    f"(known: {', '.join(sorted(native))})"
+                )
             try:
                 instance = native[task.task](**_params(task))
             except (TypeError, ValueError) as err:
@@ -68,9 +71,11 @@ def check_suite(cfg: DictConfig) -> None:
             from qeval.eval.harness import task_exists
 
             if not task_exists(task.task, include):
-                raise ConfigError(f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "
-                                  f"lm-eval task (searched lm-eval's tasks and {', '.join(task_paths(include))}; "
-                                  "list them with qeval-tasks)")
+                raise ConfigError(
+                    f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "
+                    f"lm-eval task (searched lm-eval's tasks and {', '.join(task_paths(include))}; "
+                    "list them with qeval-tasks)"
+                )
 
 
 def native_entries(cfg: DictConfig) -> list[str]:
@@ -92,19 +97,34 @@ def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     for name, task in cfg.suite.tasks.items():
         kind = resolve_kind(task, include)
         if kind == "perplexity":
-            out[name] = {"task": task.dataset, "kind": kind, "family": "basic_nlp", "primary_metric": "ppl",
-                         "higher_is_better": False}
+            out[name] = {
+                "task": task.dataset,
+                "kind": kind,
+                "family": "basic_nlp",
+                "primary_metric": "ppl",
+                "higher_is_better": False,
+            }
             continue
         info = task_info(task.task, include)
-        out[name] = {"task": task.task, "kind": kind, "family": task.family or info.family,
-                     "primary_metric": info.primary_metric, "higher_is_better": info.higher_is_better}
+        out[name] = {
+            "task": task.task,
+            "kind": kind,
+            "family": task.family or info.family,
+            "primary_metric": info.primary_metric,
+            "higher_is_better": info.higher_is_better,
+        }
     return out
 
 
-def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_fingerprint: str = "",
-                   finished: dict[str, dict[str, Any]] | None = None,
-                   on_task_done: Callable[[str, dict[str, Any], float], None] | None = None) -> tuple[
-        dict[str, Any], dict[str, float]]:
+def evaluate_suite(
+    model,
+    tokenizer,
+    cfg: DictConfig,
+    reference=None,
+    reference_fingerprint: str = "",
+    finished: dict[str, dict[str, Any]] | None = None,
+    on_task_done: Callable[[str, dict[str, Any], float], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Score ``model`` on every suite entry; returns (metrics per entry, seconds per entry).
 
     ``finished`` holds entries already scored by an earlier, interrupted run of the
@@ -129,27 +149,48 @@ def evaluate_suite(model, tokenizer, cfg: DictConfig, reference=None, reference_
             chunk = task.decode_chunk
             if chunk is None and quantized(cfg.quant.kv) and cfg.quant.kv.semantics == "cache":
                 chunk = 16  # a single pass would never read the quantized cache
-            metrics[name] = perplexity(model, tokenizer, task.dataset, task.seqlen, task.max_windows,
-                                       cfg.data_dir, chunk).as_metrics()
+            metrics[name] = perplexity(
+                model, tokenizer, task.dataset, task.seqlen, task.max_windows, cfg.data_dir, chunk
+            ).as_metrics()
             metrics[name]["decode_chunk"] = chunk or 0
         elif kind == "native":
             from qeval.eval.registry import TaskContext, discover_native
 
             native = discover_native(include)[task.task](**_params(task))
-            ctx = TaskContext(model=model, tokenizer=tokenizer, seed=cfg.seed, limit=task.limit,
-                              reference=reference, reference_fingerprint=reference_fingerprint,
-                              cache_dir=Path(cfg.results_dir) / ".reference",
-                              data_dir=cfg.data_dir, is_reference=tensor_type(cfg.quant) == "FP",
-                              extra={"batch_size": task.batch_size, "num_fewshot": task.num_fewshot,
-                                     "include": include, "gen_kwargs": task.gen_kwargs,
-                                     "apply_chat_template": task.apply_chat_template})
+            ctx = TaskContext(
+                model=model,
+                tokenizer=tokenizer,
+                seed=cfg.seed,
+                limit=task.limit,
+                reference=reference,
+                reference_fingerprint=reference_fingerprint,
+                cache_dir=Path(cfg.results_dir) / ".reference",
+                data_dir=cfg.data_dir,
+                is_reference=tensor_type(cfg.quant) == "FP",
+                extra={
+                    "batch_size": task.batch_size,
+                    "num_fewshot": task.num_fewshot,
+                    "include": include,
+                    "gen_kwargs": task.gen_kwargs,
+                    "apply_chat_template": task.apply_chat_template,
+                },
+            )
             metrics[name] = native.evaluate(ctx)
         else:
             from qeval.eval.harness import evaluate_lm_eval
 
-            metrics[name] = evaluate_lm_eval(model, tokenizer, task.task, task.limit, task.num_fewshot,
-                                             task.batch_size, cfg.seed, include, task.gen_kwargs,
-                                             task.apply_chat_template)
+            metrics[name] = evaluate_lm_eval(
+                model,
+                tokenizer,
+                task.task,
+                task.limit,
+                task.num_fewshot,
+                task.batch_size,
+                cfg.seed,
+                include,
+                task.gen_kwargs,
+                task.apply_chat_template,
+            )
         timings[name] = time.perf_counter() - t0
         log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
         if on_task_done is not None:

@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,8 +69,9 @@ class ExportScheme:
 
 
 def _refuse(spec_name: str, why: str) -> NotExportableError:
-    return NotExportableError(f"quant={spec_name} cannot be exported for vLLM: {why}; "
-                              "it stays a fake-quant-only cell (backend=hf)")
+    return NotExportableError(
+        f"quant={spec_name} cannot be exported for vLLM: {why}; it stays a fake-quant-only cell (backend=hf)"
+    )
 
 
 def export_scheme(spec: Any) -> ExportScheme:
@@ -83,11 +85,18 @@ def export_scheme(spec: Any) -> ExportScheme:
         raise _refuse(name, "quantized embeddings or lm_head have no vLLM kernel here")
     kv_args = None
     if quantized(kv):
-        if kv.format != "fp8_e4m3" or kv.semantics != "fake" or kv.key_granularity != "tensor" \
-                or kv.value_granularity != "tensor":
-            raise _refuse(name, f"vLLM's quantized KV cache is FP8 e4m3 with one scale per layer "
-                                f"(quant=kv8-fp8); this spec asks for {kv.format}{kv.bits} KV "
-                                f"({kv.key_granularity}/{kv.value_granularity}, semantics={kv.semantics})")
+        if (
+            kv.format != "fp8_e4m3"
+            or kv.semantics != "fake"
+            or kv.key_granularity != "tensor"
+            or kv.value_granularity != "tensor"
+        ):
+            raise _refuse(
+                name,
+                f"vLLM's quantized KV cache is FP8 e4m3 with one scale per layer "
+                f"(quant=kv8-fp8); this spec asks for {kv.format}{kv.bits} KV "
+                f"({kv.key_granularity}/{kv.value_granularity}, semantics={kv.semantics})",
+            )
         kv_args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
     if not quantized(w):
         return ExportScheme(format="dense", kv_cache=kv_args)
@@ -96,12 +105,18 @@ def export_scheme(spec: Any) -> ExportScheme:
             raise _refuse(name, f"weight-only kernels take int4 or int8 weights, not {w.format}{w.bits}")
         if w.granularity not in ("group", "channel"):
             raise _refuse(name, f"weight-only kernels need per-group or per-channel scales, not {w.granularity}")
-        weights = {"num_bits": w.bits, "type": "int", "symmetric": bool(w.sym), "strategy": w.granularity,
-                   "group_size": w.group_size if w.granularity == "group" else None}
+        weights = {
+            "num_bits": w.bits,
+            "type": "int",
+            "symmetric": bool(w.sym),
+            "strategy": w.granularity,
+            "group_size": w.group_size if w.granularity == "group" else None,
+        }
         return ExportScheme(format="pack-quantized", weights=weights, kv_cache=kv_args)
     if w.bits != 8 or a.bits != 8 or w.format != a.format:
-        raise _refuse(name, f"activation kernels are W8A8 (int8 or FP8), not W{w.bits}A{a.bits} "
-                            f"({w.format}/{a.format})")
+        raise _refuse(
+            name, f"activation kernels are W8A8 (int8 or FP8), not W{w.bits}A{a.bits} ({w.format}/{a.format})"
+        )
     if w.granularity != "channel" or not w.sym or not a.sym:
         raise _refuse(name, "W8A8 kernels take symmetric per-channel weights and symmetric activations")
     kind = "int" if w.format == "int" else "float"
@@ -127,16 +142,25 @@ def quantization_config(scheme: ExportScheme, ignore: list[str]) -> dict[str, An
     groups = {}
     if scheme.weights:
         groups["group_0"] = QuantizationScheme(
-            targets=["Linear"], weights=QuantizationArgs(**scheme.weights),
+            targets=["Linear"],
+            weights=QuantizationArgs(**scheme.weights),
             input_activations=QuantizationArgs(**scheme.input_activations) if scheme.input_activations else None,
-            format=scheme.format)
+            format=scheme.format,
+        )
     qc = QuantizationConfig(
-        config_groups=groups, format=scheme.format if scheme.weights else "dense",
-        quantization_status="compressed", ignore=ignore,
-        kv_cache_scheme=QuantizationArgs(**scheme.kv_cache) if scheme.kv_cache else None)
-    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-            "sparsity_config": {}, "transform_config": {},
-            **qc.model_dump(mode="json", exclude={"quant_method"})}
+        config_groups=groups,
+        format=scheme.format if scheme.weights else "dense",
+        quantization_status="compressed",
+        ignore=ignore,
+        kv_cache_scheme=QuantizationArgs(**scheme.kv_cache) if scheme.kv_cache else None,
+    )
+    return {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(mode="json", exclude={"quant_method"}),
+    }
 
 
 def _linear_tensors(name: str, module: nn.Module, scheme: ExportScheme) -> dict[str, torch.Tensor]:
@@ -145,27 +169,36 @@ def _linear_tensors(name: str, module: nn.Module, scheme: ExportScheme) -> dict[
 
     qt = module.qweight
     if qt is None:
-        raise NotExportableError(f"{name} has no per-group codes (GPTQ with act_order and without "
-                                 "static_groups mixes groups); use method.params.static_groups=true to export")
+        raise NotExportableError(
+            f"{name} has no per-group codes (GPTQ with act_order and without "
+            "static_groups mixes groups); use method.params.static_groups=true to export"
+        )
     if getattr(module, "input_transform", None) is not None:
-        raise NotExportableError(f"{name} rotates its input online (QuaRot's Hadamard before down_proj), "
-                                 "which vLLM's compressed-tensors loader cannot express")
+        raise NotExportableError(
+            f"{name} rotates its input online (QuaRot's Hadamard before down_proj), "
+            "which vLLM's compressed-tensors loader cannot express"
+        )
     out_features, in_features = qt.q.shape
     if in_features % qt.group_size:
-        raise NotExportableError(f"{name} has {in_features} input features, not a multiple of group_size="
-                                 f"{qt.group_size}; compressed-tensors groups must divide the row "
-                                 f"(choose a group size dividing {in_features})")
+        raise NotExportableError(
+            f"{name} has {in_features} input features, not a multiple of group_size="
+            f"{qt.group_size}; compressed-tensors groups must divide the row "
+            f"(choose a group size dividing {in_features})"
+        )
     scale = qt.scale.float().reshape(out_features, -1).contiguous()
     if scheme.format == "pack-quantized":
         bits = qt.fmt.bits
         offset = 0 if qt.fmt.sym else 1 << (bits - 1)  # compressed-tensors stores signed codes
-        tensors = {"weight_packed": pack_to_int32((qt.q - offset).to(torch.int8), bits).contiguous(),
-                   "weight_scale": scale,
-                   "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64)}
+        tensors = {
+            "weight_packed": pack_to_int32((qt.q - offset).to(torch.int8), bits).contiguous(),
+            "weight_scale": scale,
+            "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+        }
         if not qt.fmt.sym:
             zero = qt.zero.reshape(out_features, -1)
-            tensors["weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), bits,
-                                                         packed_dim=0).contiguous()
+            tensors["weight_zero_point"] = pack_to_int32(
+                (zero - offset).to(torch.int8), bits, packed_dim=0
+            ).contiguous()
         return tensors
     codes = qt.q.to(torch.int8) if scheme.format == "int-quantized" else qt.q.to(torch.float8_e4m3fn)
     tensors = {"weight": codes.contiguous(), "weight_scale": scale}
@@ -176,8 +209,7 @@ def _linear_tensors(name: str, module: nn.Module, scheme: ExportScheme) -> dict[
 
 
 @torch.no_grad()
-def kv_scales(model: nn.Module, batches: Iterable[torch.Tensor], attention_paths: list[str]
-              ) -> dict[str, torch.Tensor]:
+def kv_scales(model: nn.Module, batches: Iterable[torch.Tensor], attention_paths: list[str]) -> dict[str, torch.Tensor]:
     """Static per-layer FP8 scales for the KV cache (amax / 448), from calibration data.
 
     Observed where vLLM quantizes: the states handed to the cache, i.e. after
@@ -204,8 +236,11 @@ def compressed_state_dict(model: nn.Module, scheme: ExportScheme) -> tuple[dict[
     """The checkpoint's tensors and the names of linears left in full precision (``ignore``)."""
     from qeval.quant.linear import QuantLinear
 
-    state = {k: v for k, v in model.state_dict().items()
-             if ".input_quantizer." not in k and not k.endswith(".input_transform")}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if ".input_quantizer." not in k and not k.endswith(".input_transform")
+    }
     ignore = []
     quantized_linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, module in model.named_modules():
@@ -224,9 +259,14 @@ def compressed_state_dict(model: nn.Module, scheme: ExportScheme) -> tuple[dict[
     return state, ignore
 
 
-def export_checkpoint(model: nn.Module, tokenizer: Any, spec: Any, out_dir: str | Path,
-                      kv_calibration: Iterable[torch.Tensor] | None = None,
-                      provenance: dict[str, Any] | None = None) -> Path:
+def export_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: Any,
+    out_dir: str | Path,
+    kv_calibration: Iterable[torch.Tensor] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (already quantized by qeval) as a compressed-tensors checkpoint.
 
     The folder is written next to its final place and renamed when complete, so an
@@ -262,8 +302,9 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, spec: Any, out_dir: str 
         model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:  # a random-weight timing model has none
         tokenizer.save_pretrained(tmp)
-    (tmp / EXPORT_MARKER).write_text(json.dumps({"scheme": scheme.label, "quant": spec.name,
-                                                 **(provenance or {})}, indent=2, default=str))
+    (tmp / EXPORT_MARKER).write_text(
+        json.dumps({"scheme": scheme.label, "quant": spec.name, **(provenance or {})}, indent=2, default=str)
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     log.info("exported %s checkpoint to %s", scheme.label, out_dir)

@@ -120,5 +120,6 @@ def get_adapter(model: nn.Module, method: str = "this method") -> Adapter:
     if model_type not in ADAPTERS:
         raise UnsupportedCellError(
             f"{method} needs the architecture adapter table, which has no entry for model_type "
-            f"{model_type!r} (supported: {', '.join(sorted(ADAPTERS))}); add one in qeval/models/adapters.py")
+            f"{model_type!r} (supported: {', '.join(sorted(ADAPTERS))}); add one in qeval/models/adapters.py"
+        )
     return ADAPTERS[model_type]

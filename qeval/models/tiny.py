@@ -7,7 +7,8 @@ needs no training data, so an end-to-end run through lm-eval works offline.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,10 +18,16 @@ if TYPE_CHECKING:  # transformers is imported lazily: config validation lists fa
 SPECIALS = ["<pad>", "<s>", "</s>"]
 VOCAB_SIZE = 256 + len(SPECIALS)
 
-_COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               max_position_embeddings=512)
-_DECODER = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16)
+_COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
 
 def _config(model_type: str, **kwargs: Any) -> Any:
     from transformers import AutoConfig
@@ -32,18 +39,30 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
     "llama": lambda: _config("llama", **_DECODER, tie_word_embeddings=True),
     "mistral": lambda: _config("mistral", **_DECODER, sliding_window=64),
     "qwen2": lambda: _config("qwen2", **_DECODER, tie_word_embeddings=True),
-    "gemma3": lambda: _config("gemma3_text", **_DECODER, sliding_window=32, query_pre_attn_scalar=16,
-                              layer_types=["sliding_attention", "full_attention"]),
-    "opt": lambda: _config("opt", hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=64, do_layer_norm_before=True),
+    "gemma3": lambda: _config(
+        "gemma3_text",
+        **_DECODER,
+        sliding_window=32,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "opt": lambda: _config(
+        "opt",
+        hidden_size=64,
+        ffn_dim=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        do_layer_norm_before=True,
+    ),
 }
 
 
-def byte_tokenizer() -> "PreTrainedTokenizerFast":
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer: every UTF-8 byte is one token, no merges."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
@@ -53,11 +72,12 @@ def byte_tokenizer() -> "PreTrainedTokenizerFast":
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=512
+    )
 
 
-def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> "PreTrainedModel":
+def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A randomly initialised model of ``family`` with fixed weights for ``seed``."""
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +21,9 @@ from qeval.config import quantized, tensor_type
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
-from qeval.quant.transforms import untie_output_embeddings
 from qeval.quant.methods import QuantMethod
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
+from qeval.quant.transforms import untie_output_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
 
 
 @torch.no_grad()
-def _calibrate_static(model: nn.Module, quantizers: list[ActivationQuantizer],
-                      batches: Iterable[torch.Tensor]) -> None:
+def _calibrate_static(model: nn.Module, quantizers: list[ActivationQuantizer], batches: Iterable[torch.Tensor]) -> None:
     for batch in tqdm(list(batches), desc="calibrating static activation scales", leave=False):
         model(batch)
     for q in quantizers:
@@ -88,8 +88,11 @@ def quantize_model(
             deq, qt = weights[name]
             aq = None
             if quantized(spec.a):
-                aq = ActivationQuantizer(QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
-                                         spec.a.granularity, spec.a.dynamic)
+                aq = ActivationQuantizer(
+                    QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
+                    spec.a.granularity,
+                    spec.a.dynamic,
+                )
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
             replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))

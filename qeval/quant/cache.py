@@ -73,18 +73,27 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
             if qt.zero is not None:
                 tensors[f"{EXTRA}{name}.zero"] = qt.zero.detach().cpu().contiguous()
         if (aq := module.input_quantizer) is not None:
-            info["input_quantizer"] = {"fmt": _fmt(aq.fmt), "granularity": aq.granularity, "dynamic": aq.dynamic,
-                                       "zero": aq.zero is not None}
+            info["input_quantizer"] = {
+                "fmt": _fmt(aq.fmt),
+                "granularity": aq.granularity,
+                "dynamic": aq.dynamic,
+                "zero": aq.zero is not None,
+            }
             if not aq.dynamic:
                 tensors[f"{EXTRA}{name}.act_scale"] = aq.scale.detach().cpu().reshape(-1).contiguous()
                 if aq.zero is not None:
                     tensors[f"{EXTRA}{name}.act_zero"] = aq.zero.detach().cpu().reshape(-1).contiguous()
         linears[name] = info
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    manifest = {"format": CACHE_FORMAT, "linears": linears, "aliases": aliases,
-                "untied_head": head is not None and head.weight is not emb.weight
-                and bool(getattr(model.config, "tie_word_embeddings", False)),
-                "provenance": provenance or {}}
+    manifest = {
+        "format": CACHE_FORMAT,
+        "linears": linears,
+        "aliases": aliases,
+        "untied_head": head is not None
+        and head.weight is not emb.weight
+        and bool(getattr(model.config, "tie_word_embeddings", False)),
+        "provenance": provenance or {},
+    }
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     try:
@@ -136,13 +145,19 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer")
         if info["bias"] and linear.bias is None:  # a method folded a shift into a new bias (OmniQuant LET)
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                   device=linear.weight.device), requires_grad=False)
+            linear.bias = nn.Parameter(
+                torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                requires_grad=False,
+            )
         qt = None
         if (q := info["qweight"]) is not None:
-            qt = QuantizedTensor(tensors[f"{EXTRA}{name}.q"], tensors[f"{EXTRA}{name}.scale"],
-                                 tensors[f"{EXTRA}{name}.zero"] if q["zero"] else None, q["group_size"],
-                                 QuantFormat(**q["fmt"]))
+            qt = QuantizedTensor(
+                tensors[f"{EXTRA}{name}.q"],
+                tensors[f"{EXTRA}{name}.scale"],
+                tensors[f"{EXTRA}{name}.zero"] if q["zero"] else None,
+                q["group_size"],
+                QuantFormat(**q["fmt"]),
+            )
         aq = None
         if (a := info["input_quantizer"]) is not None:
             aq = ActivationQuantizer(QuantFormat(**a["fmt"]), a["granularity"], a["dynamic"]).to(linear.weight.device)

@@ -16,8 +16,9 @@ Memory stays bounded by one block's activations for all samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +43,9 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any])
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]) -> tuple[
-        list[torch.Tensor], list[dict[str, Any]]]:
+def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Inputs of block 0 for every batch, and each block's keyword arguments."""
     blocks = adapter.get_blocks(model)
     hidden: list[torch.Tensor] = []
@@ -66,10 +68,14 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 
     def make_recorder(i: int) -> Callable:
         def record(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            per_block[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                         "past_key_value", "use_cache")}
+            per_block[i] = {
+                k: v
+                for k, v in kwargs.items()
+                if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")
+            }
             if i == len(blocks) - 1:
                 raise _StopForward
+
         return record
 
     handles = [b.register_forward_pre_hook(make_recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]
@@ -84,8 +90,9 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 
 
 @torch.no_grad()
-def collect_linear_inputs(block: nn.Module, names: Iterable[str], inputs: BlockInputs,
-                          on_input: Callable[[str, torch.Tensor], None]) -> None:
+def collect_linear_inputs(
+    block: nn.Module, names: Iterable[str], inputs: BlockInputs, on_input: Callable[[str, torch.Tensor], None]
+) -> None:
     """Run the block on every input, handing each named linear's input to ``on_input``.
 
     Statistics are accumulated by the callback (a Hessian, channel maxima...), so
@@ -102,6 +109,7 @@ def collect_linear_inputs(block: nn.Module, names: Iterable[str], inputs: BlockI
             seen.add(name)
             if seen == wanted:
                 raise _StopForward
+
         return hook
 
     handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in wanted]
@@ -118,8 +126,13 @@ def collect_linear_inputs(block: nn.Module, names: Iterable[str], inputs: BlockI
 
 
 @torch.no_grad()
-def run_blockwise(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor],
-                  process_block: Callable[[int, nn.Module, BlockInputs], None], desc: str = "calibrating") -> None:
+def run_blockwise(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: list[torch.Tensor],
+    process_block: Callable[[int, nn.Module, BlockInputs], None],
+    desc: str = "calibrating",
+) -> None:
     """Calibrate block by block; each block sees the outputs of the quantized blocks before it."""
     hidden, per_block_kwargs = capture_block_inputs(model, adapter, batches)
     blocks = adapter.get_blocks(model)

@@ -127,7 +127,9 @@ def fake_quantize_per_tensor(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return fake_quantize(x.reshape(1, -1), fmt).reshape(x.shape)
 
 
-def fake_quantize_with_scale(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+def fake_quantize_with_scale(
+    x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None
+) -> torch.Tensor:
     """Fake-quantize with *given* (static, calibrated) parameters."""
     xf = x.float()
     if fmt.kind in FP8_DTYPES:

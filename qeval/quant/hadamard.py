@@ -17,13 +17,13 @@ fused into weights; only the cost of an online transform differs.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 
 def _is_prime(n: int) -> bool:
-    return n > 1 and all(n % p for p in range(2, int(n ** 0.5) + 1))
+    return n > 1 and all(n % p for p in range(2, int(n**0.5) + 1))
 
 
 def _jacobsthal(q: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(S, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base(m: int) -> torch.Tensor | None:
     if m == 1:
         return torch.ones(1, 1, dtype=torch.float64)
@@ -67,7 +67,7 @@ def _base(m: int) -> torch.Tensor | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def hadamard(n: int) -> torch.Tensor | None:
     """A Hadamard matrix of order ``n`` (float64, entries +-1), or None if not constructible."""
     power = 1
@@ -93,6 +93,6 @@ def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
     H = hadamard(n)
     if H is not None:
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-        return H * signs[None, :] / n ** 0.5
+        return H * signs[None, :] / n**0.5
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :]

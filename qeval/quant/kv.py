@@ -29,7 +29,8 @@ one scale per channel over the tokens of the current update.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,15 @@ from qeval.quant.formats import QuantFormat, fake_quantize, fake_quantize_per_te
 class KVQuantizer:
     """Fake-quantizes key and value states according to a KV spec."""
 
-    def __init__(self, bits: int, kind: str = "int", sym: bool = False, group_size: int = -1,
-                 key_granularity: str = "token", value_granularity: str = "token") -> None:
+    def __init__(
+        self,
+        bits: int,
+        kind: str = "int",
+        sym: bool = False,
+        group_size: int = -1,
+        key_granularity: str = "token",
+        value_granularity: str = "token",
+    ) -> None:
         self.passthrough = bits == FULL_PRECISION_BITS
         self.fmt = QuantFormat(bits=bits if not self.passthrough else 8, kind=kind, sym=sym)
         self.group_size = None if group_size == -1 else group_size
@@ -52,9 +60,15 @@ class KVQuantizer:
         self.value_granularity = value_granularity
 
     @classmethod
-    def from_spec(cls, kv: Any) -> "KVQuantizer":
-        return cls(bits=kv.bits, kind=kv.format, sym=kv.sym, group_size=kv.group_size,
-                   key_granularity=kv.key_granularity, value_granularity=kv.value_granularity)
+    def from_spec(cls, kv: Any) -> KVQuantizer:
+        return cls(
+            bits=kv.bits,
+            kind=kv.format,
+            sym=kv.sym,
+            group_size=kv.group_size,
+            key_granularity=kv.key_granularity,
+            value_granularity=kv.value_granularity,
+        )
 
     def _quantize(self, x: torch.Tensor, granularity: str) -> torch.Tensor:
         if self.passthrough:
@@ -73,13 +87,20 @@ class KIVIQuantizer:
     """KIVI's cache-only quantization: keys per channel, values per token, in
     chunks of ``group_size`` tokens that have left the ``residual`` window."""
 
-    def __init__(self, bits: int, kind: str = "int", sym: bool = False, group_size: int = 32,
-                 residual: int = 32, value_group: int | None = None) -> None:
+    def __init__(
+        self,
+        bits: int,
+        kind: str = "int",
+        sym: bool = False,
+        group_size: int = 32,
+        residual: int = 32,
+        value_group: int | None = None,
+    ) -> None:
         self.fmt = QuantFormat(bits=bits, kind=kind, sym=sym)
         self.group_size, self.residual, self.value_group = group_size, residual, value_group
 
     @classmethod
-    def from_spec(cls, kv: Any) -> "KIVIQuantizer":
+    def from_spec(cls, kv: Any) -> KIVIQuantizer:
         group = 32 if kv.group_size == -1 else kv.group_size
         return cls(bits=kv.bits, kind=kv.format, sym=kv.sym, group_size=group, residual=kv.residual)
 
@@ -93,25 +114,28 @@ class KIVIQuantizer:
         n = max(0, tail - self.residual) // self.group_size * self.group_size
         if n:
             start = total - tail
-            k = keys[..., start:start + n, :]
+            k = keys[..., start : start + n, :]
             kg = k.reshape(*k.shape[:-2], n // self.group_size, self.group_size, k.shape[-1])
             kq = fake_quantize(kg.transpose(-1, -2), self.fmt, None).transpose(-1, -2)  # per channel
-            keys[..., start:start + n, :] = kq.reshape_as(k)
-            values[..., start:start + n, :] = fake_quantize(values[..., start:start + n, :], self.fmt,
-                                                            self.value_group)  # per token
+            keys[..., start : start + n, :] = kq.reshape_as(k)
+            values[..., start : start + n, :] = fake_quantize(
+                values[..., start : start + n, :], self.fmt, self.value_group
+            )  # per token
             tail -= n
         tails[layer_idx] = tail
 
 
-def quantize_cache(cache: Cache, quantizer: "KVQuantizer | KIVIQuantizer") -> Cache:
+def quantize_cache(cache: Cache, quantizer: KVQuantizer | KIVIQuantizer) -> Cache:
     """Make ``cache`` quantize the key/value states it receives (idempotent)."""
     if getattr(cache, "_qeval_kv", None) is quantizer:
         return cache
     original_update = cache.update
 
     if isinstance(quantizer, KIVIQuantizer):
-        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+
+        def update(
+            self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             # attention sees the stored (partly quantized) past and the new tokens in full
             # precision; the stored copy is quantized afterwards
             keys, values = original_update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -119,10 +143,12 @@ def quantize_cache(cache: Cache, quantizer: "KVQuantizer | KIVIQuantizer") -> Ca
             quantizer.after_update(self, layer_idx, key_states.shape[-2])
             return keys, values
     else:
-        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+
+        def update(
+            self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             key_states, value_states = quantizer(key_states, value_states)
-            return original_update(key_states, value_states, layer_idx, *args, **kwargs)
+            return original_update(key_states, value_states, layer_idx, *args, **kwargs)  # noqa: B023 - called within this iteration
 
     cache.update = types.MethodType(update, cache)  # type: ignore[method-assign]
     cache._qeval_kv = quantizer  # type: ignore[attr-defined]
@@ -130,8 +156,9 @@ def quantize_cache(cache: Cache, quantizer: "KVQuantizer | KIVIQuantizer") -> Ca
 
 
 @torch.no_grad()
-def observe_cached_states(model: nn.Module, batches: Any,
-                          observe: "Callable[[int, torch.Tensor, torch.Tensor], None]") -> None:
+def observe_cached_states(
+    model: nn.Module, batches: Any, observe: Callable[[int, torch.Tensor, torch.Tensor], None]
+) -> None:
     """Run ``batches`` through ``model`` and call ``observe(layer_idx, keys, values)`` with the
     states every layer hands to its cache: after rotary embedding and any q/k norm, i.e.
     what a serving cache stores (and what any installed KV quantizer has produced)."""
@@ -139,21 +166,23 @@ def observe_cached_states(model: nn.Module, batches: Any,
         cache = DynamicCache(config=model.config)
         original_update = cache.update
 
-        def update(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def update(
+            self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             observe(layer_idx, key_states, value_states)
-            return original_update(key_states, value_states, layer_idx, *args, **kwargs)
+            return original_update(key_states, value_states, layer_idx, *args, **kwargs)  # noqa: B023 - called within this iteration
 
         cache.update = types.MethodType(update, cache)  # type: ignore[method-assign]
         model(batch, past_key_values=cache, use_cache=True)
 
 
-def kv_quantizer_from_spec(kv: Any) -> "KVQuantizer | KIVIQuantizer":
+def kv_quantizer_from_spec(kv: Any) -> KVQuantizer | KIVIQuantizer:
     return KIVIQuantizer.from_spec(kv) if kv.semantics == "cache" else KVQuantizer.from_spec(kv)
 
 
-def install_kv_quantization(model: nn.Module, quantizer: "KVQuantizer | KIVIQuantizer"
-                            ) -> torch.utils.hooks.RemovableHandle:
+def install_kv_quantization(
+    model: nn.Module, quantizer: KVQuantizer | KIVIQuantizer
+) -> torch.utils.hooks.RemovableHandle:
     """Route every forward of ``model`` through a quantizing cache.
 
     A call without a cache (a log-likelihood forward from lm-eval, a

@@ -104,7 +104,11 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        w = "fp" if self.qweight is None else f"{self.qweight.fmt.kind}{self.qweight.fmt.bits} g{self.qweight.group_size}"
+        w = (
+            "fp"
+            if self.qweight is None
+            else f"{self.qweight.fmt.kind}{self.qweight.fmt.bits} g{self.qweight.group_size}"
+        )
         return f"in={self.in_features}, out={self.out_features}, weight={w}"
 
 

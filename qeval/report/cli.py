@@ -10,15 +10,31 @@ from qeval.report.table import write_tables
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qeval-report", description=__doc__)
-    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
-                        help="one or more sweep folders, e.g. results/rtn results/gptq (compared together)")
+    parser.add_argument(
+        "results_dirs",
+        nargs="+",
+        metavar="RESULTS_DIR",
+        help="one or more sweep folders, e.g. results/rtn results/gptq (compared together)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: plots/<sweep>[+<sweep>...])")
-    parser.add_argument("--ppl-rtol", type=float, default=0.01,
-                        help="fake vs real kernels: largest relative perplexity difference that agrees (0.01)")
-    parser.add_argument("--n-se", type=float, default=2.0,
-                        help="fake vs real kernels: largest accuracy difference in standard errors (2)")
-    parser.add_argument("--keep", type=float, default=0.98,
-                        help="recommendations: share of the unquantized quality to keep (0.98; also report.keep=0.95)")
+    parser.add_argument(
+        "--ppl-rtol",
+        type=float,
+        default=0.01,
+        help="fake vs real kernels: largest relative perplexity difference that agrees (0.01)",
+    )
+    parser.add_argument(
+        "--n-se",
+        type=float,
+        default=2.0,
+        help="fake vs real kernels: largest accuracy difference in standard errors (2)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=0.98,
+        help="recommendations: share of the unquantized quality to keep (0.98; also report.keep=0.95)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for arg in argv for a in (["--keep", arg.split("=", 1)[1]] if arg.startswith("report.keep=") else [arg])]
     args = parser.parse_args(argv)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
@@ -34,33 +33,49 @@ def _figure(path: Path, alt: str) -> str:
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     flat = (df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df).copy()
     flat.columns.name = None  # a pivot's column label would become an empty first column
-    return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0,
-                        escape=True)
+    return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0, escape=True)
 
 
-def write_html(out: Path, title: str, findings: list[str], families: pd.DataFrame, advice: pd.DataFrame,
-               marked: pd.DataFrame, tensor_views: dict[str, pd.DataFrame], method_views: dict[str, pd.DataFrame],
-               figures: list[Path], agreement: pd.DataFrame, efficiency: pd.DataFrame, keep: float,
-               not_ok: pd.DataFrame | None = None) -> Path:
+def write_html(
+    out: Path,
+    title: str,
+    findings: list[str],
+    families: pd.DataFrame,
+    advice: pd.DataFrame,
+    marked: pd.DataFrame,
+    tensor_views: dict[str, pd.DataFrame],
+    method_views: dict[str, pd.DataFrame],
+    figures: list[Path],
+    agreement: pd.DataFrame,
+    efficiency: pd.DataFrame,
+    keep: float,
+    not_ok: pd.DataFrame | None = None,
+) -> Path:
     """Lay out the report; returns the path of report.html."""
     by_name = {f.stem: f for f in figures}
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
 
     overview = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings) + "</ul>"
-    overview += "<h3>Quality retained per family</h3><p class='note'>1 = unquantized; the mean over a family's " \
-                "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse.</p>"
+    overview += (
+        "<h3>Quality retained per family</h3><p class='note'>1 = unquantized; the mean over a family's "
+        "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse.</p>"
+    )
     overview += _table(families, "{:.3f}")
     overview += f"<h3>Recommendations (least memory keeping {keep:.0%})</h3>" + _table(advice, "{:.3f}")
-    overview += "<h3>Primary metrics</h3><p class='note'>± one standard error; * = differs from the unquantized " \
-                "model by more than two standard errors of the difference.</p>" + _table(marked)
+    overview += (
+        "<h3>Primary metrics</h3><p class='note'>± one standard error; * = differs from the unquantized "
+        "model by more than two standard errors of the difference.</p>" + _table(marked)
+    )
     sections.append(("overview", "Overview", overview))
 
     from qeval.report.table import _TT_ORDER
 
     for tt, view in sorted(tensor_views.items(), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
         rows = marked[marked.index.get_level_values("tensor_type").isin(["FP", tt])]
-        body = ("<p class='note'>± one standard error; * = beyond two standard errors of the difference from "
-                "unquantized.</p>" + _table(rows) + "<p class='note'>Relative to unquantized (/FP):</p>" + _table(view))
+        body = (
+            "<p class='note'>± one standard error; * = beyond two standard errors of the difference from "
+            "unquantized.</p>" + _table(rows) + "<p class='note'>Relative to unquantized (/FP):</p>" + _table(view)
+        )
         key = f"score_vs_bits_{tt.replace('+', '_')}"
         if key in by_name:
             body += _figure(by_name[key], f"{tt}: score vs bit-width")
@@ -71,7 +86,9 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
         body = _figure(by_name["methods_by_bits"], "methods at each bit setting") + body
     sections.append(("methods", "Methods", body))
 
-    family_figs = [f for name, f in by_name.items() if name.startswith(("families_radar", "abilities_radar")) or name == "heatmap"]
+    family_figs = [
+        f for name, f in by_name.items() if name.startswith(("families_radar", "abilities_radar")) or name == "heatmap"
+    ]
     family_figs += [f for name, f in by_name.items() if name.startswith(("long_context", "dialogue"))]
     body = "".join(_figure(f, f.stem.replace("_", " ")) for f in family_figs)
     sections.append(("families", "Task families", body or "<p>No per-family figure applies.</p>"))
@@ -84,24 +101,32 @@ def write_html(out: Path, title: str, findings: list[str], families: pd.DataFram
 
     if not agreement.empty:
         n_bad = int((~agreement["agree"]).sum())
-        head = (f"<p>{len(agreement) - n_bad} of {len(agreement)} comparisons agree"
-                + (f", <span class='bad'>{n_bad} disagree</span>" if n_bad else "") + ".</p>")
+        head = (
+            f"<p>{len(agreement) - n_bad} of {len(agreement)} comparisons agree"
+            + (f", <span class='bad'>{n_bad} disagree</span>" if n_bad else "")
+            + ".</p>"
+        )
         sections.append(("agreement", "Fake quantization vs real kernels", head + _table(agreement)))
     if not efficiency.empty:
         sections.append(("efficiency", "Efficiency (real kernels)", _table(efficiency)))
     if not_ok is not None and not not_ok.empty:
         counts = not_ok["status"].value_counts()
-        head = "<p>" + ", ".join(f"{n} {status}" for status, n in counts.items()) + \
-               ": these cells have no scores and appear in no table or figure above.</p>"
+        head = (
+            "<p>"
+            + ", ".join(f"{n} {status}" for status, n in counts.items())
+            + ": these cells have no scores and appear in no table or figure above.</p>"
+        )
         from qeval.report.table import CELL_KEYS
 
         sections.append(("not-run", "Failed and skipped cells", head + _table(not_ok.set_index(CELL_KEYS))))
 
     nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections) + "</nav>"
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}"
-            + "".join(f'<h2 id="{a}">{html.escape(h)}</h2>{b}' for a, h, b in sections)
-            + "</body></html>")
+    page = (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}"
+        + "".join(f'<h2 id="{a}">{html.escape(h)}</h2>{b}' for a, h, b in sections)
+        + "</body></html>"
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -81,14 +81,20 @@ def score_vs_bits(long: pd.DataFrame, out: Path) -> list[Path]:
             for (model, method, backend), s in m[m.tensor_type == tt].groupby(["model", "method", "backend"]):
                 s = pd.concat([s, fp[(fp.model == model) & (fp.backend == backend)]])
                 s = s.groupby("bit_width").first().sort_index()  # one point per width (first preset)
-                ax.errorbar(s.index, s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
-                            capsize=3, label=f"{model} / {method}{_backend_tag(backend)}")
+                ax.errorbar(
+                    s.index,
+                    s["value"],
+                    yerr=pd.to_numeric(s["stderr"], errors="coerce"),
+                    marker="o",
+                    capsize=3,
+                    label=f"{model} / {method}{_backend_tag(backend)}",
+                )
             ax.set_title(metric, fontsize=9)
             ax.set_xlabel(f"{'KV' if tt == 'KV' else 'weight'} bits")
             if not m.higher_is_better.dropna().empty and not bool(m.higher_is_better.dropna().iloc[0]):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(metrics):]:
+        for ax in list(axes.flat)[len(metrics) :]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{tt}: score vs bit-width (error bars: 1 standard error)")
@@ -117,12 +123,22 @@ def method_bars(long: pd.DataFrame, out: Path) -> list[Path]:
 def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
     """Quality retained per configuration (rows) and task (columns)."""
     prim = _with_retained(long)
-    prim["config"] = [f"{r.bits} {r.method}{_backend_tag(r.backend)}"
-                      + (f" ({r.model})" if prim.model.nunique() > 1 else "") for r in prim.itertuples()]
+    prim["config"] = [
+        f"{r.bits} {r.method}{_backend_tag(r.backend)}" + (f" ({r.model})" if prim.model.nunique() > 1 else "")
+        for r in prim.itertuples()
+    ]
     table = prim.pivot_table(index="config", columns="task", values="retained", aggfunc="mean")
     order = prim.drop_duplicates("config").set_index("config")
-    table = table.loc[sorted(table.index, key=lambda c: (_TT_ORDER.get(order.loc[c, "tensor_type"], 9),
-                                                         -bit_width(order.loc[c, "tensor_type"], order.loc[c, "bits"]), c))]
+    table = table.loc[
+        sorted(
+            table.index,
+            key=lambda c: (
+                _TT_ORDER.get(order.loc[c, "tensor_type"], 9),
+                -bit_width(order.loc[c, "tensor_type"], order.loc[c, "bits"]),
+                c,
+            ),
+        )
+    ]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(table.columns), 0.8 + 0.35 * len(table)))
     image = ax.imshow(table.values, cmap="RdYlGn", vmin=0.5, vmax=1.1, aspect="auto")
     ax.set_xticks(range(len(table.columns)), table.columns, rotation=40, ha="right", fontsize=8)
@@ -161,8 +177,9 @@ def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
     """A radar per model over the abilities (each task's primary metric, retained), e.g.
     in-context learning, instruction following, reasoning and self-calibration side by side."""
     prim = _with_retained(long)
-    table = prim.pivot_table(index=["model", "bits", "method", "backend"], columns="task", values="retained",
-                             aggfunc="mean")
+    table = prim.pivot_table(
+        index=["model", "bits", "method", "backend"], columns="task", values="retained", aggfunc="mean"
+    )
     if table.shape[1] < 3:
         return []
     files = []
@@ -174,8 +191,7 @@ def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
         cap = RADAR_CAP  # small-sample gains (2x on 4 items) would squash every other line
         for key, row in part.iterrows():
             values = [0.0 if pd.isna(v) else min(v, cap) for v in row.values]
-            ax.plot(angles, values + [values[0]], marker="o", ms=3,
-                    label=f"{key[1]} {key[2]}{_backend_tag(key[3])}")
+            ax.plot(angles, values + [values[0]], marker="o", ms=3, label=f"{key[1]} {key[2]}{_backend_tag(key[3])}")
         ax.set_xticks(angles[:-1], labels, fontsize=7)
         ax.set_ylim(0, cap)
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
@@ -197,8 +213,14 @@ def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for (bits, method, backend), s in part.groupby(["bits", "method", "backend"]):
             s = s.sort_values("length")
-            ax.errorbar(s["length"], s["value"], yerr=pd.to_numeric(s["stderr"], errors="coerce"), marker="o",
-                        capsize=3, label=f"{bits} {method}{_backend_tag(backend)}")
+            ax.errorbar(
+                s["length"],
+                s["value"],
+                yerr=pd.to_numeric(s["stderr"], errors="coerce"),
+                marker="o",
+                capsize=3,
+                label=f"{bits} {method}{_backend_tag(backend)}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("context length")
         ax.set_ylabel("accuracy")
@@ -258,8 +280,9 @@ def quality_vs_memory(families: pd.DataFrame, out: Path) -> list[Path]:
     front = pareto_front(points, "weight_bits", "retained")
     ax.plot(front.weight_bits, front.retained, color="black", lw=1, ls="--", label="Pareto front")
     for r in front.itertuples():
-        ax.annotate(f"{r.quant} {r.method}", (r.weight_bits, r.retained), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            f"{r.quant} {r.method}", (r.weight_bits, r.retained), fontsize=6, xytext=(3, 3), textcoords="offset points"
+        )
     ax.set_xlabel("weight memory (bits per weight, with group scales)")
     ax.set_ylabel("quality retained (mean over families)")
     ax.legend(fontsize=7)
@@ -293,15 +316,16 @@ def quality_vs_latency(families: pd.DataFrame, efficiency: pd.DataFrame, out: Pa
         ax.set_title(f"batch {batch}, input {length}", fontsize=9)
         ax.set_xlabel("end-to-end latency (s)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(grid):]:
+    for ax in list(axes.flat)[len(grid) :]:
         ax.axis("off")
     axes.flat[0].set_ylabel("quality retained")
     fig.suptitle("quality vs real-kernel latency (dashed: Pareto front)")
     return [_save(fig, out, "quality_vs_latency")]
 
 
-def all_plots(long: pd.DataFrame, families: pd.DataFrame, out: Path,
-              efficiency: pd.DataFrame | None = None) -> list[Path]:
+def all_plots(
+    long: pd.DataFrame, families: pd.DataFrame, out: Path, efficiency: pd.DataFrame | None = None
+) -> list[Path]:
     """Every figure that applies to this sweep."""
     files = []
     for draw in (score_vs_bits, method_bars, heatmap, ability_profiles, long_context, dialogue):

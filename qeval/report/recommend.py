@@ -37,16 +37,22 @@ def _noise_note(long: pd.DataFrame | None, key: tuple, family: str) -> str:
     if rows.empty:
         return ""
     n = pd.to_numeric(rows["samples"], errors="coerce").min()
-    worse = rows[(rows["significant"] == True) & (  # noqa: E712 - a nullable column
-        (rows["value"] < rows["fp_value"]) == rows["higher_is_better"].astype(bool))]
+    worse = rows[
+        rows["significant"].eq(True)  # a nullable column: NaN is not significant
+        & ((rows["value"] < rows["fp_value"]) == rows["higher_is_better"].astype(bool))
+    ]
     note = f"; smallest sample count {n:g}" if pd.notna(n) else ""
-    note += (f"; significantly worse on {', '.join(worse.task)}" if not worse.empty
-             else "; no task significantly worse than unquantized")
+    note += (
+        f"; significantly worse on {', '.join(worse.task)}"
+        if not worse.empty
+        else "; no task significantly worse than unquantized"
+    )
     return note
 
 
-def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP, long: pd.DataFrame | None = None
-                    ) -> pd.DataFrame:
+def recommendations(
+    families: pd.DataFrame, keep: float = DEFAULT_KEEP, long: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per model and family: the least-memory configuration retaining >= ``keep``, with the
     evidence (how many configurations qualify, the smallest sample count behind the choice,
     and any task where it is significantly worse than unquantized) when ``long`` is given."""
@@ -57,18 +63,33 @@ def recommendations(families: pd.DataFrame, keep: float = DEFAULT_KEEP, long: pd
             quantized = scores[[k[1] != "FP" for k in scores.index]]
             ok = quantized[quantized >= keep]
             if ok.empty:
-                rows.append({"model": model, "family": family, "recommended": "unquantized",
-                             "retained": 1.0, "memory_key": "16-bit",
-                             "evidence": f"no configuration keeps {keep:.0%} (best: "
-                                         f"{_name(quantized.idxmax())} at {quantized.max():.3f})"
-                             if not quantized.empty else "no quantized configuration in the sweep"})
+                rows.append(
+                    {
+                        "model": model,
+                        "family": family,
+                        "recommended": "unquantized",
+                        "retained": 1.0,
+                        "memory_key": "16-bit",
+                        "evidence": f"no configuration keeps {keep:.0%} (best: "
+                        f"{_name(quantized.idxmax())} at {quantized.max():.3f})"
+                        if not quantized.empty
+                        else "no quantized configuration in the sweep",
+                    }
+                )
                 continue
             best = min(ok.index, key=lambda k: (memory_key(k[2]), -ok[k]))
             w, kv, a = memory_key(best[2])
-            rows.append({"model": model, "family": family, "recommended": _name(best), "retained": ok[best],
-                         "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
-                         "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"
-                                     + _noise_note(long, best, family)})
+            rows.append(
+                {
+                    "model": model,
+                    "family": family,
+                    "recommended": _name(best),
+                    "retained": ok[best],
+                    "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
+                    "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"
+                    + _noise_note(long, best, family),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -91,36 +112,43 @@ def summary(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> list[str]:
         ok = part[part.retained >= keep]
         tested = ", ".join(f"{w:g}" for w in sorted(part.width.unique(), reverse=True))
         if ok.empty:
-            lines.append(f"{tt}: no tested setting ({tested} bits) keeps {keep:.0%} of the unquantized quality "
-                         f"(best {part.retained.max():.3f}).")
+            lines.append(
+                f"{tt}: no tested setting ({tested} bits) keeps {keep:.0%} of the unquantized quality "
+                f"(best {part.retained.max():.3f})."
+            )
             lowest[tt] = math.inf
         else:
             low = ok.width.min()
             lowest[tt] = low
-            lines.append(f"{tt}: keeps {keep:.0%} of the unquantized quality down to {low:g} bits "
-                         f"(tested {tested}).")
+            lines.append(f"{tt}: keeps {keep:.0%} of the unquantized quality down to {low:g} bits (tested {tested}).")
     if len(lowest) > 1:
         need = max(lowest.values())
         worst = [t for t in lowest if lowest[t] == need]
         if len(worst) < len(lowest):
-            lines.append(f"Most sensitive tensor type{'s' if len(worst) > 1 else ''}: {' and '.join(worst)} "
-                         f"({'no tested setting keeps' if math.isinf(need) else f'needs {need:g} bits to keep'} "
-                         f"{keep:.0%}).")
+            lines.append(
+                f"Most sensitive tensor type{'s' if len(worst) > 1 else ''}: {' and '.join(worst)} "
+                f"({'no tested setting keeps' if math.isinf(need) else f'needs {need:g} bits to keep'} "
+                f"{keep:.0%})."
+            )
     quantized = families[[k[1] != "FP" for k in families.index]]
     if quantized.shape[1] > 1:
         means = quantized.mean(axis=0).sort_values()
-        lines.append(f"Family that loses most on average over quantized configurations: {means.index[0]} "
-                     f"({means.iloc[0]:.3f} retained; least: {means.index[-1]} at {means.iloc[-1]:.3f}).")
+        lines.append(
+            f"Family that loses most on average over quantized configurations: {means.index[0]} "
+            f"({means.iloc[0]:.3f} retained; least: {means.index[-1]} at {means.iloc[-1]:.3f})."
+        )
     by_setting = overall.groupby(["model", "tensor_type", "bits", "quant", "backend"])
-    for (model, tt, bits, quant, backend), part in by_setting:
+    for (_model, _tt, bits, quant, backend), part in by_setting:
         if part.method.nunique() < 2 or "rtn" not in set(part.method):
             continue
         rtn = part[part.method == "rtn"].retained.iloc[0]
         best = part.loc[part.retained.idxmax()]
         where = f"At {quant} ({bits}{'' if backend == 'hf' else ', ' + backend})"
         if best.method != "rtn":
-            lines.append(f"{where} {best.method} retains {best.retained:.3f} against RTN's {rtn:.3f} "
-                         f"({best.retained - rtn:+.3f}).")
+            lines.append(
+                f"{where} {best.method} retains {best.retained:.3f} against RTN's {rtn:.3f} "
+                f"({best.retained - rtn:+.3f})."
+            )
         else:
             lines.append(f"{where} no method beats RTN ({rtn:.3f}).")
     return lines

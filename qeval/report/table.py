@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -63,13 +63,21 @@ def long_frame(records: Iterable[dict]) -> pd.DataFrame:
                 if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
                     continue
                 primary = metric == info["primary_metric"]
-                rows.append({**{k: cell[k] for k in CELL_KEYS},
-                             "suite": cell["suite"], "sweep": rec["sweep"],
-                             "task": label, "metric": f"{label}.{metric}", "value": value,
-                             "stderr": metrics.get(f"{metric}_stderr"),
-                             "samples": metrics.get("samples", metrics.get("windows")),
-                             "family": info["family"], "primary": primary,
-                             "higher_is_better": bool(info["higher_is_better"]) if primary else None})
+                rows.append(
+                    {
+                        **{k: cell[k] for k in CELL_KEYS},
+                        "suite": cell["suite"],
+                        "sweep": rec["sweep"],
+                        "task": label,
+                        "metric": f"{label}.{metric}",
+                        "value": value,
+                        "stderr": metrics.get(f"{metric}_stderr"),
+                        "samples": metrics.get("samples", metrics.get("windows")),
+                        "family": info["family"],
+                        "primary": primary,
+                        "higher_is_better": bool(info["higher_is_better"]) if primary else None,
+                    }
+                )
     if not rows:
         raise ValueError("no finished cells among the records")
     return pd.DataFrame(rows)
@@ -82,8 +90,14 @@ def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
     for rec in records:
         if rec.get("status") in ("failed", "skipped"):
             cell = rec.get("cell") or {}
-            rows.append({**{k: cell.get(k) for k in CELL_KEYS}, "sweep": rec.get("sweep"),
-                         "status": rec["status"], "reason": rec.get("reason", "")})
+            rows.append(
+                {
+                    **{k: cell.get(k) for k in CELL_KEYS},
+                    "sweep": rec.get("sweep"),
+                    "status": rec["status"],
+                    "reason": rec.get("reason", ""),
+                }
+            )
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
 
 
@@ -95,13 +109,24 @@ def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
         if rec.get("kind") != "efficiency":
             continue
         for t in rec["timings"]:
-            rows.append({"model": rec.get("model"), "quant": rec.get("quant"), "method": rec.get("method"),
-                         "scheme": rec.get("scheme"),
-                         "device": rec.get("device"), "dtype": rec.get("engine", {}).get("dtype"),
-                         "weight_MB": rec["weight_bytes"] / 2**20, "kv_bytes_per_token": rec["kv_bytes_per_token"],
-                         "batch": t["batch"], "input_len": t["input_len"], "prefill_s": t["prefill_s"],
-                         "decode_ms_per_token": 1000 * t["decode_s_per_token"], "e2e_s": t["e2e_s"],
-                         "throughput_tok_s": t["throughput_tok_s"]})
+            rows.append(
+                {
+                    "model": rec.get("model"),
+                    "quant": rec.get("quant"),
+                    "method": rec.get("method"),
+                    "scheme": rec.get("scheme"),
+                    "device": rec.get("device"),
+                    "dtype": rec.get("engine", {}).get("dtype"),
+                    "weight_MB": rec["weight_bytes"] / 2**20,
+                    "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                    "batch": t["batch"],
+                    "input_len": t["input_len"],
+                    "prefill_s": t["prefill_s"],
+                    "decode_ms_per_token": 1000 * t["decode_s_per_token"],
+                    "e2e_s": t["e2e_s"],
+                    "throughput_tok_s": t["throughput_tok_s"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -115,8 +140,9 @@ def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
     base = pd.concat([fp["value"].first().rename("fp_value"), fp["stderr"].first().rename("fp_stderr")], axis=1)
     out = long.drop(columns=[c for c in ("fp_value", "fp_stderr") if c in long]).join(base, on=group)
     out["normalized"] = out["value"] / out["fp_value"]
-    se = (pd.to_numeric(out["stderr"], errors="coerce") ** 2
-          + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2) ** 0.5
+    se = (
+        pd.to_numeric(out["stderr"], errors="coerce") ** 2 + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2
+    ) ** 0.5
     diff = (out["value"] - out["fp_value"]).abs()
     out["significant"] = (diff > n_se * se).where(se.notna() & (se > 0) & (out["tensor_type"] != "FP"))
     return out
@@ -253,8 +279,13 @@ def report_name(results_dirs: list[Path]) -> str:
     return "+".join(d.name for d in results_dirs)
 
 
-def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str | Path | None = None,
-                 ppl_rtol: float = 0.01, n_se: float = 2.0, keep: float = 0.98) -> tuple[str, list[Path]]:
+def write_tables(
+    results_dirs: str | Path | Iterable[str | Path],
+    out_dir: str | Path | None = None,
+    ppl_rtol: float = 0.01,
+    n_se: float = 2.0,
+    keep: float = 0.98,
+) -> tuple[str, list[Path]]:
     """Write every table of one or several sweeps (compared together) and return the Markdown
     to print (families, primary metrics, agreement) and the files written.
 
@@ -279,8 +310,14 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     families = family_table(long)
     out = Path(out_dir) if out_dir else Path("plots") / report_name(dirs)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "scores_long.csv", out / "table.csv", out / "table.md", out / "primary.csv",
-             out / "families.csv", out / "families.md"]
+    files = [
+        out / "scores_long.csv",
+        out / "table.csv",
+        out / "table.md",
+        out / "primary.csv",
+        out / "families.csv",
+        out / "families.md",
+    ]
     long.to_csv(files[0], index=False)
     table.to_csv(files[1])
     files[2].write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
@@ -299,10 +336,9 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         all_views[key] = views(long, key)
         for value, view in all_views[key].items():
             files += _write(view, out / folder / value.replace("+", "_"))
+    from qeval.report.html import write_html
     from qeval.report.plots import all_plots
     from qeval.report.recommend import recommendations, summary
-
-    from qeval.report.html import write_html
 
     efficiency = efficiency_frame(records)
     figures = all_plots(long, families, out / "figures", efficiency)
@@ -314,13 +350,21 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
     advice_md = advice.to_markdown(index=False, floatfmt=".3f")
     files[-2].write_text(advice_md + "\n")
     files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
-    markdown = ("quality retained per family (1 = unquantized; primary metric of each task, "
-                "oriented so that lower is worse)\n\n" + fam_md + "\n\nprimary metrics\n\n"
-                + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
-                + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
-                + marked.reset_index().to_markdown(index=False))
-    markdown += (f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
-                 + advice_md + "\n\nfindings\n\n" + "\n".join(f"- {line}" for line in findings))
+    markdown = (
+        "quality retained per family (1 = unquantized; primary metric of each task, "
+        "oriented so that lower is worse)\n\n"
+        + fam_md
+        + "\n\nprimary metrics\n\n"
+        + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
+        + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
+        + marked.reset_index().to_markdown(index=False)
+    )
+    markdown += (
+        f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
+        + advice_md
+        + "\n\nfindings\n\n"
+        + "\n".join(f"- {line}" for line in findings)
+    )
     agreement = agreement_table(raw, ppl_rtol, n_se)
     if not agreement.empty:
         agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")
@@ -328,8 +372,10 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         agreement.to_csv(files[-2])
         files[-1].write_text(agree_md + "\n")
         n_bad = int((~agreement["agree"]).sum())
-        markdown += (f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
-                     "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md)
+        markdown += (
+            f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
+            "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md
+        )
     if not efficiency.empty:
         files.append(out / "efficiency.csv")
         efficiency.to_csv(files[-1], index=False)
@@ -340,7 +386,21 @@ def write_tables(results_dirs: str | Path | Iterable[str | Path], out_dir: str |
         not_ok_md = not_ok.to_markdown(index=False)
         files[-1].write_text(not_ok_md + "\n")
         markdown += f"\n\ncells without scores (failed or skipped)\n\n{not_ok_md}"
-    files.append(write_html(out, f"qeval report: {report_name(dirs)}", findings, families, advice, marked,
-                            all_views["tensor_type"], all_views["method"], figures, agreement, efficiency, keep,
-                            not_ok))
+    files.append(
+        write_html(
+            out,
+            f"qeval report: {report_name(dirs)}",
+            findings,
+            families,
+            advice,
+            marked,
+            all_views["tensor_type"],
+            all_views["method"],
+            figures,
+            agreement,
+            efficiency,
+            keep,
+            not_ok,
+        )
+    )
     return markdown, files

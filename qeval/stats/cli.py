@@ -84,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     batches = calibration_for(cfg, loaded.tokenizer)
     rows = collect(loaded.model, batches, adapter.blocks)
     identity = {"model": to_container(cfg)["model"], "calib": to_container(cfg)["calib"]}
-    record = {"schema_version": SCHEMA_VERSION, "kind": "tensor_stats", "status": "ok",
-              "label": f"stats__{cfg.model.name}", "hash": stable_hash(identity), "identity": identity,
-              "model_fingerprint": loaded.fingerprint, "outlier_factor": OUTLIER_FACTOR, "rows": rows}
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "tensor_stats",
+        "status": "ok",
+        "label": f"stats__{cfg.model.name}",
+        "hash": stable_hash(identity),
+        "identity": identity,
+        "model_fingerprint": loaded.fingerprint,
+        "outlier_factor": OUTLIER_FACTOR,
+        "rows": rows,
+    }
     path = ResultStore(cfg.results_dir, "stats").write(record)
     frame = pd.DataFrame(rows)
     by_kind = frame.groupby("kind")
@@ -94,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     summary["outlier_share_mean"] = by_kind["outlier_share"].mean()
     summary = summary.loc[[k for k in KIND_ORDER if k in summary.index]]
     out = Path("plots") / "stats" / cfg.model.name
-    files = plot_stats(frame, out, f"{cfg.model.name}: tensor statistics "
-                                   f"({cfg.calib.nsamples} x {cfg.calib.seqlen} calibration tokens)")
+    files = plot_stats(
+        frame,
+        out,
+        f"{cfg.model.name}: tensor statistics ({cfg.calib.nsamples} x {cfg.calib.seqlen} calibration tokens)",
+    )
     frame.to_csv(out / "stats.csv", index=False)
     summary.to_csv(out / "stats_summary.csv")
-    print(f"median over modules and layers; outlier share: mean share of channels whose max exceeds "
-          f"{OUTLIER_FACTOR:g} x the median channel's\n")
+    print(
+        f"median over modules and layers; outlier share: mean share of channels whose max exceeds "
+        f"{OUTLIER_FACTOR:g} x the median channel's\n"
+    )
     print(summary.to_markdown(floatfmt=".4g"))
     print(f"\nrecord: {path}\nfiles: {', '.join(str(f) for f in [out / 'stats.csv', *files])}")
     return 0

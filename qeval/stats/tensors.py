@@ -15,7 +15,7 @@ Per decoder layer, for the weights of each linear, the input activations of each
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -31,10 +31,13 @@ def summarize(x: torch.Tensor) -> dict[str, float]:
     var = centered.pow(2).mean()
     channel_max = flat.abs().amax(dim=0)
     median = channel_max.median().clamp(min=1e-12)
-    return {"absmax": float(flat.abs().max()), "std": float(var.sqrt()),
-            "kurtosis": float(centered.pow(4).mean() / var.clamp(min=1e-24).pow(2)),
-            "outlier_share": float((channel_max > OUTLIER_FACTOR * median).float().mean()),
-            "channel_absmax_ratio": float(channel_max.max() / median)}
+    return {
+        "absmax": float(flat.abs().max()),
+        "std": float(var.sqrt()),
+        "kurtosis": float(centered.pow(4).mean() / var.clamp(min=1e-24).pow(2)),
+        "outlier_share": float((channel_max > OUTLIER_FACTOR * median).float().mean()),
+        "channel_absmax_ratio": float(channel_max.max() / median),
+    }
 
 
 class _Accumulator:
@@ -58,19 +61,22 @@ class _Accumulator:
     def result(self) -> dict[str, float]:
         n = self.n
         mu = self.s1 / n
-        var = self.s2 / n - mu ** 2
-        m4 = self.s4 / n - 4 * mu * self.s3 / n + 6 * mu ** 2 * self.s2 / n - 3 * mu ** 4
+        var = self.s2 / n - mu**2
+        m4 = self.s4 / n - 4 * mu * self.s3 / n + 6 * mu**2 * self.s2 / n - 3 * mu**4
         median = float(self.channel_max.median().clamp(min=1e-12))
-        return {"absmax": float(self.channel_max.max()), "std": max(var, 0.0) ** 0.5,
-                "kurtosis": m4 / max(var, 1e-24) ** 2,
-                "outlier_share": float((self.channel_max > OUTLIER_FACTOR * median).float().mean()),
-                "channel_absmax_ratio": float(self.channel_max.max()) / median}
+        return {
+            "absmax": float(self.channel_max.max()),
+            "std": max(var, 0.0) ** 0.5,
+            "kurtosis": m4 / max(var, 1e-24) ** 2,
+            "outlier_share": float((self.channel_max > OUTLIER_FACTOR * median).float().mean()),
+            "channel_absmax_ratio": float(self.channel_max.max()) / median,
+        }
 
 
 def _layer_of(name: str, blocks_path: str) -> int | None:
     if not name.startswith(blocks_path + "."):
         return None
-    return int(name[len(blocks_path) + 1:].split(".")[0])
+    return int(name[len(blocks_path) + 1 :].split(".")[0])
 
 
 @torch.no_grad()
@@ -79,11 +85,19 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], blocks_path: str)
     from qeval.quant.kv import observe_cached_states
 
     rows = []
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _layer_of(n, blocks_path) is not None}
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _layer_of(n, blocks_path) is not None
+    }
     for name, module in linears.items():
         # a weight's channels are its input features (last dimension): the ones activations share
-        rows.append({"layer": _layer_of(name, blocks_path), "kind": "weight", "module": name[len(blocks_path) + 1:]
-                     .split(".", 1)[1], **summarize(module.weight)})
+        rows.append(
+            {
+                "layer": _layer_of(name, blocks_path),
+                "kind": "weight",
+                "module": name[len(blocks_path) + 1 :].split(".", 1)[1],
+                **summarize(module.weight),
+            }
+        )
     acts = {name: _Accumulator() for name in linears}
     kv: dict[tuple[int, str], _Accumulator] = {}
 
@@ -98,8 +112,14 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], blocks_path: str)
         for h in hooks:
             h.remove()
     for name, acc in acts.items():
-        rows.append({"layer": _layer_of(name, blocks_path), "kind": "activation",
-                     "module": name[len(blocks_path) + 1:].split(".", 1)[1], **acc.result()})
+        rows.append(
+            {
+                "layer": _layer_of(name, blocks_path),
+                "kind": "activation",
+                "module": name[len(blocks_path) + 1 :].split(".", 1)[1],
+                **acc.result(),
+            }
+        )
     for (layer, kind), acc in sorted(kv.items()):
         rows.append({"layer": layer, "kind": kind, "module": "cache", **acc.result()})
     return rows

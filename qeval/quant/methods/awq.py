@@ -30,7 +30,7 @@ from torch import nn
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.formats import QuantFormat, group_view, fake_quantize, quantize_weight
+from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize_weight
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
@@ -40,8 +40,9 @@ CLIP_RATIOS = [1 - 0.45 * i / 20 for i in range(20)]
 
 
 @torch.no_grad()
-def search_scales(x: torch.Tensor, linears: list[nn.Linear], fmt: QuantFormat, granularity: str,
-                  group_size: int) -> tuple[torch.Tensor, float]:
+def search_scales(
+    x: torch.Tensor, linears: list[nn.Linear], fmt: QuantFormat, granularity: str, group_size: int
+) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale (and its alpha) minimising the linears' output MSE."""
     x = x.float()
     x_bar = x.abs().mean(dim=0)
@@ -60,8 +61,9 @@ def search_scales(x: torch.Tensor, linears: list[nn.Linear], fmt: QuantFormat, g
 
 
 @torch.no_grad()
-def search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, group_size: int,
-                max_tokens: int = 512) -> torch.Tensor:
+def search_clip(
+    x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, group_size: int, max_tokens: int = 512
+) -> torch.Tensor:
     """Per (row, group) shrink ratio of the weight range minimising the partial-product error.
 
     Returns the clipped weights (same shape as ``w``)."""
@@ -96,8 +98,9 @@ class AWQ(QuantMethod):
         self.clip = clip
         self.max_tokens = max_tokens
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         adapter = get_adapter(model, "awq")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         gran, gsize = spec.granularity, spec.group_size
@@ -140,8 +143,7 @@ class AWQ(QuantMethod):
                 xs = gather(block, names, inputs)
                 for n in names:
                     lin = block.get_submodule(n)
-                    lin.weight.data = search_clip(xs[n], lin.weight.data, fmt,
-                                                  gsize if gran == "group" else -1)
+                    lin.weight.data = search_clip(xs[n], lin.weight.data, fmt, gsize if gran == "group" else -1)
 
         run_blockwise(model, adapter, calib, process_block, desc="awq")
         return self.round_remaining(linears, {}, spec)  # RTN with the clipped ranges

@@ -39,8 +39,9 @@ class QuantMethod:
         """See the whole cell spec before quantizing (e.g. OmniQuant trains LET only
         when activations are quantized).  No-op by default."""
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         """Return ``{name: (dequantized weight, QuantizedTensor | None)}``."""
         return {name: self.quantize_weight(lin.weight.data, spec) for name, lin in linears.items()}
 
@@ -48,8 +49,9 @@ class QuantMethod:
         raise NotImplementedError
 
     @staticmethod
-    def round_remaining(linears: dict[str, nn.Linear], results: dict[str, tuple[torch.Tensor, Any]],
-                        spec: Any) -> dict[str, tuple[torch.Tensor, Any]]:
+    def round_remaining(
+        linears: dict[str, nn.Linear], results: dict[str, tuple[torch.Tensor, Any]], spec: Any
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         """RTN for the target linears a blockwise method did not visit (outside the
         decoder blocks, e.g. a quantized lm_head)."""
         from qeval.quant.formats import QuantFormat, quantize_weight

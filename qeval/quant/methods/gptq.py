@@ -87,10 +87,18 @@ def _group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, H: torch.Tensor | None, fmt: QuantFormat, granularity: str,
-                  group_size: int, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False,
-                  prepared: PreparedHessian | None = None) -> tuple[torch.Tensor, QuantizedTensor | None]:
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor | None,
+    fmt: QuantFormat,
+    granularity: str,
+    group_size: int,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    prepared: PreparedHessian | None = None,
+) -> tuple[torch.Tensor, QuantizedTensor | None]:
     """GPTQ one ``[out, in]`` weight given its Hessian (or the Hessian already
     prepared by :func:`prepare_hessian`); returns (dequantized, codes or None)."""
     if prepared is None:
@@ -110,7 +118,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor | None, fmt: QuantFormat
         group_params = [(s.expand(rows, 1)[:, 0], None if z is None else z.expand(rows, 1)[:, 0])]
     elif static_groups or granularity == "channel":
         for g in range(n_groups):
-            s, z = _group_params(W[:, g * gs:(g + 1) * gs], fmt)
+            s, z = _group_params(W[:, g * gs : (g + 1) * gs], fmt)
             group_params[g] = (s[:, 0], None if z is None else z[:, 0])
     dynamic = group_params[0] is None
 
@@ -138,7 +146,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor | None, fmt: QuantFormat
             q = fake_quantize_with_scale(w, fmt, scale, zero)
             Q1[:, i] = q
             err = (w - q).div_(diag[i])
-            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
             Err1[:, i] = err
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
@@ -163,14 +171,21 @@ class GPTQ(QuantMethod):
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                 static_groups: bool = True, true_sequential: bool = True) -> None:
+    def __init__(
+        self,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = True,
+        static_groups: bool = True,
+        true_sequential: bool = True,
+    ) -> None:
         self.damp, self.block_size = damp, block_size
         self.act_order, self.static_groups = act_order, static_groups
         self.true_sequential = true_sequential
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         adapter = get_adapter(model, "gptq")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         results: dict[str, tuple[torch.Tensor, Any]] = {}
@@ -183,14 +198,23 @@ class GPTQ(QuantMethod):
             passes = [[g] for g in groups] if self.true_sequential else [groups]
             for groups_in_pass in passes:
                 hessians = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in groups_in_pass}
-                collect_linear_inputs(block, list(hessians), inputs, lambda n, x: hessians[n].add(x))
+                collect_linear_inputs(block, list(hessians), inputs, lambda n, x: hessians[n].add(x))  # noqa: B023 - used in this pass
                 for g in groups_in_pass:
                     prepared = prepare_hessian(hessians.pop(g[0]).H, self.damp, self.act_order)
                     for n in g:
                         layer = block.get_submodule(n)
-                        deq, qt = gptq_quantize(layer.weight.data, None, fmt, spec.granularity, spec.group_size,
-                                                self.damp, self.block_size, self.act_order, self.static_groups,
-                                                prepared=prepared)
+                        deq, qt = gptq_quantize(
+                            layer.weight.data,
+                            None,
+                            fmt,
+                            spec.granularity,
+                            spec.group_size,
+                            self.damp,
+                            self.block_size,
+                            self.act_order,
+                            self.static_groups,
+                            prepared=prepared,
+                        )
                         layer.weight.data = deq
                         results[prefix + n] = (deq, qt)
 

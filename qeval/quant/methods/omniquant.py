@@ -34,13 +34,12 @@ from torch.nn import functional as F
 
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter
-from qeval.quant.calibration import BlockInputs, block_output, run_blockwise
+from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
-from qeval.quant.calibration import collect_linear_inputs
 from qeval.quant.linear import replace_module
-from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
 from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
+from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +53,14 @@ class LWCLinear(nn.Module):
     ``(b + W in_shift) / out_scale``); ``in_scale``/``in_shift`` are shared by the
     linears reading the same norm, ``out_scale`` belongs to v in a v -> o pair."""
 
-    def __init__(self, linear: nn.Linear, fmt: QuantFormat, group_size: int, init: float = 4.0,
-                 act_fmt: QuantFormat | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        fmt: QuantFormat,
+        group_size: int,
+        init: float = 4.0,
+        act_fmt: QuantFormat | None = None,
+    ) -> None:
         super().__init__()
         if fmt.kind != "int":
             raise ValueError("learnable weight clipping is defined for integer formats")
@@ -102,8 +107,7 @@ class LWCLinear(nn.Module):
             codes = torch.clamp(_round_ste(w / scale[..., None]) + zero[..., None], 0, fmt.qmax)
             deq = (codes - zero[..., None]) * scale[..., None]
         out = w.shape[0]
-        return (deq.reshape(out, -1)[:, :self.cols], scale, zero,
-                codes.reshape(out, -1)[:, :self.cols])
+        return (deq.reshape(out, -1)[:, : self.cols], scale, zero, codes.reshape(out, -1)[:, : self.cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fmt is not None:  # per-token input quantization, straight-through
@@ -133,8 +137,9 @@ class OmniQuant(QuantMethod):
     needs_calibration = True
     act_spec: Any = None  # the cell's activation spec, for weight-activation cells (see prepare)
 
-    def __init__(self, epochs: int = 2, lwc_lr: float = 0.1, let_lr: float = 1e-3, init: float = 4.0,
-                 let_alpha: float = 0.5) -> None:
+    def __init__(
+        self, epochs: int = 2, lwc_lr: float = 0.1, let_lr: float = 1e-3, init: float = 4.0, let_alpha: float = 0.5
+    ) -> None:
         self.epochs, self.lwc_lr, self.let_lr, self.init = epochs, lwc_lr, let_lr, init
         self.let_alpha = let_alpha
         self.loss_history: dict[int, list[float]] = {}
@@ -144,8 +149,9 @@ class OmniQuant(QuantMethod):
 
         self.act_spec = spec.a if quantized(spec.a) else None
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         if spec.granularity == "tensor" or spec.format != "int":
             raise UnsupportedCellError("omniquant's LWC needs an integer format with per-channel or per-group scales")
         adapter = get_adapter(model, "omniquant")
@@ -209,8 +215,9 @@ class OmniQuant(QuantMethod):
         run_blockwise(model, adapter, calib, process_block, desc="omniquant")
         return self.round_remaining(linears, results, spec)
 
-    def _init_let(self, block: nn.Module, adapter: Any, inputs: BlockInputs,
-                  wrapped: dict[str, LWCLinear]) -> tuple[list[nn.Parameter], dict[str, LETNorm]]:
+    def _init_let(
+        self, block: nn.Module, adapter: Any, inputs: BlockInputs, wrapped: dict[str, LWCLinear]
+    ) -> tuple[list[nn.Parameter], dict[str, LETNorm]]:
         """LET parameters for a block: SmoothQuant-initialised scales per norm group
         (plus a centring shift for norms with a bias) and unit scales on v -> o."""
         heads = [g.linears[0] for g in adapter.norm_groups]
@@ -244,8 +251,11 @@ class OmniQuant(QuantMethod):
             norms[group.norm] = LETNorm(norm, scale, shift)
             params += [scale] + ([shift] if shift is not None else [])
         v_o = adapter.linear_pairs[0]
-        if v_o.prev in wrapped and v_o.next in wrapped and \
-                wrapped[v_o.prev].linear.out_features == wrapped[v_o.next].linear.in_features:
+        if (
+            v_o.prev in wrapped
+            and v_o.next in wrapped
+            and wrapped[v_o.prev].linear.out_features == wrapped[v_o.next].linear.in_features
+        ):
             s = nn.Parameter(torch.ones(wrapped[v_o.next].linear.in_features))
             wrapped[v_o.prev].out_scale, wrapped[v_o.next].in_scale = s, s
             params.append(s)

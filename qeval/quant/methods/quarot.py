@@ -44,7 +44,7 @@ INPUT_TRANSFORM_ATTR = "qeval_input_transform"
 _WHY_NOT = {
     "layernorm": "its LayerNorm subtracts the mean, which does not commute with a rotation",
     "rms_one_plus": "its RMSNorms applied to the attention/MLP outputs before the residual add "
-                    "do not commute with a rotation of the residual stream",
+    "do not commute with a rotation of the residual stream",
 }
 
 
@@ -52,7 +52,8 @@ def _check_rotatable(model: nn.Module, adapter: Adapter) -> None:
     if adapter.norm_kind != "rms":
         raise UnsupportedCellError(
             f"quarot does not support model_type {adapter.model_type!r}: "
-            f"{_WHY_NOT.get(adapter.norm_kind, 'its norms are not plain pre-norm RMSNorms')}")
+            f"{_WHY_NOT.get(adapter.norm_kind, 'its norms are not plain pre-norm RMSNorms')}"
+        )
 
 
 @torch.no_grad()
@@ -129,8 +130,9 @@ class QuaRot(QuantMethod):
         if gptq_params and self.weights != "gptq":
             raise TypeError(f"method {self.name!r} takes seed and online_down, got {sorted(gptq_params)}")
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         rotate_model(model, self.seed, self.online_down)
         if self.weights == "gptq":
             from qeval.quant.methods.gptq import GPTQ

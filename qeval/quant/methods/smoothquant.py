@@ -68,7 +68,8 @@ class SmoothQuant(QuantMethod):
             raise ValueError(f"method.params.alpha={alpha}: allowed 0..1")
         self.alpha = alpha
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any,
-                         calib: Any = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    def quantize_weights(
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
         smooth_model(model, calib, self.alpha)
         return self.round_remaining(linears, {}, spec)  # RTN on the transformed weights

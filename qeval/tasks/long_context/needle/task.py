@@ -67,13 +67,22 @@ class Needle(NativeTask):
     family = "long_context"
     primary_metric = "acc"
     higher_is_better = True
-    description = ("needle in a haystack (Paul Graham essays): a magic number at several depths of n-token filler; "
-                   "accuracy per length and depth, primary acc at the longest length that fits")
+    description = (
+        "needle in a haystack (Paul Graham essays): a magic number at several depths of n-token filler; "
+        "accuracy per length and depth, primary acc at the longest length that fits"
+    )
     online = ""
 
-    def __init__(self, context_lengths: Any = (1000, 2000, 4000), depths: Any = (0.0, 0.25, 0.5, 0.75, 1.0),
-                 key_digits: int = 4, max_new_tokens: int = 8, max_tokens: int | None = None,
-                 chat_template: Any = "auto", answer_prefix: bool = True) -> None:
+    def __init__(
+        self,
+        context_lengths: Any = (1000, 2000, 4000),
+        depths: Any = (0.0, 0.25, 0.5, 0.75, 1.0),
+        key_digits: int = 4,
+        max_new_tokens: int = 8,
+        max_tokens: int | None = None,
+        chat_template: Any = "auto",
+        answer_prefix: bool = True,
+    ) -> None:
         depth_list = [depths] if isinstance(depths, (int, float)) else list(depths)
         try:
             depth_list = sorted({float(d) for d in depth_list})
@@ -87,9 +96,15 @@ class Needle(NativeTask):
             raise lg.ParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if chat_template not in (None, "auto", True, False, "true", "false"):
             raise lg.ParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
-        super().__init__(context_lengths=lg.int_list(context_lengths, "context_lengths"), depths=depth_list,
-                         key_digits=int(key_digits), max_new_tokens=int(max_new_tokens), max_tokens=max_tokens,
-                         chat_template=chat_template, answer_prefix=bool(answer_prefix))
+        super().__init__(
+            context_lengths=lg.int_list(context_lengths, "context_lengths"),
+            depths=depth_list,
+            key_digits=int(key_digits),
+            max_new_tokens=int(max_new_tokens),
+            max_tokens=max_tokens,
+            chat_template=chat_template,
+            answer_prefix=bool(answer_prefix),
+        )
 
     def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
         """The essays folder must be local: the haystack has no online source."""
@@ -122,14 +137,21 @@ class Needle(NativeTask):
             if longest > limit_tokens:
                 too_long[length] = max(too_long.get(length, 0), longest)
         settings = {k: v for k, v in settings.items() if k[0] not in too_long}
-        results, _ = lg.run_settings(ctx.model, tok, settings,
-                                     lambda out, case: lg.number_correct(out, case.answer, "first"),
-                                     p["max_new_tokens"], limit_tokens, log)
+        results, _ = lg.run_settings(
+            ctx.model,
+            tok,
+            settings,
+            lambda out, case: lg.number_correct(out, case.answer, "first"),
+            p["max_new_tokens"],
+            limit_tokens,
+            log,
+        )
         if too_long:
             log.warning("%s: %s", self.name, lg.skip_note(too_long, " tokens", limit_tokens))
-        per_length = {length: lg.SettingResult([o for (n, _), r in results.items() if n == length
-                                                for o in r.outcomes])
-                      for length in sorted({n for n, _ in results})}
+        per_length = {
+            length: lg.SettingResult([o for (n, _), r in results.items() if n == length for o in r.outcomes])
+            for length in sorted({n for n, _ in results})
+        }
         out = lg.summarize(per_length, too_long, "", limit_tokens)
         for (length, depth), r in sorted(results.items()):
             acc, se = r.acc

@@ -51,16 +51,29 @@ class _LongEvalBase(NativeTask):
     higher_is_better = True
     unit: str = ""
 
-    def __init__(self, max_new_tokens: int, max_tokens: int | None, chat_template: Any, answer_prefix: bool,
-                 local: bool, **params: Any) -> None:
+    def __init__(
+        self,
+        max_new_tokens: int,
+        max_tokens: int | None,
+        chat_template: Any,
+        answer_prefix: bool,
+        local: bool,
+        **params: Any,
+    ) -> None:
         if int(max_new_tokens) < 1:
             raise lg.ParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_tokens is not None and int(max_tokens) < 1:
             raise lg.ParamError(f"max_tokens must be >= 1 or null, got {max_tokens}")
         if chat_template not in (None, "auto", True, False, "true", "false"):
             raise lg.ParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
-        super().__init__(max_new_tokens=int(max_new_tokens), max_tokens=max_tokens, chat_template=chat_template,
-                         answer_prefix=bool(answer_prefix), local=bool(local), **params)
+        super().__init__(
+            max_new_tokens=int(max_new_tokens),
+            max_tokens=max_tokens,
+            chat_template=chat_template,
+            answer_prefix=bool(answer_prefix),
+            local=bool(local),
+            **params,
+        )
 
     # subclass hooks
     def sizes(self) -> list[int]:
@@ -82,11 +95,13 @@ class _LongEvalBase(NativeTask):
         limit_tokens = lg.context_limit(ctx.model, p["max_new_tokens"], p["max_tokens"])
         settings = {}
         for n in self.sizes():
-            settings[n] = [(c, lg.encode_prompt(ctx.tokenizer, c.prompt, use_chat,
-                                                self.prefix(c) if p["answer_prefix"] else ""))
-                           for c in self.cases(n, count, ctx)]
-        results, skipped = lg.run_settings(ctx.model, ctx.tokenizer, settings, self.score, p["max_new_tokens"],
-                                           limit_tokens, log)
+            settings[n] = [
+                (c, lg.encode_prompt(ctx.tokenizer, c.prompt, use_chat, self.prefix(c) if p["answer_prefix"] else ""))
+                for c in self.cases(n, count, ctx)
+            ]
+        results, skipped = lg.run_settings(
+            ctx.model, ctx.tokenizer, settings, self.score, p["max_new_tokens"], limit_tokens, log
+        )
         if skipped:
             log.warning("%s: %s", self.name, lg.skip_note(skipped, self.unit, limit_tokens))
         return lg.summarize(results, skipped, self.unit, limit_tokens)
@@ -97,18 +112,34 @@ class LongEvalLines(_LongEvalBase):
     """LongEval line retrieval: recall the number registered on one of ``n`` lines."""
 
     name = "qeval_longeval_lines"
-    description = ("LongEval line retrieval (LongChat): the REGISTER_CONTENT of one of n lines; accuracy per "
-                   "number of lines, primary acc at the longest that fits")
+    description = (
+        "LongEval line retrieval (LongChat): the REGISTER_CONTENT of one of n lines; accuracy per "
+        "number of lines, primary acc at the longest that fits"
+    )
     data = ("longeval/lines/200_lines.jsonl",)  # shipped cases, also the source of generated line names
     unit = "lines"
 
-    def __init__(self, num_lines: Any = (5, 10, 20), max_new_tokens: int = 8, max_tokens: int | None = None,
-                 chat_template: Any = "auto", answer_prefix: bool = True, extract: str = "first",
-                 local: bool = True) -> None:
+    def __init__(
+        self,
+        num_lines: Any = (5, 10, 20),
+        max_new_tokens: int = 8,
+        max_tokens: int | None = None,
+        chat_template: Any = "auto",
+        answer_prefix: bool = True,
+        extract: str = "first",
+        local: bool = True,
+    ) -> None:
         if extract not in ("first", "last"):
             raise lg.ParamError(f"extract must be 'first' or 'last', got {extract!r}")
-        super().__init__(max_new_tokens, max_tokens, chat_template, answer_prefix, local,
-                         num_lines=lg.int_list(num_lines, "num_lines"), extract=extract)
+        super().__init__(
+            max_new_tokens,
+            max_tokens,
+            chat_template,
+            answer_prefix,
+            local,
+            num_lines=lg.int_list(num_lines, "num_lines"),
+            extract=extract,
+        )
 
     def sizes(self) -> list[int]:
         return self.params["num_lines"]
@@ -128,13 +159,22 @@ class LongEvalTopics(_LongEvalBase):
     """LongEval topic retrieval: name the first of ``n`` conversation topics."""
 
     name = "qeval_longeval_topics"
-    description = ("LongEval topic retrieval (LongChat): the first topic of n conversations; accuracy per number "
-                   "of topics (topic text contained in the answer), primary acc at the longest that fits")
+    description = (
+        "LongEval topic retrieval (LongChat): the first topic of n conversations; accuracy per number "
+        "of topics (topic text contained in the answer), primary acc at the longest that fits"
+    )
     data = ("longeval/topics/conversations.jsonl",)
     unit = "topics"
 
-    def __init__(self, num_topics: Any = (1, 2, 3), max_new_tokens: int = 24, max_tokens: int | None = None,
-                 chat_template: Any = "auto", answer_prefix: bool = True, local: bool = True) -> None:
+    def __init__(
+        self,
+        num_topics: Any = (1, 2, 3),
+        max_new_tokens: int = 24,
+        max_tokens: int | None = None,
+        chat_template: Any = "auto",
+        answer_prefix: bool = True,
+        local: bool = True,
+    ) -> None:
         sizes = lg.int_list(num_topics, "num_topics")
         if sizes[-1] > 30:
             raise lg.ParamError(f"num_topics must be at most 30 (LongChat has 30 conversations), got {num_topics!r}")

@@ -41,8 +41,10 @@ def _checkers():
     if not punkt_available():
         import nltk
 
-        log.warning("NLTK punkt_tab is not installed: IFEval sentence counting uses an untrained Punkt "
-                    "splitter (install it with `python -m nltk.downloader punkt_tab` for lm-eval's exact checks)")
+        log.warning(
+            "NLTK punkt_tab is not installed: IFEval sentence counting uses an untrained Punkt "
+            "splitter (install it with `python -m nltk.downloader punkt_tab` for lm-eval's exact checks)"
+        )
         untrained = nltk.tokenize.PunktSentenceTokenizer()
         instructions_util._get_sentence_tokenizer = lambda: untrained
         treebank = nltk.tokenize.word_tokenize

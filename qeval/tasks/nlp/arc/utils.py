@@ -20,12 +20,14 @@ import datasets
 from qeval.data import DataNotFoundError, data_dir, local_file, offline
 
 HUB_PATH = "allenai/ai2_arc"
-FEATURES = datasets.Features({
-    "id": datasets.Value("string"),
-    "question": datasets.Value("string"),
-    "choices": {"text": datasets.List(datasets.Value("string")), "label": datasets.List(datasets.Value("string"))},
-    "answerKey": datasets.Value("string"),
-})
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "choices": {"text": datasets.List(datasets.Value("string")), "label": datasets.List(datasets.Value("string"))},
+        "answerKey": datasets.Value("string"),
+    }
+)
 # lm-eval split name -> AI2 file suffix
 SPLIT_FILES = {"test": "Test", "train": "Train", "validation": "Dev"}
 
@@ -38,9 +40,12 @@ def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datas
 def convert_row(row: dict[str, Any]) -> dict[str, Any]:
     """One AI2 jsonl row in the ``allenai/ai2_arc`` schema (choice order and labels kept)."""
     choices = row["question"]["choices"]
-    return {"id": row["id"], "question": row["question"]["stem"],
-            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
-            "answerKey": row["answerKey"]}
+    return {
+        "id": row["id"],
+        "question": row["question"]["stem"],
+        "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+        "answerKey": row["answerKey"],
+    }
 
 
 def read_arc_file(path: Path) -> list[dict[str, Any]]:
@@ -58,8 +63,10 @@ def load_arc(subset: str) -> datasets.DatasetDict:
     test = local_file(f"arc/{subset}-Test.jsonl")
     if test is None:
         if offline():
-            raise DataNotFoundError(f"arc/{subset}-Test.jsonl not found under the data directory ({data_dir()}) "
-                                    "and the Hub is disabled; set QEVAL_DATA_DIR")
+            raise DataNotFoundError(
+                f"arc/{subset}-Test.jsonl not found under the data directory ({data_dir()}) "
+                "and the Hub is disabled; set QEVAL_DATA_DIR"
+            )
         return datasets.load_dataset(HUB_PATH, subset)
     splits = {}
     for split, suffix in SPLIT_FILES.items():

@@ -25,15 +25,18 @@ from qeval.data import DataNotFoundError, data_dir, local_file, offline
 
 HUB_PATH, HUB_NAME = "truthfulqa/truthful_qa", "multiple_choice"
 _TARGETS = {"choices": datasets.List(datasets.Value("string")), "labels": datasets.List(datasets.Value("int32"))}
-FEATURES = datasets.Features({"question": datasets.Value("string"), "mc1_targets": _TARGETS,
-                              "mc2_targets": _TARGETS})
+FEATURES = datasets.Features({"question": datasets.Value("string"), "mc1_targets": _TARGETS, "mc2_targets": _TARGETS})
 
 
 def convert_item(item: dict[str, Any]) -> dict[str, Any]:
     """One ``mc_task.json`` item in the Hub's multiple_choice schema."""
-    return {"question": item["question"],
-            **{key: {"choices": list(item[key]), "labels": [int(v) for v in item[key].values()]}
-               for key in ("mc1_targets", "mc2_targets")}}
+    return {
+        "question": item["question"],
+        **{
+            key: {"choices": list(item[key]), "labels": [int(v) for v in item[key].values()]}
+            for key in ("mc1_targets", "mc2_targets")
+        },
+    }
 
 
 def read_mc_task(path: Path) -> list[dict[str, Any]]:
@@ -46,9 +49,12 @@ def load_truthfulqa_mc(**_: Any) -> datasets.DatasetDict:
     path = local_file("truthfulqa/mc_task.json")
     if path is None:
         if offline():
-            raise DataNotFoundError(f"truthfulqa/mc_task.json not found under the data directory ({data_dir()}) "
-                                    "and the Hub is disabled; set QEVAL_DATA_DIR")
+            raise DataNotFoundError(
+                f"truthfulqa/mc_task.json not found under the data directory ({data_dir()}) "
+                "and the Hub is disabled; set QEVAL_DATA_DIR"
+            )
         return datasets.load_dataset(HUB_PATH, HUB_NAME)
     rows = read_mc_task(path)
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_dict(
-        {k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)})
+    return datasets.DatasetDict(
+        {"validation": datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)}
+    )

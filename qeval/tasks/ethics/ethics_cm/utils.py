@@ -20,20 +20,29 @@ import datasets
 from qeval.data import DataNotFoundError, data_dir, local_file, offline
 
 HUB_PATH, HUB_NAME = "EleutherAI/hendrycks_ethics", "commonsense"
-FEATURES = datasets.Features({
-    "label": datasets.Value("int32"),
-    "input": datasets.Value("string"),
-    "is_short": datasets.Value("bool"),
-    "edited": datasets.Value("bool"),
-})
+FEATURES = datasets.Features(
+    {
+        "label": datasets.Value("int32"),
+        "input": datasets.Value("string"),
+        "is_short": datasets.Value("bool"),
+        "edited": datasets.Value("bool"),
+    }
+)
 _BOOL = {"True": True, "False": False}
 
 
 def read_cm_csv(path: Path) -> list[dict[str, Any]]:
     """Rows of an ETHICS commonsense CSV (header ``label,input,is_short,edited``), typed."""
     with path.open(encoding="utf-8", newline="") as f:
-        return [{"label": int(r["label"]), "input": r["input"], "is_short": _BOOL[r["is_short"]],
-                 "edited": _BOOL[r["edited"]]} for r in csv.DictReader(f)]
+        return [
+            {
+                "label": int(r["label"]),
+                "input": r["input"],
+                "is_short": _BOOL[r["is_short"]],
+                "edited": _BOOL[r["edited"]],
+            }
+            for r in csv.DictReader(f)
+        ]
 
 
 def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
@@ -46,11 +55,15 @@ def load_ethics_cm(**_: Any) -> datasets.DatasetDict:
     test = local_file("ethics/commonsense/cm_test.csv")
     if test is None:
         if offline():
-            raise DataNotFoundError(f"ethics/commonsense/cm_test.csv not found under the data directory "
-                                    f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR")
+            raise DataNotFoundError(
+                f"ethics/commonsense/cm_test.csv not found under the data directory "
+                f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
+            )
         return datasets.load_dataset(HUB_PATH, HUB_NAME)
     train = test.with_name("cm_train.csv")
-    return datasets.DatasetDict({
-        "test": to_dataset(read_cm_csv(test), FEATURES),
-        "train": to_dataset(read_cm_csv(train) if train.is_file() else [], FEATURES),
-    })
+    return datasets.DatasetDict(
+        {
+            "test": to_dataset(read_cm_csv(test), FEATURES),
+            "train": to_dataset(read_cm_csv(train) if train.is_file() else [], FEATURES),
+        }
+    )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
 # lm-eval's own detokenizer and per-document scoring, named by the YAML
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
@@ -95,11 +96,15 @@ def load_wikitext(**_: Any) -> datasets.DatasetDict:
     path = local_file(LOCAL)
     if path is None:
         if offline():
-            raise DataNotFoundError(f"{LOCAL} not found under the data directory ({data_dir()}) and the Hub "
-                                    "is disabled; set QEVAL_DATA_DIR")
+            raise DataNotFoundError(
+                f"{LOCAL} not found under the data directory ({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
+            )
         return datasets.load_dataset(HUB_PATH, HUB_NAME)
     empty = datasets.Dataset.from_dict({"page": []}, features=FEATURES)
-    return datasets.DatasetDict({
-        "test": datasets.Dataset.from_dict({"page": read_pages(path)}, features=FEATURES),
-        "train": empty, "validation": empty,
-    })
+    return datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_dict({"page": read_pages(path)}, features=FEATURES),
+            "train": empty,
+            "validation": empty,
+        }
+    )

@@ -47,15 +47,26 @@ class SelfCalibration(NativeTask):
         from qeval.eval.harness import run_lm_eval
 
         shots = self.num_fewshot if self.num_fewshot is not None else ctx.extra.get("num_fewshot")
-        out = run_lm_eval(ctx.model, ctx.tokenizer, self.task, ctx.limit, shots, ctx.extra.get("batch_size", 16),
-                          ctx.seed, tuple(ctx.extra.get("include", ())), log_samples=True)
+        out = run_lm_eval(
+            ctx.model,
+            ctx.tokenizer,
+            self.task,
+            ctx.limit,
+            shots,
+            ctx.extra.get("batch_size", 16),
+            ctx.seed,
+            tuple(ctx.extra.get("include", ())),
+            log_samples=True,
+        )
         lls: list[list[float]] = []
         gold: list[int] = []
         for subtask, samples in out["samples"].items():
             for s in samples:
                 if not isinstance(s.get("target"), int) or not s.get("filtered_resps"):
-                    raise TaskDataError(f"qeval_self_calibration needs a multiple-choice task; {subtask!r} "
-                                        "logs no per-choice log-likelihoods")
+                    raise TaskDataError(
+                        f"qeval_self_calibration needs a multiple-choice task; {subtask!r} "
+                        "logs no per-choice log-likelihoods"
+                    )
                 lls.append([float(r[0]) for r in s["filtered_resps"]])
                 gold.append(int(s["target"]))
         metrics = calibration_scores(lls, gold, self.bins, seed=ctx.seed).as_metrics()

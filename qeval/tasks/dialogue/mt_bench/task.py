@@ -55,8 +55,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -78,6 +79,7 @@ PLAIN_USER, PLAIN_ASSISTANT = "User:", "Assistant:"
 
 
 # --------------------------------------------------------------------------- prompts and generation
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -105,15 +107,16 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], chat: bool) -
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: list[int] = []
     for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        for i in (v if isinstance(v, (list, tuple)) else [v]):
+        for i in v if isinstance(v, (list, tuple)) else [v]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
 
 
 @torch.inference_mode()
-def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int,
-                    batch_size: int, seed: int = 0) -> list[tuple[list[int], bool]]:
+def generate_greedy(
+    model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int, seed: int = 0
+) -> list[tuple[list[int], bool]]:
     """Greedy continuations of token-id prompts, batched with left padding.
 
     Returns per prompt (new token ids before the end-of-turn token, whether the
@@ -127,14 +130,15 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], ma
     torch.manual_seed(seed)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=eos or None, pad_token_id=pad)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None, pad_token_id=pad
+    )
     limit = getattr(model.config, "max_position_embeddings", None)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         rows = [list(prompts[i]) for i in idx]
         if limit:
             keep = max(1, int(limit) - max_new_tokens)
@@ -145,8 +149,8 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], ma
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
-            ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[j, width - len(r):] = 1
+            ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[j, width - len(r) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for j, i in enumerate(idx):
             new = gen[j, width:].tolist()
@@ -155,8 +159,15 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], ma
     return out
 
 
-def converse(model: Any, tokenizer: Any, questions: Sequence[dict[str, Any]], max_new_tokens: int,
-             batch_size: int, seed: int, chat: bool) -> tuple[list[list[str]], list[list[bool]]]:
+def converse(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[dict[str, Any]],
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    chat: bool,
+) -> tuple[list[list[str]], list[list[bool]]]:
     """Both turns of every question: (answers [q][turn], finished [q][turn])."""
     answers: list[list[str]] = [[] for _ in questions]
     finished: list[list[bool]] = [[] for _ in questions]
@@ -184,6 +195,7 @@ def converse(model: Any, tokenizer: Any, questions: Sequence[dict[str, Any]], ma
 
 # --------------------------------------------------------------------------- the task
 
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -194,20 +206,32 @@ class MTBench(NativeTask):
     family = "dialogue"
     primary_metric = "degeneration"
     higher_is_better = False
-    description = ("MT-Bench 80 two-turn questions, greedy answers; degeneration (repeated 4-grams + non-words), "
-                   "rep-4, sentence repetition, distinct-n, ROUGE-L agreement with FP, optional LLM judge")
+    description = (
+        "MT-Bench 80 two-turn questions, greedy answers; degeneration (repeated 4-grams + non-words), "
+        "rep-4, sentence repetition, distinct-n, ROUGE-L agreement with FP, optional LLM judge"
+    )
     data = (QUESTIONS,)
 
-    def __init__(self, max_new_tokens: int = 128, categories: str | Sequence[str] | None = None,
-                 per_category: int | None = None, prompt_format: str = "auto",
-                 judge: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        max_new_tokens: int = 128,
+        categories: str | Sequence[str] | None = None,
+        per_category: int | None = None,
+        prompt_format: str = "auto",
+        judge: dict[str, Any] | None = None,
+    ) -> None:
         """``max_new_tokens`` per answer; ``categories`` (one or a list) filters the questions;
         ``per_category`` keeps the first k questions of each category (MT-Bench's file is ordered by
         category, so a plain ``limit`` samples only the first categories); ``prompt_format`` ``auto``
         (chat template when the tokenizer has one), ``chat`` or ``plain``; ``judge``: the optional LLM
         judge's endpoint (see :func:`qeval.eval.judge.judge_config`)."""
-        super().__init__(max_new_tokens=max_new_tokens, categories=categories, per_category=per_category,
-                         prompt_format=prompt_format, judge=judge)
+        super().__init__(
+            max_new_tokens=max_new_tokens,
+            categories=categories,
+            per_category=per_category,
+            prompt_format=prompt_format,
+            judge=judge,
+        )
         if per_category is not None and (not isinstance(per_category, int) or per_category <= 0):
             raise ConfigError(f"invalid value params.per_category={per_category!r}: a positive integer or null")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -236,7 +260,8 @@ class MTBench(NativeTask):
                 f"task {self.name!r} needs {', '.join(missing)} under the data directory "
                 f"({data_dir(data_dir_override)}); qeval does not download it: copy FastChat's "
                 f"llm_judge/data/mt_bench files ({FASTCHAT}) into <data dir>/mt_bench/ and set QEVAL_DATA_DIR "
-                "or data_dir=")
+                "or data_dir="
+            )
 
     def questions(self, limit: int | None = None, data_dir_override: str | None = None) -> list[dict[str, Any]]:
         self.check_available(data_dir_override)
@@ -261,23 +286,38 @@ class MTBench(NativeTask):
         if not has_chat_template(tokenizer):
             if self.prompt_format == "chat":
                 raise ConfigError("params.prompt_format=chat but the tokenizer has no chat template")
-            log.warning("mt_bench: the tokenizer has no chat template; using the plain 'User: ...\\nAssistant:' "
-                        "prompt (recorded as chat_template=0)")
+            log.warning(
+                "mt_bench: the tokenizer has no chat template; using the plain 'User: ...\\nAssistant:' "
+                "prompt (recorded as chat_template=0)"
+            )
             return False
         return True
 
-    def cache_key(self, ctx: TaskContext, fingerprint: str, questions: Sequence[dict[str, Any]],
-                  batch_size: int, chat: bool) -> dict[str, Any]:
+    def cache_key(
+        self, ctx: TaskContext, fingerprint: str, questions: Sequence[dict[str, Any]], batch_size: int, chat: bool
+    ) -> dict[str, Any]:
         """Everything that determines the FP answers (the batch size too: padding changes float sums)."""
         template = getattr(ctx.tokenizer, "chat_template", None) if chat else plain_prompt([])
-        return {"task": self.name, "version": CACHE_VERSION, "reference_fingerprint": fingerprint,
-                "max_new_tokens": self.max_new_tokens, "batch_size": batch_size, "seed": ctx.seed,
-                "prompt": "chat" if chat else "plain",
-                "template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
-                "question_ids": [q["question_id"] for q in questions]}
+        return {
+            "task": self.name,
+            "version": CACHE_VERSION,
+            "reference_fingerprint": fingerprint,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": batch_size,
+            "seed": ctx.seed,
+            "prompt": "chat" if chat else "plain",
+            "template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
+            "question_ids": [q["question_id"] for q in questions],
+        }
 
-    def reference_answers(self, ctx: TaskContext, questions: Sequence[dict[str, Any]], batch_size: int, chat: bool,
-                          own: list[list[str]] | None = None) -> list[list[str]] | None:
+    def reference_answers(
+        self,
+        ctx: TaskContext,
+        questions: Sequence[dict[str, Any]],
+        batch_size: int,
+        chat: bool,
+        own: list[list[str]] | None = None,
+    ) -> list[list[str]] | None:
         """The FP model's answers: from the cache, from ``own`` when the cell is the FP model, or generated."""
         if not ctx.is_reference and ctx.reference is None:
             log.warning("mt_bench: no reference (FP) model in the context; rougeL_fp not computed")
@@ -300,27 +340,35 @@ class MTBench(NativeTask):
             answers = own
         else:
             log.info("mt_bench: generating the FP model's answers (cached for later cells)")
-            answers, _ = converse(ctx.reference, ctx.tokenizer, questions, self.max_new_tokens, batch_size,
-                                  ctx.seed, chat)
+            answers, _ = converse(
+                ctx.reference, ctx.tokenizer, questions, self.max_new_tokens, batch_size, ctx.seed, chat
+            )
         assert answers is not None
         if path is not None and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "answers": {str(q["question_id"]): a
-                                                               for q, a in zip(questions, answers)}},
-                                      indent=1, ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(
+                json.dumps(
+                    {"key": key, "answers": {str(q["question_id"]): a for q, a in zip(questions, answers)}},
+                    indent=1,
+                    ensure_ascii=False,
+                ),
+                encoding="utf-8",
+            )
             tmp.replace(path)
         return answers
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         questions = self.questions(ctx.limit, ctx.data_dir)
         if not questions:
-            raise ConfigError(f"no MT-Bench question left after params.categories={self.categories}, "
-                              f"per_category={self.per_category}")
+            raise ConfigError(
+                f"no MT-Bench question left after params.categories={self.categories}, per_category={self.per_category}"
+            )
         batch_size = int(ctx.extra.get("batch_size") or 16)
         chat = self._chat(ctx.tokenizer)
-        answers, finished = converse(ctx.model, ctx.tokenizer, questions, self.max_new_tokens, batch_size,
-                                     ctx.seed, chat)
+        answers, finished = converse(
+            ctx.model, ctx.tokenizer, questions, self.max_new_tokens, batch_size, ctx.seed, chat
+        )
         refs = self.reference_answers(ctx, questions, batch_size, chat, own=answers)
         per_turn: list[list[dict[str, float]]] = [[], []]
         for k in range(len(questions)):
@@ -338,8 +386,9 @@ class MTBench(NativeTask):
         self.last_answers = answers  # for scripts that want to look at the text
         return metrics
 
-    def _judge(self, ctx: TaskContext, questions: Sequence[dict[str, Any]],
-               answers: list[list[str]]) -> dict[str, float]:
+    def _judge(
+        self, ctx: TaskContext, questions: Sequence[dict[str, Any]], answers: list[list[str]]
+    ) -> dict[str, float]:
         cfg = self.judge_cfg
         assert cfg is not None
         prompts = judging.load_judge_prompts(local_file(JUDGE_PROMPTS, ctx.data_dir))  # type: ignore[arg-type]
@@ -354,8 +403,13 @@ class MTBench(NativeTask):
                     unparsed += 1
                 else:
                     scores[turn - 1].append(rating)
-        log.info("mt_bench: judged %d answers with %s at %s in %.1fs", 2 * len(questions), cfg.model, cfg.base_url,
-                 time.perf_counter() - t0)
+        log.info(
+            "mt_bench: judged %d answers with %s at %s in %.1fs",
+            2 * len(questions),
+            cfg.model,
+            cfg.base_url,
+            time.perf_counter() - t0,
+        )
         out: dict[str, float] = {}
         for prefix, values in (("", scores[0] + scores[1]), ("turn1_", scores[0]), ("turn2_", scores[1])):
             mean, err, _ = dialogue.mean_stderr(values)

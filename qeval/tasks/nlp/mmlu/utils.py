@@ -20,12 +20,14 @@ from qeval.data import DataNotFoundError, data_dir, local_file, offline
 
 HUB_PATH = "cais/mmlu"
 LETTERS = ("A", "B", "C", "D")
-FEATURES = datasets.Features({
-    "question": datasets.Value("string"),
-    "subject": datasets.Value("string"),
-    "choices": datasets.List(datasets.Value("string")),
-    "answer": datasets.ClassLabel(names=list(LETTERS)),
-})
+FEATURES = datasets.Features(
+    {
+        "question": datasets.Value("string"),
+        "subject": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")),
+        "answer": datasets.ClassLabel(names=list(LETTERS)),
+    }
+)
 # lm-eval split name -> Hendrycks folder/suffix (MMLU's "val" split is not used by lm-eval's mmlu)
 SPLITS = {"test": "test", "dev": "dev"}
 
@@ -37,8 +39,7 @@ def read_mmlu_csv(path: Path, subject: str) -> list[dict[str, Any]]:
     bad = [i for i, r in enumerate(rows) if len(r) != 6 or r[5] not in LETTERS]
     if bad:
         raise ValueError(f"{path}: rows {bad[:5]} are not 'question, A, B, C, D, answer letter'")
-    return [{"question": r[0], "subject": subject, "choices": r[1:5], "answer": LETTERS.index(r[5])}
-            for r in rows]
+    return [{"question": r[0], "subject": subject, "choices": r[1:5], "answer": LETTERS.index(r[5])} for r in rows]
 
 
 def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
@@ -55,11 +56,13 @@ def load_mmlu(subject: str, **_: Any) -> datasets.DatasetDict:
     paths = {split: local_file(f"mmlu/{folder}/{subject}_{folder}.csv") for split, folder in SPLITS.items()}
     if paths["test"] is None:
         if offline():
-            raise DataNotFoundError(f"mmlu/test/{subject}_test.csv not found under the data directory "
-                                    f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR")
+            raise DataNotFoundError(
+                f"mmlu/test/{subject}_test.csv not found under the data directory "
+                f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
+            )
         return datasets.load_dataset(HUB_PATH, subject)
     if paths["dev"] is None:
-        raise DataNotFoundError(f"mmlu/dev/{subject}_dev.csv (the few-shot examples) is missing beside "
-                                f"{paths['test']}")
-    return datasets.DatasetDict({split: to_dataset(read_mmlu_csv(path, subject), FEATURES)
-                                 for split, path in paths.items() if path is not None})
+        raise DataNotFoundError(f"mmlu/dev/{subject}_dev.csv (the few-shot examples) is missing beside {paths['test']}")
+    return datasets.DatasetDict(
+        {split: to_dataset(read_mmlu_csv(path, subject), FEATURES) for split, path in paths.items() if path is not None}
+    )
