@@ -34,10 +34,11 @@ def _csv(text: str, kind=str) -> list:
 
 
 def _compose(args: argparse.Namespace, quant: str):
+    from qeval.cell import build_cell
     from qeval.cli import compose_config
 
     overrides = [f"quant={quant}", f"method={args.method}", "backend=vllm"]
-    return compose_config(overrides + ([f"model={args.model}"] if args.model else []))
+    return build_cell(compose_config(overrides + ([f"model={args.model}"] if args.model else [])))
 
 
 def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
@@ -47,7 +48,6 @@ def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
     from qeval.config import quantized
     from qeval.export.compressed_tensors import export_checkpoint, is_complete_export
     from qeval.quant.apply import quantize_model
-    from qeval.quant.methods import get_method
 
     cfg = _compose(args, quant)
     name = args.model or f"random-{args.random}"
@@ -69,7 +69,7 @@ def build_checkpoint(args: argparse.Namespace, quant: str, cache: Path) -> Path:
         loaded = load_model(cfg.model, cfg.cache_dir)
         model, tokenizer = loaded.fresh_copy(), loaded.tokenizer
         calibration = functools.cache(functools.partial(calibration_for, cfg, tokenizer))
-    quantize_model(model, cfg.quant, get_method(cfg.method.name, dict(cfg.method.params)), calibration)
+    quantize_model(model, cfg.quant, cfg.recipe, calibration)
     kv_calib = calibration() if calibration and quantized(cfg.quant.kv) else None
     path = export_checkpoint(
         model,

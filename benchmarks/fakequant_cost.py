@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from qeval.eval.perplexity import corpus_windows
     from qeval.models.loading import load_model
     from qeval.quant.apply import quantize_model
-    from qeval.quant.methods import get_method
+    from qeval.quant.recipe import get_method
 
     rows = []
     for quant in args.quants.split(","):

@@ -1,20 +1,24 @@
 """``qeval``: the Hydra application.  One job = one sweep cell.
 
-``qeval`` alone runs the default quick sweep (conf/config.yaml sets
+``qeval`` alone runs the default quick sweep (``qeval/conf/config.yaml`` sets
 ``hydra.mode=MULTIRUN`` and the default grid of quantization presets);
-``qeval -m model=... quant=a,b method=...`` runs any other grid.
+``qeval -m model=... quant=a,b method=...`` runs any other grid.  The configs
+ship inside the package, so an installed wheel works from any directory.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from qeval.config import register_configs
+from qeval.cell import build_cell, load_method_plugins, register_configs
+from qeval.runner import cell_hash, run_cell
+from qeval.sweep import planned_in_this_launch
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -23,13 +27,12 @@ register_configs()
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> dict[str, Any]:
-    from qeval.runner import run_cell
-
     # lm-eval warns about things qeval does on purpose (passing an in-memory model, a custom
     # dataset loader); keep its errors, drop the chatter
     for noisy in ("lm_eval", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    return run_cell(cfg)
+    cell = build_cell(cfg)
+    return run_cell(cell, checked=planned_in_this_launch(cell_hash(cell)))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -46,7 +49,24 @@ def compose_config(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+def method_plugins_from_argv(argv: list[str]) -> list[str]:
+    """The files or modules named by ``methods.include=[...]`` on the command line: they must be
+    imported before Hydra composes, so that ``method=<their step>`` is a typed node."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    found: list[str] = []
+    for arg in argv:
+        if arg.lstrip("+").startswith("methods.include="):
+            value = OverridesParser.create().parse_override(arg).value()
+            found.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+    return found
+
+
 def main() -> None:
+    plugins = method_plugins_from_argv(sys.argv[1:])
+    if plugins:
+        load_method_plugins(plugins)
+        register_configs()
     _app()
 
 

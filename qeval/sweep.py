@@ -25,7 +25,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qeval.results import stable_hash, write_json_atomically
+from qeval.cell import build_cell, preflight
+from qeval.config import ConfigError
+from qeval.results import ResultStore, read_record, write_json_atomically
+from qeval.runner import cell_hash as hash_of
 
 log = logging.getLogger("qeval")
 
@@ -77,23 +80,17 @@ class SweepCallback(Callback):
             sys.exit(2)
 
     def _plan(self, config: DictConfig) -> None:
-        from qeval.config import ConfigError
-        from qeval.results import ResultStore
-        from qeval.runner import cell_identity, cell_label, preflight
-
         started = time.time()
         cells = []
         for overrides in plan_cells(config):
             try:
-                cell = compose_cell(config, overrides)
+                cell = build_cell(compose_cell(config, overrides))
                 preflight(cell)
             except (ConfigError, KeyError, FileNotFoundError, OmegaConfBaseException) as err:
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)
-            cells.append(
-                {"hash": stable_hash(cell_identity(cell)), "label": cell_label(cell), "overrides": list(overrides)}
-            )
+            cells.append({"hash": hash_of(cell), "label": cell.label, "overrides": list(overrides)})
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)
@@ -173,7 +170,6 @@ def _result_files(plan: dict[str, Any]) -> dict[str, Path]:
     """Planned cell hash -> its result file, for the files that count for this launch: those
     finished before it, and those written since it started (an older failed one is being
     retried, so it does not count yet)."""
-    from qeval.results import ResultStore
 
     store_dir = Path(plan["results"])
     planned = {c["hash"] for c in plan["cells"]}
@@ -192,7 +188,6 @@ def _result_files(plan: dict[str, Any]) -> dict[str, Path]:
 def _records(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per planned cell (hash), its record, or {} when it has no readable result: not run yet,
     or its worker died before recording it (status "missing")."""
-    from qeval.results import read_record
 
     records: dict[str, dict[str, Any]] = {c["hash"]: {} for c in plan["cells"]}
     for cell_hash, path in _result_files(plan).items():
@@ -220,3 +215,15 @@ def _hms(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def planned_in_this_launch(hash_: str) -> bool:
+    """Whether the running job's cell was composed and preflighted by this launch's planner
+    (then the job does not repeat the preflight)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        plan = json.loads((Path(HydraConfig.get().sweep.dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(c.get("hash") == hash_ for c in plan.get("cells", []))

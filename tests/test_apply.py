@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig
+from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec
 from qeval.models.tiny import VOCAB_SIZE, build_tiny_model
 from qeval.quant.apply import quantize_model, target_linears
 from qeval.quant.formats import QuantFormat, fake_quantize
 from qeval.quant.linear import ActivationQuantizer, QuantLinear
-from qeval.quant.methods import METHODS, UnsupportedCellError, get_method
+from qeval.quant.methods import METHODS, UnsupportedCellError
+from qeval.quant.recipe import get_method
 
 N_LINEARS = 14  # tiny llama: 2 layers x (q, k, v, o, gate, up, down)
 
@@ -33,7 +34,7 @@ def fp_logits(fp_model, input_ids):
 
 
 def _w(bits, granularity="group", group_size=32, sym=False, fmt="int"):
-    return WeightQuantConfig(bits=bits, format=fmt, granularity=granularity, group_size=group_size, sym=sym)
+    return WeightSpec(bits=bits, format=fmt, granularity=granularity, group_size=group_size, sym=sym)
 
 
 def _quantized(spec, calibration=None):
@@ -51,7 +52,7 @@ def _calib():
 
 
 def test_w4_group_replaces_every_linear_but_lm_head(fp_model, fp_logits, input_ids):
-    spec = QuantConfig(name="w4g32", w=_w(4))
+    spec = QuantSpec(name="w4g32", w=_w(4))
     model = _quantized(spec)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     plain = {n for n, m in model.named_modules() if type(m) is nn.Linear}
@@ -83,14 +84,14 @@ def test_w4_group_replaces_every_linear_but_lm_head(fp_model, fp_logits, input_i
 def test_more_bits_closer_to_fp(fp_logits, input_ids):
     err = {}
     for bits in (3, 4, 8):
-        logits = _logits(_quantized(QuantConfig(w=_w(bits))), input_ids)
+        logits = _logits(_quantized(QuantSpec(w=_w(bits))), input_ids)
         err[bits] = (logits - fp_logits).abs().mean().item()
     assert err[8] < err[4] < err[3], err
     assert err[8] < err[3] / 10, err
 
 
 def test_fp_spec_changes_nothing(fp_logits, input_ids):
-    model = _quantized(QuantConfig(name="fp16"))
+    model = _quantized(QuantSpec(name="fp16"))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert torch.equal(_logits(model, input_ids), fp_logits)
 
@@ -102,7 +103,7 @@ def test_target_linears_excludes_head_unless_asked(fp_model):
 
 
 def test_quantize_embeddings_unties_head(fp_model, fp_logits, input_ids):
-    spec = QuantConfig(w=_w(4), quantize_embeddings=True, quantize_lm_head=False)
+    spec = QuantSpec(w=_w(4), quantize_embeddings=True, quantize_lm_head=False)
     model = _quantized(spec)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -118,7 +119,7 @@ def test_quantize_embeddings_unties_head(fp_model, fp_logits, input_ids):
 
 
 def test_quantize_lm_head(fp_model):
-    spec = QuantConfig(w=_w(4), quantize_lm_head=True)
+    spec = QuantSpec(w=_w(4), quantize_lm_head=True)
     model = _quantized(spec)
     assert isinstance(model.lm_head, QuantLinear)
     fmt = QuantFormat(4, "int", False)
@@ -128,12 +129,12 @@ def test_quantize_lm_head(fp_model):
 
 
 def test_dynamic_activation_quantizers_installed(fp_logits, input_ids):
-    spec = QuantConfig(w=_w(8, "channel", sym=True), a=ActQuantConfig(bits=8, granularity="token"))
+    spec = QuantSpec(w=_w(8, "channel", sym=True), a=ActivationSpec(bits=8, granularity="token"))
     model = _quantized(spec)
     aqs = [m.input_quantizer for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(aqs) == N_LINEARS
     assert all(isinstance(a, ActivationQuantizer) and a.dynamic and a.fmt.bits == 8 for a in aqs)
-    w_only = _logits(_quantized(QuantConfig(w=_w(8, "channel", sym=True))), input_ids)
+    w_only = _logits(_quantized(QuantSpec(w=_w(8, "channel", sym=True))), input_ids)
     wa = _logits(model, input_ids)
     assert not torch.equal(wa, w_only)
     # W8A8 stays close to FP on this model but is not identical
@@ -147,7 +148,7 @@ def test_static_activation_quantization_calibrates():
         seen.append(1)
         return _calib()
 
-    spec = QuantConfig(w=_w(8, "channel", sym=True), a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
+    spec = QuantSpec(w=_w(8, "channel", sym=True), a=ActivationSpec(bits=8, granularity="tensor", dynamic=False))
     model = _quantized(spec, calibration)
     assert seen  # the calibration data was asked for
     aqs = [m.input_quantizer for m in model.modules() if isinstance(m, QuantLinear)]
@@ -168,16 +169,16 @@ def test_static_activation_quantization_calibrates():
 
 
 def test_static_activation_needs_calibration():
-    spec = QuantConfig(w=_w(8, "channel", sym=True), a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False))
+    spec = QuantSpec(w=_w(8, "channel", sym=True), a=ActivationSpec(bits=8, granularity="tensor", dynamic=False))
     with pytest.raises(ValueError, match="calibration"):
         _quantized(spec, None)
 
 
 def test_kv_spec_installs_cache_quantization(fp_logits, input_ids):
-    model = _quantized(QuantConfig(kv=KVQuantConfig(bits=4)))
+    model = _quantized(QuantSpec(kv=KVSpec(bits=4)))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert (_logits(model, input_ids) - fp_logits).abs().max() > 1e-3
-    model16 = _quantized(QuantConfig(kv=KVQuantConfig(bits=16)))
+    model16 = _quantized(QuantSpec(kv=KVSpec(bits=16)))
     assert torch.equal(_logits(model16, input_ids), fp_logits)
 
 
@@ -186,7 +187,7 @@ def test_unsupported_tensor_type_raises_before_work():
         name = "weight-only-test"
         tensor_types = frozenset({"W"})
 
-    spec = QuantConfig(w=_w(4), a=ActQuantConfig(bits=8))
+    spec = QuantSpec(w=_w(4), a=ActivationSpec(bits=8))
     model = build_tiny_model("llama", seed=0)
     with pytest.raises(UnsupportedCellError, match="WA"):
         quantize_model(model, spec, WeightOnly())

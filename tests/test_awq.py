@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.config import QuantConfig, WeightQuantConfig
+from qeval.config import QuantSpec, WeightSpec
 from qeval.models.adapters import get_adapter
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.linear import QuantLinear
-from qeval.quant.methods import get_method
 from qeval.quant.methods.awq import search_clip, search_scales
+from qeval.quant.recipe import get_method
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
 
 GEN = torch.Generator().manual_seed(0)
@@ -99,7 +99,7 @@ def test_awq_runs_on_every_family_and_keeps_first_group_error_at_most_rtn(family
             fp(b)
     h.remove()
     x = torch.cat(seen)
-    spec = QuantConfig(name="w3g32", w=WeightQuantConfig(bits=3, granularity="group", group_size=32))
+    spec = QuantSpec(name="w3g32", w=WeightSpec(bits=3, granularity="group", group_size=32))
     err = {}
     for method, params in (("rtn", {}), ("awq", {"clip": False})):
         model = quantize_model(build_tiny_model(family), spec, get_method(method, params), calibration=lambda: CALIB)

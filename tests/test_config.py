@@ -10,7 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 
 from qeval.cli import CONF_DIR
-from qeval.config import ConfigError, bits_label, register_configs, tensor_type, validate
+from qeval.cell import build_cell, register_configs
+from qeval.config import ConfigError, bits_label, tensor_type
 
 TINY = ["model=tiny-llama", "suite=tiny"]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
@@ -33,7 +34,7 @@ def cell():
 
 def _error(cfg) -> str:
     with pytest.raises(ConfigError) as info:
-        validate(cfg)
+        build_cell(cfg)
     return str(info.value)
 
 
@@ -47,14 +48,15 @@ def test_conf_dir_is_the_repository_conf():
 
 def test_default_tiny_cell_is_valid(cell):
     cfg = cell()
-    validate(cfg)
+    build_cell(cfg)
     assert cfg.model.source == "tiny" and cfg.model.family == "llama"
     # fp16: every part present, bits=16 = not quantized
     assert cfg.quant.name == "fp16"
     assert (cfg.quant.w.bits, cfg.quant.a.bits, cfg.quant.kv.bits) == (16, 16, 16)
     assert (tensor_type(cfg.quant), bits_label(cfg.quant)) == ("FP", "FP16")
     assert set(cfg.suite.tasks) == {"wikitext2", "lambada"}
-    assert cfg.method.name == "rtn"
+    assert list(cfg.method) == ["rtn"]
+    assert build_cell(cfg).recipe.name == "rtn"
 
 
 EXPECTED_LABELS = {
@@ -72,7 +74,7 @@ EXPECTED_LABELS = {
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(cell, preset):
     cfg = cell(f"quant={preset}")
-    validate(cfg)
+    build_cell(cfg)
     assert cfg.quant.name == preset
     if preset in EXPECTED_LABELS:
         assert (tensor_type(cfg.quant), bits_label(cfg.quant)) == EXPECTED_LABELS[preset]
@@ -102,10 +104,10 @@ def test_weight_bits_out_of_range(cell, bits):
 def test_bits_16_means_not_quantized(cell):
     # 16 is the "not quantized" value for every part: valid, and the cell is FP
     cfg = cell("quant=w4g128", "quant.w.bits=16")
-    validate(cfg)
+    build_cell(cfg)
     assert tensor_type(cfg.quant) == "FP"
     cfg = cell("quant=w4a8kv4", "quant.kv.bits=16")
-    validate(cfg)
+    build_cell(cfg)
     assert (tensor_type(cfg.quant), bits_label(cfg.quant)) == ("WA", "W4A8")
     # and quantizing activations without weights is refused, naming the keys
     msg = _error(cell("quant=w8a8", "quant.w.bits=16"))
@@ -117,7 +119,7 @@ def test_fp16_preset_takes_part_overrides(cell):
     msg = _error(cell("quant=fp16", "quant.w.bits=1"))
     assert "quant.w.bits" in msg and "2..8" in msg
     cfg = cell("quant=fp16", "quant.kv.bits=4")
-    validate(cfg)
+    build_cell(cfg)
     assert tensor_type(cfg.quant) == "KV"
 
 
@@ -126,7 +128,7 @@ def test_weight_group_size_zero(cell):
     assert "quant.w.group_size" in msg
     assert "positive" in msg
     # group_size is irrelevant for per-channel weights
-    validate(cell("quant=w4g128", "quant.w.group_size=0", "quant.w.granularity=channel"))
+    build_cell(cell("quant=w4g128", "quant.w.group_size=0", "quant.w.granularity=channel"))
 
 
 def test_weight_bad_granularity_and_format(cell):
@@ -141,7 +143,7 @@ def test_fp8_activation_with_4_bits(cell):
     assert "quant.a.bits" in msg
     assert "8 for format fp8_e4m3" in msg
     # the same format with 8 bits is fine
-    validate(cell("quant=w8a8", "quant.a.format=fp8_e4m3", "quant.a.bits=8"))
+    build_cell(cell("quant=w8a8", "quant.a.format=fp8_e4m3", "quant.a.bits=8"))
 
 
 def test_static_per_token_activation_rejected(cell):
@@ -150,7 +152,7 @@ def test_static_per_token_activation_rejected(cell):
 
 
 def test_kv_bits_and_group_size(cell):
-    validate(cell("quant=kv4", "quant.kv.bits=16"))  # 16 = not quantized
+    build_cell(cell("quant=kv4", "quant.kv.bits=16"))  # 16 = not quantized
     msg = _error(cell("quant=kv4", "quant.kv.bits=9"))
     assert "quant.kv.bits" in msg and "2..8" in msg and "16" in msg
     msg = _error(cell("quant=kv4", "quant.kv.group_size=0"))
@@ -167,10 +169,32 @@ def test_unknown_preset_is_a_hydra_error(cell):
 
 
 def test_unknown_method(cell):
-    msg = _error(cell("method.name=nope"))
-    assert "method.name" in msg
-    assert "'nope'" in msg
-    assert "rtn" in msg
+    with pytest.raises(HydraException) as info:  # Hydra lists the registered steps
+        cell("method=nope")
+    assert "nope" in str(info.value) and "gptq" in str(info.value)
+    msg = _error(cell("+method.nope={}"))  # a step added by hand, not registered
+    assert "method='nope'" in msg and "rtn" in msg and "smoothquant" in msg
+
+
+def test_method_parameters_are_typed(cell):
+    cfg = build_cell(cell("quant=w4g128", "method=gptq", "method.gptq.damp=0.05"))
+    assert cfg.recipe.rounding.damp == 0.05 and cfg.recipe.rounding.block_size == 128
+    with pytest.raises(HydraException, match="method.gptq.bogus"):
+        cell("quant=w4g128", "method=gptq", "method.gptq.bogus=1")
+    msg = _error(cell("quant=w8a8", "method=smoothquant", "method.smoothquant.alpha=1.5"))
+    assert "method.smoothquant.alpha=1.5" in msg and "0..1" in msg
+
+
+def test_recipes_compose_in_order(cell):
+    recipe = build_cell(cell("quant=w8a8", "method=[smoothquant,gptq]")).recipe
+    assert [s.name for s in recipe.steps] == ["smoothquant", "gptq"] and recipe.name == "smoothquant+gptq"
+    alias = build_cell(cell("quant=w8a8", "method=quarot_gptq")).recipe
+    assert [s.name for s in alias.steps] == ["quarot", "gptq"]
+    assert build_cell(cell("quant=w8a8", "method=smoothquant")).recipe.rounding.name == "rtn"  # implied
+    msg = _error(cell("quant=w8a8", "method=[gptq,smoothquant]"))
+    assert "smoothquant comes after the rounding gptq" in msg and "method=[smoothquant,gptq]" in msg
+    msg = _error(cell("quant=w4g128", "method=[gptq,awq]"))
+    assert "two roundings" in msg
 
 
 def test_model_and_suite_errors(cell):

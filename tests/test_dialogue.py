@@ -396,8 +396,9 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from qeval.cli import CONF_DIR
-    from qeval.config import normalize_suite
+    from qeval.cell import build_cell
     from qeval.eval.suite import check_suite, describe_suite, evaluate_suite
+    from qeval.runner import eval_settings
 
     ref, quant, tok = tiny
     entry = "+tasks.add.chat={task: qeval_mt_bench, limit: 1, batch_size: 1, params: {max_new_tokens: 4}}"
@@ -413,9 +414,9 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
                 f"results_dir={tmp_path}",
             ],
         )
-    normalize_suite(cfg)
-    check_suite(cfg)
-    info = describe_suite(cfg)["chat"]
+    cell = build_cell(cfg)
+    check_suite(cell.suite, cell.include, cell.data_dir)
+    info = describe_suite(cell.suite)["chat"]
     assert info == {
         "task": "qeval_mt_bench",
         "kind": "native",
@@ -423,6 +424,8 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
         "primary_metric": "degeneration",
         "higher_is_better": False,
     }
-    metrics, timings = evaluate_suite(ref, tok, cfg, reference=ref, reference_fingerprint="tinyref")
+    metrics, timings = evaluate_suite(
+        ref, tok, cell.suite, eval_settings(cell), reference=ref, reference_fingerprint="tinyref"
+    )
     assert metrics["chat"]["samples"] == 2 and metrics["chat"]["rougeL_fp"] == 1.0
     assert len(list((tmp_path / ".reference").glob("mt_bench-*.json"))) == 1

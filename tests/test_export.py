@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is installed with vllm (pip install qeval[vllm])")
 
-from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig  # noqa: E402
+from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec  # noqa: E402
 from qeval.export.compressed_tensors import (  # noqa: E402
     NotExportableError,
     dequantized_weights,
@@ -20,7 +20,7 @@ from qeval.export.compressed_tensors import (  # noqa: E402
 from qeval.models.tiny import build_tiny_model, byte_tokenizer  # noqa: E402
 from qeval.quant.apply import quantize_model  # noqa: E402
 from qeval.quant.linear import QuantLinear  # noqa: E402
-from qeval.quant.methods import get_method  # noqa: E402
+from qeval.quant.recipe import get_method  # noqa: E402
 
 
 def _calib() -> list[torch.Tensor]:
@@ -46,7 +46,7 @@ def _assert_decodes_exactly(model, path):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("bits,granularity", [(4, "group"), (4, "channel"), (8, "group")])
 def test_w4a16_w8a16_pack_quantized_decodes_to_qeval_weights(tmp_path, bits, granularity, sym):
-    spec = QuantConfig(name="w", w=WeightQuantConfig(bits=bits, granularity=granularity, group_size=16, sym=sym))
+    spec = QuantSpec(name="w", w=WeightSpec(bits=bits, granularity=granularity, group_size=16, sym=sym))
     model, path = _export(tmp_path, spec)
     _assert_decodes_exactly(model, path)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -65,7 +65,7 @@ def test_w4a16_w8a16_pack_quantized_decodes_to_qeval_weights(tmp_path, bits, gra
 
 
 def test_gptq_and_awq_codes_export_exactly(tmp_path):
-    spec = QuantConfig(name="w4g16", w=WeightQuantConfig(bits=4, granularity="group", group_size=16, sym=False))
+    spec = QuantSpec(name="w4g16", w=WeightSpec(bits=4, granularity="group", group_size=16, sym=False))
     for method in ("gptq", "awq"):
         model, path = _export(tmp_path / method, spec, method=method)
         _assert_decodes_exactly(model, path)
@@ -74,10 +74,10 @@ def test_gptq_and_awq_codes_export_exactly(tmp_path):
 def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(
+    spec = QuantSpec(
         name="w8a8",
-        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True),
+        w=WeightSpec(bits=8, granularity="channel", sym=True),
+        a=ActivationSpec(bits=8, granularity="token", dynamic=True, sym=True),
     )
     model, path = _export(tmp_path / "int", spec, family="qwen2", method="smoothquant")
     _assert_decodes_exactly(model, path)
@@ -91,10 +91,10 @@ def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
         tensors["model.layers.0.input_layernorm.weight"], model.model.layers[0].input_layernorm.weight.detach()
     )
 
-    fp8 = QuantConfig(
+    fp8 = QuantSpec(
         name="w8a8-fp8",
-        w=WeightQuantConfig(bits=8, format="fp8_e4m3", granularity="channel", sym=True),
-        a=ActQuantConfig(bits=8, format="fp8_e4m3", granularity="token", dynamic=True, sym=True),
+        w=WeightSpec(bits=8, format="fp8_e4m3", granularity="channel", sym=True),
+        a=ActivationSpec(bits=8, format="fp8_e4m3", granularity="token", dynamic=True, sym=True),
     )
     model, path = _export(tmp_path / "fp8", fp8)
     _assert_decodes_exactly(model, path)
@@ -104,10 +104,10 @@ def test_w8a8_int_and_fp8_keep_codes_and_scales(tmp_path):
 def test_static_activation_scale_is_written(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(
+    spec = QuantSpec(
         name="w8a8-static",
-        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=True),
+        w=WeightSpec(bits=8, granularity="channel", sym=True),
+        a=ActivationSpec(bits=8, granularity="tensor", dynamic=False, sym=True),
     )
     model, path = _export(tmp_path, spec)
     tensors = load_file(str(path / "model.safetensors"))
@@ -120,9 +120,9 @@ def test_static_activation_scale_is_written(tmp_path):
 def test_fp8_kv_scales_bound_the_cached_states(tmp_path):
     from safetensors.torch import load_file
 
-    spec = QuantConfig(
+    spec = QuantSpec(
         name="kv8-fp8",
-        kv=KVQuantConfig(bits=8, format="fp8_e4m3", sym=True, key_granularity="tensor", value_granularity="tensor"),
+        kv=KVSpec(bits=8, format="fp8_e4m3", sym=True, key_granularity="tensor", value_granularity="tensor"),
     )
     model, path = _export(tmp_path, spec, family="gemma3")  # q/k norms: scales must see the cached keys
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -149,24 +149,22 @@ def test_fp8_kv_scales_bound_the_cached_states(tmp_path):
 @pytest.mark.parametrize(
     "spec,needle",
     [
-        (QuantConfig(name="w3g128", w=WeightQuantConfig(bits=3)), "int4 or int8"),
+        (QuantSpec(name="w3g128", w=WeightSpec(bits=3)), "int4 or int8"),
         (
-            QuantConfig(
-                name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=4)
-            ),
+            QuantSpec(name="w4a4", w=WeightSpec(bits=4, granularity="channel", sym=True), a=ActivationSpec(bits=4)),
             "W4A4",
         ),
-        (QuantConfig(name="kv4", kv=KVQuantConfig(bits=4)), "int4 KV"),
+        (QuantSpec(name="kv4", kv=KVSpec(bits=4)), "int4 KV"),
         (
-            QuantConfig(
+            QuantSpec(
                 name="kivi",
-                kv=KVQuantConfig(
+                kv=KVSpec(
                     bits=8, format="fp8_e4m3", semantics="cache", key_granularity="tensor", value_granularity="tensor"
                 ),
             ),
             "semantics=cache",
         ),
-        (QuantConfig(name="w8t", w=WeightQuantConfig(bits=8, granularity="tensor")), "per-group or per-channel"),
+        (QuantSpec(name="w8t", w=WeightSpec(bits=8, granularity="tensor")), "per-group or per-channel"),
     ],
 )
 def test_inexpressible_specs_are_refused_with_the_reason(spec, needle):
@@ -175,14 +173,14 @@ def test_inexpressible_specs_are_refused_with_the_reason(spec, needle):
 
 
 def test_online_hadamard_and_ragged_groups_are_refused(tmp_path):
-    spec = QuantConfig(
+    spec = QuantSpec(
         name="w8a8",
-        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=8, granularity="token", dynamic=True, sym=True),
+        w=WeightSpec(bits=8, granularity="channel", sym=True),
+        a=ActivationSpec(bits=8, granularity="token", dynamic=True, sym=True),
     )
     with pytest.raises(NotExportableError, match="online"):
         _export(tmp_path / "rot", spec, method="quarot")
-    ragged = QuantConfig(name="w4g48", w=WeightQuantConfig(bits=4, granularity="group", group_size=48))
+    ragged = QuantSpec(name="w4g48", w=WeightSpec(bits=4, granularity="group", group_size=48))
     with pytest.raises(NotExportableError, match="not a multiple of group_size=48"):
         _export(tmp_path / "ragged", ragged)
 
@@ -194,8 +192,8 @@ def test_efficiency_memory_accounting(tmp_path):
 
     from qeval.backends.efficiency import checkpoint_weight_bytes, kv_bytes_per_token
 
-    dense_spec = QuantConfig(name="fp16")
-    w4_spec = QuantConfig(name="w4", w=WeightQuantConfig(bits=4, granularity="group", group_size=16, sym=True))
+    dense_spec = QuantSpec(name="fp16")
+    w4_spec = QuantSpec(name="w4", w=WeightSpec(bits=4, granularity="group", group_size=16, sym=True))
     _, dense = _export(tmp_path / "dense", dense_spec)
     _, w4 = _export(tmp_path / "w4", w4_spec)
     for path in (dense, w4):

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from qeval.cli import CONF_DIR
 from qeval.data import tokenized_corpus
-from qeval.eval.perplexity import window_nlls
+from qeval.eval.scorer import window_nlls
 from qeval.models.carriers import cache_root, materialize_gguf
 from qeval.models.loading import _gguf_add_bos, load_model
 
@@ -49,7 +49,7 @@ def test_bos_matters_for_perplexity(gemma):
     _, loaded = gemma
     ids = tokenized_corpus(loaded.tokenizer, "wikitext2")[:512]
     assert ids[0] == loaded.tokenizer.bos_token_id
-    with_bos = window_nlls(loaded.model, ids, 512, 1)[0]
-    without_bos = window_nlls(loaded.model, ids[1:], 511, 1)[0]
+    with_bos = window_nlls(loaded.model, [ids])[0]
+    without_bos = window_nlls(loaded.model, [ids[1:]])[0]
     # exp(NLL) ratio: without BOS perplexity is far higher
     assert torch.tensor(without_bos - with_bos).exp() > 1.5

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.config import QuantConfig, WeightQuantConfig
+from qeval.config import QuantSpec, WeightSpec
 from qeval.models.adapters import get_adapter
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.linear import QuantLinear
-from qeval.quant.methods import get_method
 from qeval.quant.methods.gptq import HessianAccumulator, gptq_quantize
+from qeval.quant.recipe import get_method
 
 
 def _correlated_inputs(n: int = 3000, d: int = 192, seed: int = 0) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_gptq_on_every_family_beats_rtn_on_first_layers(family):
     for h in hooks:
         h.remove()
 
-    spec = QuantConfig(name="w3g32", w=WeightQuantConfig(bits=3, granularity="group", group_size=32))
+    spec = QuantSpec(name="w3g32", w=WeightSpec(bits=3, granularity="group", group_size=32))
     errors = {}
     for method in ("rtn", "gptq"):
         model = build_tiny_model(family)

@@ -250,8 +250,9 @@ def test_suite_entry_params_reach_the_task():
     from hydra import compose, initialize_config_dir
 
     from qeval.cli import CONF_DIR
-    from qeval.config import validate
+    from qeval.cell import build_cell
     from qeval.eval.suite import check_suite, evaluate_suite
+    from qeval.runner import eval_settings
     from qeval.models.loading import load_model
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -265,8 +266,8 @@ def test_suite_entry_params_reach_the_task():
                 "+tasks.add.needle={task: qeval_needle, limit: 1, params: {context_lengths: [48, 96], depths: [0.5]}}",
             ],
         )
-    validate(cfg)  # types the entry as a TaskConfig, as the runner's preflight does
-    check_suite(cfg)
-    loaded = load_model(cfg.model)
-    metrics, _ = evaluate_suite(loaded.model, loaded.tokenizer, cfg)
+    cell = build_cell(cfg)  # types the entry as a TaskEntry, as the runner does
+    check_suite(cell.suite, cell.include, cell.data_dir)
+    loaded = load_model(cell.model)
+    metrics, _ = evaluate_suite(loaded.model, loaded.tokenizer, cell.suite, eval_settings(cell))
     assert metrics["needle"]["acc_at"] == 96 and metrics["needle"]["samples"] == 2

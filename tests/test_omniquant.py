@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
+from qeval.config import ActivationSpec, QuantSpec, WeightSpec
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.linear import QuantLinear
-from qeval.quant.methods import get_method
 from qeval.quant.methods.omniquant import LWCLinear
+from qeval.quant.recipe import get_method
 
 CALIB = [torch.randint(3, 259, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-W3G32 = QuantConfig(name="w3g32", w=WeightQuantConfig(bits=3, granularity="group", group_size=32))
+W3G32 = QuantSpec(name="w3g32", w=WeightSpec(bits=3, granularity="group", group_size=32))
 
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -42,8 +42,8 @@ def test_lwc_gradients_reach_the_clipping_factors():
 def test_training_lowers_the_block_loss_on_every_family(family):
     method = get_method("omniquant", {"epochs": 6, "lwc_lr": 0.01})
     model = quantize_model(build_tiny_model(family), W3G32, method, calibration=lambda: CALIB)
-    assert sorted(method.loss_history) == [0, 1]
-    for block, losses in method.loss_history.items():
+    assert sorted(method.rounding.loss_history) == [0, 1]
+    for block, losses in method.rounding.loss_history.items():
         assert len(losses) == 6
         assert losses[-1] < losses[0], (family, block, losses)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -92,11 +92,9 @@ def test_let_transformation_is_exact_before_rounding(family):
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_weight_activation_cells_train_let(family):
-    spec = QuantConfig(
-        name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=False), a=ActQuantConfig(bits=4)
-    )
+    spec = QuantSpec(name="w4a4", w=WeightSpec(bits=4, granularity="channel", sym=False), a=ActivationSpec(bits=4))
     method = get_method("omniquant", {"epochs": 4, "lwc_lr": 0.01, "let_lr": 0.001})
     model = quantize_model(build_tiny_model(family), spec, method, calibration=lambda: CALIB)
-    for block, losses in method.loss_history.items():
+    for block, losses in method.rounding.loss_history.items():
         assert losses[-1] < losses[0], (family, block, losses)
     assert all(m.input_quantizer is not None for m in model.modules() if isinstance(m, QuantLinear))

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from qeval.config import ConfigError, QevalConfig, TaskConfig, validate
+from qeval.backends.hf import HFSettings
+from qeval.cell import Cell, validate
+from qeval.config import ConfigError, ModelSpec, SuiteSpec, TaskEntry
 from qeval.data import DataNotFoundError, check_available, load_text
 from qeval.eval.perplexity import perplexity
 from qeval.models.tiny import build_tiny_model, byte_tokenizer
@@ -56,9 +58,12 @@ def test_corpus_shorter_than_a_window_is_an_error(corpus):
 
 
 def test_unknown_dataset_is_rejected_naming_the_key():
-    cfg = QevalConfig()
-    cfg.model.source, cfg.model.family = "tiny", "llama"
-    cfg.suite.tasks = {"ppl": TaskConfig(kind="perplexity", dataset="no_such_corpus")}
+    cfg = Cell(
+        model=ModelSpec(source="tiny", family="llama"),
+        method={"rtn": {}},
+        backend=HFSettings(),
+        suite=SuiteSpec(tasks={"ppl": TaskEntry(kind="perplexity", dataset="no_such_corpus")}),
+    )
     with pytest.raises(ConfigError, match=r"suite\.tasks\.ppl\.dataset='no_such_corpus'.*wikitext2"):
         validate(cfg)
     with pytest.raises(DataNotFoundError, match="no_such_corpus"):

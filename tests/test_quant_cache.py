@@ -11,39 +11,39 @@ import json
 import pytest
 import torch
 
-from qeval.config import ActQuantConfig, KVQuantConfig, QuantConfig, WeightQuantConfig
+from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec
 from qeval.models.tiny import build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.cache import MANIFEST, WEIGHTS, load_quantized, save_quantized
 from qeval.quant.linear import QuantLinear
-from qeval.quant.methods import get_method
+from qeval.quant.recipe import get_method
 
 CALIB = [torch.randint(3, 259, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 X = torch.randint(3, 259, (2, 48), generator=torch.Generator().manual_seed(7))
 
-W4G32 = WeightQuantConfig(bits=4, granularity="group", group_size=32, sym=False)
+W4G32 = WeightSpec(bits=4, granularity="group", group_size=32, sym=False)
 CASES = {
     # name: (family, method, params, spec)
-    "gptq-w4g32": ("llama", "gptq", {}, QuantConfig(name="w4g32", w=W4G32)),
+    "gptq-w4g32": ("llama", "gptq", {}, QuantSpec(name="w4g32", w=W4G32)),
     "smoothquant-w8a8-static": (
         "llama",
         "smoothquant",
         {},
-        QuantConfig(
+        QuantSpec(
             name="w8a8s",
-            w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-            a=ActQuantConfig(bits=8, granularity="tensor", dynamic=False, sym=False),
+            w=WeightSpec(bits=8, granularity="channel", sym=True),
+            a=ActivationSpec(bits=8, granularity="tensor", dynamic=False, sym=False),
         ),
     ),
     "quarot-w4a4-kv4": (
         "qwen2",
         "quarot",
         {},
-        QuantConfig(
+        QuantSpec(
             name="w4a4kv4",
-            w=WeightQuantConfig(bits=4, granularity="channel", sym=True),
-            a=ActQuantConfig(bits=4),
-            kv=KVQuantConfig(bits=4),
+            w=WeightSpec(bits=4, granularity="channel", sym=True),
+            a=ActivationSpec(bits=4),
+            kv=KVSpec(bits=4),
         ),
     ),
     # weight-activation OmniQuant learns LET: OPT's norms and biases change too
@@ -51,14 +51,12 @@ CASES = {
         "opt",
         "omniquant",
         {"epochs": 1},
-        QuantConfig(
-            name="w4a8", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=8)
-        ),
+        QuantSpec(name="w4a8", w=WeightSpec(bits=4, granularity="channel", sym=True), a=ActivationSpec(bits=8)),
     ),
 }
 
 
-def _quantized(case: str) -> tuple[torch.nn.Module, torch.nn.Module, QuantConfig]:
+def _quantized(case: str) -> tuple[torch.nn.Module, torch.nn.Module, QuantSpec]:
     family, method, params, spec = CASES[case]
     base = build_tiny_model(family)
     model = quantize_model(copy.deepcopy(base), spec, get_method(method, params), lambda: CALIB)

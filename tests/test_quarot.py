@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import outlier_llama
 
-from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
+from qeval.config import ActivationSpec, QuantSpec, WeightSpec
 from qeval.errors import UnsupportedCellError
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
 from qeval.quant.hadamard import hadamard, random_rotation
 from qeval.quant.linear import QuantLinear
-from qeval.quant.methods import get_method
 from qeval.quant.methods.quarot import rotate_model
+from qeval.quant.recipe import get_method
 
 ROTATABLE = ["llama", "mistral", "qwen2"]
 CALIB = [torch.randint(3, 259, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -47,18 +47,14 @@ def test_rotation_leaves_logits_unchanged(family):
 
 @pytest.mark.parametrize("family", sorted(set(TINY_FAMILIES) - set(ROTATABLE)))
 def test_unrotatable_families_are_refused_by_name(family):
-    spec = QuantConfig(
-        name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=4)
-    )
+    spec = QuantSpec(name="w4a4", w=WeightSpec(bits=4, granularity="channel", sym=True), a=ActivationSpec(bits=4))
     model = build_tiny_model(family)
     with pytest.raises(UnsupportedCellError, match=model.config.model_type):
         quantize_model(model, spec, get_method("quarot"))
 
 
 def test_down_proj_keeps_its_online_rotation_after_quantization():
-    spec = QuantConfig(
-        name="w8a8", w=WeightQuantConfig(bits=8, granularity="channel", sym=True), a=ActQuantConfig(bits=8)
-    )
+    spec = QuantSpec(name="w8a8", w=WeightSpec(bits=8, granularity="channel", sym=True), a=ActivationSpec(bits=8))
     model = quantize_model(build_tiny_model("llama"), spec, get_method("quarot"))
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantLinear) and down.input_transform is not None
@@ -73,9 +69,7 @@ def test_down_proj_keeps_its_online_rotation_after_quantization():
 
 @pytest.mark.parametrize("method", ["quarot", "quarot_gptq"])
 def test_rotation_beats_rtn_for_w4a4_with_outlier_channels(method):
-    spec = QuantConfig(
-        name="w4a4", w=WeightQuantConfig(bits=4, granularity="channel", sym=True), a=ActQuantConfig(bits=4)
-    )
+    spec = QuantSpec(name="w4a4", w=WeightSpec(bits=4, granularity="channel", sym=True), a=ActivationSpec(bits=4))
     x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = outlier_llama(30.0)(x).logits

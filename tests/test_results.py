@@ -160,10 +160,10 @@ def test_fp_baseline_is_one_cell_across_methods():
     """quant=fp16 x method=rtn,gptq is one baseline (same hash, computed once per sweep);
     quantized cells of different methods stay distinct."""
     from qeval.cli import compose_config
-    from qeval.runner import cell_identity
+    from qeval.cell import build_cell
 
     def cell_hash(*overrides: str) -> str:
-        return stable_hash(cell_identity(compose_config(["model=tiny-llama", "suite=tiny", *overrides])))
+        return stable_hash(build_cell(compose_config(["model=tiny-llama", "suite=tiny", *overrides])).identity())
 
     assert (
         cell_hash("quant=fp16", "method=rtn")

@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import outlier_llama
 
-from qeval.config import ActQuantConfig, QuantConfig, WeightQuantConfig
+from qeval.config import ActivationSpec, QuantSpec, WeightSpec
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.apply import quantize_model
-from qeval.quant.methods import get_method
 from qeval.quant.methods.smoothquant import smooth_model, smoothing_scales
+from qeval.quant.recipe import get_method
 
 CALIB = [torch.randint(3, 259, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
@@ -54,7 +54,7 @@ def test_smoothing_flattens_activation_channels():
 
 
 def test_weight_only_spec_is_refused():
-    spec = QuantConfig(name="w4", w=WeightQuantConfig(bits=4, granularity="channel"))
+    spec = QuantSpec(name="w4", w=WeightSpec(bits=4, granularity="channel"))
     with pytest.raises(UnsupportedCellError, match="does not support tensor type W"):
         quantize_model(build_tiny_model("llama"), spec, get_method("smoothquant"), calibration=lambda: CALIB)
 
@@ -62,10 +62,10 @@ def test_weight_only_spec_is_refused():
 def test_w4a4_smoothquant_beats_rtn_on_a_model_with_outlier_channels():
     """Give one hidden channel a large scale (the outlier pattern of real LLMs): per-token
     activation quantization then suffers, and smoothing recovers most of it."""
-    spec = QuantConfig(
+    spec = QuantSpec(
         name="w8a4",
-        w=WeightQuantConfig(bits=8, granularity="channel", sym=True),
-        a=ActQuantConfig(bits=4, granularity="token", sym=True),
+        w=WeightSpec(bits=8, granularity="channel", sym=True),
+        a=ActivationSpec(bits=4, granularity="token", sym=True),
     )
 
     x = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(3))

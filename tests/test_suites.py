@@ -25,11 +25,10 @@ def test_suite_passes_preflight(suite):
 
     require_eval_data()
     from qeval.eval.suite import describe_suite
-    from qeval.runner import preflight
+    from qeval.cell import preflight
 
-    cfg = _cfg(suite)
-    preflight(cfg)
-    described = describe_suite(cfg)
+    cfg = preflight(_cfg(suite))
+    described = describe_suite(cfg.suite, cfg.include)
     assert set(described) == set(cfg.suite.tasks)
     for name, info in described.items():
         assert info["family"] in FAMILIES, (suite, name, info)
@@ -41,11 +40,10 @@ def test_default_suite_covers_all_families():
 
     require_eval_data()
     from qeval.eval.suite import describe_suite
-    from qeval.runner import preflight
+    from qeval.cell import preflight
 
-    cfg = _cfg("quick")
-    preflight(cfg)
-    assert {info["family"] for info in describe_suite(cfg).values()} == set(FAMILIES)
+    cfg = preflight(_cfg("quick"))
+    assert {info["family"] for info in describe_suite(cfg.suite).values()} == set(FAMILIES)
 
 
 @pytest.mark.parametrize(
@@ -61,26 +59,26 @@ def test_default_suite_covers_all_families():
 def test_family_suites_hold_their_family(suite, family):
     from qeval.eval.suite import describe_suite
 
-    cfg = _cfg(suite)
-    from qeval.config import normalize_suite
+    from qeval.cell import build_cell
 
-    normalize_suite(cfg)
-    families = {info["family"] for info in describe_suite(cfg).values()}
+    cfg = build_cell(_cfg(suite))
+    families = {info["family"] for info in describe_suite(cfg.suite).values()}
     assert families == {family}
 
 
 def test_a_typo_in_an_added_entry_names_the_entry():
-    from qeval.config import ConfigError, normalize_suite
+    from qeval.cell import build_cell
+    from qeval.config import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=tiny-llama", "+tasks.add.extra={task:qeval_arc_easy,limt:5}"])
     with pytest.raises(ConfigError, match="tasks.add.extra"):
-        normalize_suite(cfg)
+        build_cell(cfg)
 
 
 def test_entries_are_overridable_and_addable_from_the_command_line():
     """Any field of a preset's entry (even one the YAML leaves at its default), and whole new entries."""
-    from qeval.config import normalize_suite
+    from qeval.cell import build_cell
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(
@@ -93,10 +91,11 @@ def test_entries_are_overridable_and_addable_from_the_command_line():
                 "+tasks.add.arc={task:qeval_arc_easy,limit:7,params:{a:1}}",
             ],
         )
-    normalize_suite(cfg)
-    assert cfg.suite.tasks.wikitext2.max_windows == 2 and cfg.suite.tasks.lambada.num_fewshot == 3
-    assert cfg.suite.tasks.arc.limit == 7 and cfg.suite.tasks.arc.batch_size == 16 and cfg.suite.tasks.arc.params.a == 1
-    assert not cfg.tasks.add
+    cell = build_cell(cfg)
+    tasks = cell.suite.tasks
+    assert tasks["wikitext2"].max_windows == 2 and tasks["lambada"].num_fewshot == 3
+    assert tasks["arc"].limit == 7 and tasks["arc"].batch_size == 16 and tasks["arc"].params == {"a": 1}
+    assert not cell.tasks.add
 
 
 def test_family_table_keeps_a_task_that_dropped_to_zero():

@@ -237,7 +237,8 @@ def _synthetic(
     from hydra.core.global_hydra import GlobalHydra
 
     from qeval.cli import CONF_DIR
-    from qeval.config import bits_label, register_configs, tensor_type
+    from qeval.cell import register_configs
+    from qeval.config import bits_label, tensor_type
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -27,14 +27,17 @@ def _compose(overrides):
 @needs_vllm
 def test_native_tasks_are_refused_on_vllm_before_any_work():
     from qeval.config import ConfigError
-    from qeval.runner import preflight
+    from qeval.cell import preflight
 
-    with pytest.raises(ConfigError, match=r"backend=vllm.*qeval-native tasks \(.*mt_bench"):
+    with pytest.raises(ConfigError, match=r"native entries \(.*mt_bench.*\) that backend=vllm cannot score"):
         preflight(_compose(["backend=vllm", "suite=quick"]))
 
 
 def test_backend_identity_ignores_engine_memory_but_not_dtype():
-    from qeval.runner import cell_identity
+    from qeval.cell import build_cell
+
+    def cell_identity(cfg):
+        return build_cell(cfg).identity()
 
     base = cell_identity(_compose(["backend=vllm", "suite=kernels"]))
     more_memory = cell_identity(_compose(["backend=vllm", "suite=kernels", "backend.cpu_kv_cache_gib=4"]))

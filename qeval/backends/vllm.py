@@ -15,11 +15,13 @@ exists (pip is not fooled: nothing is written to site-packages).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata as metadata
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,10 @@ from typing import Any
 
 import torch
 
+from qeval.backends.base import Backend, BackendSettings, OpenRequest, register_backend
+from qeval.config import ConfigError, QuantSpec, fail, quantized
 from qeval.errors import UnsupportedCellError
+from qeval.export.compressed_tensors import export_checkpoint, export_scheme
 
 log = logging.getLogger(__name__)
 
@@ -159,22 +164,6 @@ class EngineSettings:
         return kwargs
 
 
-def settings_from_config(cfg: Any, scheme: Any) -> EngineSettings:
-    """Engine settings for a cell: the backend config plus what the exported scheme needs."""
-    b = cfg.backend
-    return EngineSettings(
-        dtype=b.dtype,
-        enforce_eager=b.enforce_eager,
-        max_model_len=b.max_model_len,
-        gpu_memory_utilization=b.gpu_memory_utilization,
-        cpu_kv_cache_gib=b.cpu_kv_cache_gib,
-        max_num_seqs=b.max_num_seqs,
-        seed=cfg.seed,
-        scheme=scheme,
-        tensor_parallel_size=b.tensor_parallel_size,
-    )
-
-
 class VllmEngine:
     """One vLLM engine on one checkpoint, with the two scoring paths qeval needs.
 
@@ -227,9 +216,14 @@ class VllmEngine:
         except Exception as err:  # noqa: BLE001 - best effort; the engine is already gone
             log.debug("vLLM cleanup: %s", err)
 
-    def window_nlls(self, windows: list[list[int]]) -> list[float]:
+    hf_model = None  # qeval-native tasks need an in-memory HF model: not on this backend
+
+    def window_nlls(
+        self, windows: list[torch.Tensor] | list[list[int]], decode_chunk: int | None = None, desc: str = ""
+    ) -> list[float]:
         """Mean NLL of each token window, each scored from an empty context
-        (prompt log-probabilities; the first token has no prediction)."""
+        (prompt log-probabilities; the first token has no prediction).  ``decode_chunk`` does not
+        apply: vLLM's cache is the deployed one, and KIVI-style cache semantics are not exported."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -238,6 +232,7 @@ class VllmEngine:
                 f"windows of {len(windows[0])} tokens exceed the engine's max_model_len="
                 f"{self.max_model_len}; raise backend.max_model_len"
             )
+        windows = [w.tolist() if isinstance(w, torch.Tensor) else list(w) for w in windows]
         params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
         nlls = []
@@ -248,7 +243,10 @@ class VllmEngine:
         return nlls
 
     def lm_eval_model(self, batch_size: int | str = "auto", max_gen_toks: int = 256) -> Any:
-        """lm-eval's own ``vllm`` model, built around this engine (not a second one)."""
+        """lm-eval's own ``vllm`` model, built around this engine (not a second one).  vLLM
+        schedules its own batches, so lm-eval's batch size is always "auto" here (a suite
+        entry's ``batch_size`` is for the hf backend)."""
+        batch_size = "auto"
         if self._lm_eval_model is None:
             from unittest import mock
 
@@ -265,3 +263,84 @@ class VllmEngine:
                     seed=self.settings.seed,
                 )
         return self._lm_eval_model
+
+
+@dataclass(frozen=True)
+class VllmSettings(BackendSettings):
+    name: str = "vllm"
+    device: str = "cpu"  # where the cell is quantized before export; vLLM's platform decides its own
+    dtype: str | None = None  # null: float32 on CPU, the checkpoint's dtype on GPU
+    enforce_eager: bool | None = None  # null: true on CPU, false (CUDA graphs) on GPU
+    max_model_len: int | None = None  # null: the model's context length
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: int = 1  # whole GiB (VLLM_CPU_KVCACHE_SPACE); 1 runs SmolLM2 at full speed
+    max_num_seqs: int | None = None
+    export_dir: str | None = None  # null: <cache_dir>/exports/<cell>
+    tensor_parallel_size: int = 1  # GPUs one engine spreads the model over (docs/SCALING.md)
+
+
+def engine_settings(settings: VllmSettings, seed: int, scheme: Any) -> EngineSettings:
+    """Engine settings for a cell: the backend settings plus what the exported scheme needs."""
+    return EngineSettings(
+        dtype=settings.dtype,
+        enforce_eager=settings.enforce_eager,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        max_num_seqs=settings.max_num_seqs,
+        seed=seed,
+        scheme=scheme,
+        tensor_parallel_size=settings.tensor_parallel_size,
+    )
+
+
+@register_backend
+class VllmBackend(Backend):
+    """Real kernels: export the quantized model as compressed-tensors, score it with vLLM."""
+
+    name = "vllm"
+    Settings = VllmSettings
+    identity_keys = ("name", "dtype", "max_model_len")
+    task_kinds = frozenset({"perplexity", "lm_eval"})
+    settings: VllmSettings
+
+    def validate(self) -> None:
+        super().validate()
+        if self.settings.tensor_parallel_size < 1:
+            fail("backend.tensor_parallel_size", self.settings.tensor_parallel_size, "an integer >= 1")
+        if self.settings.cpu_kv_cache_gib < 1:
+            fail("backend.cpu_kv_cache_gib", self.settings.cpu_kv_cache_gib, "a whole number of GiB >= 1")
+
+    def preflight(self, suite_kinds: dict[str, str], suite_name: str) -> None:
+        if not vllm_installed():
+            raise ConfigError(f"backend=vllm: vLLM is not installed; {INSTALL_HINT}")
+        super().preflight(suite_kinds, suite_name)
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        """An FP8 KV-cache export calibrates static per-layer scales."""
+        return quantized(spec.kv)
+
+    def check_supported(self, spec: QuantSpec) -> None:
+        check_kernels(export_scheme(spec), device_type())
+
+    @contextlib.contextmanager
+    def open(self, request: OpenRequest) -> Iterator[VllmEngine]:
+        root = Path(self.settings.export_dir).expanduser() if self.settings.export_dir else request.export_root
+        t0 = time.perf_counter()
+        checkpoint = export_checkpoint(
+            request.model,
+            request.tokenizer,
+            request.spec,
+            root / request.export_name,
+            kv_calibration=request.calibration() if self.needs_calibration(request.spec) else None,
+            provenance=request.provenance,
+        )
+        request.record["export"] = str(checkpoint)
+        request.timings["export"] = time.perf_counter() - t0
+        request.model = None  # the engine loads the checkpoint; the in-memory copy can go
+        gc.collect()
+        with VllmEngine(
+            checkpoint, engine_settings(self.settings, request.seed, export_scheme(request.spec))
+        ) as engine:
+            request.record["engine"] = {"device": engine.device, **engine.kwargs}
+            yield engine

@@ -15,6 +15,8 @@ import os
 from functools import lru_cache
 from typing import Any
 
+from qeval.eval.scorer import as_scorer
+
 log = logging.getLogger(__name__)
 
 
@@ -64,14 +66,7 @@ def run_lm_eval(
     # handler ignores SIGTERM, inherited by the forked workers) Pool.terminate() waits forever.
     # The serial path draws the same seeded resamples, so the numbers are identical.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
-    if hasattr(model, "lm_eval_model"):  # a real-kernel engine brings lm-eval's model for it
-        lm = model.lm_eval_model()
-    else:
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device)
-        )
+    lm = as_scorer(model, tokenizer).lm_eval_model(batch_size)
     return simple_evaluate(
         model=lm,
         tasks=[task],

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from qeval.data import tokenized_corpus
+from qeval.eval.scorer import Scorer, as_scorer
 
 
 @dataclass
@@ -39,19 +39,6 @@ class PerplexityResult:
         }
 
 
-def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
-    if not decode_chunk:
-        return model(window).logits
-    # decode-style: feed the window through the KV cache a chunk at a time, so that
-    # earlier tokens are seen the way a serving cache stores them (KIVI semantics)
-    cache, logits = None, []
-    for start in range(0, window.shape[1], decode_chunk):
-        out = model(window[:, start : start + decode_chunk], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
-
-
 def corpus_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
     """The non-overlapping ``seqlen``-token windows that are scored (the tail is dropped)."""
     n_windows = ids.numel() // seqlen
@@ -62,41 +49,21 @@ def corpus_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = Non
     return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n_windows)]
 
 
-@torch.no_grad()
-def window_nlls(
-    model,
-    ids: torch.Tensor,
-    seqlen: int,
-    max_windows: int | None = None,
-    desc: str = "perplexity",
-    decode_chunk: int | None = None,
-) -> list[float]:
-    """Mean NLL of each non-overlapping window of ``seqlen`` tokens."""
-    device = next(model.parameters()).device
-    nlls = []
-    for window in tqdm(corpus_windows(ids, seqlen, max_windows), desc=desc, leave=False):
-        window = window.unsqueeze(0).to(device)
-        logits = _window_logits(model, window, decode_chunk)[0, :-1].float()
-        nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
-    return nlls
-
-
 def perplexity(
-    model,
-    tokenizer,
+    scorer: Scorer | torch.nn.Module,
+    tokenizer: Any,
     dataset: str,
     seqlen: int = 2048,
     max_windows: int | None = None,
     data_dir: str | None = None,
     decode_chunk: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (an HF model, or an engine with ``window_nlls``
-    such as the vLLM backend's) on ``dataset`` with the papers' protocol."""
+    """Perplexity on ``dataset`` with the papers' protocol, from a scorer's window NLLs (any
+    backend scores exactly these windows; see qeval.eval.scorer)."""
     ids = tokenized_corpus(tokenizer, dataset, data_dir)
-    if hasattr(model, "window_nlls"):  # a real-kernel engine scores the same windows itself
-        nlls = model.window_nlls([w.tolist() for w in corpus_windows(ids, seqlen, max_windows)])
-    else:
-        nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl", decode_chunk=decode_chunk)
+    nlls = as_scorer(scorer, tokenizer).window_nlls(
+        corpus_windows(ids, seqlen, max_windows), decode_chunk, f"{dataset} ppl"
+    )
     n = len(nlls)
     mean = sum(nlls) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")

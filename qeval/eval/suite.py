@@ -17,17 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from qeval.config import ConfigError, quantized, tensor_type
+from qeval.config import ConfigError, SuiteSpec, TaskEntry
+from qeval.eval.scorer import Scorer, as_scorer
 
 log = logging.getLogger("qeval")
 
 
-def resolve_kind(task: Any, include: tuple[str, ...] = ()) -> str:
+def resolve_kind(task: TaskEntry, include: tuple[str, ...] = ()) -> str:
     if task.kind != "auto":
         return task.kind
     from qeval.eval.registry import discover_native
@@ -35,24 +35,24 @@ def resolve_kind(task: Any, include: tuple[str, ...] = ()) -> str:
     return "native" if task.task in discover_native(include) else "lm_eval"
 
 
-def include_paths(cfg: DictConfig) -> tuple[str, ...]:
-    return tuple(cfg.tasks.include) if "tasks" in cfg else ()
+def suite_kinds(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, str]:
+    """The kind each entry resolves to (perplexity, lm_eval, native)."""
+    return {name: resolve_kind(task, include) for name, task in suite.tasks.items()}
 
 
-def check_suite(cfg: DictConfig) -> None:
+def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str | None = None) -> None:
     """Everything about the suite that can be checked without a model: names and data."""
     from qeval.data import check_available
     from qeval.eval.registry import TaskDataError, discover_native, task_paths
 
-    include = include_paths(cfg)
     try:
         native = discover_native(include)
     except TaskDataError as err:
         raise ConfigError(str(err)) from err
-    for name, task in cfg.suite.tasks.items():
+    for name, task in suite.tasks.items():
         kind = resolve_kind(task, include)
         if kind == "perplexity":
-            check_available(task.dataset, cfg.data_dir)
+            check_available(task.dataset, data_dir)
         elif kind == "native":
             if task.task not in native:
                 raise ConfigError(
@@ -60,11 +60,11 @@ def check_suite(cfg: DictConfig) -> None:
                     f"(known: {', '.join(sorted(native))})"
                 )
             try:
-                instance = native[task.task](**_params(task))
+                instance = native[task.task](**task.params)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"invalid suite.tasks.{name}.params for {task.task!r}: {err}") from err
             try:
-                instance.check_available(cfg.data_dir, include=include)
+                instance.check_available(data_dir, include=include)
             except TaskDataError as err:
                 raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
@@ -78,23 +78,12 @@ def check_suite(cfg: DictConfig) -> None:
                 )
 
 
-def native_entries(cfg: DictConfig) -> list[str]:
-    """Suite entries that are qeval-native tasks (they drive an HF model directly)."""
-    include = include_paths(cfg)
-    return [name for name, task in cfg.suite.tasks.items() if resolve_kind(task, include) == "native"]
-
-
-def _params(task: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(task.params, resolve=True) if task.params else {}  # type: ignore[return-value]
-
-
-def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+def describe_suite(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Per suite entry: the task behind it, its kind, family, primary metric and direction."""
     from qeval.eval.registry import task_info
 
-    include = include_paths(cfg)
     out = {}
-    for name, task in cfg.suite.tasks.items():
+    for name, task in suite.tasks.items():
         kind = resolve_kind(task, include)
         if kind == "perplexity":
             out[name] = {
@@ -116,16 +105,33 @@ def describe_suite(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a suite's evaluation needs besides the scorer (never the quantization spec)."""
+
+    seed: int = 0
+    data_dir: str | None = None
+    include: tuple[str, ...] = ()
+    # where native tasks cache the unquantized model's outputs (dialogue references)
+    reference_dir: Path = Path("results") / ".reference"
+    # this cell is the unquantized model (native tasks then produce the references)
+    is_reference: bool = False
+    # perplexity entries without their own decode_chunk: tokens per forward through the cache
+    # (a cache that quantizes only stored tokens is never read by a single pass)
+    decode_chunk: int | None = None
+
+
 def evaluate_suite(
-    model,
-    tokenizer,
-    cfg: DictConfig,
-    reference=None,
+    scorer: Scorer | Any,
+    tokenizer: Any,
+    suite: SuiteSpec,
+    settings: EvalSettings,
+    reference: Any = None,
     reference_fingerprint: str = "",
     finished: dict[str, dict[str, Any]] | None = None,
     on_task_done: Callable[[str, dict[str, Any], float], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Score ``model`` on every suite entry; returns (metrics per entry, seconds per entry).
+    """Score ``scorer`` on every suite entry; returns (metrics per entry, seconds per entry).
 
     ``finished`` holds entries already scored by an earlier, interrupted run of the
     same cell ({"metrics", "seconds"} per name): they are reused, not re-run.
@@ -134,11 +140,12 @@ def evaluate_suite(
     """
     from qeval.eval.perplexity import perplexity
 
-    include = include_paths(cfg)
+    scorer = as_scorer(scorer, tokenizer)  # a bare HF model (tests, benchmarks) is scored in process
+    include = settings.include
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
     finished = finished or {}
-    for name, task in cfg.suite.tasks.items():
+    for name, task in suite.tasks.items():
         if name in finished:
             metrics[name], timings[name] = finished[name]["metrics"], finished[name]["seconds"]
             log.info("  %s: %s (kept from an interrupted run)", name, _short(metrics[name]))
@@ -146,27 +153,25 @@ def evaluate_suite(
         t0 = time.perf_counter()
         kind = resolve_kind(task, include)
         if kind == "perplexity":
-            chunk = task.decode_chunk
-            if chunk is None and quantized(cfg.quant.kv) and cfg.quant.kv.semantics == "cache":
-                chunk = 16  # a single pass would never read the quantized cache
+            chunk = task.decode_chunk if task.decode_chunk is not None else settings.decode_chunk
             metrics[name] = perplexity(
-                model, tokenizer, task.dataset, task.seqlen, task.max_windows, cfg.data_dir, chunk
+                scorer, tokenizer, task.dataset, task.seqlen, task.max_windows, settings.data_dir, chunk
             ).as_metrics()
             metrics[name]["decode_chunk"] = chunk or 0
         elif kind == "native":
             from qeval.eval.registry import TaskContext, discover_native
 
-            native = discover_native(include)[task.task](**_params(task))
+            native = discover_native(include)[task.task](**task.params)
             ctx = TaskContext(
-                model=model,
+                model=scorer.hf_model,
                 tokenizer=tokenizer,
-                seed=cfg.seed,
+                seed=settings.seed,
                 limit=task.limit,
                 reference=reference,
                 reference_fingerprint=reference_fingerprint,
-                cache_dir=Path(cfg.results_dir) / ".reference",
-                data_dir=cfg.data_dir,
-                is_reference=tensor_type(cfg.quant) == "FP",
+                cache_dir=settings.reference_dir,
+                data_dir=settings.data_dir,
+                is_reference=settings.is_reference,
                 extra={
                     "batch_size": task.batch_size,
                     "num_fewshot": task.num_fewshot,
@@ -180,13 +185,13 @@ def evaluate_suite(
             from qeval.eval.harness import evaluate_lm_eval
 
             metrics[name] = evaluate_lm_eval(
-                model,
+                scorer,
                 tokenizer,
                 task.task,
                 task.limit,
                 task.num_fewshot,
                 task.batch_size,
-                cfg.seed,
+                settings.seed,
                 include,
                 task.gen_kwargs,
                 task.apply_chat_template,

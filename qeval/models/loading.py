@@ -11,6 +11,7 @@ works on a deep copy of it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -136,7 +137,7 @@ def resolve_pretrained_path(cfg: Any, cache_dir: str | None = None) -> str:
 
 
 def _config_key(cfg: Any) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg.__dict__)
+    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else OmegaConf.to_container(cfg, resolve=True)
     return json.dumps(data, sort_keys=True, default=str)
 
 

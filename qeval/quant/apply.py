@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qeval.config import quantized, tensor_type
+from qeval.config import QuantSpec, quantized, tensor_type
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
-from qeval.quant.methods import QuantMethod
+from qeval.quant.methods import Step
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
+from qeval.quant.recipe import Recipe
 from qeval.quant.transforms import untie_output_embeddings
 
 log = logging.getLogger(__name__)
@@ -64,25 +65,31 @@ def _calibrate_static(model: nn.Module, quantizers: list[ActivationQuantizer], b
 
 def quantize_model(
     model: nn.Module,
-    spec: Any,
-    method: QuantMethod,
+    spec: QuantSpec,
+    recipe: Recipe | Step,
     calibration: Callable[[], list[torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place according to ``spec`` (a QuantConfig).
+    """Quantize ``model`` in place according to ``spec`` with ``recipe`` (its transforms in
+    order, then its rounding; a bare step is a one-step recipe).
 
     ``calibration`` returns calibration batches; it is called at most once, and
-    only when the method or static activation scales need it.
+    only when a step or static activation scales need it.
     """
-    method.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.of([recipe])
+    recipe.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
     if calibration is not None:
         calibration = functools.cache(calibration)
     if quantized(spec.w):
         if spec.quantize_embeddings and not spec.quantize_lm_head:
             untie_output_embeddings(model)  # quantizing the embedding must not quantize the head
+        calib = calibration() if (recipe.needs_calibration and calibration) else None
+        for transform_step in recipe.transforms:  # function-preserving: prepare what is rounded
+            transform_step.apply(model, spec, calib if transform_step.needs_calibration else None)
         linears = target_linears(model, spec.quantize_lm_head)
-        calib = calibration() if (method.needs_calibration and calibration) else None
-        method.prepare(spec)
-        weights = method.quantize_weights(model, linears, spec.w, calib)
+        rounding = recipe.rounding
+        rounding.prepare(spec)
+        weights = rounding.quantize_weights(model, linears, spec.w, calib if rounding.needs_calibration else None)
         act_quantizers: list[ActivationQuantizer] = []
         for name, linear in linears.items():
             deq, qt = weights[name]
@@ -102,7 +109,7 @@ def quantize_model(
             if calibration is None:
                 raise ValueError("static activation quantization needs calibration data")
             _calibrate_static(model, act_quantizers, calibration())
-        log.info("quantized %d linear layers (%s)", len(linears), method.name)
+        log.info("quantized %d linear layers (%s)", len(linears), recipe.name)
     if quantized(spec.kv):
         install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))
     return model

@@ -7,6 +7,7 @@ unquantized model on the calibration set, and writes one record to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from qeval.config import ConfigError, to_container, validate
+    from qeval.cell import build_cell
+    from qeval.config import ConfigError
     from qeval.data import calibration_for, check_available
     from qeval.models.adapters import get_adapter
     from qeval.models.loading import load_model
@@ -70,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qeval.cli import compose_config
 
-        cfg = compose_config(overrides)
-        validate(cfg)
+        cfg = build_cell(compose_config(overrides))
         check_available(cfg.calib.dataset, cfg.data_dir)
     except (ConfigError, ValueError) as err:
         print(f"qeval-stats: {err}", file=sys.stderr)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = get_adapter(loaded.model, "qeval-stats")
     batches = calibration_for(cfg, loaded.tokenizer)
     rows = collect(loaded.model, batches, adapter.blocks)
-    identity = {"model": to_container(cfg)["model"], "calib": to_container(cfg)["calib"]}
+    identity = {"model": dataclasses.asdict(cfg.model), "calib": dataclasses.asdict(cfg.calib)}
     record = {
         "schema_version": SCHEMA_VERSION,
         "kind": "tensor_stats",

@@ -1,38 +1,27 @@
-"""Registry of quantization methods.
+"""Quantization methods: the recipe steps qeval computes itself.
 
-A method turns float weights into quantized ones for a given spec, possibly
-using calibration data.  Each method declares the tensor types it supports;
-a sweep cell asking for anything else is recorded as *skipped* with the
-reason instead of crashing the sweep.  Activation and KV quantizers are
-installed by :func:`qeval.quant.apply.quantize_model` for every method, so a
-method only has to decide the weights (and, for methods such as SmoothQuant,
-transform the model before that).
+A method is either a function-preserving transform (SmoothQuant, QuaRot) or a
+rounding (RTN, GPTQ, AWQ, OmniQuant); a cell's ``method`` is a list of them
+applied in order (``qeval.quant.recipe``).  Each step declares the tensor types
+it supports; a sweep cell asking for anything else is recorded as *skipped* with
+the reason instead of crashing the sweep.  Activation and KV quantizers are
+installed by :func:`qeval.quant.apply.quantize_model` for every recipe, so a
+method only decides the weights (and, for transforms, changes the model first).
 """
 
 from __future__ import annotations
 
-from typing import Any
+# the built-in methods register themselves on import
+from qeval.quant.methods import awq, gptq, omniquant, quarot, rtn, smoothquant  # noqa: F401
+from qeval.quant.methods.base import QuantMethod, Step, Transform, UnsupportedCellError
+from qeval.quant.methods.registry import ALIASES, METHODS, register_method
 
-from qeval.quant.methods.base import QuantMethod, UnsupportedCellError
-
-METHODS: dict[str, type[QuantMethod]] = {}
-
-
-def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
-    """Class decorator: make a method available as ``method=<cls.name>``."""
-    if cls.name in METHODS:
-        raise ValueError(f"quantization method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str, params: dict[str, Any] | None = None) -> QuantMethod:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}: available {', '.join(sorted(METHODS))}")
-    return METHODS[name](**(params or {}))
-
-
-# built-in methods register themselves on import
-from qeval.quant.methods import awq, gptq, omniquant, quarot, rtn, smoothquant  # noqa: E402,F401
-
-__all__ = ["METHODS", "QuantMethod", "UnsupportedCellError", "get_method", "register_method"]
+__all__ = [
+    "ALIASES",
+    "METHODS",
+    "QuantMethod",
+    "Step",
+    "Transform",
+    "UnsupportedCellError",
+    "register_method",
+]

@@ -23,6 +23,7 @@ module), which needs no attention-specific code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from torch import nn
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
 from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize_weight
-from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
 
 ALPHAS = [i / 20 for i in range(20)]
@@ -88,15 +89,25 @@ def search_clip(
     return best_w.reshape(rows, -1)[:, :cols].to(w.dtype)
 
 
+@dataclass(frozen=True)
+class AWQParams:
+    clip: bool = True  # weight-clip search after the scale search
+    max_tokens: int = 4096  # calibration tokens used per search (evenly spaced)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"method.awq.max_tokens={self.max_tokens}: allowed a positive integer")
+
+
 @register_method
 class AWQ(QuantMethod):
     name = "awq"
     tensor_types = frozenset({"W", "W+KV"})
     needs_calibration = True
 
-    def __init__(self, clip: bool = True, max_tokens: int = 4096) -> None:
-        self.clip = clip
-        self.max_tokens = max_tokens
+    Params = AWQParams
+    clip: bool
+    max_tokens: int
 
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None

@@ -1,32 +1,69 @@
-"""The interface every quantization method implements."""
+"""The two kinds of recipe step every quantization method is.
+
+* A :class:`Transform` changes the model without changing its function in full
+  precision (SmoothQuant's scaling, a rotation): it prepares weights and
+  activations for rounding.
+* A :class:`QuantMethod` (a rounding) decides the quantized weights of the target
+  linears (RTN, GPTQ, AWQ's scale-and-clip search, OmniQuant's learned clipping).
+
+A recipe (``qeval.quant.recipe``) is any number of transforms followed by at most
+one rounding (RTN when none is given).  Each step declares its parameters as a
+frozen dataclass (``Params``), which is also the Hydra schema of ``method=<name>``,
+so defaults live in one place and an unknown parameter is an error naming it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from qeval.config import QuantSpec, WeightSpec
 from qeval.errors import UnsupportedCellError
+from qeval.quant.formats import QuantFormat, QuantizedTensor, quantize_weight
 
-__all__ = ["QuantMethod", "UnsupportedCellError"]
+__all__ = ["NoParams", "QuantMethod", "Step", "Transform", "UnsupportedCellError"]
+
+# {linear name: (dequantized weight, codes and scales or None when not representable)}
+WeightResults = dict[str, tuple[torch.Tensor, QuantizedTensor | None]]
 
 
-class QuantMethod:
-    """Base class: decides quantized weights for the linears of a model.
+@dataclass(frozen=True)
+class NoParams:
+    """The parameters of a step that takes none."""
 
-    Subclasses set ``name`` and ``tensor_types`` and implement
-    :meth:`quantize_weight`; methods that need the whole model at once
-    (calibrated, blockwise) override :meth:`quantize_weights`.
+
+class Step:
+    """A recipe step: a name, its kind, its typed parameters and the tensor types it supports.
+
+    The parameters are set as attributes too (``self.damp``), so method code reads them
+    directly; ``self.params`` is the dataclass, which the cell's identity is made of.
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
     tensor_types: ClassVar[frozenset[str]] = frozenset()
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise TypeError(f"method {self.name!r} takes no parameters, got {sorted(params)}")
+    def __init__(self, params: Any = None, **overrides: Any) -> None:
+        if params is None:
+            try:
+                params = self.Params(**overrides)
+            except TypeError as err:
+                known = [f.name for f in dataclasses.fields(self.Params)]
+                raise TypeError(
+                    f"method {self.name!r} takes {', '.join(known) if known else 'no parameters'}, "
+                    f"got {sorted(overrides)}"
+                ) from err
+        elif overrides:
+            params = dataclasses.replace(params, **overrides)
+        self.params = params
+        for f in dataclasses.fields(params):
+            setattr(self, f.name, getattr(params, f.name))
 
     def check_supported(self, tensor_type: str, model_type: str | None = None) -> None:
         if tensor_type not in self.tensor_types and tensor_type != "FP":
@@ -35,27 +72,46 @@ class QuantMethod:
                 f"(supports {', '.join(sorted(self.tensor_types))})"
             )
 
-    def prepare(self, spec: Any) -> None:
+    def identity(self) -> dict[str, Any]:
+        """What of this step changes numbers: its name and every parameter."""
+        return {"name": self.name, "params": dataclasses.asdict(self.params)}
+
+
+class Transform(Step):
+    """A function-preserving change of the model, applied before rounding."""
+
+    kind = "transform"
+
+    def apply(self, model: nn.Module, spec: QuantSpec, calib: list[torch.Tensor] | None) -> None:
+        raise NotImplementedError
+
+
+class QuantMethod(Step):
+    """A rounding: decides quantized weights for the target linears of a model.
+
+    Subclasses implement :meth:`quantize_weight`; methods that need the whole model at
+    once (calibrated, blockwise) override :meth:`quantize_weights`.
+    """
+
+    kind = "rounding"
+
+    def prepare(self, spec: QuantSpec) -> None:
         """See the whole cell spec before quantizing (e.g. OmniQuant trains LET only
         when activations are quantized).  No-op by default."""
 
     def quantize_weights(
-        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+        self, model: nn.Module, linears: dict[str, nn.Linear], spec: WeightSpec, calib: Any = None
+    ) -> WeightResults:
         """Return ``{name: (dequantized weight, QuantizedTensor | None)}``."""
         return {name: self.quantize_weight(lin.weight.data, spec) for name, lin in linears.items()}
 
-    def quantize_weight(self, weight: torch.Tensor, spec: Any) -> tuple[torch.Tensor, Any]:
+    def quantize_weight(self, weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, QuantizedTensor | None]:
         raise NotImplementedError
 
     @staticmethod
-    def round_remaining(
-        linears: dict[str, nn.Linear], results: dict[str, tuple[torch.Tensor, Any]], spec: Any
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    def round_remaining(linears: dict[str, nn.Linear], results: WeightResults, spec: WeightSpec) -> WeightResults:
         """RTN for the target linears a blockwise method did not visit (outside the
         decoder blocks, e.g. a quantized lm_head)."""
-        from qeval.quant.formats import QuantFormat, quantize_weight
-
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         for name, lin in linears.items():
             if name not in results:

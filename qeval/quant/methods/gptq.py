@@ -32,8 +32,8 @@ from torch import nn
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize
-from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.registry import register_method
 
 
 class HessianAccumulator:
@@ -165,23 +165,33 @@ def gptq_quantize(
     return deq, QuantizedTensor(q=codes, scale=scales, zero=zero_t, group_size=gs, fmt=fmt)
 
 
+@dataclass(frozen=True)
+class GPTQParams:
+    damp: float = 0.01  # share of the mean Hessian diagonal added to it
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = True  # columns in order of decreasing Hessian diagonal
+    static_groups: bool = True  # group scales from the original weights (exportable with act_order)
+    true_sequential: bool = True  # q/k/v, o, gate/up, down quantized one after another within a block
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"method.gptq.damp={self.damp}: allowed 0 <= damp < 1")
+        if self.block_size <= 0:
+            raise ValueError(f"method.gptq.block_size={self.block_size}: allowed a positive integer")
+
+
 @register_method
 class GPTQ(QuantMethod):
     name = "gptq"
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
 
-    def __init__(
-        self,
-        damp: float = 0.01,
-        block_size: int = 128,
-        act_order: bool = True,
-        static_groups: bool = True,
-        true_sequential: bool = True,
-    ) -> None:
-        self.damp, self.block_size = damp, block_size
-        self.act_order, self.static_groups = act_order, static_groups
-        self.true_sequential = true_sequential
+    Params = GPTQParams
+    damp: float
+    block_size: int
+    act_order: bool
+    static_groups: bool
+    true_sequential: bool
 
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None

@@ -15,9 +15,10 @@ In full precision the rotated model computes the same function:
    (x -> x H, W_down -> W_down H): the fake-quant linear applies H before
    quantizing its input.
 
-Then weights are rounded with RTN (``method=quarot``) or GPTQ
-(``method=quarot_gptq``, Hessians taken on the rotated inputs), activations and
-KV are quantized per token as the cell's spec says.
+As a recipe step this is a transform: weights are then rounded with RTN
+(``method=quarot``) or whatever rounding follows it (``method=[quarot,gptq]``, the
+old ``quarot_gptq``: Hessians taken on the rotated inputs); activations and KV are
+quantized per token as the cell's spec says.
 
 Needs pre-norm blocks with RMSNorm: Gemma 3 (norms after attention/MLP, before
 the residual add) and OPT (LayerNorm's mean subtraction does not commute with
@@ -26,16 +27,17 @@ a rotation) are refused with a message naming the family.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qeval.config import QuantSpec
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import Adapter, get_adapter
 from qeval.quant.hadamard import random_rotation
-from qeval.quant.methods import register_method
-from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.base import Transform
+from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import untie_output_embeddings
 
 INPUT_TRANSFORM_ATTR = "qeval_input_transform"
@@ -117,33 +119,23 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
             down.register_forward_pre_hook(lambda _m, args, _H=H32: (args[0] @ _H, *args[1:]))
 
 
+@dataclass(frozen=True)
+class QuaRotParams:
+    seed: int = 0  # seed of the random signs / rotation
+    online_down: bool = True  # Hadamard on down_proj's input, applied online
+
+
 @register_method
-class QuaRot(QuantMethod):
+class QuaRot(Transform):
+    """Function-preserving rotation; the rounding after it is RTN unless the recipe names one
+    (``method=[quarot,gptq]``, which ``quarot_gptq`` stands for)."""
+
     name = "quarot"
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = False
-    weights = "rtn"
+    Params = QuaRotParams
+    seed: int
+    online_down: bool
 
-    def __init__(self, seed: int = 0, online_down: bool = True, **gptq_params: Any) -> None:
-        self.seed, self.online_down = seed, online_down
-        self.gptq_params = gptq_params
-        if gptq_params and self.weights != "gptq":
-            raise TypeError(f"method {self.name!r} takes seed and online_down, got {sorted(gptq_params)}")
-
-    def quantize_weights(
-        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    def apply(self, model: nn.Module, spec: QuantSpec, calib: list[torch.Tensor] | None) -> None:
         rotate_model(model, self.seed, self.online_down)
-        if self.weights == "gptq":
-            from qeval.quant.methods.gptq import GPTQ
-
-            return GPTQ(**self.gptq_params).quantize_weights(model, linears, spec, calib)
-        return self.round_remaining(linears, {}, spec)  # RTN on the transformed weights
-
-
-@register_method
-class QuaRotGPTQ(QuaRot):
-    name = "quarot_gptq"
-    tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
-    needs_calibration = True
-    weights = "gptq"

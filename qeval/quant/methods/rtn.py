@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from qeval.quant.formats import QuantFormat, quantize_weight
-from qeval.quant.methods import register_method
 from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.registry import register_method
 
 
 @register_method

@@ -10,20 +10,23 @@ on the inputs the already-smoothed earlier blocks produce) and of the weights.
 X is divided by s (folded into the norm's weight, Gemma's ``1 + weight`` and
 LayerNorm's bias included) and W multiplied by s, which leaves the model's
 function unchanged in full precision; weights are then rounded (RTN) and
-activations quantized per token, as the cell's spec says.
+activations quantized per token, as the cell's spec says.  As a recipe step it is a
+transform: ``method=smoothquant`` rounds with RTN, ``method=[smoothquant,gptq]`` with GPTQ
+(the standard W8A8 recipe).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qeval.config import QuantSpec
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.methods import register_method
-from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.base import Transform
+from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
 
 
@@ -57,19 +60,27 @@ def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) ->
     run_blockwise(model, adapter, batches, process_block, desc="smoothquant")
 
 
+@dataclass(frozen=True)
+class SmoothQuantParams:
+    alpha: float = 0.5  # migration strength; 0.8-0.85 is typical for Llama-like models
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"method.smoothquant.alpha={self.alpha}: allowed 0..1")
+
+
 @register_method
-class SmoothQuant(QuantMethod):
+class SmoothQuant(Transform):
+    """Function-preserving: the rounding that follows (RTN unless the recipe names one) sees
+    smoothed weights and activations."""
+
     name = "smoothquant"
     tensor_types = frozenset({"WA", "WA+KV"})
     needs_calibration = True
+    Params = SmoothQuantParams
+    alpha: float
 
-    def __init__(self, alpha: float = 0.5) -> None:
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"method.params.alpha={alpha}: allowed 0..1")
-        self.alpha = alpha
-
-    def quantize_weights(
-        self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    def apply(self, model: nn.Module, spec: QuantSpec, calib: list[torch.Tensor] | None) -> None:
+        if calib is None:
+            raise ValueError("smoothquant needs calibration data")
         smooth_model(model, calib, self.alpha)
-        return self.round_remaining(linears, {}, spec)  # RTN on the transformed weights

@@ -1,0 +1,351 @@
+"""The Hydra boundary: a composed config becomes one typed, validated :class:`Cell`.
+
+Everything below ``qeval.runner`` reads a ``Cell`` (frozen dataclasses) and never a
+``DictConfig``.  The same dataclasses are Hydra's schemas (:func:`register_configs`),
+so a typo'd key fails at composition, and every default lives in one place: the
+model, quantization and suite presets under ``qeval/conf/``, each recipe step's
+``Params`` and each backend's ``Settings`` (registered from their own modules, no
+YAML needed).  :func:`build_cell` converts once and checks every value that needs
+no model, naming the key and the allowed values; :func:`preflight` adds what needs
+the file system (data, task plugins, an installed backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from qeval.backends import BACKENDS, Backend, BackendSettings, backend_for
+from qeval.config import (
+    DTYPES,
+    MODEL_SOURCES,
+    TASK_KINDS,
+    CalibSpec,
+    ConfigError,
+    MethodPlugins,
+    ModelSpec,
+    QuantSpec,
+    SuiteSpec,
+    TaskEntry,
+    TaskPlugins,
+    check_choice,
+    fail,
+    quantized,
+    validate_quant,
+)
+from qeval.data import TEXT_DATASETS, check_available
+from qeval.eval.suite import check_suite, suite_kinds
+from qeval.models.tiny import TINY_FAMILIES
+from qeval.quant.methods import ALIASES, METHODS
+from qeval.quant.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sweep cell: model x quantization spec x recipe x suite x backend (and where results go)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    # the recipe as Hydra composes it: {step name: step params}, in order (method=[smoothquant,gptq])
+    method: dict[str, Any] = field(default_factory=dict)
+    suite: SuiteSpec = field(default_factory=SuiteSpec)
+    # the chosen backend's Settings (backend=hf | vllm | a registered one; the defaults list picks one)
+    backend: Any = field(default_factory=dict)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    tasks: TaskPlugins = field(default_factory=TaskPlugins)
+    methods: MethodPlugins = field(default_factory=MethodPlugins)
+    sweep_name: str = "default"
+    results_dir: str = "results"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    rerun: bool = False
+    # keep each weight-quantized model in <cache_dir>/quantized (safetensors), keyed by model
+    # weights + spec + method + calibration + seed, so re-runs with new tasks skip the method
+    quantized_cache: bool = False
+
+    @functools.cached_property
+    def recipe(self) -> Recipe:
+        return Recipe.from_mapping(self.method)
+
+    @functools.cached_property
+    def runtime(self) -> Backend:
+        """The backend object for this cell's settings."""
+        return backend_for(self.backend)
+
+    @property
+    def include(self) -> tuple[str, ...]:
+        """Extra task-plugin folders."""
+        return tuple(self.tasks.include)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}__{self.quant.name}__{self.recipe.name}"
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether quantizing this cell reads calibration data (a step, or static activation scales)."""
+        static_acts = quantized(self.quant.a) and not self.quant.a.dynamic
+        return self.recipe.needs_calibration or static_acts
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Quantizing or opening the cell reads calibration data (then it is part of the identity)."""
+        return self.uses_calibration or self.runtime.needs_calibration(self.quant)
+
+    def identity(self) -> dict[str, Any]:
+        """The parts of the cell that determine its numbers; their hash names the result file.
+
+        The form is the one records always had (``{model, quant, method: {name, params},
+        suite, backend, seed}`` plus ``calib`` when read), so old result folders still match.
+        """
+        identity: dict[str, Any] = {
+            "model": dataclasses.asdict(self.model),
+            "quant": dataclasses.asdict(self.quant),
+            "method": self.recipe.identity(),
+            "suite": dataclasses.asdict(self.suite),
+            "backend": self.runtime.identity(),
+            "seed": self.seed,
+        }
+        if self.quant.tensor_type == "FP":
+            # no method touches an unquantized model: quant=fp16 x method=rtn,gptq,awq is one
+            # baseline cell, computed once per sweep and found by every method's normalization
+            identity["method"] = None
+            return identity
+        if self.reads_calibration:
+            identity["calib"] = dataclasses.asdict(self.calib)
+        return identity
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved cell as plain data, for the record (``config``)."""
+        return dataclasses.asdict(self)
+
+
+# --- Hydra schemas -----------------------------------------------------------------------
+
+
+@functools.cache
+def hydra_schema(cls: type) -> type:
+    """The mutable twin of a frozen dataclass, generated, that Hydra composes into.
+
+    OmegaConf makes every node of a frozen dataclass read-only, dictionary values created
+    during a merge included (``suite.tasks.<entry>``), so Hydra could not apply overrides.
+    The twin has the same fields, types and defaults (nothing is written twice); the
+    composed config is converted back into the frozen classes by :func:`from_plain`.
+    """
+    hints = typing.get_type_hints(cls)
+    twin_fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(cls):
+        tp = _schema_type(hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            twin_fields.append((f.name, tp, field(default=f.default)))
+        elif f.default_factory is not dataclasses.MISSING:
+            factory = f.default_factory
+            if dataclasses.is_dataclass(factory):
+                factory = hydra_schema(factory)  # type: ignore[arg-type]
+            twin_fields.append((f.name, tp, field(default_factory=factory)))
+        else:
+            twin_fields.append((f.name, tp, field()))
+    return dataclasses.make_dataclass(cls.__name__, twin_fields)
+
+
+def _schema_type(tp: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return hydra_schema(tp)  # type: ignore[arg-type]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and len(args) == 2:
+        return dict[args[0], _schema_type(args[1])]  # type: ignore[misc,valid-type]
+    if origin is list and len(args) == 1:
+        return list[_schema_type(args[0])]  # type: ignore[misc]
+    if origin in (typing.Union, types.UnionType):
+        members = [_schema_type(a) for a in args if a is not type(None)]
+        return members[0] | None if len(members) == 1 and type(None) in args else tp
+    return tp
+
+
+def from_plain(cls: type, data: Any, key: str) -> Any:
+    """A frozen dataclass instance from resolved plain data; unknown keys name themselves."""
+    if not isinstance(data, dict):
+        fail(key, data, f"a mapping of {cls.__name__} fields")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        fail(
+            f"{key}.{unknown[0]}" if key else unknown[0],
+            data[unknown[0]],
+            f"keys of {cls.__name__}: {', '.join(sorted(names))}",
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _from_plain_value(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _from_plain_value(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_plain(tp, value, key)  # type: ignore[arg-type]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
+        return {k: from_plain(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def register_configs() -> None:
+    """Register the schemas, every recipe step's parameters and every backend's settings,
+    so that ``method=<step>`` / ``backend=<name>`` select typed nodes (call again after
+    importing method plugins)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="qeval_schema", node=hydra_schema(Cell))
+    cs.store(group="model", name="model_schema", node=hydra_schema(ModelSpec))
+    cs.store(group="quant", name="quant_schema", node=hydra_schema(QuantSpec))
+    cs.store(group="suite", name="suite_schema", node=hydra_schema(SuiteSpec))
+    cs.store(group="calib", name="calib_schema", node=hydra_schema(CalibSpec))
+    for name, step in METHODS.items():
+        cs.store(group="method", name=name, node=hydra_schema(step.Params), package=f"method.{name}")
+    for alias, names in ALIASES.items():
+        steps = [(n, hydra_schema(METHODS[n].Params)) for n in names]
+        alias_cls = dataclasses.make_dataclass(alias, [(n, t, field(default_factory=t)) for n, t in steps])
+        cs.store(group="method", name=alias, node=alias_cls, package="method")
+    for name, backend in BACKENDS.items():
+        cs.store(group="backend", name=name, node=hydra_schema(backend.Settings), package="backend")
+
+
+def load_method_plugins(paths: list[str] | tuple[str, ...]) -> None:
+    """Import method plugins (Python files or module names) so their steps register."""
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise ConfigError(f"invalid value methods.include={entry!r}: no such file")
+            name = f"qeval_method_plugin_{path.stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(entry)
+            except ImportError as err:
+                raise ConfigError(f"invalid value methods.include={entry!r}: {err}") from err
+
+
+# --- the boundary --------------------------------------------------------------------------
+
+
+def _merge_added_tasks(cfg: DictConfig) -> None:
+    """Move the entries of ``tasks.add`` into the suite, typed as TaskEntry (defaults filled in,
+    unknown keys refused with the entry's name), and drop entries removed with ``~``/null."""
+    schema = OmegaConf.structured(TaskEntry)
+    added = cfg.tasks.add if "tasks" in cfg and cfg.tasks.add else {}
+    for name, entry in added.items():
+        if not isinstance(entry, DictConfig):
+            fail(f"tasks.add.{name}", entry, "a mapping such as {task: qeval_arc_easy, limit: 100}")
+        try:
+            typed = OmegaConf.merge(schema, entry)
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"invalid tasks.add.{name}: {getattr(err, 'msg', err)} (allowed keys: {', '.join(schema.keys())})"
+            ) from err
+        with open_dict(cfg.suite.tasks):
+            cfg.suite.tasks[name] = typed
+    if added:
+        with open_dict(cfg.tasks):
+            cfg.tasks.add = {}
+    with open_dict(cfg.suite.tasks):
+        for name in [n for n, e in cfg.suite.tasks.items() if e is None]:
+            del cfg.suite.tasks[name]
+
+
+def build_cell(cfg: DictConfig | Cell) -> Cell:
+    """The typed cell of a composed config, validated (ConfigError naming the key otherwise)."""
+    if isinstance(cfg, Cell):
+        validate(cfg)
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    _merge_added_tasks(cfg)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {getattr(err, 'msg', err)}") from err
+    assert isinstance(data, dict)
+    backend = data.get("backend") or {}
+    name = backend.get("name") if isinstance(backend, dict) else None
+    if name not in BACKENDS:
+        fail("backend.name", name, "one of " + ", ".join(sorted(BACKENDS)))
+    data["backend"] = from_plain(BACKENDS[name].Settings, backend, "backend")
+    cell = from_plain(Cell, data, "")
+    validate(cell)
+    return cell
+
+
+def validate(cell: Cell) -> None:
+    """Every check that needs neither a model nor the file system."""
+    m = cell.model
+    check_choice("model.source", m.source, MODEL_SOURCES)
+    check_choice("model.dtype", m.dtype, DTYPES)
+    if m.source in ("hub", "local") and not m.path:
+        fail("model.path", m.path, f"a Hub id or folder when model.source={m.source}")
+    if m.source == "tiny":
+        check_choice("model.family", m.family, tuple(TINY_FAMILIES))
+    if m.source == "gguf" and not m.gguf.parts:
+        fail("model.gguf.parts", list(m.gguf.parts), "a list of 'distribution:path' pieces")
+    validate_quant(cell.quant)
+    if not cell.method:
+        fail("method", "[]", "a method or a list of them (method=rtn, method=[smoothquant,gptq])")
+    cell.recipe  # noqa: B018 - builds the recipe: unknown steps, parameters and orders fail here
+    if not isinstance(cell.backend, BackendSettings):
+        fail("backend", cell.backend, "one of " + ", ".join(sorted(BACKENDS)))
+    cell.runtime.validate()
+    if not cell.suite.tasks:
+        fail("suite.tasks", dict(cell.suite.tasks), "at least one task")
+    for name, task in cell.suite.tasks.items():
+        check_choice(f"suite.tasks.{name}.kind", task.kind, TASK_KINDS)
+        if task.kind == "perplexity":
+            if task.dataset not in TEXT_DATASETS and not (task.dataset and Path(task.dataset).expanduser().is_file()):
+                fail(
+                    f"suite.tasks.{name}.dataset",
+                    task.dataset,
+                    f"one of {', '.join(sorted(TEXT_DATASETS))} or the path of a text file",
+                )
+            if task.seqlen <= 1:
+                fail(f"suite.tasks.{name}.seqlen", task.seqlen, "an integer > 1")
+            if task.max_windows is not None and task.max_windows <= 0:
+                fail(f"suite.tasks.{name}.max_windows", task.max_windows, "a positive integer or null")
+        elif not task.task:
+            fail(f"suite.tasks.{name}.task", task.task, "a task name (see qeval-tasks)")
+        if task.num_fewshot is not None and task.num_fewshot < 0:
+            fail(f"suite.tasks.{name}.num_fewshot", task.num_fewshot, "an integer >= 0 or null")
+        if task.limit is not None and task.limit <= 0:
+            fail(f"suite.tasks.{name}.limit", task.limit, "a positive integer or null")
+    if cell.calib.nsamples <= 0:
+        fail("calib.nsamples", cell.calib.nsamples, "a positive integer")
+
+
+def preflight(cell: Cell | DictConfig) -> Cell:
+    """The checks that read the file system but need no model: task names and plugins, data,
+    whether the backend is installed and can score every entry.  Returns the (built) cell."""
+    cell = build_cell(cell)
+    check_suite(cell.suite, cell.include, cell.data_dir)
+    cell.runtime.preflight(suite_kinds(cell.suite, cell.include), cell.suite.name)
+    if cell.reads_calibration:
+        check_available(cell.calib.dataset, cell.data_dir)
+    return cell

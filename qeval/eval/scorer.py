@@ -1,0 +1,83 @@
+"""What evaluation scores: the :class:`Scorer` protocol and its in-process HF implementation.
+
+Every task kind reads a model through this protocol: perplexity asks for the mean
+NLL of token windows, lm-eval tasks for an lm-eval ``LM``, qeval-native tasks for an
+in-memory HF model.  Backends (``qeval.backends``) produce scorers; evaluation never
+asks which backend it has, nor how the model was quantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What every task kind needs from a model under evaluation."""
+
+    #: an in-memory HF model for qeval-native tasks (which drive ``generate`` themselves);
+    #: None where the backend cannot offer one (its ``task_kinds`` then lack "native")
+    hf_model: nn.Module | None
+
+    def window_nlls(self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str) -> list[float]:
+        """Mean next-token NLL of each token window, each scored from an empty context."""
+        ...
+
+    def lm_eval_model(self, batch_size: int) -> Any:
+        """An lm-eval ``LM`` that scores this model."""
+        ...
+
+
+def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
+    if not decode_chunk:
+        return model(window).logits
+    # decode-style: feed the window through the KV cache a chunk at a time, so that
+    # earlier tokens are seen the way a serving cache stores them (KIVI semantics)
+    cache, logits = None, []
+    for start in range(0, window.shape[1], decode_chunk):
+        out = model(window[:, start : start + decode_chunk], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def window_nlls(
+    model: nn.Module, windows: list[torch.Tensor], desc: str = "perplexity", decode_chunk: int | None = None
+) -> list[float]:
+    """Mean NLL of each token window under an in-memory HF model (one forward per window, or
+    ``decode_chunk`` tokens per forward through the KV cache)."""
+    device = next(model.parameters()).device
+    nlls = []
+    for window in tqdm(windows, desc=desc, leave=False):
+        window = window.unsqueeze(0).to(device)
+        logits = _window_logits(model, window, decode_chunk)[0, :-1].float()
+        nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
+    return nlls
+
+
+class HFScorer:
+    """An in-memory transformers model (fake-quantized or not), scored in this process."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        self.hf_model: nn.Module | None = model
+        self.model, self.tokenizer = model, tokenizer
+
+    def window_nlls(self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str) -> list[float]:
+        return window_nlls(self.model, windows, desc=desc, decode_chunk=decode_chunk)
+
+    def lm_eval_model(self, batch_size: int) -> Any:
+        from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly
+
+        device = str(next(self.model.parameters()).device)
+        return HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device)
+
+
+def as_scorer(model: Scorer | nn.Module, tokenizer: Any) -> Scorer:
+    """A scorer for a bare HF model (tests, benchmarks); a scorer is returned as it is."""
+    return HFScorer(model, tokenizer) if isinstance(model, nn.Module) else model
