@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from qeval.data import data_dir, local_file
-from qeval.eval import longeval_gen as lg
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native
 from qeval.models.tiny import build_tiny_model, byte_tokenizer
+from qeval.tasks.long_context import longeval_gen as lg
 
 NEEDED = (
     "longeval/lines/200_lines.jsonl",

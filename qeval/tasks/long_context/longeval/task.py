@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qeval.eval import longeval_gen as lg
 from qeval.eval.registry import NativeTask, TaskContext, register_task
+from qeval.tasks.long_context import longeval_gen as lg
 
 log = logging.getLogger("qeval")
 

@@ -42,8 +42,8 @@ import logging
 import random
 from typing import Any
 
-from qeval.eval import longeval_gen as lg
 from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+from qeval.tasks.long_context import longeval_gen as lg
 
 log = logging.getLogger("qeval")
 
