@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from qeval.data import tokenized_corpus
+from qeval.eval.scores import mean_variance
 
 
 @dataclass
@@ -97,8 +98,7 @@ def perplexity(
         nlls = model.window_nlls([w.tolist() for w in corpus_windows(ids, seqlen, max_windows)])
     else:
         nlls = window_nlls(model, ids, seqlen, max_windows, desc=f"{dataset} ppl", decode_chunk=decode_chunk)
-    n = len(nlls)
-    mean = sum(nlls) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")
+    mean, var, n = mean_variance(nlls)  # NaN windows propagate: a broken model scores NaN
+    sd = math.sqrt(var) if n > 1 else float("nan")
     ppl = math.exp(mean)
     return PerplexityResult(ppl=ppl, ppl_stderr=ppl * sd / math.sqrt(n), nll=mean, windows=n, tokens=n * (seqlen - 1))
