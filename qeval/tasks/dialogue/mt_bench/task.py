@@ -254,6 +254,8 @@ class MTBench(NativeTask):
             return None
         fingerprint = ctx.reference_fingerprint
         if not fingerprint:
+            # qeval.models.loading imports transformers' Auto classes (seconds); only a context
+            # built without the runner's fingerprint comes here
             from qeval.models.loading import weights_fingerprint
 
             fingerprint = weights_fingerprint(ctx.model if ctx.is_reference else ctx.reference)
