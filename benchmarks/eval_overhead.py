@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lmeval_parity import PAIRS, equal, lm_eval_reference  # noqa: E402
 
 from qeval.cli import compose_config  # noqa: E402
-from qeval.eval import harness  # noqa: E402
+from qeval.eval import harness, registry  # noqa: E402
 from qeval.models.loading import clear_process_cache, load_model, resolve_pretrained_path  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     cfg = compose_config([f"model={args.model}"])
     pretrained = resolve_pretrained_path(cfg.model, cfg.cache_dir)
-    harness.task_manager()  # index lm-eval's task registry once, outside both timings
+    registry.task_manager()  # index lm-eval's task registry once, outside both timings
     times: dict[str, list[float]] = {"qeval": [], "lm-eval": []}
     scores: dict[str, dict] = {}
     for r in range(args.rounds):

@@ -13,6 +13,7 @@ import pytest
 
 from qeval.eval import dialogue, judge
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native
+from qeval.eval.scores import mean_stderr
 
 DATA = "mt_bench/question.jsonl"
 
@@ -145,10 +146,10 @@ def test_rouge_l_agreement():
 
 
 def test_mean_stderr_and_aggregate():
-    mean, err, n = dialogue.mean_stderr([1.0, 2.0, 3.0, float("nan")])
+    mean, err, n = mean_stderr([1.0, 2.0, 3.0, float("nan")])
     assert (mean, n) == (2.0, 3)
     assert err == pytest.approx(1.0 / math.sqrt(3))  # sample std 1
-    assert math.isnan(dialogue.mean_stderr([5.0])[1])
+    assert math.isnan(mean_stderr([5.0])[1])
     agg = dialogue.aggregate([{"x": 0.0}, {"x": 1.0}], "turn1_")
     assert agg == {"turn1_x": 0.5, "turn1_x_stderr": pytest.approx(0.5)}
 

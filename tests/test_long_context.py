@@ -14,9 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from qeval.data import data_dir, local_file
-from qeval.eval import longeval_gen as lg
+from qeval.eval.generation import context_limit, encode_prompt
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native
+from qeval.eval.scores import mean_stderr
 from qeval.models.tiny import build_tiny_model, byte_tokenizer
+from qeval.tasks.long_context import longeval_gen as lg
 
 NEEDED = (
     "longeval/lines/200_lines.jsonl",
@@ -98,7 +100,7 @@ def test_topics_generator_rebuilds_shipped_records_and_is_deterministic():
 
 def test_prompt_length_grows_with_lines_topics_and_context_length(tok):
     def length(case):
-        return len(lg.encode_prompt(tok, case.prompt, False))
+        return len(encode_prompt(tok, case.prompt, False))
 
     lines = [length(lg.lines_cases(n, 1, prefer_local=False)[0]) for n in (5, 10, 20)]
     assert lines[0] < lines[1] < lines[2]
@@ -162,12 +164,12 @@ def test_topic_match_is_normalised_containment():
 
 
 def test_mean_stderr_and_context_limit():
-    mean, se = lg.mean_stderr([1, 0, 1, 1])
-    assert mean == 0.75 and se == pytest.approx(math.sqrt(0.25 / 4))
-    assert math.isnan(lg.mean_stderr([1])[1])
+    mean, se, n = mean_stderr([1, 0, 1, 1])
+    assert mean == 0.75 and se == pytest.approx(math.sqrt(0.25 / 4)) and n == 4
+    assert math.isnan(mean_stderr([1])[1])
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
-    assert lg.context_limit(model, 8) == 504
-    assert lg.context_limit(model, 8, max_tokens=300) == 292
+    assert context_limit(model, 8) == 504
+    assert context_limit(model, 8, max_tokens=300) == 292
 
 
 # ------------------------------------------------------------------ tasks end to end

@@ -135,7 +135,7 @@ def stores(tmp_path):
 
 
 def test_significance_marks_only_differences_beyond_two_standard_errors(stores):
-    from qeval.report.table import add_normalized, long_frame, read_sweeps
+    from qeval.report.frames import add_normalized, long_frame, read_sweeps
 
     long = add_normalized(long_frame(read_sweeps([stores[0]]))).set_index(["quant", "metric"])
     assert bool(long.loc[("w3g128", "arc.acc"), "significant"]) is True
@@ -147,7 +147,7 @@ def test_significance_marks_only_differences_beyond_two_standard_errors(stores):
 
 
 def test_two_sweeps_compare_methods_side_by_side(stores, tmp_path):
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     markdown, files = write_tables(list(stores), tmp_path / "out")
     names = {f.relative_to(tmp_path / "out").as_posix() for f in files}
@@ -183,7 +183,7 @@ def test_two_sweeps_compare_methods_side_by_side(stores, tmp_path):
 
 
 def test_report_refuses_a_missing_or_empty_folder(stores, tmp_path):
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     with pytest.raises(ValueError, match="does not exist"):
         write_tables([stores[0], tmp_path / "nope"], tmp_path / "out")
@@ -193,7 +193,7 @@ def test_report_refuses_a_missing_or_empty_folder(stores, tmp_path):
 
 
 def test_every_plot_type_is_drawn(stores, tmp_path):
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     _, files = write_tables(list(stores), tmp_path / "out")
     figures = {f.name for f in files if f.suffix == ".png"}
@@ -215,7 +215,8 @@ def test_every_plot_type_is_drawn(stores, tmp_path):
 
 
 def test_pareto_front_and_memory_axis():
-    from qeval.report.plots import bit_width, pareto_front, weight_bits_per_param
+    from qeval.report.frames import bit_width, weight_bits_per_param
+    from qeval.report.plots import pareto_front
 
     assert weight_bits_per_param("W4g128") == pytest.approx(4.125)
     assert weight_bits_per_param("W8A8") == 8 and weight_bits_per_param("KV4") == 16
@@ -232,8 +233,8 @@ def test_pareto_front_and_memory_axis():
 def test_recommendation_is_the_least_memory_that_keeps_the_share(stores, keep, expected):
     """basic_nlp retained (mean of the ppl and accuracy ratios): kv4 0.995, w8a8 0.968,
     GPTQ w4g128 0.946, RTN w4g128 0.900, GPTQ w3g128 0.858, RTN w3g128 0.667."""
+    from qeval.report.frames import add_normalized, family_table, long_frame, read_sweeps
     from qeval.report.recommend import recommendations
-    from qeval.report.table import add_normalized, family_table, long_frame, read_sweeps
 
     families = family_table(add_normalized(long_frame(read_sweeps(list(stores)))))
     advice = recommendations(families, keep).set_index("family")
@@ -269,7 +270,7 @@ def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path)
     import re
     import subprocess
 
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     _, files = write_tables(list(stores), tmp_path / "out")
     page = tmp_path / "out" / "report.html"

@@ -157,7 +157,7 @@ def test_wikitext_pages_are_the_articles_with_every_line() -> None:
 
 
 def _task_manager():
-    from qeval.eval.harness import task_manager
+    from qeval.eval.registry import task_manager
 
     return task_manager()
 

@@ -6,7 +6,8 @@ again; at W3 and KV3) and *token-level repetition and non-words* (loops of a
 word or symbol, strings that are not words; at W2, W4A4 and KV2).  Judge
 scores need an LLM judge; these metrics need nothing but the text, so every
 user can see the degeneration offline.  Each function scores one answer and
-documents the exact definition used; :func:`mean_stderr` aggregates.
+documents the exact definition used; :func:`aggregate` averages them
+(:func:`qeval.eval.scores.mean_stderr`).
 
 Tokens.  Repetition and diversity are measured on *word tokens*
 (:func:`word_tokens`): lower-cased runs of letters/digits (with inner
@@ -16,19 +17,18 @@ of tokens too.  Word tokens are independent of the model's tokenizer, so
 numbers compare across models.
 
 Undefined values.  A metric that is undefined for an answer (no sentence, no
-n-gram, no word) is ``nan`` and :func:`mean_stderr` leaves it out, so an empty
+n-gram, no word) is ``nan`` and :func:`~qeval.eval.scores.mean_stderr` leaves it out, so an empty
 answer neither counts as repetitive nor as diverse; the task reports the
 share of empty answers separately.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-NAN = float("nan")
+from qeval.eval.scores import NAN, mean_stderr
 
 _WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\s]", re.UNICODE)
 _LIST_MARKER_RE = re.compile(r"^\s*(?:[-*+•>#]+|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)])\s+")
@@ -345,7 +345,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     empty answer against a non-empty one scores 0.
     """
     global _ROUGE
-    if _ROUGE is None:
+    if _ROUGE is None:  # rouge_score (and the nltk it loads) only when an FP answer is compared
         from rouge_score import rouge_scorer
 
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -356,24 +356,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 # --------------------------------------------------------------------------- aggregation
-
-
-def mean_stderr(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean, standard error (sample std with ddof=1, over sqrt(n)) and n of the defined values.
-
-    ``nan`` values (metric undefined for that answer) are left out.  With no
-    value the mean is ``nan``; with one, the standard error is ``nan`` (it
-    cannot be estimated), as in lm-eval.
-    """
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    n = len(xs)
-    if n == 0:
-        return NAN, NAN, 0
-    mean = sum(xs) / n
-    if n == 1:
-        return mean, NAN, 1
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var / n), n
 
 
 def answer_metrics(answer: str, reference: str | None = None) -> dict[str, float]:

@@ -2,36 +2,22 @@
 lm-eval's own ``simple_evaluate``, so task definitions and metrics are
 lm-eval's and never re-implemented here.
 
-Task plugins live in the repository's ``tasks/`` folder, any folder in
-``QEVAL_TASKS_PATH`` (separated by ``os.pathsep``) and any folder named in
-``tasks.include``; lm-eval's built-in tasks stay available under their usual
-names for online users.
+Which tasks exist, and where their plugins live (the repository's ``tasks/``
+folder, ``QEVAL_TASKS_PATH``, ``tasks.include``), is :mod:`qeval.eval.registry`'s
+business; this module only runs them.  lm-eval's built-in tasks stay available
+under their usual names for online users.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
 from typing import Any
 
+from qeval.eval.registry import task_manager
 from qeval.eval.scorer import as_scorer
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=4)
-def task_manager(include: tuple[str, ...] = ()):
-    """lm-eval's TaskManager over its own tasks plus qeval's task folders (see registry.task_paths)."""
-    from lm_eval.tasks import TaskManager
-
-    from qeval.eval.registry import task_paths
-
-    return TaskManager(include_path=task_paths(include))
-
-
-def task_exists(name: str, include: tuple[str, ...] = ()) -> bool:
-    return name in task_manager(include).all_tasks
 
 
 def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:
@@ -59,6 +45,8 @@ def run_lm_eval(
     apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on an in-memory model; returns lm-eval's whole output."""
+    # lm_eval's evaluator and HF model import in seconds (datasets, transformers): only cells
+    # that run an lm-eval task pay for them
     from lm_eval import simple_evaluate
 
     # lm-eval bootstraps some standard errors (perplexity, F1, BLEU) in a fork()ed process pool:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qeval.eval.registry import TaskParamError
+
 # FastChat's llm_judge/common.py: categories graded against a reference answer
 NEED_REF_CATS = ("math", "reasoning", "coding")
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -68,7 +70,7 @@ def judge_config(
     p = dict(params or {})
     unknown = set(p) - {"base_url", "model", "api_key_env", "timeout", "max_tokens", "retries"}
     if unknown:
-        raise TypeError(
+        raise TaskParamError(
             f"unknown judge settings {sorted(unknown)} (allowed: base_url, model, api_key_env, "
             "timeout, max_tokens, retries)"
         )

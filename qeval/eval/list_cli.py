@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from qeval.eval.registry import list_tasks
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -20,8 +22,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for noisy in ("lm_eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
-    from qeval.eval.registry import list_tasks
 
     infos = [t for t in list_tasks(args.include) if args.family in (None, t.family)]
     if not infos:

@@ -19,6 +19,7 @@ import torch
 
 from qeval.data import tokenized_corpus
 from qeval.eval.scorer import Scorer, as_scorer
+from qeval.eval.scores import mean_variance
 
 
 @dataclass
@@ -64,8 +65,7 @@ def perplexity(
     nlls = as_scorer(scorer, tokenizer).window_nlls(
         corpus_windows(ids, seqlen, max_windows), decode_chunk, f"{dataset} ppl"
     )
-    n = len(nlls)
-    mean = sum(nlls) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else float("nan")
+    mean, var, n = mean_variance(nlls)  # NaN windows propagate: a broken model scores NaN
+    sd = math.sqrt(var) if n > 1 else float("nan")
     ppl = math.exp(mean)
     return PerplexityResult(ppl=ppl, ppl_stderr=ppl * sd / math.sqrt(n), nll=mean, windows=n, tokens=n * (seqlen - 1))

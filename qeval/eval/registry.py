@@ -14,6 +14,12 @@ folder a user adds with ``tasks.include=[/path/to/my_tasks]``:
 
 A plugin declares its family, primary metric and direction, so reports group
 and normalise every task the same way, without a list of special cases.
+
+This module owns task *discovery* for both kinds: the task folders
+(:func:`task_paths`), lm-eval's ``TaskManager`` over them (:func:`task_manager`),
+the native plugins (:func:`discover_native`) and what ``qeval-tasks`` and the
+reports know about a task (:func:`list_tasks`, :func:`task_info`).  Running an
+lm-eval task is :mod:`qeval.eval.harness`'s job.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
+
+from qeval.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,17 @@ BUILTIN_TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 class TaskDataError(FileNotFoundError):
     """A task needs data that is neither in the data directory nor reachable online."""
+
+
+class TaskParamError(ConfigError, TypeError):
+    """A bad value in a task's ``params`` (or a setting the model cannot satisfy, such as a
+    chat template it lacks).
+
+    The one error type native tasks raise for their parameters.  It is a ``ConfigError`` (so
+    the message reads like every other bad configuration value and the sweep's preflight
+    reports it before a model loads) and a ``TypeError``, which is what Python raises for an
+    unknown keyword, so a caller catches bad and unknown parameters alike.
+    """
 
 
 @dataclass
@@ -85,6 +106,8 @@ class NativeTask:
         """Raise :class:`TaskDataError` before any model loads if the data can't be had.
 
         ``include`` are the user's extra task folders (for tasks that run other tasks)."""
+        # qeval.data imports torch (seconds): the reports read FAMILIES from this module and
+        # ``qeval-tasks`` lists tasks, neither needs it
         from qeval.data import local_file, offline
 
         missing = [rel for rel in self.data if local_file(rel, data_dir) is None]
@@ -116,8 +139,6 @@ def register_task(cls: type[NativeTask]) -> type[NativeTask]:
 
 def task_paths(include: Iterable[str] = ()) -> list[str]:
     """The repository's ``tasks/`` folder, ``QEVAL_TASKS_PATH`` entries, then ``include``."""
-    import os
-
     paths = [str(BUILTIN_TASKS_DIR)] if BUILTIN_TASKS_DIR.is_dir() else []
     env = os.environ.get("QEVAL_TASKS_PATH")
     if env:
@@ -128,6 +149,22 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
             raise TaskDataError(f"tasks.include names {p!r}, which is not a folder")
         paths.append(str(path.resolve()))
     return paths
+
+
+@lru_cache(maxsize=4)
+def task_manager(include: tuple[str, ...] = ()) -> Any:
+    """lm-eval's TaskManager over its own tasks plus qeval's task folders (:func:`task_paths`),
+    built once per ``include`` and process (indexing the YAML files takes seconds)."""
+    # lm_eval.tasks takes seconds to import (datasets, its registry); suites of perplexity or
+    # native tasks alone, and the reports, never need it
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_paths(include))
+
+
+def task_exists(name: str, include: tuple[str, ...] = ()) -> bool:
+    """Whether lm-eval knows ``name`` (its own tasks, qeval's and the user's folders)."""
+    return name in task_manager(include).all_tasks
 
 
 _PLUGIN_MODULES: dict[Path, ModuleType] = {}
@@ -214,8 +251,6 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
     """Every qeval task plugin (native and lm-eval YAML) under the task folders."""
     include = tuple(include)
     roots = [Path(p) for p in task_paths(include)]
-    from qeval.eval.harness import task_manager
-
     infos = [_native_info(cls) for cls in discover_native(include).values()]
     tm = task_manager(include)
     for name, entry in tm.task_index.items():
@@ -252,8 +287,6 @@ def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
     lm-eval's built-in tasks (used by name, online) have no qeval metadata: they are
     reported under family ``unassigned`` with lm-eval's first metric.
     """
-    from qeval.eval.harness import task_manager
-
     include = tuple(include)
     native = discover_native(include)
     if name in native:

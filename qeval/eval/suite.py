@@ -68,7 +68,7 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
             except TaskDataError as err:
                 raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
-            from qeval.eval.harness import task_exists
+            from qeval.eval.registry import task_exists
 
             if not task_exists(task.task, include):
                 raise ConfigError(

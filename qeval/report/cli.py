@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qeval.report.table import write_tables
+from qeval.report.write import write_tables
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 Sections: overview (findings, families, recommendations), one per tensor type, per method,
 per family, fake-vs-real agreement and efficiency when the sweep has them.  Everything on the
-page is already computed by the table, plot and recommendation modules; this module only lays
-it out, so the page can never say something the CSV files do not.
+page is already computed by the frame, plot and recommendation modules; this module only lays
+it out, so the page can never say something the CSV files do not.  A leaf of
+:mod:`qeval.report`: it returns the page as text (reading the saved PNGs to embed them) and
+:mod:`qeval.report.write` writes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import html
 from pathlib import Path
 
 import pandas as pd
+
+from qeval.report.frames import CELL_KEYS, TT_ORDER
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -36,8 +40,7 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0, escape=True)
 
 
-def write_html(
-    out: Path,
+def render_html(
     title: str,
     findings: list[str],
     families: pd.DataFrame,
@@ -50,8 +53,8 @@ def write_html(
     efficiency: pd.DataFrame,
     keep: float,
     not_ok: pd.DataFrame | None = None,
-) -> Path:
-    """Lay out the report; returns the path of report.html."""
+) -> str:
+    """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
 
@@ -68,9 +71,7 @@ def write_html(
     )
     sections.append(("overview", "Overview", overview))
 
-    from qeval.report.table import _TT_ORDER
-
-    for tt, view in sorted(tensor_views.items(), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
+    for tt, view in sorted(tensor_views.items(), key=lambda kv: TT_ORDER.get(kv[0], 9)):
         rows = marked[marked.index.get_level_values("tensor_type").isin(["FP", tt])]
         body = (
             "<p class='note'>± one standard error; * = beyond two standard errors of the difference from "
@@ -116,17 +117,12 @@ def write_html(
             + ", ".join(f"{n} {status}" for status, n in counts.items())
             + ": these cells have no scores and appear in no table or figure above.</p>"
         )
-        from qeval.report.table import CELL_KEYS
-
         sections.append(("not-run", "Failed and skipped cells", head + _table(not_ok.set_index(CELL_KEYS))))
 
     nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections) + "</nav>"
-    page = (
+    return (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{nav}"
         + "".join(f'<h2 id="{a}">{html.escape(h)}</h2>{b}' for a, h, b in sections)
         + "</body></html>"
     )
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path

@@ -1,55 +1,30 @@
-"""Figures from the result store (matplotlib, PNG + SVG), all drawn from the long frame.
+"""Figures from the result store (matplotlib), all drawn from the long frame.
 
-Every function takes the long frame with normalization (``table.add_normalized``), writes
-its figures under ``out`` and returns the PNG paths (an SVG sits beside each).  A figure
-whose data is absent from the sweep (no KV cells, one method only, no long-context task)
-is simply not drawn, so any sweep gets every plot that applies to it.
+A leaf of :mod:`qeval.report`: every function takes the long frame with normalization
+(:func:`qeval.report.frames.add_normalized`) or the family table and yields its figures as
+``(name, figure)`` pairs, one at a time; :mod:`qeval.report.write` saves each (PNG + SVG)
+and closes it before the next is drawn.  A figure whose data is absent from the sweep (no KV
+cells, one method only, no long-context task) is simply not drawn, so any sweep gets every
+plot that applies to it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
+from collections.abc import Iterator
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # files only, never a window (and no display needed)
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from qeval.report.table import _TT_ORDER, _retained  # noqa: E402
+from qeval.report.frames import TT_ORDER, bit_width, retained, weight_bits_per_param  # noqa: E402
 
-FP_BITS = 16
 RADAR_CAP = 1.25
-
-
-def bit_width(tensor_type: str, bits: str) -> float:
-    """The bit-width a cell varies: weights for W/WA, the cache for KV; 16 for FP."""
-    if tensor_type == "FP":
-        return FP_BITS
-    part = "KV" if tensor_type == "KV" else "W"
-    match = re.search(rf"{part}(\d+)", bits)
-    return float(match.group(1)) if match else math.nan
-
-
-def weight_bits_per_param(bits: str) -> float:
-    """Weight memory per parameter: the code width plus a 16-bit scale per group
-    (the memory axis of the accuracy-vs-memory plot)."""
-    match = re.search(r"W(\d+)(?:g(\d+))?", bits)
-    if not match:
-        return float(FP_BITS)
-    width, group = int(match.group(1)), match.group(2)
-    return width + (16 / int(group) if group else 0.0)
-
-
-def _save(fig, out: Path, name: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{name}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
-    plt.close(fig)
-    return png
+NamedFigures = Iterator[tuple[str, Figure]]  # (file stem, figure)
 
 
 def _backend_tag(backend: str) -> str:
@@ -57,19 +32,18 @@ def _backend_tag(backend: str) -> str:
     return "" if backend == "hf" else f" [{backend}]"
 
 
-def _with_retained(long: pd.DataFrame) -> pd.DataFrame:
+def _withretained(long: pd.DataFrame) -> pd.DataFrame:
     prim = long[long.primary].copy()
-    prim["retained"] = [_retained(n, h) for n, h in zip(prim["normalized"], prim["higher_is_better"])]
+    prim["retained"] = [retained(n, h) for n, h in zip(prim["normalized"], prim["higher_is_better"])]
     return prim
 
 
-def score_vs_bits(long: pd.DataFrame, out: Path) -> list[Path]:
+def score_vs_bits(long: pd.DataFrame) -> NamedFigures:
     """Per tensor type: each task's primary metric against bit-width, one line per model and
     method, FP as the 16-bit point, error bars of one standard error."""
     prim = long[long.primary].copy()
     prim["bit_width"] = [bit_width(t, b) for t, b in zip(prim.tensor_type, prim.bits)]
-    files = []
-    for tt in sorted(set(prim.tensor_type) - {"FP"}, key=lambda t: _TT_ORDER.get(t, 9)):
+    for tt in sorted(set(prim.tensor_type) - {"FP"}, key=lambda t: TT_ORDER.get(t, 9)):
         part = prim[prim.tensor_type.isin([tt, "FP"])]
         metrics = sorted(part.metric.unique())
         cols = min(3, len(metrics))
@@ -98,18 +72,17 @@ def score_vs_bits(long: pd.DataFrame, out: Path) -> list[Path]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{tt}: score vs bit-width (error bars: 1 standard error)")
-        files.append(_save(fig, out, f"score_vs_bits_{tt.replace('+', '_')}"))
-    return files
+        yield f"score_vs_bits_{tt.replace('+', '_')}", fig
 
 
-def method_bars(long: pd.DataFrame, out: Path) -> list[Path]:
+def method_bars(long: pd.DataFrame) -> NamedFigures:
     """Methods side by side at each bit setting: mean quality retained over tasks."""
-    prim = _with_retained(long)
+    prim = _withretained(long)
     prim = prim[prim.tensor_type != "FP"]
     if prim.method.nunique() < 2:
-        return []
+        return
     table = prim.pivot_table(index=["tensor_type", "bits"], columns="method", values="retained", aggfunc="mean")
-    table = table.loc[sorted(table.index, key=lambda k: (_TT_ORDER.get(k[0], 9), -bit_width(k[0], k[1])))]
+    table = table.loc[sorted(table.index, key=lambda k: (TT_ORDER.get(k[0], 9), -bit_width(k[0], k[1])))]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table)), 3.6))
     table.plot.bar(ax=ax, width=0.8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -117,12 +90,12 @@ def method_bars(long: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_xticklabels([f"{tt} {b}" for tt, b in table.index], rotation=30, ha="right")
     ax.set_xlabel("")
     ax.set_title("methods at each bit setting (mean over tasks)")
-    return [_save(fig, out, "methods_by_bits")]
+    yield "methods_by_bits", fig
 
 
-def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
+def heatmap(long: pd.DataFrame) -> NamedFigures:
     """Quality retained per configuration (rows) and task (columns)."""
-    prim = _with_retained(long)
+    prim = _withretained(long)
     prim["config"] = [
         f"{r.bits} {r.method}{_backend_tag(r.backend)}" + (f" ({r.model})" if prim.model.nunique() > 1 else "")
         for r in prim.itertuples()
@@ -133,7 +106,7 @@ def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
         sorted(
             table.index,
             key=lambda c: (
-                _TT_ORDER.get(order.loc[c, "tensor_type"], 9),
+                TT_ORDER.get(order.loc[c, "tensor_type"], 9),
                 -bit_width(order.loc[c, "tensor_type"], order.loc[c, "bits"]),
                 c,
             ),
@@ -150,14 +123,13 @@ def heatmap(long: pd.DataFrame, out: Path) -> list[Path]:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, label="quality retained")
     ax.set_title("quality retained per task (1 = unquantized)")
-    return [_save(fig, out, "heatmap")]
+    yield "heatmap", fig
 
 
-def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
+def family_profiles(families: pd.DataFrame) -> NamedFigures:
     """A radar per model: each configuration's quality retained per family."""
     if families.shape[1] < 3:
-        return []  # a radar needs three axes; the family table says it all
-    files = []
+        return  # a radar needs three axes; the family table says it all
     for model, part in families.groupby(level="model"):
         labels = list(part.columns)
         angles = [2 * math.pi * i / len(labels) for i in range(len(labels))] + [0.0]
@@ -169,20 +141,18 @@ def family_profiles(families: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylim(0, max(1.1, float(part.max().max()) * 1.05))
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
         ax.set_title(f"{model}: quality retained per family")
-        files.append(_save(fig, out, f"families_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"))
-    return files
+        yield f"families_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}", fig
 
 
-def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
+def ability_profiles(long: pd.DataFrame) -> NamedFigures:
     """A radar per model over the abilities (each task's primary metric, retained), e.g.
     in-context learning, instruction following, reasoning and self-calibration side by side."""
-    prim = _with_retained(long)
+    prim = _withretained(long)
     table = prim.pivot_table(
         index=["model", "bits", "method", "backend"], columns="task", values="retained", aggfunc="mean"
     )
     if table.shape[1] < 3:
-        return []
-    files = []
+        return
     for model, part in table.groupby(level="model"):
         part = part.dropna(axis=1, how="all")
         labels = list(part.columns)
@@ -197,18 +167,16 @@ def ability_profiles(long: pd.DataFrame, out: Path) -> list[Path]:
         ax.legend(fontsize=6, loc="upper right", bbox_to_anchor=(1.45, 1.1))
         clipped = " (values above 1.25 drawn at 1.25)" if float(part.max().max()) > cap else ""
         ax.set_title(f"{model}: quality retained per task{clipped}", fontsize=10)
-        files.append(_save(fig, out, f"abilities_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"))
-    return files
+        yield f"abilities_radar_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}", fig
 
 
-def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
+def long_context(long: pd.DataFrame) -> NamedFigures:
     """Long-context accuracy against context length, one line per KV setting."""
     rows = long[long.metric.str.contains(r"\.acc@\d+", regex=True)].copy()
     if rows.empty:
-        return []
+        return
     rows["length"] = rows.metric.str.extract(r"acc@(\d+)")[0].astype(int)
     rows["entry"] = rows.metric.str.split(".").str[0]
-    files = []
     for entry, part in rows.groupby("entry"):
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for (bits, method, backend), s in part.groupby(["bits", "method", "backend"]):
@@ -227,21 +195,20 @@ def long_context(long: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7)
         ax.set_title(f"{entry}: accuracy vs context length")
-        files.append(_save(fig, out, f"long_context_{entry}"))
-    return files
+        yield f"long_context_{entry}", fig
 
 
-def dialogue(long: pd.DataFrame, out: Path) -> list[Path]:
+def dialogue(long: pd.DataFrame) -> NamedFigures:
     """Dialogue degeneration metrics against bit-width, one panel per tensor type."""
     names = ("degeneration", "rep4", "sentence_rep", "nonword")
     rows = long[long.metric.str.split(".").str[-1].isin(names)].copy()
     if rows.empty:
-        return []
+        return
     rows["bit_width"] = [bit_width(t, b) for t, b in zip(rows.tensor_type, rows.bits)]
     rows["name"] = rows.metric.str.split(".").str[-1]
-    types = sorted(set(rows.tensor_type) - {"FP"}, key=lambda t: _TT_ORDER.get(t, 9))
+    types = sorted(set(rows.tensor_type) - {"FP"}, key=lambda t: TT_ORDER.get(t, 9))
     if not types:
-        return []
+        return
     fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.2), squeeze=False)
     for ax, tt in zip(axes.flat, types):
         part = rows[rows.tensor_type.isin([tt, "FP"])]
@@ -254,7 +221,7 @@ def dialogue(long: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("dialogue degeneration vs bit-width (higher = more repetition / non-words)")
-    return [_save(fig, out, "dialogue_vs_bits")]
+    yield "dialogue_vs_bits", fig
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -267,13 +234,13 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return points.loc[keep].sort_values(x)
 
 
-def quality_vs_memory(families: pd.DataFrame, out: Path) -> list[Path]:
+def quality_vs_memory(families: pd.DataFrame) -> NamedFigures:
     """Mean quality retained over families against weight bits per parameter, Pareto front marked."""
     points = families.mean(axis=1).rename("retained").reset_index()
     points["weight_bits"] = [weight_bits_per_param(b) for b in points.bits]
     points = points.dropna(subset=["retained"])
     if points.empty:
-        return []
+        return
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for tt, s in points.groupby("tensor_type"):
         ax.scatter(s.weight_bits, s.retained, label=tt, s=22)
@@ -288,20 +255,20 @@ def quality_vs_memory(families: pd.DataFrame, out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title("quality vs memory")
-    return [_save(fig, out, "quality_vs_memory")]
+    yield "quality_vs_memory", fig
 
 
-def quality_vs_latency(families: pd.DataFrame, efficiency: pd.DataFrame, out: Path) -> list[Path]:
+def quality_vs_latency(families: pd.DataFrame, efficiency: pd.DataFrame | None) -> NamedFigures:
     """Mean quality retained against measured real-kernel latency (efficiency records of the same
     model, preset and method), one panel per timed point, Pareto front marked."""
     if efficiency is None or efficiency.empty:
-        return []
+        return
     quality = families.mean(axis=1).rename("retained").reset_index()
     # prefer the real-kernel cell's quality when the sweep has one
     quality = quality.sort_values("backend", key=lambda b: b != "vllm").drop_duplicates(["model", "quant", "method"])
     points = efficiency.merge(quality[["model", "quant", "method", "retained"]], on=["model", "quant", "method"])
     if points.empty:
-        return []
+        return
     grid = points[["batch", "input_len"]].drop_duplicates().sort_values(["batch", "input_len"])
     cols = min(3, len(grid))
     rows = math.ceil(len(grid) / cols)
@@ -320,17 +287,13 @@ def quality_vs_latency(families: pd.DataFrame, efficiency: pd.DataFrame, out: Pa
         ax.axis("off")
     axes.flat[0].set_ylabel("quality retained")
     fig.suptitle("quality vs real-kernel latency (dashed: Pareto front)")
-    return [_save(fig, out, "quality_vs_latency")]
+    yield "quality_vs_latency", fig
 
 
-def all_plots(
-    long: pd.DataFrame, families: pd.DataFrame, out: Path, efficiency: pd.DataFrame | None = None
-) -> list[Path]:
-    """Every figure that applies to this sweep."""
-    files = []
+def all_figures(long: pd.DataFrame, families: pd.DataFrame, efficiency: pd.DataFrame | None = None) -> NamedFigures:
+    """Every figure that applies to this sweep, in the report's order."""
     for draw in (score_vs_bits, method_bars, heatmap, ability_profiles, long_context, dialogue):
-        files += draw(long, out)
-    files += family_profiles(families, out)
-    files += quality_vs_memory(families, out)
-    files += quality_vs_latency(families, efficiency, out)
-    return files
+        yield from draw(long)
+    yield from family_profiles(families)
+    yield from quality_vs_memory(families)
+    yield from quality_vs_latency(families, efficiency)

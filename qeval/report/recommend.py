@@ -4,7 +4,8 @@ A user runs a sweep to decide: *which configuration can I afford?*  For each mod
 task family the recommendation is the configuration with the least memory that keeps at
 least ``keep`` (default 98 %) of the unquantized score, with the evidence.  Memory is
 ordered by weight bits per parameter (group scales included), then KV-cache bits, then
-activation bits: the order in which they shrink a deployed model.
+activation bits: the order in which they shrink a deployed model.  A leaf of
+:mod:`qeval.report`: frames in, frames and sentences out.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import re
 
 import pandas as pd
 
-from qeval.report.plots import bit_width, weight_bits_per_param
-from qeval.report.table import _TT_ORDER
+from qeval.report.frames import CELL_KEYS, TT_ORDER, bit_width, weight_bits_per_param
 
 DEFAULT_KEEP = 0.98
 
@@ -31,9 +31,8 @@ def _noise_note(long: pd.DataFrame | None, key: tuple, family: str) -> str:
     """How much to trust a choice: the family's smallest sample count and its significant losses."""
     if long is None:
         return ""
-    cols = ["model", "tensor_type", "bits", "quant", "method", "backend"]
     rows = long[long.primary & (long.family == family)]
-    rows = rows[(rows[cols] == pd.Series(dict(zip(cols, key)))).all(axis=1)]
+    rows = rows[(rows[CELL_KEYS] == pd.Series(dict(zip(CELL_KEYS, key)))).all(axis=1)]
     if rows.empty:
         return ""
     n = pd.to_numeric(rows["samples"], errors="coerce").min()
@@ -108,7 +107,7 @@ def summary(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> list[str]:
         return ["The sweep has no quantized configuration."]
     overall["width"] = [bit_width(t, b) for t, b in zip(overall.tensor_type, overall.bits)]
     lowest = {}
-    for tt, part in sorted(overall.groupby("tensor_type"), key=lambda kv: _TT_ORDER.get(kv[0], 9)):
+    for tt, part in sorted(overall.groupby("tensor_type"), key=lambda kv: TT_ORDER.get(kv[0], 9)):
         ok = part[part.retained >= keep]
         tested = ", ".join(f"{w:g}" for w in sorted(part.width.unique(), reverse=True))
         if ok.empty:

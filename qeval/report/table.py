@@ -1,406 +1,46 @@
-"""Tables from the result store (pandas does the pivoting).
+"""Where the report's tables used to live; kept so that existing imports keep working.
 
-``long_frame`` flattens records into one row per (cell, task, metric);
-``cell_table`` pivots that into one row per cell and one column per metric,
-and adds each metric divided by the same model's unquantized (FP) value
-(``<metric> /FP``): above 1 means larger than unquantized, which is worse for
-perplexity and better for accuracy.
+The frames are computed in :mod:`qeval.report.frames` and every file is written by
+:mod:`qeval.report.write`.  ``qeval.sweep`` (and user scripts) still import
+``qeval.report.table.write_tables``; import from those modules instead: this module goes once
+nothing names it.  It imports only the two, and nothing imports it, so it closes no cycle.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Iterable
-from pathlib import Path
+from qeval.report.frames import (
+    CELL_KEYS,
+    DERIVED,
+    add_normalized,
+    agreement_table,
+    cell_table,
+    efficiency_frame,
+    family_table,
+    long_frame,
+    marked_table,
+    not_ok_frame,
+    primary_table,
+    read_sweeps,
+    report_name,
+    views,
+)
+from qeval.report.write import write_table, write_tables
 
-import pandas as pd
-
-from qeval.results import iter_records
-
-# a row is a cell: the preset name (quant) separates specs with the same bits label
-# (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
-CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method", "backend"]
-_TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}
-_HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
-
-
-def _entry_info(rec: dict, entry: str, metrics: dict) -> dict:
-    """Family, primary metric and direction of one suite entry of a record.
-
-    Records written before tasks declared them (no ``record["tasks"]``) fall back to
-    the two tasks those suites had: perplexity (lower is better) and accuracy.
-    """
-    info = (rec.get("tasks") or {}).get(entry)
-    if info:
-        return info
-    primary = "ppl" if "ppl" in metrics else "acc"
-    return {"family": "basic_nlp", "primary_metric": primary, "higher_is_better": primary != "ppl"}
-
-
-def _entry_label(rec: dict, entry: str) -> str:
-    """The entry's name, with its shots when it has any (shots are a sweep axis: MMLU@5shot)."""
-    task_cfg = ((rec.get("config") or {}).get("suite") or {}).get("tasks", {}).get(entry) or {}
-    shots = task_cfg.get("num_fewshot") if isinstance(task_cfg, dict) else None
-    return f"{entry}@{shots}shot" if shots else entry
-
-
-def read_sweeps(dirs: Iterable[str | Path]) -> list[dict]:
-    """Every readable record under the given sweep folders, read once for all the tables."""
-    return [rec for d in dirs for rec in iter_records(d)]
-
-
-def long_frame(records: Iterable[dict]) -> pd.DataFrame:
-    rows = []
-    for rec in records:
-        if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
-            continue
-        cell = rec["cell"]
-        for task, metrics in rec["metrics"].items():
-            info = _entry_info(rec, task, metrics)
-            label = _entry_label(rec, task)
-            for metric, value in metrics.items():
-                if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
-                    continue
-                primary = metric == info["primary_metric"]
-                rows.append(
-                    {
-                        **{k: cell[k] for k in CELL_KEYS},
-                        "suite": cell["suite"],
-                        "sweep": rec["sweep"],
-                        "task": label,
-                        "metric": f"{label}.{metric}",
-                        "value": value,
-                        "stderr": metrics.get(f"{metric}_stderr"),
-                        "samples": metrics.get("samples", metrics.get("windows")),
-                        "family": info["family"],
-                        "primary": primary,
-                        "higher_is_better": bool(info["higher_is_better"]) if primary else None,
-                    }
-                )
-    if not rows:
-        raise ValueError("no finished cells among the records")
-    return pd.DataFrame(rows)
-
-
-def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """The cells that produced no scores, a row each: failed (with the error) or skipped (with
-    why the method, format or kernel cannot make that cell)."""
-    rows = []
-    for rec in records:
-        if rec.get("status") in ("failed", "skipped"):
-            cell = rec.get("cell") or {}
-            rows.append(
-                {
-                    **{k: cell.get(k) for k in CELL_KEYS},
-                    "sweep": rec.get("sweep"),
-                    "status": rec["status"],
-                    "reason": rec.get("reason", ""),
-                }
-            )
-    return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
-
-
-def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """The efficiency records (benchmarks/efficiency.py) among ``records`` as one table,
-    a row per timed point (empty when there are none)."""
-    rows = []
-    for rec in records:
-        if rec.get("kind") != "efficiency":
-            continue
-        for t in rec["timings"]:
-            rows.append(
-                {
-                    "model": rec.get("model"),
-                    "quant": rec.get("quant"),
-                    "method": rec.get("method"),
-                    "scheme": rec.get("scheme"),
-                    "device": rec.get("device"),
-                    "dtype": rec.get("engine", {}).get("dtype"),
-                    "weight_MB": rec["weight_bytes"] / 2**20,
-                    "kv_bytes_per_token": rec["kv_bytes_per_token"],
-                    "batch": t["batch"],
-                    "input_len": t["input_len"],
-                    "prefill_s": t["prefill_s"],
-                    "decode_ms_per_token": 1000 * t["decode_s_per_token"],
-                    "e2e_s": t["e2e_s"],
-                    "throughput_tok_s": t["throughput_tok_s"],
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
-    """Add ``normalized`` = value / the same model's FP value for that metric, and
-    ``significant``: whether value and FP value differ by more than ``n_se`` standard
-    errors of the difference (sqrt(se^2 + se_FP^2)); missing where either has no
-    standard error, so a reader never takes noise for loss."""
-    group = ["model", "suite", "backend", "metric"]
-    fp = long[long.tensor_type == "FP"].groupby(group)
-    base = pd.concat([fp["value"].first().rename("fp_value"), fp["stderr"].first().rename("fp_stderr")], axis=1)
-    out = long.drop(columns=[c for c in ("fp_value", "fp_stderr") if c in long]).join(base, on=group)
-    out["normalized"] = out["value"] / out["fp_value"]
-    se = (
-        pd.to_numeric(out["stderr"], errors="coerce") ** 2 + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2
-    ) ** 0.5
-    diff = (out["value"] - out["fp_value"]).abs()
-    out["significant"] = (diff > n_se * se).where(se.notna() & (se > 0) & (out["tensor_type"] != "FP"))
-    return out
-
-
-def cell_table(long: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell, one column per metric and per normalized metric."""
-    long = add_normalized(long)
-    values = long.pivot_table(index=CELL_KEYS, columns="metric", values="value", aggfunc="first")
-    norm = long.pivot_table(index=CELL_KEYS, columns="metric", values="normalized", aggfunc="first")
-    norm.columns = [f"{c} /FP" for c in norm.columns]
-    table = values.join(norm)
-    table = table[[c for m in values.columns for c in (m, f"{m} /FP") if c in table.columns]]
-    return _in_cell_order(table)
-
-
-def _in_cell_order(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows indexed by CELL_KEYS in reading order: model, tensor type, bits (most first),
-    preset, method, backend."""
-    return table.loc[sorted(table.index, key=lambda k: (k[0], _TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
-
-
-def _bits_key(label: str) -> tuple:
-    digits = [int(s) for s in re.findall(r"\d+", label)]
-    return tuple(-d for d in digits)
-
-
-def family_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Quality retained per family: the mean over a family's tasks of the primary metric
-    relative to the unquantized model, oriented so that 1 = unchanged and below 1 = worse
-    (value/FP where higher is better, FP/value where lower is better, e.g. perplexity)."""
-    prim = add_normalized(long[long.primary]) if "normalized" not in long else long[long.primary].copy()
-    # a ratio to an FP score of 0 (or to a missing one) says nothing: left out of the mean
-    prim = prim.assign(retained=[_retained(n, hib) for n, hib in zip(prim["normalized"], prim["higher_is_better"])])
-    table = prim.pivot_table(index=CELL_KEYS, columns="family", values="retained", aggfunc="mean")
-    from qeval.eval.registry import FAMILIES
-
-    table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
-    return _in_cell_order(table)
-
-
-def _retained(normalized: float, higher_is_better: bool) -> float:
-    """value/FP oriented so that 1 = unchanged and 0 = nothing left; NaN where FP's score is 0
-    (or missing), which makes the ratio meaningless.  A task that drops to 0 retains 0."""
-    if normalized is None or not math.isfinite(normalized):
-        return float("nan")
-    if higher_is_better:
-        return normalized
-    return 1 / normalized if normalized > 0 else float("nan")
-
-
-def primary_table(long: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell, the primary metric of each task (with /FP), the table to read first."""
-    return cell_table(long[long.primary].drop(columns=[c for c in DERIVED if c in long]))
-
-
-FAKE_BACKEND, REAL_BACKEND = "hf", "vllm"
-
-
-def agreement_table(long: pd.DataFrame, ppl_rtol: float = 0.01, n_se: float = 2.0) -> pd.DataFrame:
-    """Fake quantization (hf) against real kernels (vllm), for every cell run on both.
-
-    A row per (cell, primary metric).  Perplexity-like metrics (lower is better)
-    agree when the relative difference is at most ``ppl_rtol``; scores with a
-    standard error agree when the difference is within ``n_se`` standard errors of
-    a difference (sqrt(se_fake^2 + se_real^2); conservative, since both backends
-    score the same items).  Empty when no cell ran on both backends.
-    """
-    keys = [k for k in CELL_KEYS if k != "backend"] + ["suite", "metric"]
-    prim = long[long.primary]
-    fake = prim[prim.backend == FAKE_BACKEND].set_index(keys)[["value", "stderr", "higher_is_better"]]
-    real = prim[prim.backend == REAL_BACKEND].set_index(keys)[["value", "stderr"]]
-    both = fake.join(real, how="inner", lsuffix="_fake", rsuffix="_real")
-    if both.empty:
-        return pd.DataFrame()
-    both = both.rename(columns={"value_fake": "fake_quant", "value_real": "real_kernel"})
-    both["diff"] = both["real_kernel"] - both["fake_quant"]
-    rows = []
-    for _, r in both.iterrows():
-        se = math.sqrt((r.stderr_fake or 0.0) ** 2 + (r.stderr_real or 0.0) ** 2)
-        if not r.higher_is_better or not se:  # perplexity-like, or a score without stderr
-            tolerance, rule = ppl_rtol * abs(r.fake_quant), f"{ppl_rtol:.0%} relative"
-        else:
-            tolerance, rule = n_se * se, f"{n_se:g} SE"
-        rows.append({"tolerance": tolerance, "rule": rule, "agree": abs(r["diff"]) <= tolerance})
-    out = both.assign(**pd.DataFrame(rows, index=both.index))
-    out["rel_diff"] = out["diff"] / out["fake_quant"]
-    return out[["fake_quant", "real_kernel", "diff", "rel_diff", "tolerance", "rule", "agree"]]
-
-
-DERIVED = ["fp_value", "fp_stderr", "normalized", "significant"]
-
-
-def marked_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Primary metrics as text, one row per cell: value, ± standard error, and ``*`` where
-    the difference from the unquantized model exceeds two standard errors."""
-    prim = long[long.primary]
-
-    def fmt(r) -> str:
-        text = f"{r.value:.4g}"
-        if r.stderr is not None and pd.notna(r.stderr):
-            text += f" ± {r.stderr:.2g}"
-        return text + (" *" if r.significant is True else "")
-
-    prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
-    table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")
-    return _in_cell_order(table).fillna("")
-
-
-def views(long: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
-    """One primary-metric table per value of ``key`` (tensor_type or method), each with the
-    unquantized rows it is normalized to."""
-    raw = long.drop(columns=[c for c in DERIVED if c in long])
-    fp = raw[raw.tensor_type == "FP"]
-    out = {}
-    for value in sorted(raw.loc[raw.tensor_type != "FP", key].unique()):
-        part = pd.concat([fp, raw[(raw[key] == value) & (raw.tensor_type != "FP")]])
-        out[str(value)] = primary_table(part)
-    return out
-
-
-def _write(table: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[Path]:
-    """CSV, Markdown and LaTeX of one table."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    files = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
-    table.to_csv(files[0])
-    flat = table.reset_index()
-    files[1].write_text(flat.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-    files[2].write_text(flat.to_latex(index=False, float_format=lambda v: format(v, floatfmt), na_rep="--"))
-    return files
-
-
-def report_name(results_dirs: list[Path]) -> str:
-    return "+".join(d.name for d in results_dirs)
-
-
-def write_tables(
-    results_dirs: str | Path | Iterable[str | Path],
-    out_dir: str | Path | None = None,
-    ppl_rtol: float = 0.01,
-    n_se: float = 2.0,
-    keep: float = 0.98,
-) -> tuple[str, list[Path]]:
-    """Write every table of one or several sweeps (compared together) and return the Markdown
-    to print (families, primary metrics, agreement) and the files written.
-
-    Files (CSV, plus Markdown and LaTeX for the tables meant for reading): the long frame with
-    standard errors, normalization and significance; every metric; primary metrics (numbers
-    and the marked text version); families; one view per tensor type and per method; the
-    fake-vs-real agreement when cells ran on both backends.
-    """
-    dirs = [Path(results_dirs)] if isinstance(results_dirs, (str, Path)) else [Path(d) for d in results_dirs]
-    records = []
-    for d in dirs:
-        if not d.is_dir():
-            raise ValueError(f"results folder {d} does not exist")
-        in_dir = read_sweeps([d])
-        if not any(rec.get("status") == "ok" for rec in in_dir):
-            raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
-        records += in_dir
-    long = add_normalized(long_frame(records), n_se)
-    raw = long.drop(columns=DERIVED)
-    table = cell_table(raw)
-    primary = primary_table(raw)
-    families = family_table(long)
-    out = Path(out_dir) if out_dir else Path("plots") / report_name(dirs)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [
-        out / "scores_long.csv",
-        out / "table.csv",
-        out / "table.md",
-        out / "primary.csv",
-        out / "families.csv",
-        out / "families.md",
-    ]
-    long.to_csv(files[0], index=False)
-    table.to_csv(files[1])
-    files[2].write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
-    primary.to_csv(files[3])
-    families.to_csv(files[4])
-    fam_md = families.reset_index().to_markdown(index=False, floatfmt=".3f")
-    files[5].write_text(fam_md + "\n")
-    files += [out / "families.tex", out / "primary.md", out / "primary.tex"]
-    files[-3].write_text(families.reset_index().to_latex(index=False, float_format="%.3f", na_rep="--"))
-    files[-2].write_text(primary.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
-    files[-1].write_text(primary.reset_index().to_latex(index=False, float_format="%.4g", na_rep="--"))
-    marked = marked_table(long)
-    files += _write(marked, out / "primary_marked")
-    all_views = {}
-    for key, folder in (("tensor_type", "by_tensor_type"), ("method", "by_method")):
-        all_views[key] = views(long, key)
-        for value, view in all_views[key].items():
-            files += _write(view, out / folder / value.replace("+", "_"))
-    from qeval.report.html import write_html
-    from qeval.report.plots import all_plots
-    from qeval.report.recommend import recommendations, summary
-
-    efficiency = efficiency_frame(records)
-    figures = all_plots(long, families, out / "figures", efficiency)
-    files += figures
-    advice = recommendations(families, keep, long)
-    findings = summary(families, keep)
-    files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
-    advice.to_csv(files[-3], index=False)
-    advice_md = advice.to_markdown(index=False, floatfmt=".3f")
-    files[-2].write_text(advice_md + "\n")
-    files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
-    markdown = (
-        "quality retained per family (1 = unquantized; primary metric of each task, "
-        "oriented so that lower is worse)\n\n"
-        + fam_md
-        + "\n\nprimary metrics\n\n"
-        + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
-        + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
-        + marked.reset_index().to_markdown(index=False)
-    )
-    markdown += (
-        f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
-        + advice_md
-        + "\n\nfindings\n\n"
-        + "\n".join(f"- {line}" for line in findings)
-    )
-    agreement = agreement_table(raw, ppl_rtol, n_se)
-    if not agreement.empty:
-        agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")
-        files += [out / "agreement.csv", out / "agreement.md"]
-        agreement.to_csv(files[-2])
-        files[-1].write_text(agree_md + "\n")
-        n_bad = int((~agreement["agree"]).sum())
-        markdown += (
-            f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
-            "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md
-        )
-    if not efficiency.empty:
-        files.append(out / "efficiency.csv")
-        efficiency.to_csv(files[-1], index=False)
-    not_ok = not_ok_frame(records)
-    if not not_ok.empty:
-        files += [out / "not_run.csv", out / "not_run.md"]
-        not_ok.to_csv(files[-2], index=False)
-        not_ok_md = not_ok.to_markdown(index=False)
-        files[-1].write_text(not_ok_md + "\n")
-        markdown += f"\n\ncells without scores (failed or skipped)\n\n{not_ok_md}"
-    files.append(
-        write_html(
-            out,
-            f"qeval report: {report_name(dirs)}",
-            findings,
-            families,
-            advice,
-            marked,
-            all_views["tensor_type"],
-            all_views["method"],
-            figures,
-            agreement,
-            efficiency,
-            keep,
-            not_ok,
-        )
-    )
-    return markdown, files
+__all__ = [
+    "CELL_KEYS",
+    "DERIVED",
+    "add_normalized",
+    "agreement_table",
+    "cell_table",
+    "efficiency_frame",
+    "family_table",
+    "long_frame",
+    "marked_table",
+    "not_ok_frame",
+    "primary_table",
+    "read_sweeps",
+    "report_name",
+    "views",
+    "write_table",
+    "write_tables",
+]

@@ -27,7 +27,7 @@ def plot_stats(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qeval.report.plots import _save
+    from qeval.report.write import save_figure
 
     files = []
     kinds = [k for k in KIND_ORDER if k in set(frame.kind)]
@@ -43,7 +43,7 @@ def plot_stats(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
-    files.append(_save(fig, out, "stats_by_layer"))
+    files.append(save_figure(fig, out, "stats_by_layer"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, stat in zip(axes, ("absmax", "kurtosis")):
         ax.boxplot([frame[frame.kind == k][stat].values for k in kinds], tick_labels=kinds)
@@ -51,7 +51,7 @@ def plot_stats(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
         ax.set_title(f"{stat} of every module, per tensor kind")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    files.append(_save(fig, out, "stats_by_kind"))
+    files.append(save_figure(fig, out, "stats_by_kind"))
     return files
 
 

@@ -59,13 +59,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from qeval.config import ConfigError
 from qeval.data import data_dir, local_file
 from qeval.eval import dialogue
 from qeval.eval import judge as judging
-from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+from qeval.eval.generation import encode_prompt, generate_greedy, resolve_chat
+from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
+from qeval.eval.scores import mean_stderr
 
 log = logging.getLogger("qeval")
 
@@ -81,10 +80,6 @@ PLAIN_USER, PLAIN_ASSISTANT = "User:", "Assistant:"
 # --------------------------------------------------------------------------- prompts and generation
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def plain_prompt(messages: Sequence[dict[str, str]]) -> str:
     """The fallback for models without a chat template: ``User: q\\nAssistant: a\\n...Assistant:``."""
     lines = [f"{PLAIN_USER if m['role'] == 'user' else PLAIN_ASSISTANT} {m['content']}" for m in messages]
@@ -92,71 +87,9 @@ def plain_prompt(messages: Sequence[dict[str, str]]) -> str:
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], chat: bool) -> list[int]:
-    """Token ids of a conversation ending where the assistant's answer starts.
-
-    The chat template already contains the special tokens it wants, so its text
-    is tokenized without adding any (as ``apply_chat_template(tokenize=True)``
-    does); the plain prompt gets the tokenizer's usual specials (BOS).
-    """
-    if chat:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    return list(tokenizer(plain_prompt(messages)).input_ids)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        for i in v if isinstance(v, (list, tuple)) else [v]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
-@torch.inference_mode()
-def generate_greedy(
-    model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int, seed: int = 0
-) -> list[tuple[list[int], bool]]:
-    """Greedy continuations of token-id prompts, batched with left padding.
-
-    Returns per prompt (new token ids before the end-of-turn token, whether the
-    model ended its turn).  Prompts are batched longest first so a batch holds
-    prompts of similar length (less padding); the order of the result is the
-    order of ``prompts``.  A prompt longer than the model's context minus
-    ``max_new_tokens`` keeps its last tokens (logged).
-    """
-    from transformers import GenerationConfig
-
-    torch.manual_seed(seed)
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None, pad_token_id=pad
-    )
-    limit = getattr(model.config, "max_position_embeddings", None)
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rows = [list(prompts[i]) for i in idx]
-        if limit:
-            keep = max(1, int(limit) - max_new_tokens)
-            if any(len(r) > keep for r in rows):
-                log.warning("mt_bench: prompt longer than %d tokens, keeping its last %d", keep, keep)
-                rows = [r[-keep:] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[j, width - len(r) :] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-        for j, i in enumerate(idx):
-            new = gen[j, width:].tolist()
-            stop = next((k for k, t in enumerate(new) if t in eos), None)
-            out[i] = (new if stop is None else new[:stop], stop is not None)
-    return out
+    """Token ids of a conversation ending where the assistant's answer starts: the chat
+    template, or MT-Bench's plain ``User:``/``Assistant:`` format (:func:`plain_prompt`)."""
+    return encode_prompt(tokenizer, messages, chat, plain_text=None if chat else plain_prompt(messages))
 
 
 def converse(
@@ -180,7 +113,7 @@ def converse(
             messages.append({"role": "user", "content": q["turns"][turn]})
             convs.append(prompt_ids(tokenizer, messages, chat))
         t0 = time.perf_counter()
-        outs = generate_greedy(model, tokenizer, convs, max_new_tokens, batch_size, seed)
+        outs = generate_greedy(model, tokenizer, convs, max_new_tokens, batch_size, seed=seed)
         log.info("mt_bench: turn %d of %d questions in %.1fs", turn + 1, len(questions), time.perf_counter() - t0)
         for k, (ids, done) in enumerate(outs):
             text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -233,15 +166,15 @@ class MTBench(NativeTask):
             judge=judge,
         )
         if per_category is not None and (not isinstance(per_category, int) or per_category <= 0):
-            raise ConfigError(f"invalid value params.per_category={per_category!r}: a positive integer or null")
+            raise TaskParamError(f"invalid value params.per_category={per_category!r}: a positive integer or null")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ConfigError(f"invalid value params.max_new_tokens={max_new_tokens!r}: a positive integer")
+            raise TaskParamError(f"invalid value params.max_new_tokens={max_new_tokens!r}: a positive integer")
         cats = [categories] if isinstance(categories, str) else list(categories or [])
         bad = [c for c in cats if c not in CATEGORIES]
         if bad:
-            raise ConfigError(f"invalid value params.categories={bad}: allowed {', '.join(CATEGORIES)}")
+            raise TaskParamError(f"invalid value params.categories={bad}: allowed {', '.join(CATEGORIES)}")
         if prompt_format not in ("auto", "chat", "plain"):
-            raise ConfigError(f"invalid value params.prompt_format={prompt_format!r}: allowed auto, chat, plain")
+            raise TaskParamError(f"invalid value params.prompt_format={prompt_format!r}: allowed auto, chat, plain")
         self.max_new_tokens = max_new_tokens
         self.categories = cats
         self.per_category = per_category
@@ -281,17 +214,14 @@ class MTBench(NativeTask):
     # -- evaluation
 
     def _chat(self, tokenizer: Any) -> bool:
-        if self.prompt_format == "plain":
-            return False
-        if not has_chat_template(tokenizer):
-            if self.prompt_format == "chat":
-                raise ConfigError("params.prompt_format=chat but the tokenizer has no chat template")
+        setting = {"auto": "auto", "chat": True, "plain": False}[self.prompt_format]
+        chat = resolve_chat(tokenizer, setting, requested="params.prompt_format=chat")
+        if not chat and self.prompt_format == "auto":
             log.warning(
                 "mt_bench: the tokenizer has no chat template; using the plain 'User: ...\\nAssistant:' "
                 "prompt (recorded as chat_template=0)"
             )
-            return False
-        return True
+        return chat
 
     def cache_key(
         self, ctx: TaskContext, fingerprint: str, questions: Sequence[dict[str, Any]], batch_size: int, chat: bool
@@ -324,6 +254,8 @@ class MTBench(NativeTask):
             return None
         fingerprint = ctx.reference_fingerprint
         if not fingerprint:
+            # qeval.models.loading imports transformers' Auto classes (seconds); only a context
+            # built without the runner's fingerprint comes here
             from qeval.models.loading import weights_fingerprint
 
             fingerprint = weights_fingerprint(ctx.model if ctx.is_reference else ctx.reference)
@@ -361,7 +293,7 @@ class MTBench(NativeTask):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         questions = self.questions(ctx.limit, ctx.data_dir)
         if not questions:
-            raise ConfigError(
+            raise TaskParamError(
                 f"no MT-Bench question left after params.categories={self.categories}, per_category={self.per_category}"
             )
         batch_size = int(ctx.extra.get("batch_size") or 16)
@@ -412,7 +344,7 @@ class MTBench(NativeTask):
         )
         out: dict[str, float] = {}
         for prefix, values in (("", scores[0] + scores[1]), ("turn1_", scores[0]), ("turn2_", scores[1])):
-            mean, err, _ = dialogue.mean_stderr(values)
+            mean, err, _ = mean_stderr(values)
             out[f"{prefix}judge_score"], out[f"{prefix}judge_score_stderr"] = mean, err
         out["judge_unparsed"] = float(unparsed)
         return out

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from qeval.eval.calibration_error import calibration_scores
-from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+from qeval.eval.harness import run_lm_eval
+from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task, task_exists
 
 
 @register_task
@@ -33,19 +34,15 @@ class SelfCalibration(NativeTask):
 
     def __init__(self, task: str = "qeval_arc_easy", bins: int = 10, num_fewshot: int | None = None) -> None:
         if bins < 1:
-            raise ValueError(f"bins={bins}: need at least 1")
+            raise TaskParamError(f"bins={bins}: need at least 1")
         super().__init__(task=task, bins=bins, num_fewshot=num_fewshot)
         self.task, self.bins, self.num_fewshot = task, bins, num_fewshot
 
     def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
-        from qeval.eval.harness import task_exists
-
         if not task_exists(self.task, tuple(include)):
             raise TaskDataError(f"qeval_self_calibration: params.task={self.task!r} is not an lm-eval task")
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
-        from qeval.eval.harness import run_lm_eval
-
         shots = self.num_fewshot if self.num_fewshot is not None else ctx.extra.get("num_fewshot")
         out = run_lm_eval(
             ctx.model,

@@ -35,8 +35,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qeval.eval import longeval_gen as lg
-from qeval.eval.registry import NativeTask, TaskContext, register_task
+from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
+from qeval.eval.registry import NativeTask, TaskContext, TaskParamError, register_task
+from qeval.tasks.long_context import longeval_gen as lg
 
 log = logging.getLogger("qeval")
 
@@ -61,11 +62,11 @@ class _LongEvalBase(NativeTask):
         **params: Any,
     ) -> None:
         if int(max_new_tokens) < 1:
-            raise lg.ParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise TaskParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_tokens is not None and int(max_tokens) < 1:
-            raise lg.ParamError(f"max_tokens must be >= 1 or null, got {max_tokens}")
+            raise TaskParamError(f"max_tokens must be >= 1 or null, got {max_tokens}")
         if chat_template not in (None, "auto", True, False, "true", "false"):
-            raise lg.ParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
+            raise TaskParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
         super().__init__(
             max_new_tokens=int(max_new_tokens),
             max_tokens=max_tokens,
@@ -91,12 +92,12 @@ class _LongEvalBase(NativeTask):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         p = self.params
         count = ctx.limit if ctx.limit is not None else DEFAULT_CASES
-        use_chat = lg.resolve_chat(ctx.tokenizer, p["chat_template"])
-        limit_tokens = lg.context_limit(ctx.model, p["max_new_tokens"], p["max_tokens"])
+        use_chat = resolve_chat(ctx.tokenizer, p["chat_template"])
+        limit_tokens = context_limit(ctx.model, p["max_new_tokens"], p["max_tokens"])
         settings = {}
         for n in self.sizes():
             settings[n] = [
-                (c, lg.encode_prompt(ctx.tokenizer, c.prompt, use_chat, self.prefix(c) if p["answer_prefix"] else ""))
+                (c, encode_prompt(ctx.tokenizer, c.prompt, use_chat, self.prefix(c) if p["answer_prefix"] else ""))
                 for c in self.cases(n, count, ctx)
             ]
         results, skipped = lg.run_settings(
@@ -130,7 +131,7 @@ class LongEvalLines(_LongEvalBase):
         local: bool = True,
     ) -> None:
         if extract not in ("first", "last"):
-            raise lg.ParamError(f"extract must be 'first' or 'last', got {extract!r}")
+            raise TaskParamError(f"extract must be 'first' or 'last', got {extract!r}")
         super().__init__(
             max_new_tokens,
             max_tokens,
@@ -177,7 +178,7 @@ class LongEvalTopics(_LongEvalBase):
     ) -> None:
         sizes = lg.int_list(num_topics, "num_topics")
         if sizes[-1] > 30:
-            raise lg.ParamError(f"num_topics must be at most 30 (LongChat has 30 conversations), got {num_topics!r}")
+            raise TaskParamError(f"num_topics must be at most 30 (LongChat has 30 conversations), got {num_topics!r}")
         super().__init__(max_new_tokens, max_tokens, chat_template, answer_prefix, local, num_topics=sizes)
 
     def sizes(self) -> list[int]:

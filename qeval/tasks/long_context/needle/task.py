@@ -42,8 +42,9 @@ import logging
 import random
 from typing import Any
 
-from qeval.eval import longeval_gen as lg
-from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, register_task
+from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
+from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
+from qeval.tasks.long_context import longeval_gen as lg
 
 log = logging.getLogger("qeval")
 
@@ -87,15 +88,15 @@ class Needle(NativeTask):
         try:
             depth_list = sorted({float(d) for d in depth_list})
         except (TypeError, ValueError) as err:
-            raise lg.ParamError(f"depths must be numbers in [0, 1], got {depths!r}") from err
+            raise TaskParamError(f"depths must be numbers in [0, 1], got {depths!r}") from err
         if not depth_list or depth_list[0] < 0 or depth_list[-1] > 1:
-            raise lg.ParamError(f"depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
+            raise TaskParamError(f"depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
         if not 1 <= int(key_digits) <= 12:
-            raise lg.ParamError(f"key_digits must be in 1..12, got {key_digits}")
+            raise TaskParamError(f"key_digits must be in 1..12, got {key_digits}")
         if int(max_new_tokens) < 1:
-            raise lg.ParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise TaskParamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if chat_template not in (None, "auto", True, False, "true", "false"):
-            raise lg.ParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
+            raise TaskParamError(f"chat_template must be auto, true or false, got {chat_template!r}")
         super().__init__(
             context_lengths=lg.int_list(context_lengths, "context_lengths"),
             depths=depth_list,
@@ -117,8 +118,8 @@ class Needle(NativeTask):
         p = self.params
         count = ctx.limit if ctx.limit is not None else DEFAULT_CASES
         tok = ctx.tokenizer
-        use_chat = lg.resolve_chat(tok, p["chat_template"])
-        limit_tokens = lg.context_limit(ctx.model, p["max_new_tokens"], p["max_tokens"])
+        use_chat = resolve_chat(tok, p["chat_template"])
+        limit_tokens = context_limit(ctx.model, p["max_new_tokens"], p["max_tokens"])
         prefix = lg.NEEDLE_ANSWER if p["answer_prefix"] else ""
         haystack = essay_ids(tok, ctx.data_dir)
         settings: dict[tuple[int, float], list] = {}
@@ -130,7 +131,7 @@ class Needle(NativeTask):
             for depth in p["depths"]:
                 rng = random.Random(f"needle-{ctx.seed}-{length}-{depth}")
                 cases = [lg.needle_case(tok, haystack, length, depth, rng, p["key_digits"]) for _ in range(count)]
-                settings[(length, depth)] = [(c, lg.encode_prompt(tok, c.prompt, use_chat, prefix)) for c in cases]
+                settings[(length, depth)] = [(c, encode_prompt(tok, c.prompt, use_chat, prefix)) for c in cases]
         # a length is tested at all its depths or not at all
         for (length, _), items in settings.items():
             longest = max(len(ids) for _, ids in items)

@@ -30,11 +30,17 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from qeval.data import data_dir as resolve_data_dir
+from qeval.data import local_file
+from qeval.eval.generation import generate_greedy
+from qeval.eval.registry import TaskDataError, TaskParamError
+from qeval.eval.scores import mean_stderr
 
 LINES_DIR = "longeval/lines"
 TOPICS_DIR = "longeval/topics"
@@ -97,8 +103,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def local_lines_path(num_lines: int, data_dir: str | None = None) -> Path | None:
-    from qeval.data import local_file
-
     return local_file(f"{LINES_DIR}/{num_lines}_lines.jsonl", data_dir)
 
 
@@ -128,9 +132,7 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
     leaves about 900 adjectives and 6,700 nouns: enough distinct names for any length
     that fits a context window.
     """
-    from qeval.data import data_dir as resolve
-
-    root = resolve(data_dir)
+    root = resolve_data_dir(data_dir)
     files = sorted((root / LINES_DIR).glob("*_lines.jsonl")) if root else []
     adjectives: set[str] = set()
     nouns: set[str] = set()
@@ -142,8 +144,6 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
                     adjectives.add(a)
                     nouns.add(n)
     if not adjectives:
-        from qeval.eval.registry import TaskDataError
-
         raise TaskDataError(
             f"no LongEval line test cases under {root}/{LINES_DIR} to take line-index words from; set QEVAL_DATA_DIR"
         )
@@ -153,9 +153,11 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
 def lines_case(num_lines: int, rng: random.Random, adjectives: Sequence[str], nouns: Sequence[str]) -> Case:
     """One LongEval line-retrieval case with ``num_lines`` lines (LongChat's ``LRT-NL`` recipe)."""
     if num_lines < 1:
-        raise ValueError(f"num_lines must be >= 1, got {num_lines}")
+        raise TaskParamError(f"num_lines must be >= 1, got {num_lines}")
     if num_lines > len(adjectives) * len(nouns):
-        raise ValueError(f"{num_lines} lines need more distinct names than {len(adjectives)}x{len(nouns)} words give")
+        raise TaskParamError(
+            f"{num_lines} lines need more distinct names than {len(adjectives)}x{len(nouns)} words give"
+        )
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < num_lines:  # distinct names, so the queried line is unambiguous
@@ -196,9 +198,6 @@ def lines_cases(
 
 def conversations(data_dir: str | None = None) -> list[tuple[str, str]]:
     """LongChat's 30 (topic, conversation) pairs, the material of every topic test case."""
-    from qeval.data import local_file
-    from qeval.eval.registry import TaskDataError
-
     path = local_file(f"{TOPICS_DIR}/conversations.jsonl", data_dir)
     if path is None:
         raise TaskDataError(f"{TOPICS_DIR}/conversations.jsonl not found under the data directory; set QEVAL_DATA_DIR")
@@ -218,8 +217,6 @@ def topics_cases(
     LongChat's shipped file is used when one exists for ``num_topics``; otherwise cases are
     drawn like LongChat's generator does (distinct conversations in random order), from ``seed``.
     """
-    from qeval.data import local_file
-
     if prefer_local:
         path = local_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
         if path is not None:
@@ -235,7 +232,7 @@ def topics_cases(
             ]
     convs = conversations(data_dir)
     if not 1 <= num_topics <= len(convs):
-        raise ValueError(f"num_topics must be in 1..{len(convs)} (LongChat has {len(convs)} conversations)")
+        raise TaskParamError(f"num_topics must be in 1..{len(convs)} (LongChat has {len(convs)} conversations)")
     rng = random.Random(_sub_seed("topics", seed, num_topics))
     out = []
     for _ in range(count):
@@ -249,10 +246,7 @@ def topics_cases(
 
 def essays_text(data_dir: str | None = None) -> str:
     """The Paul Graham essays (sorted by file name) joined into one haystack text."""
-    from qeval.data import data_dir as resolve
-    from qeval.eval.registry import TaskDataError
-
-    root = resolve(data_dir)
+    root = resolve_data_dir(data_dir)
     folder = root / ESSAYS_DIR if root else None
     files = sorted(folder.glob("*.txt")) if folder and folder.is_dir() else []
     if not files:
@@ -290,14 +284,16 @@ def needle_case(
     at or before ``depth`` of the filler's characters, as in gkamradt's test.
     """
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise TaskParamError(f"depth must be in [0, 1], got {depth}")
     key = str(rng.randint(10 ** (key_digits - 1), 10**key_digits - 1))
     needle = NEEDLE.format(key=key)
     budget = context_tokens - len(tokenizer(" " + needle + " ", add_special_tokens=False).input_ids)
     if budget < 1:
-        raise ValueError(f"context_tokens={context_tokens} leaves no room for filler around the needle")
+        raise TaskParamError(f"context_tokens={context_tokens} leaves no room for filler around the needle")
     if budget > len(haystack_ids):
-        raise ValueError(f"context_tokens={context_tokens} is more than the {len(haystack_ids)} tokens of the essays")
+        raise TaskParamError(
+            f"context_tokens={context_tokens} is more than the {len(haystack_ids)} tokens of the essays"
+        )
     start = rng.randint(0, len(haystack_ids) - budget)
     filler = tokenizer.decode(list(haystack_ids[start : start + budget]), skip_special_tokens=True)
     pos = sentence_boundary(filler, int(round(depth * len(filler))))
@@ -327,7 +323,7 @@ def extract_number(text: str, rule: str = "first") -> str | None:
         return numbers[0]
     if rule == "last":
         return numbers[-1]
-    raise ValueError(f"extract must be 'first' or 'last', got {rule!r}")
+    raise TaskParamError(f"extract must be 'first' or 'last', got {rule!r}")
 
 
 def number_correct(output: str, expected: str, rule: str = "first") -> bool:
@@ -348,79 +344,7 @@ def topic_correct(output: str, expected: str) -> bool:
     return bool(want) and f" {want} " in f" {normalize_topic(output)} "
 
 
-# ---------------------------------------------------------------- generation and limits
-
-
-class ParamError(TypeError, ValueError):
-    """A bad task parameter (a TypeError, so a suite check reports it as invalid params)."""
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def resolve_chat(tokenizer: Any, setting: Any) -> bool:
-    """``params.chat_template``: "auto" (use it when the tokenizer has one), true or false."""
-    if setting in (None, "auto"):
-        return has_chat_template(tokenizer)
-    if setting is True or str(setting).lower() in ("true", "1", "yes"):
-        if not has_chat_template(tokenizer):
-            raise ParamError("chat_template=true but the tokenizer has no chat template")
-        return True
-    return False
-
-
-def encode_prompt(tokenizer: Any, user_text: str, use_chat: bool, answer_prefix: str = "") -> list[int]:
-    """Token ids of a prompt.
-
-    With ``use_chat`` the text is the user turn of the chat template, followed by the
-    generation prompt and ``answer_prefix`` (the start of the assistant's answer); without
-    it, the plain text with the tokenizer's usual special tokens, then ``answer_prefix`` on
-    a new line.
-    """
-    if use_chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text + answer_prefix, add_special_tokens=False).input_ids)
-    return list(tokenizer(user_text + ("\n" + answer_prefix if answer_prefix else "")).input_ids)
-
-
-def context_limit(model: Any, max_new_tokens: int, max_tokens: int | None = None) -> int:
-    """The longest prompt (in tokens) a setting may have: the model's context window
-    (``config.max_position_embeddings``) and the ``max_tokens`` budget, minus the room
-    the answer needs."""
-    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
-    limit = min(int(window), int(max_tokens)) if max_tokens else int(window)
-    return limit - int(max_new_tokens)
-
-
-def greedy_generate(model: Any, tokenizer: Any, ids: Sequence[int], max_new_tokens: int) -> str:
-    """Greedy continuation of one prompt, decoded without special tokens.
-
-    Batch 1: no padding, so every cell sees exactly the same tokens (padding interacts with
-    per-token activation/KV quantization), and on CPU batching long prompts saves little.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(ids)], device=device)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return tokenizer.decode(out[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+# ---------------------------------------------------------------- running a length sweep
 
 
 @dataclass
@@ -440,7 +364,9 @@ class SettingResult:
 
     @property
     def acc(self) -> tuple[float, float]:
-        return mean_stderr(o.correct for o in self.outcomes)
+        """Accuracy and its standard error."""
+        mean, stderr, _ = mean_stderr(o.correct for o in self.outcomes)
+        return mean, stderr
 
     @property
     def prompt_tokens(self) -> float:
@@ -460,37 +386,30 @@ def run_settings(
 
     A setting is skipped as a whole (``skipped[key]`` = its longest prompt) when any of its
     prompts is longer than ``limit_tokens``, so an accuracy is always over the same cases.
+
+    Each prompt is generated alone (batch 1: no padding, so every cell sees exactly the same
+    tokens, and on CPU batching long prompts saves little) and ends at the tokenizer's EOS
+    only, as these tasks always have (the model's own end-of-turn ids would change their
+    numbers for chat models that list more than one).
     """
     results: dict[Any, SettingResult] = {}
     skipped: dict[Any, int] = {}
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     for key, items in settings.items():
         longest = max((len(ids) for _, ids in items), default=0)
         if longest > limit_tokens:
             skipped[key] = longest
             continue
+        generations = generate_greedy(model, tokenizer, [ids for _, ids in items], max_new_tokens, eos_ids=eos)
         outcomes = []
-        for case, ids in items:
-            output = greedy_generate(model, tokenizer, ids, max_new_tokens)
+        for (case, ids), gen in zip(items, generations):
+            output = tokenizer.decode(gen.ids, skip_special_tokens=True)
             ok = bool(score(output, case))
             outcomes.append(Outcome(ok, len(ids), output))
             if log is not None:
                 log.debug("%s: expected %r, got %r (%s)", key, case.answer, output, "ok" if ok else "wrong")
         results[key] = SettingResult(outcomes)
     return results, skipped
-
-
-def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n), lm-eval's formula);
-    NaN stderr for fewer than two values."""
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in vals) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def _sub_seed(kind: str, seed: int, size: int) -> int:
@@ -543,7 +462,7 @@ def int_list(value: Any, name: str) -> list[int]:
     try:
         out = sorted({int(v) for v in values})
     except (TypeError, ValueError) as err:
-        raise ParamError(f"{name} must be a list of integers, got {value!r}") from err
+        raise TaskParamError(f"{name} must be a list of integers, got {value!r}") from err
     if not out or out[0] < 1:
-        raise ParamError(f"{name} must be a non-empty list of positive integers, got {value!r}")
+        raise TaskParamError(f"{name} must be a non-empty list of positive integers, got {value!r}")
     return out

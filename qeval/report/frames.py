@@ -1,0 +1,292 @@
+"""The report's frames: every table computed from the result store (pandas does the pivoting).
+
+A leaf of :mod:`qeval.report`: it computes and returns frames and writes nothing (files are
+:mod:`qeval.report.write`'s job), so the figures, recommendations and the HTML page build on
+it without depending on each other.
+
+``long_frame`` flattens records into one row per (cell, task, metric);
+``cell_table`` pivots that into one row per cell and one column per metric,
+and adds each metric divided by the same model's unquantized (FP) value
+(``<metric> /FP``): above 1 means larger than unquantized, which is worse for
+perplexity and better for accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from qeval.eval.registry import FAMILIES
+from qeval.results import iter_records
+
+# a row is a cell: the preset name (quant) separates specs with the same bits label
+# (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
+CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method", "backend"]
+TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}  # reading order of tensor types
+FP_BITS = 16
+_HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
+
+
+def _entry_info(rec: dict, entry: str, metrics: dict) -> dict:
+    """Family, primary metric and direction of one suite entry of a record.
+
+    Records written before tasks declared them (no ``record["tasks"]``) fall back to
+    the two tasks those suites had: perplexity (lower is better) and accuracy.
+    """
+    info = (rec.get("tasks") or {}).get(entry)
+    if info:
+        return info
+    primary = "ppl" if "ppl" in metrics else "acc"
+    return {"family": "basic_nlp", "primary_metric": primary, "higher_is_better": primary != "ppl"}
+
+
+def _entry_label(rec: dict, entry: str) -> str:
+    """The entry's name, with its shots when it has any (shots are a sweep axis: MMLU@5shot)."""
+    task_cfg = ((rec.get("config") or {}).get("suite") or {}).get("tasks", {}).get(entry) or {}
+    shots = task_cfg.get("num_fewshot") if isinstance(task_cfg, dict) else None
+    return f"{entry}@{shots}shot" if shots else entry
+
+
+def read_sweeps(dirs: Iterable[str | Path]) -> list[dict]:
+    """Every readable record under the given sweep folders, read once for all the tables."""
+    return [rec for d in dirs for rec in iter_records(d)]
+
+
+def long_frame(records: Iterable[dict]) -> pd.DataFrame:
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
+            continue
+        cell = rec["cell"]
+        for task, metrics in rec["metrics"].items():
+            info = _entry_info(rec, task, metrics)
+            label = _entry_label(rec, task)
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
+                    continue
+                primary = metric == info["primary_metric"]
+                rows.append(
+                    {
+                        **{k: cell[k] for k in CELL_KEYS},
+                        "suite": cell["suite"],
+                        "sweep": rec["sweep"],
+                        "task": label,
+                        "metric": f"{label}.{metric}",
+                        "value": value,
+                        "stderr": metrics.get(f"{metric}_stderr"),
+                        "samples": metrics.get("samples", metrics.get("windows")),
+                        "family": info["family"],
+                        "primary": primary,
+                        "higher_is_better": bool(info["higher_is_better"]) if primary else None,
+                    }
+                )
+    if not rows:
+        raise ValueError("no finished cells among the records")
+    return pd.DataFrame(rows)
+
+
+def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """The cells that produced no scores, a row each: failed (with the error) or skipped (with
+    why the method, format or kernel cannot make that cell)."""
+    rows = []
+    for rec in records:
+        if rec.get("status") in ("failed", "skipped"):
+            cell = rec.get("cell") or {}
+            rows.append(
+                {
+                    **{k: cell.get(k) for k in CELL_KEYS},
+                    "sweep": rec.get("sweep"),
+                    "status": rec["status"],
+                    "reason": rec.get("reason", ""),
+                }
+            )
+    return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
+
+
+def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """The efficiency records (benchmarks/efficiency.py) among ``records`` as one table,
+    a row per timed point (empty when there are none)."""
+    rows = []
+    for rec in records:
+        if rec.get("kind") != "efficiency":
+            continue
+        for t in rec["timings"]:
+            rows.append(
+                {
+                    "model": rec.get("model"),
+                    "quant": rec.get("quant"),
+                    "method": rec.get("method"),
+                    "scheme": rec.get("scheme"),
+                    "device": rec.get("device"),
+                    "dtype": rec.get("engine", {}).get("dtype"),
+                    "weight_MB": rec["weight_bytes"] / 2**20,
+                    "kv_bytes_per_token": rec["kv_bytes_per_token"],
+                    "batch": t["batch"],
+                    "input_len": t["input_len"],
+                    "prefill_s": t["prefill_s"],
+                    "decode_ms_per_token": 1000 * t["decode_s_per_token"],
+                    "e2e_s": t["e2e_s"],
+                    "throughput_tok_s": t["throughput_tok_s"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
+    """Add ``normalized`` = value / the same model's FP value for that metric, and
+    ``significant``: whether value and FP value differ by more than ``n_se`` standard
+    errors of the difference (sqrt(se^2 + se_FP^2)); missing where either has no
+    standard error, so a reader never takes noise for loss."""
+    group = ["model", "suite", "backend", "metric"]
+    fp = long[long.tensor_type == "FP"].groupby(group)
+    base = pd.concat([fp["value"].first().rename("fp_value"), fp["stderr"].first().rename("fp_stderr")], axis=1)
+    out = long.drop(columns=[c for c in ("fp_value", "fp_stderr") if c in long]).join(base, on=group)
+    out["normalized"] = out["value"] / out["fp_value"]
+    se = (
+        pd.to_numeric(out["stderr"], errors="coerce") ** 2 + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2
+    ) ** 0.5
+    diff = (out["value"] - out["fp_value"]).abs()
+    out["significant"] = (diff > n_se * se).where(se.notna() & (se > 0) & (out["tensor_type"] != "FP"))
+    return out
+
+
+def cell_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, one column per metric and per normalized metric."""
+    long = add_normalized(long)
+    values = long.pivot_table(index=CELL_KEYS, columns="metric", values="value", aggfunc="first")
+    norm = long.pivot_table(index=CELL_KEYS, columns="metric", values="normalized", aggfunc="first")
+    norm.columns = [f"{c} /FP" for c in norm.columns]
+    table = values.join(norm)
+    table = table[[c for m in values.columns for c in (m, f"{m} /FP") if c in table.columns]]
+    return _in_cell_order(table)
+
+
+def _in_cell_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows indexed by CELL_KEYS in reading order: model, tensor type, bits (most first),
+    preset, method, backend."""
+    return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
+
+
+def _bits_key(label: str) -> tuple:
+    digits = [int(s) for s in re.findall(r"\d+", label)]
+    return tuple(-d for d in digits)
+
+
+def family_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Quality retained per family: the mean over a family's tasks of the primary metric
+    relative to the unquantized model, oriented so that 1 = unchanged and below 1 = worse
+    (value/FP where higher is better, FP/value where lower is better, e.g. perplexity)."""
+    prim = add_normalized(long[long.primary]) if "normalized" not in long else long[long.primary].copy()
+    # a ratio to an FP score of 0 (or to a missing one) says nothing: left out of the mean
+    prim = prim.assign(retained=[retained(n, hib) for n, hib in zip(prim["normalized"], prim["higher_is_better"])])
+    table = prim.pivot_table(index=CELL_KEYS, columns="family", values="retained", aggfunc="mean")
+    table = table[[f for f in FAMILIES if f in table.columns] + [f for f in table.columns if f not in FAMILIES]]
+    return _in_cell_order(table)
+
+
+def retained(normalized: float, higher_is_better: bool) -> float:
+    """value/FP oriented so that 1 = unchanged and 0 = nothing left; NaN where FP's score is 0
+    (or missing), which makes the ratio meaningless.  A task that drops to 0 retains 0."""
+    if normalized is None or not math.isfinite(normalized):
+        return float("nan")
+    if higher_is_better:
+        return normalized
+    return 1 / normalized if normalized > 0 else float("nan")
+
+
+def primary_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, the primary metric of each task (with /FP), the table to read first."""
+    return cell_table(long[long.primary].drop(columns=[c for c in DERIVED if c in long]))
+
+
+FAKE_BACKEND, REAL_BACKEND = "hf", "vllm"
+
+
+def agreement_table(long: pd.DataFrame, ppl_rtol: float = 0.01, n_se: float = 2.0) -> pd.DataFrame:
+    """Fake quantization (hf) against real kernels (vllm), for every cell run on both.
+
+    A row per (cell, primary metric).  Perplexity-like metrics (lower is better)
+    agree when the relative difference is at most ``ppl_rtol``; scores with a
+    standard error agree when the difference is within ``n_se`` standard errors of
+    a difference (sqrt(se_fake^2 + se_real^2); conservative, since both backends
+    score the same items).  Empty when no cell ran on both backends.
+    """
+    keys = [k for k in CELL_KEYS if k != "backend"] + ["suite", "metric"]
+    prim = long[long.primary]
+    fake = prim[prim.backend == FAKE_BACKEND].set_index(keys)[["value", "stderr", "higher_is_better"]]
+    real = prim[prim.backend == REAL_BACKEND].set_index(keys)[["value", "stderr"]]
+    both = fake.join(real, how="inner", lsuffix="_fake", rsuffix="_real")
+    if both.empty:
+        return pd.DataFrame()
+    both = both.rename(columns={"value_fake": "fake_quant", "value_real": "real_kernel"})
+    both["diff"] = both["real_kernel"] - both["fake_quant"]
+    rows = []
+    for _, r in both.iterrows():
+        se = math.sqrt((r.stderr_fake or 0.0) ** 2 + (r.stderr_real or 0.0) ** 2)
+        if not r.higher_is_better or not se:  # perplexity-like, or a score without stderr
+            tolerance, rule = ppl_rtol * abs(r.fake_quant), f"{ppl_rtol:.0%} relative"
+        else:
+            tolerance, rule = n_se * se, f"{n_se:g} SE"
+        rows.append({"tolerance": tolerance, "rule": rule, "agree": abs(r["diff"]) <= tolerance})
+    out = both.assign(**pd.DataFrame(rows, index=both.index))
+    out["rel_diff"] = out["diff"] / out["fake_quant"]
+    return out[["fake_quant", "real_kernel", "diff", "rel_diff", "tolerance", "rule", "agree"]]
+
+
+DERIVED = ["fp_value", "fp_stderr", "normalized", "significant"]
+
+
+def marked_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Primary metrics as text, one row per cell: value, ± standard error, and ``*`` where
+    the difference from the unquantized model exceeds two standard errors."""
+    prim = long[long.primary]
+
+    def fmt(r) -> str:
+        text = f"{r.value:.4g}"
+        if r.stderr is not None and pd.notna(r.stderr):
+            text += f" ± {r.stderr:.2g}"
+        return text + (" *" if r.significant is True else "")
+
+    prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
+    table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")
+    return _in_cell_order(table).fillna("")
+
+
+def views(long: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
+    """One primary-metric table per value of ``key`` (tensor_type or method), each with the
+    unquantized rows it is normalized to."""
+    raw = long.drop(columns=[c for c in DERIVED if c in long])
+    fp = raw[raw.tensor_type == "FP"]
+    out = {}
+    for value in sorted(raw.loc[raw.tensor_type != "FP", key].unique()):
+        part = pd.concat([fp, raw[(raw[key] == value) & (raw.tensor_type != "FP")]])
+        out[str(value)] = primary_table(part)
+    return out
+
+
+def report_name(results_dirs: list[Path]) -> str:
+    """The report's name: its sweeps' folder names joined with ``+``."""
+    return "+".join(d.name for d in results_dirs)
+
+
+def bit_width(tensor_type: str, bits: str) -> float:
+    """The bit-width a cell varies: weights for W/WA, the cache for KV; 16 for FP."""
+    if tensor_type == "FP":
+        return FP_BITS
+    part = "KV" if tensor_type == "KV" else "W"
+    match = re.search(rf"{part}(\d+)", bits)
+    return float(match.group(1)) if match else math.nan
+
+
+def weight_bits_per_param(bits: str) -> float:
+    """Weight memory per parameter: the code width plus a 16-bit scale per group
+    (the memory axis of the accuracy-vs-memory plot and of the recommendations)."""
+    match = re.search(r"W(\d+)(?:g(\d+))?", bits)
+    if not match:
+        return float(FP_BITS)
+    width, group = int(match.group(1)), match.group(2)
+    return width + (16 / int(group) if group else 0.0)

@@ -1,0 +1,186 @@
+"""The report's entry module: the one place that writes files.
+
+``write_tables`` reads one or several sweep folders once, has the leaf modules compute
+everything (:mod:`qeval.report.frames`: the frames; :mod:`qeval.report.plots`: the figures;
+:mod:`qeval.report.recommend`: recommendations and findings; :mod:`qeval.report.html`: the
+page) and writes it under ``plots/<sweep>[+<sweep>...]/``: tables as CSV, Markdown and
+LaTeX, figures as PNG and SVG, ``report.html``.  The leaves import nothing from here, so the
+package has no import cycle and each leaf can be used (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (and no display needed)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from qeval.report.frames import (  # noqa: E402
+    DERIVED,
+    add_normalized,
+    agreement_table,
+    cell_table,
+    efficiency_frame,
+    family_table,
+    long_frame,
+    marked_table,
+    not_ok_frame,
+    primary_table,
+    read_sweeps,
+    report_name,
+    views,
+)
+from qeval.report.html import render_html  # noqa: E402
+from qeval.report.plots import all_figures  # noqa: E402
+from qeval.report.recommend import recommendations, summary  # noqa: E402
+
+
+def save_figure(fig: Figure, out: Path, name: str) -> Path:
+    """``out/<name>.png`` (120 dpi) and an SVG twin; closes the figure; returns the PNG's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{name}.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def write_table(table: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[Path]:
+    """CSV, Markdown and LaTeX of one table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    files = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
+    table.to_csv(files[0])
+    flat = table.reset_index()
+    files[1].write_text(flat.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    files[2].write_text(flat.to_latex(index=False, float_format=lambda v: format(v, floatfmt), na_rep="--"))
+    return files
+
+
+def write_tables(
+    results_dirs: str | Path | Iterable[str | Path],
+    out_dir: str | Path | None = None,
+    ppl_rtol: float = 0.01,
+    n_se: float = 2.0,
+    keep: float = 0.98,
+) -> tuple[str, list[Path]]:
+    """Write every table of one or several sweeps (compared together) and return the Markdown
+    to print (families, primary metrics, agreement) and the files written.
+
+    Files (CSV, plus Markdown and LaTeX for the tables meant for reading): the long frame with
+    standard errors, normalization and significance; every metric; primary metrics (numbers
+    and the marked text version); families; one view per tensor type and per method; the
+    fake-vs-real agreement when cells ran on both backends.
+    """
+    dirs = [Path(results_dirs)] if isinstance(results_dirs, (str, Path)) else [Path(d) for d in results_dirs]
+    records = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"results folder {d} does not exist")
+        in_dir = read_sweeps([d])
+        if not any(rec.get("status") == "ok" for rec in in_dir):
+            raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
+        records += in_dir
+    long = add_normalized(long_frame(records), n_se)
+    raw = long.drop(columns=DERIVED)
+    table = cell_table(raw)
+    primary = primary_table(raw)
+    families = family_table(long)
+    out = Path(out_dir) if out_dir else Path("plots") / report_name(dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [
+        out / "scores_long.csv",
+        out / "table.csv",
+        out / "table.md",
+        out / "primary.csv",
+        out / "families.csv",
+        out / "families.md",
+    ]
+    long.to_csv(files[0], index=False)
+    table.to_csv(files[1])
+    files[2].write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+    primary.to_csv(files[3])
+    families.to_csv(files[4])
+    fam_md = families.reset_index().to_markdown(index=False, floatfmt=".3f")
+    files[5].write_text(fam_md + "\n")
+    files += [out / "families.tex", out / "primary.md", out / "primary.tex"]
+    files[-3].write_text(families.reset_index().to_latex(index=False, float_format="%.3f", na_rep="--"))
+    files[-2].write_text(primary.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+    files[-1].write_text(primary.reset_index().to_latex(index=False, float_format="%.4g", na_rep="--"))
+    marked = marked_table(long)
+    files += write_table(marked, out / "primary_marked")
+    all_views = {}
+    for key, folder in (("tensor_type", "by_tensor_type"), ("method", "by_method")):
+        all_views[key] = views(long, key)
+        for value, view in all_views[key].items():
+            files += write_table(view, out / folder / value.replace("+", "_"))
+    efficiency = efficiency_frame(records)
+    figures = [save_figure(fig, out / "figures", name) for name, fig in all_figures(long, families, efficiency)]
+    files += figures
+    advice = recommendations(families, keep, long)
+    findings = summary(families, keep)
+    files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
+    advice.to_csv(files[-3], index=False)
+    advice_md = advice.to_markdown(index=False, floatfmt=".3f")
+    files[-2].write_text(advice_md + "\n")
+    files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
+    markdown = (
+        "quality retained per family (1 = unquantized; primary metric of each task, "
+        "oriented so that lower is worse)\n\n"
+        + fam_md
+        + "\n\nprimary metrics\n\n"
+        + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
+        + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
+        + marked.reset_index().to_markdown(index=False)
+    )
+    markdown += (
+        f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
+        + advice_md
+        + "\n\nfindings\n\n"
+        + "\n".join(f"- {line}" for line in findings)
+    )
+    agreement = agreement_table(raw, ppl_rtol, n_se)
+    if not agreement.empty:
+        agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")
+        files += [out / "agreement.csv", out / "agreement.md"]
+        agreement.to_csv(files[-2])
+        files[-1].write_text(agree_md + "\n")
+        n_bad = int((~agreement["agree"]).sum())
+        markdown += (
+            f"\n\nfake quant (hf) vs real kernels (vllm): {len(agreement) - n_bad} of {len(agreement)} "
+            "agree" + (f", {n_bad} DISAGREE" if n_bad else "") + "\n\n" + agree_md
+        )
+    if not efficiency.empty:
+        files.append(out / "efficiency.csv")
+        efficiency.to_csv(files[-1], index=False)
+    not_ok = not_ok_frame(records)
+    if not not_ok.empty:
+        files += [out / "not_run.csv", out / "not_run.md"]
+        not_ok.to_csv(files[-2], index=False)
+        not_ok_md = not_ok.to_markdown(index=False)
+        files[-1].write_text(not_ok_md + "\n")
+        markdown += f"\n\ncells without scores (failed or skipped)\n\n{not_ok_md}"
+    page = out / "report.html"
+    page.write_text(
+        render_html(
+            f"qeval report: {report_name(dirs)}",
+            findings,
+            families,
+            advice,
+            marked,
+            all_views["tensor_type"],
+            all_views["method"],
+            figures,
+            agreement,
+            efficiency,
+            keep,
+            not_ok,
+        ),
+        encoding="utf-8",
+    )
+    files.append(page)
+    return markdown, files
