@@ -301,7 +301,11 @@ def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = No
     meta = (entry.cfg or {}).get("metadata") or {}
     declared = str(meta.get("data", "")).split("|", 1)[0]
     out: list[str] = []
-    for pattern in re.findall(r"[\w.*-]+(?:/[\w.*-]+)+", declared):
+    patterns = []
+    for token in re.findall(r"[\w.*{},-]+(?:/[\w.*{},-]+)+", declared):
+        m = re.search(r"\{([^}]*)\}", token)  # one brace group: mmlu/{test,dev}/*.csv
+        patterns += [token[: m.start()] + alt + token[m.end() :] for alt in m.group(1).split(",")] if m else [token]
+    for pattern in patterns:
         for rel in sorted(SOURCES):
             if (rel == pattern or fnmatch.fnmatchcase(rel, pattern)) and rel not in out:
                 out.append(rel)
