@@ -2,20 +2,38 @@
 
 Offline first: every dataset has a local file under the data directory
 (``QEVAL_DATA_DIR``, or ``../shared/data`` beside the checkout when it
-exists) and a Hub equivalent used only when the local file is absent.  A user
-points ``QEVAL_DATA_DIR`` (or ``data_dir=``) at their own copies in the same
-layout.
+exists).  A user points ``QEVAL_DATA_DIR`` (or ``data_dir=``) at their own
+copies in the same layout, or materialises one with ``qeval-data fetch``.
+
+When a file is missing there and downloads are allowed (neither
+``QEVAL_OFFLINE=1`` nor ``HF_HUB_OFFLINE=1``), :func:`data_file` downloads it
+from its pinned source in :data:`qeval.data_sources.SOURCES` into a cache in
+the same layout (``$QEVAL_DATA_CACHE``, else ``<cache dir>/data``), checks its
+sha256 and uses it: the same bytes as the shared folder, so the same numbers.
+Preflight only asks :func:`available` (local, cached, or a known source), so it
+downloads nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import os
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from qeval.data_sources import SOURCES, Source
+
+log = logging.getLogger("qeval")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +66,252 @@ def local_file(relative: str, override: str | None = None) -> Path | None:
     return path if path.is_file() else None
 
 
+# --------------------------------------------------------------------------- online fallback
+
+FETCH_COMMAND = "qeval-data fetch"
+_VERIFIED: set[tuple[Path, str]] = set()  # (path, sha256) pairs already checked in this process
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where downloaded data files are kept, in the data directory's layout."""
+    explicit = os.environ.get("QEVAL_DATA_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    root = os.environ.get("QEVAL_CACHE_DIR") or Path.home() / ".cache" / "qeval"
+    return Path(root).expanduser() / "data"
+
+
+def has_content(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a file with this sha256 (checked once per process and file)."""
+    key = (path.resolve(), sha256)
+    if key in _VERIFIED:
+        return True
+    if path.is_file() and sha256_file(path) == sha256:
+        _VERIFIED.add(key)
+        return True
+    return False
+
+
+def cached_file(relative: str) -> Path | None:
+    """The downloaded copy of a table file, when the cache holds the right content."""
+    src = SOURCES.get(relative)
+    if src is None:
+        return None
+    path = cache_dir() / relative
+    return path if has_content(path, src.sha256) else None
+
+
+def fetch_hint(relatives: Sequence[str], override: str | None = None) -> str:
+    """The command that materialises these files for an offline machine."""
+    root = data_dir(override)
+    target = str(root) if root is not None else "DIR"
+    files = " ".join(f"--file '{r}'" for r in relatives[:3]) + (" ..." if len(relatives) > 3 else "")
+    return (
+        f"fetch it on a machine with internet access: `{FETCH_COMMAND} --dir {target} {files}` "
+        f"(or `{FETCH_COMMAND} --suite <suite> --dir {target}` for a whole suite), "
+        f"then set QEVAL_DATA_DIR={target}"
+    )
+
+
+def missing_message(relatives: Sequence[str], override: str | None = None) -> str:
+    """Why these files can't be had, naming them and how to get them."""
+    root = data_dir(override)
+    where = f"under the data directory ({root})" if root is not None else "(no data directory is set)"
+    known = all(_matches(r) for r in relatives)
+    if not known:
+        return (
+            f"{', '.join(relatives)} not found {where}, and qeval knows no online source for it: "
+            "put it there in the same layout, or set QEVAL_DATA_DIR to a folder holding it"
+        )
+    why = " and downloads are off (QEVAL_OFFLINE/HF_HUB_OFFLINE)" if offline() else ""
+    return f"{', '.join(relatives)} not found {where}{why}; {fetch_hint(relatives, override)}"
+
+
+def _matches(pattern: str) -> bool:
+    import fnmatch
+
+    return pattern in SOURCES or any(fnmatch.fnmatchcase(rel, pattern) for rel in SOURCES)
+
+
+def available(relative: str, override: str | None = None) -> bool:
+    """Whether :func:`data_file` can give this file without failing: local, cached, or
+    downloadable (a known source and downloads allowed).  Downloads nothing."""
+    if local_file(relative, override) is not None or cached_file(relative) is not None:
+        return True
+    return relative in SOURCES and not offline()
+
+
+def find_file(relative: str, override: str | None = None) -> Path | None:
+    """The local file, else the cached download, else a fresh download when allowed; None when
+    the file has no source or downloads are off."""
+    path = local_file(relative, override) or cached_file(relative)
+    if path is not None or relative not in SOURCES or offline():
+        return path
+    return fetch_file(relative, cache_dir())
+
+
+def data_file(relative: str, override: str | None = None) -> Path:
+    """Like :func:`find_file`, but a missing file is a :class:`DataNotFoundError` naming it
+    and the fetch command."""
+    path = find_file(relative, override)
+    if path is None:
+        raise DataNotFoundError(missing_message([relative], override))
+    return path
+
+
+# downloads ---------------------------------------------------------------------------------
+
+
+def _get_url(url: str) -> bytes:
+    """The bytes at a URL (http(s) or file://).  Tests replace this with a local stand-in."""
+    if url.startswith("file://"):
+        return Path(urllib.request.url2pathname(url[len("file://") :])).read_bytes()
+    request = urllib.request.Request(url, headers={"User-Agent": "qeval-data"})
+    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 (pinned https sources)
+        return response.read()
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> bytes:
+    """A Hub dataset file through huggingface_hub (HF_ENDPOINT, HF_TOKEN and the HF cache apply)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset", revision=revision)).read_bytes()
+
+
+@lru_cache(maxsize=4)
+def _archive(url: str, sha256: str | None) -> zipfile.ZipFile:
+    """A zip/wheel, downloaded once per process and kept beside the data cache."""
+    name = sha256 or hashlib.sha256(url.encode()).hexdigest()
+    path = cache_dir() / ".archives" / f"{name}-{url.rsplit('/', 1)[-1]}"
+    if not (path.is_file() and (sha256 is None or has_content(path, sha256))):
+        blob = _get_url(url)
+        if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+            raise DataNotFoundError(
+                f"{url}: sha256 {hashlib.sha256(blob).hexdigest()} differs from the pinned {sha256}"
+            )
+        _write_atomic(path, blob)
+    return zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+
+
+def _crlf_to_lf_final_newline(blob: bytes) -> bytes:
+    out = blob.replace(b"\r\n", b"\n")
+    return out if out.endswith(b"\n") else out + b"\n"
+
+
+def _ai2_arc_parquet_to_jsonl(blob: bytes) -> bytes:
+    """AI2's ARC jsonl (compact JSON, AI2's key order) rebuilt from the Hub's parquet rows."""
+    import pyarrow.parquet as pq
+
+    lines = []
+    for row in pq.read_table(io.BytesIO(blob)).to_pylist():
+        choices = [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]
+        rec = {
+            "id": row["id"],
+            "question": {"stem": row["question"], "choices": choices},
+            "answerKey": row["answerKey"],
+        }
+        lines.append(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+    return "".join(lines).encode("utf-8")
+
+
+TRANSFORMS: dict[str, Callable[[bytes], bytes]] = {
+    "crlf_to_lf_final_newline": _crlf_to_lf_final_newline,
+    "ai2_arc_parquet_to_jsonl": _ai2_arc_parquet_to_jsonl,
+}
+
+
+def source_bytes(relative: str, src: Source) -> bytes:
+    """The file's content from its source (or from ``$QEVAL_DATA_MIRROR/<relative>`` when a mirror
+    of a data folder is configured), transformed as recorded, not yet verified."""
+    mirror = os.environ.get("QEVAL_DATA_MIRROR")
+    if mirror:
+        base = mirror if "://" in mirror else Path(mirror).expanduser().resolve().as_uri()
+        return _get_url(base.rstrip("/") + "/" + relative)
+    if src.kind == "hub":
+        blob = _hub_file(src.repo, src.path, src.revision)
+    elif src.member:
+        blob = _archive(src.url, src.archive_sha256).read(src.member)
+    else:
+        blob = _get_url(src.url)
+    return TRANSFORMS[src.transform](blob) if src.transform else blob
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def fetch_file(relative: str, root: Path) -> Path:
+    """Download one table file into ``root/relative`` (atomically), checking its sha256.
+
+    A file already there with the right content is not downloaded again."""
+    src = SOURCES.get(relative)
+    if src is None:
+        raise DataNotFoundError(f"{relative}: qeval knows no online source for it")
+    dest = root / relative
+    if has_content(dest, src.sha256):
+        return dest
+    log.info("downloading %s from %s", relative, src.describe)
+    try:
+        blob = source_bytes(relative, src)
+    except (OSError, KeyError, ValueError) as err:  # network, missing member, bad archive
+        raise DataNotFoundError(f"{relative}: download from {src.describe} failed: {err}") from err
+    except Exception as err:  # huggingface_hub's errors are not OSErrors in every version
+        if type(err).__module__.startswith("huggingface_hub"):
+            raise DataNotFoundError(f"{relative}: download from {src.describe} failed: {err}") from err
+        raise
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != src.sha256:
+        raise DataNotFoundError(
+            f"{relative}: the content from {src.describe} has sha256 {digest}, not the pinned {src.sha256} "
+            "(the upstream file changed?); not used"
+        )
+    _write_atomic(dest, blob)
+    _VERIFIED.add((dest.resolve(), src.sha256))
+    return dest
+
+
+@lru_cache(maxsize=2)
+def _task_manager(include: tuple[str, ...]) -> Any:
+    """lm-eval's task index, built once per process for these task folders (it takes seconds)."""
+    from qeval.eval.harness import task_manager
+
+    return task_manager(include)
+
+
+def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = None) -> list[str]:
+    """The table files an lm-eval task plugin reads, from the paths its ``metadata.data`` names
+    (globs allowed, e.g. ``mmlu/test/*_test.csv``; the text after ``|`` is the online note)."""
+    import fnmatch
+    import re
+
+    entry = (manager or _task_manager(tuple(include))).task_index.get(name)
+    if entry is None:
+        return []
+    meta = (entry.cfg or {}).get("metadata") or {}
+    declared = str(meta.get("data", "")).split("|", 1)[0]
+    out: list[str] = []
+    patterns = []
+    for token in re.findall(r"[\w.*{},-]+(?:/[\w.*{},-]+)+", declared):
+        m = re.search(r"\{([^}]*)\}", token)  # one brace group: mmlu/{test,dev}/*.csv
+        patterns += [token[: m.start()] + alt + token[m.end() :] for alt in m.group(1).split(",")] if m else [token]
+    for pattern in patterns:
+        for rel in sorted(SOURCES):
+            if (rel == pattern or fnmatch.fnmatchcase(rel, pattern)) and rel not in out:
+                out.append(rel)
+    return out
+
+
 @dataclass(frozen=True)
 class TextDataset:
     """A corpus for perplexity or calibration: rows of text."""
@@ -59,15 +323,17 @@ class TextDataset:
     hub_field: str = "text"
 
     def rows(self, override: str | None = None) -> list[str]:
-        path = Path(self.local) if Path(self.local).is_absolute() else local_file(self.local, override)
+        """The corpus' non-empty lines: the local file, else its pinned download (same bytes);
+        a corpus outside the source table falls back to its Hub dataset when online."""
+        if Path(self.local).is_absolute():
+            path: Path | None = Path(self.local)
+        else:
+            path = find_file(self.local, override)
         if path is not None:
             text = path.read_text(encoding="utf-8")
             return [line for line in text.splitlines() if line.strip()]
-        if offline():
-            raise DataNotFoundError(
-                f"{self.local} not found under the data directory ({data_dir(override)}) and the Hub is "
-                "disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE); set QEVAL_DATA_DIR to a folder holding it"
-            )
+        if offline() or not self.hub_path or self.local in SOURCES:
+            raise DataNotFoundError(missing_message([self.local], override))
         import datasets
 
         ds = datasets.load_dataset(self.hub_path, self.hub_name, split=self.hub_split)
@@ -99,15 +365,13 @@ def text_dataset(name: str) -> TextDataset:
 
 
 def check_available(name: str, override: str | None = None) -> None:
-    """Fail early, before a model loads, when a dataset can't be had."""
+    """Fail early, before a model loads, when a dataset can't be had (downloads nothing)."""
     ds = text_dataset(name)
-    if Path(ds.local).is_absolute():
+    if Path(ds.local).is_absolute() or available(ds.local, override):
         return
-    if local_file(ds.local, override) is None and offline():
-        raise DataNotFoundError(
-            f"dataset {name!r} needs {ds.local} under the data directory ({data_dir(override)}), "
-            "and the Hub is disabled; set QEVAL_DATA_DIR"
-        )
+    if ds.local not in SOURCES and ds.hub_path and not offline():
+        return  # read from its Hub dataset
+    raise DataNotFoundError(f"dataset {name!r} needs " + missing_message([ds.local], override))
 
 
 def load_text(name: str, override: str | None = None) -> str:

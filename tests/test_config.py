@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 
-from qeval.cli import CONF_DIR
 from qeval.cell import build_cell, register_configs
+from qeval.cli import CONF_DIR
 from qeval.config import ConfigError, bits_label, tensor_type
 
 TINY = ["model=tiny-llama", "suite=tiny"]

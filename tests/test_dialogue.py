@@ -299,7 +299,8 @@ def test_task_rejects_bad_params_and_missing_data(mt_bench, tmp_path, monkeypatc
     with pytest.raises(TypeError):
         mt_bench(temperature=0.7)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TaskDataError, match="mt_bench/question.jsonl"):
+    monkeypatch.setenv("QEVAL_DATA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TaskDataError, match="mt_bench/question.jsonl.*qeval-data fetch"):
         mt_bench().check_available(str(tmp_path))
 
 
@@ -396,8 +397,8 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
     suite's FP cell (quant=fp16) is the reference and fills the cache a quantized cell reads."""
     from hydra import compose, initialize_config_dir
 
-    from qeval.cli import CONF_DIR
     from qeval.cell import build_cell
+    from qeval.cli import CONF_DIR
     from qeval.eval.suite import check_suite, describe_suite, evaluate_suite
     from qeval.runner import eval_settings
 

@@ -242,8 +242,11 @@ def test_needle_end_to_end_with_capping(tasks, tok):
     assert m["context_tokens@64"] < m["context_tokens@128"] < 512
 
 
-def test_needle_without_essays_is_a_clear_error(tasks, tmp_path):
-    with pytest.raises(TaskDataError, match="no online source"):
+def test_needle_without_essays_is_a_clear_error(tasks, tmp_path, monkeypatch):
+    """Offline with no essays (local or cached): the error names them and the fetch command."""
+    monkeypatch.setenv("QEVAL_OFFLINE", "1")
+    monkeypatch.setenv("QEVAL_DATA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TaskDataError, match=r"needle_haystack/PaulGrahamEssays/\*\.txt.*qeval-data fetch"):
         tasks["qeval_needle"]().check_available(str(tmp_path))
 
 
@@ -251,11 +254,11 @@ def test_suite_entry_params_reach_the_task():
     """A native suite entry (kind auto, limit, params) runs through evaluate_suite."""
     from hydra import compose, initialize_config_dir
 
-    from qeval.cli import CONF_DIR
     from qeval.cell import build_cell
+    from qeval.cli import CONF_DIR
     from qeval.eval.suite import check_suite, evaluate_suite
-    from qeval.runner import eval_settings
     from qeval.models.loading import load_model
+    from qeval.runner import eval_settings
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(

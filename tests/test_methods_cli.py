@@ -48,9 +48,9 @@ def test_unknown_method_parameter_fails_before_any_work():
     import pytest
     from hydra import compose, initialize_config_dir
 
+    from qeval.cell import preflight
     from qeval.cli import CONF_DIR
     from qeval.config import ConfigError
-    from qeval.cell import preflight
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=tiny-llama", "suite=tiny", "method=gptq", "+method.gptq.bogus=1"])

@@ -159,8 +159,8 @@ def test_package_versions_names_the_stack():
 def test_fp_baseline_is_one_cell_across_methods():
     """quant=fp16 x method=rtn,gptq is one baseline (same hash, computed once per sweep);
     quantized cells of different methods stay distinct."""
-    from qeval.cli import compose_config
     from qeval.cell import build_cell
+    from qeval.cli import compose_config
 
     def cell_hash(*overrides: str) -> str:
         return stable_hash(build_cell(compose_config(["model=tiny-llama", "suite=tiny", *overrides])).identity())

@@ -24,8 +24,8 @@ def test_suite_passes_preflight(suite):
     from conftest import require_eval_data
 
     require_eval_data()
-    from qeval.eval.suite import describe_suite
     from qeval.cell import preflight
+    from qeval.eval.suite import describe_suite
 
     cfg = preflight(_cfg(suite))
     described = describe_suite(cfg.suite, cfg.include)
@@ -39,8 +39,8 @@ def test_default_suite_covers_all_families():
     from conftest import require_eval_data
 
     require_eval_data()
-    from qeval.eval.suite import describe_suite
     from qeval.cell import preflight
+    from qeval.eval.suite import describe_suite
 
     cfg = preflight(_cfg("quick"))
     assert {info["family"] for info in describe_suite(cfg.suite).values()} == set(FAMILIES)
@@ -57,9 +57,8 @@ def test_default_suite_covers_all_families():
     ],
 )
 def test_family_suites_hold_their_family(suite, family):
-    from qeval.eval.suite import describe_suite
-
     from qeval.cell import build_cell
+    from qeval.eval.suite import describe_suite
 
     cfg = build_cell(_cfg(suite))
     families = {info["family"] for info in describe_suite(cfg.suite).values()}

@@ -236,8 +236,8 @@ def _synthetic(
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from qeval.cli import CONF_DIR
     from qeval.cell import register_configs
+    from qeval.cli import CONF_DIR
     from qeval.config import bits_label, tensor_type
 
     register_configs()

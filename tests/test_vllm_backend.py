@@ -26,8 +26,8 @@ def _compose(overrides):
 
 @needs_vllm
 def test_native_tasks_are_refused_on_vllm_before_any_work():
-    from qeval.config import ConfigError
     from qeval.cell import preflight
+    from qeval.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"native entries \(.*mt_bench.*\) that backend=vllm cannot score"):
         preflight(_compose(["backend=vllm", "suite=quick"]))

@@ -102,21 +102,23 @@ class NativeTask:
     def __init__(self, **params: Any) -> None:
         self.params = params
 
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Every data file this configured task may read: what ``qeval-data fetch`` materialises."""
+        return tuple(self.data)
+
     def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
         """Raise :class:`TaskDataError` before any model loads if the data can't be had.
 
+        A file counts as available when it is local, cached, or has a pinned online source
+        (:mod:`qeval.data_sources`) and downloads are allowed; nothing is downloaded here.
         ``include`` are the user's extra task folders (for tasks that run other tasks)."""
         # qeval.data imports torch (seconds): the reports read FAMILIES from this module and
         # ``qeval-tasks`` lists tasks, neither needs it
-        from qeval.data import local_file, offline
+        from qeval.data import available, missing_message, offline
 
-        missing = [rel for rel in self.data if local_file(rel, data_dir) is None]
+        missing = [rel for rel in self.data if not available(rel, data_dir)]
         if missing and (offline() or not self.online):
-            raise TaskDataError(
-                f"task {self.name!r} needs {', '.join(missing)} under the data directory; "
-                + ("the Hub is disabled (HF_HUB_OFFLINE/QEVAL_OFFLINE)" if self.online else "it has no online source")
-                + "; set QEVAL_DATA_DIR or data_dir="
-            )
+            raise TaskDataError(f"task {self.name!r} needs " + missing_message(missing, data_dir))
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError

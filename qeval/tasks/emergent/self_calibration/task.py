@@ -42,6 +42,12 @@ class SelfCalibration(NativeTask):
         if not task_exists(self.task, tuple(include)):
             raise TaskDataError(f"qeval_self_calibration: params.task={self.task!r} is not an lm-eval task")
 
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The files of the multiple-choice task it runs."""
+        from qeval.data import lm_eval_task_files
+
+        return tuple(lm_eval_task_files(self.task, include))
+
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         shots = self.num_fewshot if self.num_fewshot is not None else ctx.extra.get("num_fewshot")
         out = run_lm_eval(

@@ -17,9 +17,9 @@ from typing import Any
 
 import datasets
 
-from qeval.data import DataNotFoundError, data_dir, local_file, offline
+from qeval.data import data_file
 
-HUB_PATH, HUB_NAME = "EleutherAI/hendrycks_ethics", "commonsense"
+HUB_PATH, HUB_NAME = "EleutherAI/hendrycks_ethics", "commonsense"  # the schema the rows follow
 FEATURES = datasets.Features(
     {
         "label": datasets.Value("int32"),
@@ -51,15 +51,9 @@ def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datas
 
 
 def load_ethics_cm(**_: Any) -> datasets.DatasetDict:
-    """``test`` (and ``train`` when present) from ``<data dir>/ethics/commonsense/``, or the Hub."""
-    test = local_file("ethics/commonsense/cm_test.csv")
-    if test is None:
-        if offline():
-            raise DataNotFoundError(
-                f"ethics/commonsense/cm_test.csv not found under the data directory "
-                f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
-            )
-        return datasets.load_dataset(HUB_PATH, HUB_NAME)
+    """``test`` (and ``train`` when present) from ``<data dir>/ethics/commonsense/`` (or the test
+    file's pinned download)."""
+    test = data_file("ethics/commonsense/cm_test.csv")
     train = test.with_name("cm_train.csv")
     return datasets.DatasetDict(
         {

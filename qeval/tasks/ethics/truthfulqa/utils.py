@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 from lm_eval.tasks.truthfulqa.utils import process_results_mc2  # noqa: F401  (named by the mc2 YAML)
 
-from qeval.data import DataNotFoundError, data_dir, local_file, offline
+from qeval.data import data_file
 
 HUB_PATH, HUB_NAME = "truthfulqa/truthful_qa", "multiple_choice"
 _TARGETS = {"choices": datasets.List(datasets.Value("string")), "labels": datasets.List(datasets.Value("int32"))}
@@ -45,15 +45,9 @@ def read_mc_task(path: Path) -> list[dict[str, Any]]:
 
 
 def load_truthfulqa_mc(**_: Any) -> datasets.DatasetDict:
-    """The ``validation`` split (TruthfulQA's only one) from ``<data dir>/truthfulqa/mc_task.json``, or the Hub."""
-    path = local_file("truthfulqa/mc_task.json")
-    if path is None:
-        if offline():
-            raise DataNotFoundError(
-                f"truthfulqa/mc_task.json not found under the data directory ({data_dir()}) "
-                "and the Hub is disabled; set QEVAL_DATA_DIR"
-            )
-        return datasets.load_dataset(HUB_PATH, HUB_NAME)
+    """The ``validation`` split (TruthfulQA's only one) from ``<data dir>/truthfulqa/mc_task.json``
+    (or its pinned download)."""
+    path = data_file("truthfulqa/mc_task.json")
     rows = read_mc_task(path)
     return datasets.DatasetDict(
         {"validation": datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)}

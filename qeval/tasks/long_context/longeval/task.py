@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from qeval.data_sources import SOURCES, files_under
 from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
 from qeval.eval.registry import NativeTask, TaskContext, TaskParamError, register_task
 from qeval.tasks.long_context import longeval_gen as lg
@@ -142,6 +143,10 @@ class LongEvalLines(_LongEvalBase):
             extract=extract,
         )
 
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        # all shipped files: the generated cases take their line names from every one of them
+        return tuple(files_under(lg.LINES_DIR + "/"))
+
     def sizes(self) -> list[int]:
         return self.params["num_lines"]
 
@@ -180,6 +185,10 @@ class LongEvalTopics(_LongEvalBase):
         if sizes[-1] > 30:
             raise TaskParamError(f"num_topics must be at most 30 (LongChat has 30 conversations), got {num_topics!r}")
         super().__init__(max_new_tokens, max_tokens, chat_template, answer_prefix, local, num_topics=sizes)
+
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        shipped = [f"{lg.TOPICS_DIR}/{n}_topics.jsonl" for n in self.sizes()] if self.params["local"] else []
+        return tuple(self.data) + tuple(rel for rel in shipped if rel in SOURCES)
 
     def sizes(self) -> list[int]:
         return self.params["num_topics"]

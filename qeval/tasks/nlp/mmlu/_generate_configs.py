@@ -54,7 +54,7 @@ def main() -> None:
             f"{' '.join(subject.split('_'))}.\n\n",
             "metadata": {
                 **TASK_METADATA,
-                "data": f"mmlu/test/{subject}_test.csv + mmlu/dev/{subject}_dev.csv | online cais/mmlu {subject}",
+                "data": f"mmlu/test/{subject}_test.csv + mmlu/dev/{subject}_dev.csv | online via qeval-data sources",
             },
         }
         _dump(
@@ -69,7 +69,7 @@ def main() -> None:
             "group_alias": category.replace("_", " "),  # lm-eval's: "social sciences"
             "task": [f"qeval_mmlu_{category}_tasks"],
             "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-            "metadata": {**METADATA, "data": "mmlu/{test,dev}/*.csv | online cais/mmlu"},
+            "metadata": {**METADATA, "data": "mmlu/{test,dev}/*.csv | online via qeval-data sources"},
         }
         _dump(
             HERE / f"qeval_mmlu_{category}.yaml",
@@ -91,7 +91,10 @@ def main() -> None:
         "group": "qeval_mmlu",
         "task": [f"qeval_mmlu_{c}" for c in CATEGORIES],
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-        "metadata": {**METADATA, "data": "mmlu/test/*_test.csv + mmlu/dev/*_dev.csv (56 subjects) | online cais/mmlu"},
+        "metadata": {
+            **METADATA,
+            "data": "mmlu/test/*_test.csv + mmlu/dev/*_dev.csv (56 subjects) | online via qeval-data sources",
+        },
     }
     _dump(HERE / "qeval_mmlu.yaml", comment, config)
 

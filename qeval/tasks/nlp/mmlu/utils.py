@@ -16,9 +16,9 @@ from typing import Any
 
 import datasets
 
-from qeval.data import DataNotFoundError, data_dir, local_file, offline
+from qeval.data import data_file
 
-HUB_PATH = "cais/mmlu"
+HUB_PATH = "cais/mmlu"  # the schema the rows follow
 LETTERS = ("A", "B", "C", "D")
 FEATURES = datasets.Features(
     {
@@ -48,21 +48,13 @@ def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datas
 
 
 def load_mmlu(subject: str, **_: Any) -> datasets.DatasetDict:
-    """``test`` and ``dev`` (few-shot) splits of one subject from ``<data dir>/mmlu/``, or the Hub.
+    """``test`` and ``dev`` (few-shot) splits of one subject from ``<data dir>/mmlu/`` (or the
+    files' pinned downloads).
 
     ``subject`` comes from the task's ``dataset_kwargs`` (lm-eval passes those to a
     ``custom_dataset`` function, not ``dataset_name``).
     """
-    paths = {split: local_file(f"mmlu/{folder}/{subject}_{folder}.csv") for split, folder in SPLITS.items()}
-    if paths["test"] is None:
-        if offline():
-            raise DataNotFoundError(
-                f"mmlu/test/{subject}_test.csv not found under the data directory "
-                f"({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
-            )
-        return datasets.load_dataset(HUB_PATH, subject)
-    if paths["dev"] is None:
-        raise DataNotFoundError(f"mmlu/dev/{subject}_dev.csv (the few-shot examples) is missing beside {paths['test']}")
+    paths = {split: data_file(f"mmlu/{folder}/{subject}_{folder}.csv") for split, folder in SPLITS.items()}
     return datasets.DatasetDict(
-        {split: to_dataset(read_mmlu_csv(path, subject), FEATURES) for split, path in paths.items() if path is not None}
+        {split: to_dataset(read_mmlu_csv(path, subject), FEATURES) for split, path in paths.items()}
     )

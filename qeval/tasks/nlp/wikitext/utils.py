@@ -34,10 +34,10 @@ import datasets
 # lm-eval's own detokenizer and per-document scoring, named by the YAML
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
-from qeval.data import DataNotFoundError, data_dir, local_file, offline
+from qeval.data import data_file
 
 LOCAL = "wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt"
-HUB_PATH, HUB_NAME = "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"
+HUB_PATH, HUB_NAME = "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"  # the schema rebuilt here
 FEATURES = datasets.Features({"page": datasets.Value("string")})
 BLANK = " "  # a blank line of wiki.*.raw
 _HEADING = re.compile(r" (= )+.*( =)+ ")  # " = Title = ", " = = Section = = ", ...
@@ -88,18 +88,13 @@ def read_pages(path: Path) -> list[str]:
 
 
 def load_wikitext(**_: Any) -> datasets.DatasetDict:
-    """WikiText-2 test articles from the local file, or the Hub's document-level dataset.
+    """WikiText-2 test articles from the local file (or its pinned download), as the Hub's
+    document-level dataset cuts them.
 
     lm-eval's config names train and validation splits too: they are empty here
     (the data has only the test split; perplexity needs no few-shot examples).
     """
-    path = local_file(LOCAL)
-    if path is None:
-        if offline():
-            raise DataNotFoundError(
-                f"{LOCAL} not found under the data directory ({data_dir()}) and the Hub is disabled; set QEVAL_DATA_DIR"
-            )
-        return datasets.load_dataset(HUB_PATH, HUB_NAME)
+    path = data_file(LOCAL)
     empty = datasets.Dataset.from_dict({"page": []}, features=FEATURES)
     return datasets.DatasetDict(
         {
