@@ -23,7 +23,7 @@ import logging
 import os
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -279,37 +279,6 @@ def fetch_file(relative: str, root: Path) -> Path:
     _write_atomic(dest, blob)
     _VERIFIED.add((dest.resolve(), src.sha256))
     return dest
-
-
-@lru_cache(maxsize=2)
-def _task_manager(include: tuple[str, ...]) -> Any:
-    """lm-eval's task index, built once per process for these task folders (it takes seconds)."""
-    from qeval.eval.harness import task_manager
-
-    return task_manager(include)
-
-
-def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = None) -> list[str]:
-    """The table files an lm-eval task plugin reads, from the paths its ``metadata.data`` names
-    (globs allowed, e.g. ``mmlu/test/*_test.csv``; the text after ``|`` is the online note)."""
-    import fnmatch
-    import re
-
-    entry = (manager or _task_manager(tuple(include))).task_index.get(name)
-    if entry is None:
-        return []
-    meta = (entry.cfg or {}).get("metadata") or {}
-    declared = str(meta.get("data", "")).split("|", 1)[0]
-    out: list[str] = []
-    patterns = []
-    for token in re.findall(r"[\w.*{},-]+(?:/[\w.*{},-]+)+", declared):
-        m = re.search(r"\{([^}]*)\}", token)  # one brace group: mmlu/{test,dev}/*.csv
-        patterns += [token[: m.start()] + alt + token[m.end() :] for alt in m.group(1).split(",")] if m else [token]
-    for pattern in patterns:
-        for rel in sorted(SOURCES):
-            if (rel == pattern or fnmatch.fnmatchcase(rel, pattern)) and rel not in out:
-                out.append(rel)
-    return out
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from qeval.data import (
     cached_file,
     fetch_file,
     has_content,
-    lm_eval_task_files,
     local_file,
 )
 from qeval.data_sources import SOURCES
@@ -43,14 +42,13 @@ def suite_files(suite: str, manager: Any = None) -> dict[str, list[str]]:
 
     The suite is composed exactly as a cell gets it, so a suite's own parameters (MT-Bench's
     judge files, LongEval's sizes, the task self-calibration runs) decide what is needed."""
-    from omegaconf import OmegaConf
-
+    from qeval.cell import build_cell
     from qeval.cli import compose_config
-    from qeval.eval.registry import discover_native
-    from qeval.eval.suite import include_paths, resolve_kind
+    from qeval.eval.registry import discover_native, lm_eval_task_files
+    from qeval.eval.suite import resolve_kind
 
-    cfg = compose_config([f"suite={suite}"])
-    include = include_paths(cfg)
+    cfg = build_cell(compose_config([f"suite={suite}"]))
+    include = cfg.include
     native = discover_native(include)
     out: dict[str, list[str]] = {}
     for name, task in cfg.suite.tasks.items():
@@ -59,8 +57,7 @@ def suite_files(suite: str, manager: Any = None) -> dict[str, list[str]]:
             ds = TEXT_DATASETS.get(task.dataset)
             out[name] = [ds.local] if ds is not None and ds.local in SOURCES else []
         elif kind == "native":
-            params = OmegaConf.to_container(task.params, resolve=True) if task.params else {}
-            out[name] = list(native[task.task](**params).data_files(include))  # type: ignore[arg-type]
+            out[name] = list(native[task.task](**task.params).data_files(include))
         else:
             out[name] = lm_eval_task_files(task.task, include, manager)
     calib = TEXT_DATASETS.get(str(cfg.calib.dataset))

@@ -132,7 +132,7 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from qeval.report.table import write_tables
+        from qeval.report.write import write_tables
 
         plan = _read_plan(config)
         if plan is None:

@@ -118,7 +118,7 @@ def no_data(monkeypatch, tmp_path):
     monkeypatch.delenv("QEVAL_DATA_MIRROR", raising=False)
     for var in ("QEVAL_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    from qeval.eval import longeval_gen
+    from qeval.tasks.long_context import longeval_gen
 
     longeval_gen.line_words.cache_clear()
     yield tmp_path
@@ -159,8 +159,8 @@ def test_fallback_downloads_the_same_bytes_and_preflight_passes(upstream, no_dat
         assert path.is_relative_to(no_data / "cache") and path.read_bytes() == _shared(rel), rel
 
     # the loaders read it: MT-Bench questions, the needle haystack, the perplexity corpus
-    from qeval.eval import longeval_gen as lg
     from qeval.eval.registry import discover_native
+    from qeval.tasks.long_context import longeval_gen as lg
 
     qs = discover_native()["qeval_mt_bench"]().questions()
     assert [json.dumps(q) for q in qs] == [

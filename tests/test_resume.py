@@ -133,7 +133,7 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, run_qeval):
     assert f"failed: {failed['label']} ({failed['reason']}" in out
     # the table printed at the end and the report list it too, with its reason
     assert "cells without scores (failed or skipped)" in out
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     markdown, files = write_tables(tmp_path / "results" / "fail", tmp_path / "report")
     assert failed["reason"].split("\n")[0][:60] in (tmp_path / "report" / "not_run.md").read_text()

@@ -101,7 +101,7 @@ def test_family_table_keeps_a_task_that_dropped_to_zero():
     """Quality retained: accuracy 0 is 0 retained (the row stays); perplexity is inverted."""
     import pandas as pd
 
-    from qeval.report.table import add_normalized, family_table
+    from qeval.report.frames import add_normalized, family_table
 
     def row(quant, tt, metric, value, family, hib):
         return {

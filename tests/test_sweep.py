@@ -270,7 +270,7 @@ def _synthetic(
 
 
 def test_report_normalizes_by_fp(tmp_path):
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     store = ResultStore(tmp_path, "syn")
     _synthetic(store, "fp16", 10.0, "a1")
@@ -294,7 +294,7 @@ def test_report_normalizes_by_fp(tmp_path):
 
 
 def test_report_keeps_cells_with_same_bits_label(tmp_path):
-    from qeval.report.table import write_tables
+    from qeval.report.write import write_tables
 
     store = ResultStore(tmp_path, "syn")
     _synthetic(store, "fp16", 10.0, "b1")

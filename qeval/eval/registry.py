@@ -24,10 +24,12 @@ lm-eval task is :mod:`qeval.eval.harness`'s job.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from qeval.config import ConfigError
+from qeval.data_sources import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,26 @@ def task_manager(include: tuple[str, ...] = ()) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=task_paths(include))
+
+
+def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = None) -> list[str]:
+    """The table files an lm-eval task plugin reads, from the paths its ``metadata.data`` names
+    (globs allowed, e.g. ``mmlu/test/*_test.csv``; the text after ``|`` is the online note)."""
+    entry = (manager or task_manager(tuple(include))).task_index.get(name)
+    if entry is None:
+        return []
+    meta = (entry.cfg or {}).get("metadata") or {}
+    declared = str(meta.get("data", "")).split("|", 1)[0]
+    out: list[str] = []
+    patterns = []
+    for token in re.findall(r"[\w.*{},-]+(?:/[\w.*{},-]+)+", declared):
+        m = re.search(r"\{([^}]*)\}", token)  # one brace group: mmlu/{test,dev}/*.csv
+        patterns += [token[: m.start()] + alt + token[m.end() :] for alt in m.group(1).split(",")] if m else [token]
+    for pattern in patterns:
+        for rel in sorted(SOURCES):
+            if (rel == pattern or fnmatch.fnmatchcase(rel, pattern)) and rel not in out:
+                out.append(rel)
+    return out
 
 
 def task_exists(name: str, include: tuple[str, ...] = ()) -> bool:

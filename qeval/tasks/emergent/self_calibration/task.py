@@ -44,7 +44,7 @@ class SelfCalibration(NativeTask):
 
     def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The files of the multiple-choice task it runs."""
-        from qeval.data import lm_eval_task_files
+        from qeval.eval.registry import lm_eval_task_files
 
         return tuple(lm_eval_task_files(self.task, include))
 
