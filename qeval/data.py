@@ -33,7 +33,7 @@ import torch
 
 from qeval.data_sources import SOURCES, Source
 
-log = logging.getLogger("qeval")
+log = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,7 +37,7 @@ from qeval.quant.apply import quantize_model
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
 
-log = logging.getLogger("qeval")
+log = logging.getLogger(__name__)
 
 
 def cell_hash(cell: Cell) -> str:

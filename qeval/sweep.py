@@ -27,10 +27,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qeval.cell import build_cell, preflight
 from qeval.config import ConfigError
+from qeval.report.write import write_tables
 from qeval.results import ResultStore, read_record, write_json_atomically
 from qeval.runner import cell_hash as hash_of
 
-log = logging.getLogger("qeval")
+log = logging.getLogger(__name__)
 
 
 def plan_cells(config: DictConfig) -> list[list[str]]:
@@ -132,8 +133,6 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from qeval.report.write import write_tables
-
         plan = _read_plan(config)
         if plan is None:
             print(f"qeval: the sweep plan {_plan_path(config)} is missing or unreadable", file=sys.stderr)

@@ -22,16 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from qeval.config import ConfigError, SuiteSpec, TaskEntry
+from qeval.data import check_available
+from qeval.eval.harness import evaluate_lm_eval
+from qeval.eval.perplexity import perplexity
+from qeval.eval.registry import TaskContext, TaskDataError, discover_native, task_exists, task_info, task_paths
 from qeval.eval.scorer import Scorer, as_scorer
 
-log = logging.getLogger("qeval")
+log = logging.getLogger(__name__)
 
 
 def resolve_kind(task: TaskEntry, include: tuple[str, ...] = ()) -> str:
     if task.kind != "auto":
         return task.kind
-    from qeval.eval.registry import discover_native
-
     return "native" if task.task in discover_native(include) else "lm_eval"
 
 
@@ -42,9 +44,6 @@ def suite_kinds(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, st
 
 def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str | None = None) -> None:
     """Everything about the suite that can be checked without a model: names and data."""
-    from qeval.data import check_available
-    from qeval.eval.registry import TaskDataError, discover_native, task_paths
-
     try:
         native = discover_native(include)
     except TaskDataError as err:
@@ -68,8 +67,6 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
             except TaskDataError as err:
                 raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
-            from qeval.eval.registry import task_exists
-
             if not task_exists(task.task, include):
                 raise ConfigError(
                     f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "
@@ -80,8 +77,6 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
 
 def describe_suite(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Per suite entry: the task behind it, its kind, family, primary metric and direction."""
-    from qeval.eval.registry import task_info
-
     out = {}
     for name, task in suite.tasks.items():
         kind = resolve_kind(task, include)
@@ -138,8 +133,6 @@ def evaluate_suite(
     ``on_task_done(name, metrics, seconds)`` is called after each newly scored entry
     so that the caller can keep it.
     """
-    from qeval.eval.perplexity import perplexity
-
     scorer = as_scorer(scorer, tokenizer)  # a bare HF model (tests, benchmarks) is scored in process
     include = settings.include
     metrics: dict[str, Any] = {}
@@ -159,8 +152,6 @@ def evaluate_suite(
             ).as_metrics()
             metrics[name]["decode_chunk"] = chunk or 0
         elif kind == "native":
-            from qeval.eval.registry import TaskContext, discover_native
-
             native = discover_native(include)[task.task](**task.params)
             ctx = TaskContext(
                 model=scorer.hf_model,
@@ -182,8 +173,6 @@ def evaluate_suite(
             )
             metrics[name] = native.evaluate(ctx)
         else:
-            from qeval.eval.harness import evaluate_lm_eval
-
             metrics[name] = evaluate_lm_eval(
                 scorer,
                 tokenizer,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-log = logging.getLogger("qeval")
+log = logging.getLogger(__name__)
 
 KIND_ORDER = ["weight", "activation", "key", "value"]
 

@@ -66,7 +66,7 @@ from qeval.eval.generation import encode_prompt, generate_greedy, resolve_chat
 from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
 from qeval.eval.scores import mean_stderr
 
-log = logging.getLogger("qeval")
+log = logging.getLogger("qeval.tasks")  # plugins load by path: their __name__ is not under qeval
 
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "mt_bench/judge_prompts.jsonl"

@@ -40,7 +40,7 @@ from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
 from qeval.eval.registry import NativeTask, TaskContext, TaskParamError, register_task
 from qeval.tasks.long_context import longeval_gen as lg
 
-log = logging.getLogger("qeval")
+log = logging.getLogger("qeval.tasks")  # plugins load by path: their __name__ is not under qeval
 
 DEFAULT_CASES = 50  # LongEval's test files have 50 cases per length
 

@@ -49,7 +49,7 @@ from qeval.eval.generation import context_limit, encode_prompt, resolve_chat
 from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
 from qeval.tasks.long_context import longeval_gen as lg
 
-log = logging.getLogger("qeval")
+log = logging.getLogger("qeval.tasks")  # plugins load by path: their __name__ is not under qeval
 
 DEFAULT_CASES = 3  # per (length, depth): 15 per length with the default depths
 _ESSAY_IDS: dict[tuple[str, str], list[int]] = {}
