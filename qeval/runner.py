@@ -132,8 +132,6 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
     cell = build_cell(cfg)
     if not checked:
         preflight(cell)
-    if cell.data_dir:
-        os.environ["QEVAL_DATA_DIR"] = str(cell.data_dir)
     store = ResultStore(cell.results_dir, cell.sweep_name)
     identity = cell.identity()
     hash_ = stable_hash(identity)

@@ -43,8 +43,10 @@ def run_lm_eval(
     log_samples: bool = False,
     gen_kwargs: str | None = None,
     apply_chat_template: bool = False,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` on an in-memory model; returns lm-eval's whole output."""
+    """lm-eval's ``simple_evaluate`` on a scorer (or a bare HF model); returns lm-eval's whole
+    output.  ``data_dir`` is the data folder qeval's task loaders read (None: the default one)."""
     # lm_eval's evaluator and HF model import in seconds (datasets, transformers): only cells
     # that run an lm-eval task pay for them
     from lm_eval import simple_evaluate
@@ -60,7 +62,7 @@ def run_lm_eval(
         tasks=[task],
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=task_manager(include),
+        task_manager=task_manager(include, data_dir),
         bootstrap_iters=1000,
         log_samples=log_samples,
         random_seed=seed,
@@ -83,8 +85,9 @@ def evaluate_lm_eval(
     include: tuple[str, ...] = (),
     gen_kwargs: str | None = None,
     apply_chat_template: bool = False,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run one lm-eval task (or group) on an in-memory model; metrics with stderr and sample counts.
+    """Run one lm-eval task (or group) on a scorer; metrics with stderr and sample counts.
 
     For a group (e.g. MMLU's 56 subjects) the group's aggregate is returned, with
     ``samples`` summed over its subtasks.
@@ -100,6 +103,7 @@ def evaluate_lm_eval(
         include,
         gen_kwargs=gen_kwargs,
         apply_chat_template=apply_chat_template,
+        data_dir=data_dir,
     )
     metrics = _split_metrics(out["results"][task])
     counts = out.get("n-samples", {})

@@ -157,14 +157,19 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def task_manager(include: tuple[str, ...] = ()) -> Any:
+def task_manager(include: tuple[str, ...] = (), data_dir: str | None = None) -> Any:
     """lm-eval's TaskManager over its own tasks plus qeval's task folders (:func:`task_paths`),
-    built once per ``include`` and process (indexing the YAML files takes seconds)."""
+    built once per ``include``, data folder and process (indexing the YAML files takes seconds).
+
+    ``data_dir`` reaches qeval's ``custom_dataset`` loaders as the ``qeval_data_dir`` keyword
+    (lm-eval passes a TaskManager's metadata to them), so a cell's data folder is an argument,
+    not process state; None lets the loaders use ``$QEVAL_DATA_DIR`` or ``../shared/data``."""
     # lm_eval.tasks takes seconds to import (datasets, its registry); suites of perplexity or
     # native tasks alone, and the reports, never need it
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=task_paths(include))
+    metadata = {"qeval_data_dir": str(data_dir)} if data_dir else None
+    return TaskManager(include_path=task_paths(include), metadata=metadata)
 
 
 def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = None) -> list[str]:

@@ -184,6 +184,7 @@ def evaluate_suite(
                 include,
                 task.gen_kwargs,
                 task.apply_chat_template,
+                data_dir=settings.data_dir,
             )
         timings[name] = time.perf_counter() - t0
         log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])

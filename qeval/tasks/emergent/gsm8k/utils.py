@@ -9,6 +9,6 @@ import datasets
 from qeval.data import data_file
 
 
-def load_gsm8k(**_: Any) -> datasets.DatasetDict:
-    path = data_file("gsm8k/test.jsonl")
+def load_gsm8k(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    path = data_file("gsm8k/test.jsonl", qeval_data_dir)
     return datasets.load_dataset("json", data_files={"test": str(path)})

@@ -52,9 +52,9 @@ def _checkers():
     return utils
 
 
-def load_ifeval(**_: Any) -> datasets.DatasetDict:
+def load_ifeval(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """IFEval's prompts: the local file, else its pinned download (qeval.data_sources)."""
-    path = data_file("ifeval/input_data.jsonl")
+    path = data_file("ifeval/input_data.jsonl", qeval_data_dir)
     return datasets.load_dataset("json", data_files={"train": str(path)})
 
 

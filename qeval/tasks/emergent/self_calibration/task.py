@@ -60,6 +60,7 @@ class SelfCalibration(NativeTask):
             ctx.seed,
             tuple(ctx.extra.get("include", ())),
             log_samples=True,
+            data_dir=ctx.data_dir,
         )
         lls: list[list[float]] = []
         gold: list[int] = []

@@ -50,10 +50,10 @@ def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datas
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
-def load_ethics_cm(**_: Any) -> datasets.DatasetDict:
+def load_ethics_cm(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """``test`` (and ``train`` when present) from ``<data dir>/ethics/commonsense/`` (or the test
     file's pinned download)."""
-    test = data_file("ethics/commonsense/cm_test.csv")
+    test = data_file("ethics/commonsense/cm_test.csv", qeval_data_dir)
     train = test.with_name("cm_train.csv")
     return datasets.DatasetDict(
         {

@@ -44,10 +44,10 @@ def read_mc_task(path: Path) -> list[dict[str, Any]]:
     return [convert_item(item) for item in json.loads(path.read_text(encoding="utf-8"))]
 
 
-def load_truthfulqa_mc(**_: Any) -> datasets.DatasetDict:
+def load_truthfulqa_mc(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """The ``validation`` split (TruthfulQA's only one) from ``<data dir>/truthfulqa/mc_task.json``
     (or its pinned download)."""
-    path = data_file("truthfulqa/mc_task.json")
+    path = data_file("truthfulqa/mc_task.json", qeval_data_dir)
     rows = read_mc_task(path)
     return datasets.DatasetDict(
         {"validation": datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)}

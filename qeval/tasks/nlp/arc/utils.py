@@ -54,14 +54,14 @@ def read_arc_file(path: Path) -> list[dict[str, Any]]:
         return [convert_row(json.loads(line)) for line in f if line.strip()]
 
 
-def load_arc(subset: str) -> datasets.DatasetDict:
+def load_arc(subset: str, qeval_data_dir: str | None = None) -> datasets.DatasetDict:
     """``subset`` (``ARC-Easy``/``ARC-Challenge``) from ``<data dir>/arc/`` (or the test file's
     pinned download).
 
     The DatasetDict always has lm-eval's three splits (the YAML names them);
     those without a local file are empty.
     """
-    test = data_file(f"arc/{subset}-Test.jsonl")
+    test = data_file(f"arc/{subset}-Test.jsonl", qeval_data_dir)
     splits = {}
     for split, suffix in SPLIT_FILES.items():
         path = test.with_name(f"{subset}-{suffix}.jsonl")
@@ -70,9 +70,9 @@ def load_arc(subset: str) -> datasets.DatasetDict:
     return datasets.DatasetDict(splits)
 
 
-def load_arc_easy(**_: Any) -> datasets.DatasetDict:
-    return load_arc("ARC-Easy")
+def load_arc_easy(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    return load_arc("ARC-Easy", qeval_data_dir)
 
 
-def load_arc_challenge(**_: Any) -> datasets.DatasetDict:
-    return load_arc("ARC-Challenge")
+def load_arc_challenge(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    return load_arc("ARC-Challenge", qeval_data_dir)

@@ -9,6 +9,6 @@ import datasets
 from qeval.data import data_file
 
 
-def load_lambada_openai(**_: Any) -> datasets.DatasetDict:
-    path = data_file("lambada/lambada_test.jsonl")
+def load_lambada_openai(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    path = data_file("lambada/lambada_test.jsonl", qeval_data_dir)
     return datasets.load_dataset("json", data_files={"test": str(path)})

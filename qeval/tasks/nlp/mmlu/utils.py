@@ -47,14 +47,16 @@ def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datas
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
-def load_mmlu(subject: str, **_: Any) -> datasets.DatasetDict:
+def load_mmlu(subject: str, qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """``test`` and ``dev`` (few-shot) splits of one subject from ``<data dir>/mmlu/`` (or the
     files' pinned downloads).
 
     ``subject`` comes from the task's ``dataset_kwargs`` (lm-eval passes those to a
     ``custom_dataset`` function, not ``dataset_name``).
     """
-    paths = {split: data_file(f"mmlu/{folder}/{subject}_{folder}.csv") for split, folder in SPLITS.items()}
+    paths = {
+        split: data_file(f"mmlu/{folder}/{subject}_{folder}.csv", qeval_data_dir) for split, folder in SPLITS.items()
+    }
     return datasets.DatasetDict(
         {split: to_dataset(read_mmlu_csv(path, subject), FEATURES) for split, path in paths.items()}
     )

@@ -87,14 +87,14 @@ def read_pages(path: Path) -> list[str]:
     return pages_from_lines(with_blank_lines(lines))
 
 
-def load_wikitext(**_: Any) -> datasets.DatasetDict:
+def load_wikitext(qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """WikiText-2 test articles from the local file (or its pinned download), as the Hub's
     document-level dataset cuts them.
 
     lm-eval's config names train and validation splits too: they are empty here
     (the data has only the test split; perplexity needs no few-shot examples).
     """
-    path = data_file(LOCAL)
+    path = data_file(LOCAL, qeval_data_dir)
     empty = datasets.Dataset.from_dict({"page": []}, features=FEATURES)
     return datasets.DatasetDict(
         {
