@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.eval.perplexity import _window_logits
+from qeval.eval.scorer import window_logits
 from qeval.models.tiny import TINY_FAMILIES, build_tiny_model
 from qeval.quant.kv import KIVIQuantizer, install_kv_quantization
 
@@ -19,8 +19,8 @@ def test_prefill_is_full_precision_and_decode_sees_the_quantized_cache(family):
     with torch.no_grad():
         fp = ref(X).logits
         one_pass = model(X).logits
-        decoded = _window_logits(model, X, decode_chunk=4)
-        ref_decoded = _window_logits(ref, X, decode_chunk=4)
+        decoded = window_logits(model, X, decode_chunk=4)
+        ref_decoded = window_logits(ref, X, decode_chunk=4)
     torch.testing.assert_close(one_pass, fp)  # a single pass never reads stored tokens
     torch.testing.assert_close(ref_decoded, fp, atol=1e-4, rtol=1e-4)  # chunking alone changes nothing
     # the first residual + group tokens are never quantized before they are read

@@ -33,7 +33,7 @@ class Scorer(Protocol):
         ...
 
 
-def _window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
+def window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torch.Tensor:
     if not decode_chunk:
         return model(window).logits
     # decode-style: feed the window through the KV cache a chunk at a time, so that
@@ -56,7 +56,7 @@ def window_nlls(
     nlls = []
     for window in tqdm(windows, desc=desc, leave=False):
         window = window.unsqueeze(0).to(device)
-        logits = _window_logits(model, window, decode_chunk)[0, :-1].float()
+        logits = window_logits(model, window, decode_chunk)[0, :-1].float()
         nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     return nlls
 
