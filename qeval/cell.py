@@ -153,7 +153,7 @@ def hydra_schema(cls: type) -> type:
         elif f.default_factory is not dataclasses.MISSING:
             factory = f.default_factory
             if dataclasses.is_dataclass(factory):
-                factory = hydra_schema(factory)  # type: ignore[arg-type]
+                factory = hydra_schema(factory)
             twin_fields.append((f.name, tp, field(default_factory=factory)))
         else:
             twin_fields.append((f.name, tp, field()))
@@ -198,7 +198,8 @@ def _from_plain_value(tp: Any, value: Any, key: str) -> Any:
         return from_plain(tp, value, key)  # type: ignore[arg-type]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
-        return {k: from_plain(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        # cast: is_dataclass also admits instances; a type hint's argument is the class
+        return {k: from_plain(typing.cast(type, args[1]), v, f"{key}.{k}") for k, v in value.items()}
     return value
 
 
@@ -221,7 +222,8 @@ def register_configs() -> None:
         alias_cls = dataclasses.make_dataclass(alias, [(n, t, field(default_factory=t)) for n, t in steps])
         cs.store(group="method", name=alias, node=alias_cls, package="method")
     for name, backend in BACKENDS.items():
-        cs.store(group="backend", name=name, node=hydra_schema(backend.Settings), package="backend")
+        settings: type = backend.Settings  # as type[BackendSettings], mypy finds the instances' __hash__
+        cs.store(group="backend", name=name, node=hydra_schema(settings), package="backend")
 
 
 def load_method_plugins(paths: list[str] | tuple[str, ...]) -> None:

@@ -12,7 +12,7 @@ here; the checks that need a registry (methods, backends, tasks, data) live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 INT_BITS = range(2, 9)
 # bits=16 means "not quantized" for weights, activations and KV alike, so that every
@@ -187,7 +187,7 @@ class MethodPlugins:
     include: list[str] = field(default_factory=list)
 
 
-def fail(key: str, value: Any, allowed: str) -> None:
+def fail(key: str, value: Any, allowed: str) -> NoReturn:
     """Raise the one kind of configuration error: the key, its bad value, what is allowed."""
     raise ConfigError(f"invalid value {key}={value!r}: allowed {allowed}")
 

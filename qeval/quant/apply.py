@@ -25,6 +25,7 @@ from qeval.quant.methods import Step
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
 from qeval.quant.recipe import Recipe
 from qeval.quant.transforms import untie_output_embeddings
+from qeval.quant.typing_helpers import input_embeddings, output_embeddings, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str
     Architecture-agnostic on purpose: the output embedding is found through
     ``get_output_embeddings()``, not by name.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
         for name, module in model.named_modules()
@@ -49,9 +50,9 @@ def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
     Called after the head was untied from it (see quantize_model), so the
     head keeps its own precision.
     """
-    emb = model.get_input_embeddings()
+    emb = input_embeddings(model)
     fmt = QuantFormat(bits=wspec.bits, kind=wspec.format, sym=wspec.sym)
-    deq, _ = quantize_weight(emb.weight.data, fmt, wspec.granularity, wspec.group_size)
+    deq, _ = quantize_weight(weight_of(emb).data, fmt, wspec.granularity, wspec.group_size)
     emb.weight = nn.Parameter(deq, requires_grad=False)
 
 

@@ -32,6 +32,7 @@ from qeval.quant.formats import QuantFormat, QuantizedTensor
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
 from qeval.quant.transforms import untie_output_embeddings
+from qeval.quant.typing_helpers import input_embeddings, output_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
                 "zero": aq.zero is not None,
             }
             if not aq.dynamic:
+                if aq.scale is None:
+                    raise RuntimeError(f"{name}: static activation quantizer saved before freeze()")
                 tensors[f"{EXTRA}{name}.act_scale"] = aq.scale.detach().cpu().reshape(-1).contiguous()
                 if aq.zero is not None:
                     tensors[f"{EXTRA}{name}.act_zero"] = aq.zero.detach().cpu().reshape(-1).contiguous()
         linears[name] = info
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head, emb = output_embeddings(model), input_embeddings(model)
     manifest = {
         "format": CACHE_FORMAT,
         "linears": linears,

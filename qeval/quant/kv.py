@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from qeval.config import FULL_PRECISION_BITS
 from qeval.quant.formats import QuantFormat, fake_quantize, fake_quantize_per_tensor
+from qeval.quant.typing_helpers import config_of
 
 
 class KVQuantizer:
@@ -107,6 +108,9 @@ class KIVIQuantizer:
     def after_update(self, cache: Cache, layer_idx: int, new_tokens: int) -> None:
         """Quantize, in place, the stored tokens that just left the FP window."""
         layer = cache.layers[layer_idx]
+        # called after the layer's update: a key/value layer holding the states it stored
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise TypeError(f"cache layer {layer_idx} ({type(layer).__name__}) holds no key/value states to quantize")
         keys, values = layer.keys, layer.values
         total = keys.shape[-2]
         tails = cache.__dict__.setdefault("_qeval_fp_tail", {})  # layer -> trailing FP tokens
@@ -163,7 +167,7 @@ def observe_cached_states(
     states every layer hands to its cache: after rotary embedding and any q/k norm, i.e.
     what a serving cache stores (and what any installed KV quantizer has produced)."""
     for batch in batches:
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=config_of(model))
         original_update = cache.update
 
         def update(
@@ -190,7 +194,7 @@ def install_kv_quantization(
     config (so sliding-window layers stay sliding); a call with a cache
     (``generate``) gets that cache wrapped in place.
     """
-    config = model.config
+    config = config_of(model)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("past_key_values")

@@ -31,6 +31,9 @@ class ActivationQuantizer(nn.Module):
     frozen by :meth:`freeze`).
     """
 
+    obs_min: torch.Tensor  # buffers (registered in __init__): the observed range
+    obs_max: torch.Tensor
+
     def __init__(self, fmt: QuantFormat, granularity: str = "token", dynamic: bool = True) -> None:
         super().__init__()
         self.fmt = fmt
@@ -76,6 +79,8 @@ class ActivationQuantizer(nn.Module):
 class QuantLinear(nn.Module):
     """A linear layer whose weight holds dequantized values and whose input is
     optionally transformed and quantized.  ``qweight`` keeps the codes and scales."""
+
+    input_transform: torch.Tensor | None  # a buffer (registered in __init__)
 
     def __init__(
         self,

@@ -12,25 +12,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qeval.quant.typing_helpers import input_embeddings, output_embeddings, tensor_attr, weight_of
+
 
 def untie_output_embeddings(model: nn.Module) -> None:
     """Give the head its own copy of a weight tied to the input embeddings, so that a
     change to one (quantization, a folded norm, a rotation) leaves the other alone."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head, emb = output_embeddings(model), input_embeddings(model)
     if head is not None and head.weight is emb.weight:
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        head.weight = nn.Parameter(weight_of(emb).detach().clone(), requires_grad=False)
 
 
 @torch.no_grad()
 def fold_into_norm(norm: nn.Module, scales: torch.Tensor, norm_kind: str) -> None:
     """Make ``norm``'s output divided by ``scales`` (per channel)."""
+    weight = weight_of(norm)
     if norm_kind == "rms_one_plus":
         # Gemma: y = x_hat * (1 + w)  ->  (1 + w') = (1 + w) / s
-        norm.weight.copy_((1.0 + norm.weight.float()) / scales - 1.0)
+        weight.copy_((1.0 + weight.float()) / scales - 1.0)
         return
-    norm.weight.div_(scales.to(norm.weight.dtype))
+    weight.div_(scales.to(weight.dtype))
     if norm_kind == "layernorm" and getattr(norm, "bias", None) is not None:
-        norm.bias.div_(scales.to(norm.bias.dtype))
+        bias = tensor_attr(norm, "bias")
+        bias.div_(scales.to(bias.dtype))
 
 
 @torch.no_grad()

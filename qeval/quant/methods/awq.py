@@ -35,6 +35,7 @@ from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
+from qeval.quant.typing_helpers import linear_at
 
 ALPHAS = [i / 20 for i in range(20)]
 CLIP_RATIOS = [1 - 0.45 * i / 20 for i in range(20)]
@@ -139,21 +140,21 @@ class AWQ(QuantMethod):
                 # else v -> o under grouped-query attention: shapes don't allow a per-channel fold
             xs = gather(block, [names[0] for _kind, _producer, names in groups], inputs)
             for kind, producer, names in groups:
-                lins = [block.get_submodule(n) for n in names]
+                lins = [linear_at(block, n) for n in names]
                 s, _alpha = search_scales(xs[names[0]], lins, fmt, gran, gsize)
                 if kind == "norm":
                     fold_into_norm(block.get_submodule(producer), s, adapter.norm_kind)
                 else:
-                    fold_into_linear_output(block.get_submodule(producer), s)
+                    fold_into_linear_output(linear_at(block, producer), s)
                 for lin in lins:
                     scale_inputs(lin, s)
             # 2. clip search on the transformed weights (q/k skipped: their errors are
             #    re-weighted by softmax, partial products say little about them)
             if self.clip and fmt.kind == "int" and gran != "tensor":
-                names = [n for n in adapter.block_linears() if not n.endswith(("q_proj", "k_proj"))]
-                xs = gather(block, names, inputs)
-                for n in names:
-                    lin = block.get_submodule(n)
+                clip_names = [n for n in adapter.block_linears() if not n.endswith(("q_proj", "k_proj"))]
+                xs = gather(block, clip_names, inputs)
+                for n in clip_names:
+                    lin = linear_at(block, n)
                     lin.weight.data = search_clip(xs[n], lin.weight.data, fmt, gsize if gran == "group" else -1)
 
         run_blockwise(model, adapter, calib, process_block, desc="awq")

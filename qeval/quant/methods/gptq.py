@@ -34,6 +34,7 @@ from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_bloc
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
+from qeval.quant.typing_helpers import linear_at
 
 
 class HessianAccumulator:
@@ -160,8 +161,8 @@ def gptq_quantize(
     if fmt.kind != "int":
         codes = deq.float() / s
     else:
-        z = 0 if zero_t is None else torch.repeat_interleave(zero_t, gs, dim=1)[:, :cols]
-        codes = torch.round(deq.float() / s) + z
+        z_cols = 0 if zero_t is None else torch.repeat_interleave(zero_t, gs, dim=1)[:, :cols]
+        codes = torch.round(deq.float() / s) + z_cols
     return deq, QuantizedTensor(q=codes, scale=scales, zero=zero_t, group_size=gs, fmt=fmt)
 
 
@@ -207,12 +208,12 @@ class GPTQ(QuantMethod):
             groups = [g for g in groups if g]
             passes = [[g] for g in groups] if self.true_sequential else [groups]
             for groups_in_pass in passes:
-                hessians = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in groups_in_pass}
+                hessians = {g[0]: HessianAccumulator(linear_at(block, g[0]).in_features) for g in groups_in_pass}
                 collect_linear_inputs(block, list(hessians), inputs, lambda n, x: hessians[n].add(x))  # noqa: B023 - used in this pass
                 for g in groups_in_pass:
                     prepared = prepare_hessian(hessians.pop(g[0]).H, self.damp, self.act_order)
                     for n in g:
-                        layer = block.get_submodule(n)
+                        layer = linear_at(block, n)
                         deq, qt = gptq_quantize(
                             layer.weight.data,
                             None,

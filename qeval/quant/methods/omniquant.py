@@ -42,6 +42,7 @@ from qeval.quant.linear import replace_module
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
+from qeval.quant.typing_helpers import linear_at, tensor_attr
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ class OmniQuant(QuantMethod):
             with torch.no_grad():
                 targets = [block_output(block, h, inputs.kwargs) for h in inputs.hidden]
             names = [n for n in adapter.block_linears() if f"{adapter.blocks}.{i}.{n}" in linears]
-            originals = {n: block.get_submodule(n) for n in names}
+            originals = {n: linear_at(block, n) for n in names}
             wrapped = {n: LWCLinear(lin, fmt, group, self.init, act_fmt) for n, lin in originals.items()}
             let_params, norms = self._init_let(block, adapter, inputs, wrapped) if act_fmt else ([], {})
             for n, w in wrapped.items():
@@ -215,8 +216,9 @@ class OmniQuant(QuantMethod):
             self.loss_history[i] = history
             with torch.no_grad():
                 for name, let_norm in norms.items():  # fold (y - shift) / scale into the norm
-                    if let_norm.shift is not None:
-                        let_norm.norm.bias.sub_(let_norm.shift.to(let_norm.norm.bias.dtype))
+                    if let_norm.shift is not None:  # a shift only for a norm with a bias
+                        norm_bias = tensor_attr(let_norm.norm, "bias")
+                        norm_bias.sub_(let_norm.shift.to(norm_bias.dtype))
                     fold_into_norm(let_norm.norm, let_norm.scale.clamp(min=1e-5), adapter.norm_kind)
                     replace_module(block, name, let_norm.norm)
                 for n, w in wrapped.items():

@@ -39,6 +39,14 @@ from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import untie_output_embeddings
+from qeval.quant.typing_helpers import (
+    as_linear,
+    config_of,
+    input_embeddings,
+    linear_at,
+    output_embeddings,
+    weight_of,
+)
 
 INPUT_TRANSFORM_ATTR = "qeval_input_transform"
 
@@ -60,9 +68,10 @@ def _check_rotatable(model: nn.Module, adapter: Adapter) -> None:
 
 @torch.no_grad()
 def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    weight = weight_of(norm)
     for lin in linears:
-        lin.weight.mul_(norm.weight.to(lin.weight.dtype)[None, :])
-    norm.weight.fill_(1.0)
+        lin.weight.mul_(weight.to(lin.weight.dtype)[None, :])
+    weight.fill_(1.0)
 
 
 @torch.no_grad()
@@ -82,28 +91,29 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
     """Apply the rotation in place (full precision; the function is unchanged)."""
     adapter = get_adapter(model, "quarot")
     _check_rotatable(model, adapter)
-    cfg = model.config
+    cfg = config_of(model)
     untie_output_embeddings(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb, head = input_embeddings(model), as_linear(output_embeddings(model), "the output embeddings")
     blocks = adapter.get_blocks(model)
     for block in blocks:
         for group in adapter.norm_groups:
-            _fold_norm(block.get_submodule(group.norm), [block.get_submodule(n) for n in group.linears])
+            _fold_norm(block.get_submodule(group.norm), [linear_at(block, n) for n in group.linears])
     _fold_norm(model.get_submodule(adapter.final_norm), [head])
 
     Q = random_rotation(cfg.hidden_size, seed)
-    emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
+    emb_weight = weight_of(emb)
+    emb_weight.copy_((emb_weight.double() @ Q).to(emb_weight.dtype))
     _rotate_in(head, Q)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     Hd = random_rotation(head_dim, seed + 1)
     for block in blocks:
         for group in adapter.norm_groups:
             for n in group.linears:
-                _rotate_in(block.get_submodule(n), Q)
+                _rotate_in(linear_at(block, n), Q)
         for pair in adapter.linear_pairs:
-            _rotate_out(block.get_submodule(pair.next), Q)
+            _rotate_out(linear_at(block, pair.next), Q)
         v_o = adapter.linear_pairs[0]
-        v, o = block.get_submodule(v_o.prev), block.get_submodule(v_o.next)
+        v, o = linear_at(block, v_o.prev), linear_at(block, v_o.next)
         wv = v.weight.double().reshape(-1, head_dim, v.in_features)  # [kv_heads, head_dim, hidden]
         v.weight.copy_(torch.einsum("dk,hdi->hki", Hd, wv).reshape_as(v.weight).to(v.weight.dtype))
         if v.bias is not None:
@@ -111,7 +121,7 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
         wo = o.weight.double().reshape(o.out_features, -1, head_dim)  # [hidden, heads, head_dim]
         o.weight.copy_((wo @ Hd).reshape_as(o.weight).to(o.weight.dtype))
         if online_down:
-            down = block.get_submodule(adapter.linear_pairs[1].next)
+            down = linear_at(block, adapter.linear_pairs[1].next)
             H = random_rotation(down.in_features, seed + 2)
             _rotate_in(down, H)
             H32 = H.to(down.weight.dtype)

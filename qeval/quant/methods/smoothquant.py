@@ -28,6 +28,7 @@ from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_bloc
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
+from qeval.quant.typing_helpers import linear_at
 
 
 def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,7 +52,7 @@ def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) ->
 
         collect_linear_inputs(block, heads, inputs, observe)
         for group, head in zip(adapter.norm_groups, heads):
-            linears = [block.get_submodule(n) for n in group.linears]
+            linears = [linear_at(block, n) for n in group.linears]
             s = smoothing_scales(act_max[head], max_abs_per_input_channel(linears), alpha)
             fold_into_norm(block.get_submodule(group.norm), s, adapter.norm_kind)
             for lin in linears:
