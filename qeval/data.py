@@ -340,7 +340,7 @@ def check_available(name: str, override: str | None = None) -> None:
         return
     if ds.local not in SOURCES and ds.hub_path and not offline():
         return  # read from its Hub dataset
-    raise DataNotFoundError(f"dataset {name!r} needs " + missing_message([ds.local], override))
+    raise DataNotFoundError(f"dataset {name!r} cannot be read: " + missing_message([ds.local], override))
 
 
 def load_text(name: str, override: str | None = None) -> str:

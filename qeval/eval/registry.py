@@ -121,7 +121,7 @@ class NativeTask:
 
         missing = [rel for rel in self.data if not available(rel, data_dir)]
         if missing and (offline() or not self.online):
-            raise TaskDataError(f"task {self.name!r} needs " + missing_message(missing, data_dir))
+            raise TaskDataError(f"task {self.name!r} cannot run: " + missing_message(missing, data_dir))
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError

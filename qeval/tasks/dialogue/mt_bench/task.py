@@ -193,7 +193,7 @@ class MTBench(NativeTask):
         """Local, cached or downloadable (FastChat's files at a pinned commit); downloads nothing."""
         missing = [rel for rel in self._files() if not available(rel, data_dir_override)]
         if missing:
-            raise TaskDataError(f"task {self.name!r} needs " + missing_message(missing, data_dir_override))
+            raise TaskDataError(f"task {self.name!r} cannot run: " + missing_message(missing, data_dir_override))
 
     def questions(self, limit: int | None = None, data_dir_override: str | None = None) -> list[dict[str, Any]]:
         self.check_available(data_dir_override)
