@@ -49,6 +49,7 @@ from qeval.eval.suite import check_suite, suite_kinds
 from qeval.models.tiny import TINY_FAMILIES
 from qeval.quant.methods import ALIASES, METHODS
 from qeval.quant.recipe import Recipe
+from qeval.results import stable_hash
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,11 @@ class Cell:
             identity["calib"] = dataclasses.asdict(self.calib)
         return identity
 
+    @property
+    def hash(self) -> str:
+        """The stable hash of :meth:`identity`: the result file's name."""
+        return stable_hash(self.identity())
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved cell as plain data, for the record (``config``)."""
         return dataclasses.asdict(self)
@@ -157,7 +163,44 @@ def hydra_schema(cls: type) -> type:
             twin_fields.append((f.name, tp, field(default_factory=factory)))
         else:
             twin_fields.append((f.name, tp, field()))
-    return dataclasses.make_dataclass(cls.__name__, twin_fields)
+    return _module_level(dataclasses.make_dataclass(_twin_name(cls), twin_fields))
+
+
+# Hydra's parallel launchers (joblib, submitit, Ray) pickle the ConfigStore into their workers,
+# and pickle finds a class by module and name: each generated class is named after its
+# original and is resolved again, in any process, by this module's __getattr__.
+_TWIN_PREFIX = "HydraSchema__"
+_ALIAS_PREFIX = "HydraAlias__"
+
+
+def _twin_name(cls: type) -> str:
+    return f"{_TWIN_PREFIX}{cls.__module__.replace('.', '__')}___{cls.__qualname__.replace('.', '__')}"
+
+
+def _module_level(cls: type) -> type:
+    cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return cls
+
+
+@functools.cache
+def alias_schema(alias: str) -> type:
+    """The schema of ``method=<alias>``: one field per step of the recipe it names."""
+    steps = [(n, hydra_schema(METHODS[n].Params)) for n in ALIASES[alias]]
+    fields_ = [(n, t, field(default_factory=t)) for n, t in steps]
+    return _module_level(dataclasses.make_dataclass(f"{_ALIAS_PREFIX}{alias}", fields_))
+
+
+def __getattr__(name: str) -> Any:
+    """Generated schema classes by name (for unpickling in launcher workers)."""
+    if name.startswith(_TWIN_PREFIX):
+        module, _, qualname = name[len(_TWIN_PREFIX) :].partition("___")
+        target: Any = importlib.import_module(module.replace("__", "."))
+        for part in qualname.split("__"):
+            target = getattr(target, part)
+        return hydra_schema(target)
+    if name.startswith(_ALIAS_PREFIX):
+        return alias_schema(name[len(_ALIAS_PREFIX) :])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _schema_type(tp: Any) -> Any:
@@ -217,10 +260,8 @@ def register_configs() -> None:
     cs.store(group="calib", name="calib_schema", node=hydra_schema(CalibSpec))
     for name, step in METHODS.items():
         cs.store(group="method", name=name, node=hydra_schema(step.Params), package=f"method.{name}")
-    for alias, names in ALIASES.items():
-        steps = [(n, hydra_schema(METHODS[n].Params)) for n in names]
-        alias_cls = dataclasses.make_dataclass(alias, [(n, t, field(default_factory=t)) for n, t in steps])
-        cs.store(group="method", name=alias, node=alias_cls, package="method")
+    for alias in ALIASES:
+        cs.store(group="method", name=alias, node=alias_schema(alias), package="method")
     for name, backend in BACKENDS.items():
         settings: type = backend.Settings  # as type[BackendSettings], mypy finds the instances' __hash__
         cs.store(group="backend", name=name, node=hydra_schema(settings), package="backend")

@@ -17,7 +17,6 @@ import hydra
 from omegaconf import DictConfig
 
 from qeval.cell import build_cell, load_method_plugins, register_configs
-from qeval.runner import cell_hash, run_cell
 from qeval.sweep import planned_in_this_launch
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -31,8 +30,12 @@ def _app(cfg: DictConfig) -> dict[str, Any]:
     # dataset loader); keep its errors, drop the chatter
     for noisy in ("lm_eval", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # the runner imports model loading (transformers' auto classes: seconds); a sweep refused in
+    # planning, --help and the tools that only compose configs never need it
+    from qeval.runner import run_cell
+
     cell = build_cell(cfg)
-    return run_cell(cell, checked=planned_in_this_launch(cell_hash(cell)))
+    return run_cell(cell, checked=planned_in_this_launch(cell.hash))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

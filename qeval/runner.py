@@ -40,11 +40,6 @@ from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_v
 log = logging.getLogger(__name__)
 
 
-def cell_hash(cell: Cell) -> str:
-    """The stable hash of the cell's identity: its result file's name."""
-    return stable_hash(cell.identity())
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

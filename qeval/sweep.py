@@ -27,9 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qeval.cell import build_cell, preflight
 from qeval.config import ConfigError
-from qeval.report.write import write_tables
 from qeval.results import ResultStore, read_record, write_json_atomically
-from qeval.runner import cell_hash as hash_of
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class SweepCallback(Callback):
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)
-            cells.append({"hash": hash_of(cell), "label": cell.label, "overrides": list(overrides)})
+            cells.append({"hash": cell.hash, "label": cell.label, "overrides": list(overrides)})
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)
@@ -133,6 +131,9 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # the report stack (pandas, matplotlib) imports in seconds; only the end of a sweep needs it
+        from qeval.report.write import write_tables
+
         plan = _read_plan(config)
         if plan is None:
             print(f"qeval: the sweep plan {_plan_path(config)} is missing or unreadable", file=sys.stderr)

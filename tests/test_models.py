@@ -93,8 +93,8 @@ def test_spread_over_devices_keeps_a_quantized_model_computing_the_same():
     """backend.device_map: accelerate's dispatch of a fake-quantized model (QuantLinear,
     activation quantizers, KV hook) leaves its outputs unchanged; on a machine without GPUs
     every module lands on the CPU."""
+    from qeval.backends.hf import spread_over_devices
     from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec
-    from qeval.models.loading import spread_over_devices
     from qeval.quant.apply import quantize_model
     from qeval.quant.recipe import get_method
 

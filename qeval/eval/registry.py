@@ -156,7 +156,6 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
     return paths
 
 
-@lru_cache(maxsize=4)
 def task_manager(include: tuple[str, ...] = (), data_dir: str | None = None) -> Any:
     """lm-eval's TaskManager over its own tasks plus qeval's task folders (:func:`task_paths`),
     built once per ``include``, data folder and process (indexing the YAML files takes seconds).
@@ -164,6 +163,12 @@ def task_manager(include: tuple[str, ...] = (), data_dir: str | None = None) -> 
     ``data_dir`` reaches qeval's ``custom_dataset`` loaders as the ``qeval_data_dir`` keyword
     (lm-eval passes a TaskManager's metadata to them), so a cell's data folder is an argument,
     not process state; None lets the loaders use ``$QEVAL_DATA_DIR`` or ``../shared/data``."""
+    return _task_manager(tuple(include), str(data_dir) if data_dir else None)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include: tuple[str, ...], data_dir: str | None) -> Any:
+    """One index per (folders, data folder), however the caller spelled the arguments."""
     # lm_eval.tasks takes seconds to import (datasets, its registry); suites of perplexity or
     # native tasks alone, and the reports, never need it
     from lm_eval.tasks import TaskManager
@@ -192,9 +197,10 @@ def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = No
     return out
 
 
-def task_exists(name: str, include: tuple[str, ...] = ()) -> bool:
-    """Whether lm-eval knows ``name`` (its own tasks, qeval's and the user's folders)."""
-    return name in task_manager(include).all_tasks
+def task_exists(name: str, include: tuple[str, ...] = (), data_dir: str | None = None) -> bool:
+    """Whether lm-eval knows ``name`` (its own tasks, qeval's and the user's folders); asked of the
+    same index the cell's evaluation will use (``data_dir``), so it is built once."""
+    return name in task_manager(include, data_dir).all_tasks
 
 
 _PLUGIN_MODULES: dict[Path, ModuleType] = {}

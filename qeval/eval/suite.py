@@ -67,7 +67,7 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
             except TaskDataError as err:
                 raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
-            if not task_exists(task.task, include):
+            if not task_exists(task.task, include, data_dir):
                 raise ConfigError(
                     f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "
                     f"lm-eval task (searched lm-eval's tasks and {', '.join(task_paths(include))}; "

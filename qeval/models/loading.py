@@ -168,24 +168,3 @@ def load_model(cfg: Any, cache_dir: str | None = None) -> LoadedModel:
 
 def clear_process_cache() -> None:
     _PROCESS_CACHE.clear()
-
-
-def spread_over_devices(model: PreTrainedModel, device_map: str) -> dict[str, Any]:
-    """Dispatch ``model`` over the visible accelerators with accelerate (for models larger
-    than one GPU); returns the module -> device map it used.
-
-    Decoder blocks are never split (the model's ``_no_split_modules``), so a block's
-    fake-quant ops run on the device that holds its weights.
-    """
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
-    max_memory = None
-    if device_map != "sequential":
-        max_memory = get_balanced_memory(
-            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
-        )
-    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
-    dispatch_model(model, device_map=placement)
-    return {name: str(device) for name, device in placement.items()}
