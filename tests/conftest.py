@@ -1,4 +1,7 @@
-"""Shared helpers: running the real ``qeval`` / ``qeval-report`` entry points in a subprocess."""
+"""Shared helpers: running the real ``qeval`` / ``qeval-report`` entry points, in a subprocess
+(true CLI smoke tests: process exit codes, a fresh interpreter, kill -9) or in this process
+(everything else: the same entry point and output, without paying interpreter start-up, imports
+and lm-eval's task index again for every call)."""
 
 from __future__ import annotations
 
@@ -23,17 +26,20 @@ def _script(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+# never touch the network: the Hub is unreachable and must not be waited for
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "QEVAL_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
 def run_script(name: str, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    # never touch the network: the Hub is unreachable and must not be waited for
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        QEVAL_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(OFFLINE_ENV)
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(_script(name) + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -44,6 +50,73 @@ def run_qeval():
 
     def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
         return run_script("qeval", args, cwd, timeout)
+
+    return run
+
+
+def run_in_process(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``qeval`` or ``qeval-report`` called as its console script would be, in this process: argv,
+    working directory and environment set, stdout/stderr captured (Hydra's log handlers are created
+    during the run, so they write into the capture), the exit status taken from SystemExit, and
+    the process state (argv, cwd, environment, logging, Hydra's global state) restored after."""
+    import contextlib
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    if name == "qeval":
+        from qeval.cli import main as entry
+    else:
+        from qeval.report.cli import main as entry
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_env = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    code = 0
+    try:
+        os.environ.update(OFFLINE_ENV)
+        os.chdir(cwd)
+        sys.argv = [name, *args]
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                result = entry() if name == "qeval" else entry(args)
+                code = result if isinstance(result, int) else 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def qeval_in_process():
+    """``qeval_in_process(args, cwd, timeout)``: the ``qeval`` entry point in this process (the
+    timeout is accepted for the same call shape as ``run_qeval`` and not enforced)."""
+
+    def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+        return run_in_process("qeval", args, cwd)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def report_in_process():
+    """``report_in_process(args, cwd)``: ``qeval-report`` in this process."""
+
+    def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run_in_process("qeval-report", args, cwd)
 
     return run
 

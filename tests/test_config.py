@@ -237,13 +237,13 @@ def test_cli_bad_bits_on_weight_preset_fails_fast(run_qeval, tmp_path):
     assert "quantized in" not in out and "loaded tiny-llama" not in out
 
 
-def test_cli_bad_bits_default_sweep_names_the_key(run_qeval, tmp_path):
+def test_cli_bad_bits_default_sweep_names_the_key(qeval_in_process, tmp_path):
     # the default config sweeps quant over presets, fp16 first (all parts at bits=16).
     # Before f25681a fp16 had quant.w = null and Hydra died with
     # "AssertionError: Unexpected type for root: NoneType" and a traceback, never naming the key.
     results = tmp_path / "results"
     t0 = time.monotonic()
-    proc = run_qeval(["quant.w.bits=1", *TINY, f"results_dir={results}"], tmp_path, timeout=30)
+    proc = qeval_in_process(["quant.w.bits=1", *TINY, f"results_dir={results}"], tmp_path, timeout=30)
     assert time.monotonic() - t0 < 30
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
@@ -252,8 +252,8 @@ def test_cli_bad_bits_default_sweep_names_the_key(run_qeval, tmp_path):
     assert _json_files(results) == []
 
 
-def test_cli_unknown_preset(run_qeval, tmp_path):
-    proc = run_qeval(["quant=w5z", *TINY, f"results_dir={tmp_path / 'results'}"], tmp_path, timeout=30)
+def test_cli_unknown_preset(qeval_in_process, tmp_path):
+    proc = qeval_in_process(["quant=w5z", *TINY, f"results_dir={tmp_path / 'results'}"], tmp_path, timeout=30)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "w5z" in out

@@ -17,10 +17,10 @@ def _records(root):
 
 
 @pytest.fixture(scope="module")
-def basic(tmp_path_factory, run_qeval):
+def basic(tmp_path_factory, qeval_in_process):
     require_eval_data()
     tmp = tmp_path_factory.mktemp("basic")
-    proc = run_qeval(CELLS + [f"results_dir={tmp}"], tmp, timeout=400)
+    proc = qeval_in_process(CELLS + [f"results_dir={tmp}"], tmp, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(tmp)
     assert len(records) == 4 and len({r["host"]["pid"] for r in records.values()}) == 1

@@ -7,9 +7,9 @@ import json
 from conftest import require_eval_data
 
 
-def test_method_sweep_skips_incompatible_cells(tmp_path, run_qeval):
+def test_method_sweep_skips_incompatible_cells(tmp_path, qeval_in_process):
     require_eval_data()
-    proc = run_qeval(
+    proc = qeval_in_process(
         [
             "model=tiny-opt",
             "suite=tiny",

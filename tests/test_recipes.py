@@ -89,8 +89,8 @@ def test_unknown_step_parameter_names_the_step():
         Recipe.from_mapping({"smoothquant": {"alpha": 1.5}})
 
 
-def test_wrong_order_fails_before_loading_from_the_cli(run_qeval, tmp_path):
-    proc = run_qeval(
+def test_wrong_order_fails_before_loading_from_the_cli(qeval_in_process, tmp_path):
+    proc = qeval_in_process(
         ["model=tiny-llama", "suite=tiny", "quant=w8a8", "method=[gptq,smoothquant]", f"results_dir={tmp_path}"],
         tmp_path,
         timeout=60,

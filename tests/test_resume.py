@@ -72,7 +72,7 @@ def _kill_mid_cell(args: list[str], cwd: Path, sweep_dir: Path, timeout: float =
             proc.wait()
 
 
-def test_kill_9_then_resume(tmp_path, run_qeval):
+def test_kill_9_then_resume(tmp_path, qeval_in_process):
     require_eval_data()
     sweep_dir = tmp_path / "killed" / "kill"
     _kill_mid_cell(SWEEP + [f"results_dir={tmp_path / 'killed'}"], tmp_path, sweep_dir)
@@ -88,7 +88,7 @@ def test_kill_9_then_resume(tmp_path, run_qeval):
     kept_tasks = set(partial[0]["tasks"])
     assert kept_tasks == {"wikitext2"}
 
-    resumed = run_qeval(SWEEP + [f"results_dir={tmp_path / 'killed'}"], tmp_path, timeout=400)
+    resumed = qeval_in_process(SWEEP + [f"results_dir={tmp_path / 'killed'}"], tmp_path, timeout=400)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
     assert f"({len(survivors)} already finished)" in out
@@ -98,7 +98,7 @@ def test_kill_9_then_resume(tmp_path, run_qeval):
         assert (sweep_dir / name).read_bytes() == data and (sweep_dir / name).stat().st_mtime_ns == mtime
     assert not _files(sweep_dir / ".partial")  # dropped once their cells were recorded
 
-    clean = run_qeval(SWEEP + [f"results_dir={tmp_path / 'clean'}"], tmp_path, timeout=400)
+    clean = qeval_in_process(SWEEP + [f"results_dir={tmp_path / 'clean'}"], tmp_path, timeout=400)
     assert clean.returncode == 0, clean.stderr[-3000:]
     a, b = _results(sweep_dir), _results(tmp_path / "clean" / "kill")
     assert a.keys() == b.keys() and len(a) == 3
@@ -106,12 +106,12 @@ def test_kill_9_then_resume(tmp_path, run_qeval):
         assert a[name]["metrics"] == b[name]["metrics"], name
 
 
-def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, run_qeval):
+def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, qeval_in_process):
     require_eval_data()
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text("{}")  # a folder, so preflight passes; loading fails
-    proc = run_qeval(
+    proc = qeval_in_process(
         [
             "model=tiny-llama,local",
             f"model.path={not_a_model}",

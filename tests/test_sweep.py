@@ -36,19 +36,19 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir, run_qeval):
+def first_run(workdir, qeval_in_process):
     require_eval_data()
     results = workdir / "results"
-    proc = run_qeval([*SWEEP, f"results_dir={results}"], workdir, timeout=400)
+    proc = qeval_in_process([*SWEEP, f"results_dir={results}"], workdir, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc, results / "e2e"
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, workdir, run_qeval):
+def second_run(first_run, workdir, qeval_in_process):
     _, sweep_dir = first_run
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep_dir.glob("*.json")}
-    proc = run_qeval([*SWEEP, f"results_dir={sweep_dir.parent}"], workdir, timeout=300)
+    proc = qeval_in_process([*SWEEP, f"results_dir={sweep_dir.parent}"], workdir, timeout=300)
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep_dir.glob("*.json")}
     return proc, before, after
 
@@ -145,7 +145,7 @@ def test_rerun_skips_finished_cells(second_run):
     assert "3 already done" in out
 
 
-def test_corrupt_result_is_recomputed(first_run, workdir, run_qeval, tmp_path):
+def test_corrupt_result_is_recomputed(first_run, workdir, qeval_in_process, tmp_path):
     _, sweep_dir = first_run
     results = tmp_path / "results"
     (results / "e2e").mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_corrupt_result_is_recomputed(first_run, workdir, run_qeval, tmp_path):
     untouched = {q: (p.read_bytes(), p.stat().st_mtime_ns) for q, (p, _) in recs.items() if q != "w4g128"}
     text = broken.read_text()
     broken.write_text(text[: len(text) // 2])  # a truncated file
-    proc = run_qeval([*SWEEP, f"results_dir={results}"], tmp_path, timeout=300)
+    proc = qeval_in_process([*SWEEP, f"results_dir={results}"], tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # the two intact cells are skipped, the broken one is computed again
@@ -220,9 +220,9 @@ def test_report_cli(first_run, run_report, tmp_path):
     assert {"wikitext2.ppl", "lambada.acc"} <= set(primary.columns) and "lambada.perplexity" not in primary.columns
 
 
-def test_report_cli_on_empty_folder(run_report, tmp_path):
+def test_report_cli_on_empty_folder(report_in_process, tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_report([str(tmp_path / "empty"), "--out", str(tmp_path / "plots")], tmp_path)
+    proc = report_in_process([str(tmp_path / "empty"), "--out", str(tmp_path / "plots")], tmp_path)
     assert proc.returncode == 2
     assert "no finished cells" in proc.stderr
 
@@ -307,7 +307,7 @@ def test_report_keeps_cells_with_same_bits_label(tmp_path):
     assert sorted(table["wikitext2.ppl"]) == [10.0, 10.5, 10.7, 11.0]
 
 
-def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, run_report):
+def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, report_in_process):
     """Cells run on both backends are paired; perplexity agrees within 1 % relative, accuracy
     within 2 standard errors of the difference (sqrt(0.02^2 + 0.02^2) = 0.028 -> 0.057)."""
     store = ResultStore(tmp_path, "syn")
@@ -316,7 +316,7 @@ def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, run_report):
     _synthetic(store, "w8a8", 11.0, "c3", acc=0.50)
     _synthetic(store, "w8a8", 11.2, "c4", backend="vllm", acc=0.44)  # 1.8 % and 0.06: disagree
     _synthetic(store, "w4g128", 12.0, "c5")  # hf only: not paired
-    proc = run_report([str(store.dir), "--out", str(tmp_path / "out")], tmp_path)
+    proc = report_in_process([str(store.dir), "--out", str(tmp_path / "out")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 of 4 agree, 2 DISAGREE" in proc.stdout
     table = pd.read_csv(tmp_path / "out" / "agreement.csv")
@@ -330,7 +330,9 @@ def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, run_report):
     row = table[(table.quant == "w8a8") & (table.metric == "arc.acc")].iloc[0]
     assert row.tolerance == pytest.approx(2 * (2 * 0.02**2) ** 0.5)
     # a looser tolerance from the command line changes the verdict
-    proc = run_report([str(store.dir), "--out", str(tmp_path / "out2"), "--ppl-rtol", "0.02", "--n-se", "3"], tmp_path)
+    proc = report_in_process(
+        [str(store.dir), "--out", str(tmp_path / "out2"), "--ppl-rtol", "0.02", "--n-se", "3"], tmp_path
+    )
     assert "4 of 4 agree" in proc.stdout
     # the main table keeps the two backends as separate rows
     assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 5

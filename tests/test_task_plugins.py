@@ -102,10 +102,10 @@ def test_include_of_a_missing_folder_is_a_clear_error(tmp_path):
         task_paths([str(tmp_path / "nope")])
 
 
-def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval):
+def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, qeval_in_process):
     """A whole `qeval` cell on a tiny model, with both plugin kinds picked up from tasks.include."""
     results = tmp_path / "results"
-    proc = run_qeval(
+    proc = qeval_in_process(
         [
             "model=tiny-llama",
             "quant=w8",
@@ -143,8 +143,8 @@ def test_cell_runs_plugins_through_tasks_include(plugin_dir, tmp_path, run_qeval
     assert rec["tasks"]["count"]["kind"] == "native" and rec["tasks"]["count"]["family"] == "dialogue"
 
 
-def test_unknown_task_fails_before_loading_a_model(tmp_path, run_qeval):
-    proc = run_qeval(
+def test_unknown_task_fails_before_loading_a_model(tmp_path, qeval_in_process):
+    proc = qeval_in_process(
         [
             "model=tiny-llama",
             "hydra.mode=RUN",

