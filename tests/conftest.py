@@ -54,6 +54,18 @@ def run_qeval():
     return run
 
 
+def _flush_handlers(handler_list: list | None = None) -> None:
+    import logging
+
+    for ref in handler_list if handler_list is not None else logging._handlerList[:]:
+        handler = ref() if callable(ref) and not hasattr(ref, "flush") else ref
+        try:
+            if handler is not None:
+                handler.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def run_in_process(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``qeval`` or ``qeval-report`` called as its console script would be, in this process: argv,
     working directory and environment set, stdout/stderr captured (Hydra's log handlers are created
@@ -62,6 +74,7 @@ def run_in_process(name: str, args: list[str], cwd: Path) -> subprocess.Complete
     import contextlib
     import io
     import logging
+    from unittest import mock
 
     from hydra.core.global_hydra import GlobalHydra
 
@@ -80,7 +93,15 @@ def run_in_process(name: str, args: list[str], cwd: Path) -> subprocess.Complete
         os.chdir(cwd)
         sys.argv = [name, *args]
         GlobalHydra.instance().clear()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        # Hydra configures logging with dictConfig, which closes every handler created so far in
+        # the process; a handler an earlier test left (absl's, imported by rouge_score, holds the
+        # test's captured stderr) would then close pytest's own stream. A fresh process has no
+        # such handlers: here they are flushed, not closed.
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            mock.patch.object(logging, "shutdown", _flush_handlers),
+        ):
             try:
                 result = entry() if name == "qeval" else entry(args)
                 code = result if isinstance(result, int) else 0
