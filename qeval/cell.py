@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.util
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from qeval.config import (
     validate_quant,
 )
 from qeval.data import TEXT_DATASETS, check_available
+from qeval.eval.registry import import_plugin_file
 from qeval.eval.suite import check_suite, suite_kinds
 from qeval.models.tiny import TINY_FAMILIES
 from qeval.quant.methods import ALIASES, METHODS
@@ -274,14 +273,7 @@ def load_method_plugins(paths: list[str] | tuple[str, ...]) -> None:
         if path.suffix == ".py":
             if not path.is_file():
                 raise ConfigError(f"invalid value methods.include={entry!r}: no such file")
-            name = f"qeval_method_plugin_{path.stem}"
-            if name in sys.modules:
-                continue
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
+            import_plugin_file(path)  # once per process, keyed by the resolved path
         else:
             try:
                 importlib.import_module(entry)

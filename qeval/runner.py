@@ -11,6 +11,7 @@ business (``qeval.backends``), never a branch here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -54,14 +55,13 @@ def _seed_everything(seed: int) -> None:
 def quantized_cache_dir(cell: Cell, model_fingerprint: str) -> Path:
     """The cache entry of this cell's quantized model: everything that decides its weights
     (qeval's version included: a new release may quantize differently)."""
-    config = cell.to_dict()
     key = {
         "model": model_fingerprint,
-        "quant": config["quant"],
+        "quant": dataclasses.asdict(cell.quant),
         "method": cell.recipe.identity(),
         "seed": cell.seed,
         "format": CACHE_FORMAT,
-        "calib": config["calib"] if cell.uses_calibration else None,
+        "calib": dataclasses.asdict(cell.calib) if cell.uses_calibration else None,
         "device": cell.backend.device,
         "qeval": qeval_version(),
     }
@@ -200,7 +200,6 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
             calibration=calibration,
             provenance={"cell": label, "hash": hash_, "method": cell.recipe.name},
             record=record,
-            timings=record["timings"],
         )
         model = None  # the request holds it; a backend that exports may let it go
         with backend.open(request) as scorer:

@@ -52,9 +52,8 @@ class OpenRequest:
     export_name: str  # the cell's folder in it (label and hash)
     calibration: Callable[[], list[torch.Tensor]]
     provenance: dict[str, Any] = field(default_factory=dict)
-    # what the backend adds to the cell's record (engine settings, export path, device map)
+    # what the backend adds to the cell's record (engine settings, export path, device map, timings)
     record: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Backend:

@@ -336,7 +336,7 @@ class VllmBackend(Backend):
             provenance=request.provenance,
         )
         request.record["export"] = str(checkpoint)
-        request.timings["export"] = time.perf_counter() - t0
+        request.record.setdefault("timings", {})["export"] = time.perf_counter() - t0
         request.model = None  # the engine loads the checkpoint; the in-memory copy can go
         gc.collect()
         with VllmEngine(
