@@ -378,7 +378,8 @@ def validate(cell: Cell) -> None:
 def preflight(cell: Cell | DictConfig) -> Cell:
     """The checks that read the file system but need no model: task names and plugins, data,
     whether the backend is installed and can score every entry.  Returns the (built) cell."""
-    cell = build_cell(cell)
+    if not isinstance(cell, Cell):  # a Cell comes from build_cell, validated already
+        cell = build_cell(cell)
     check_suite(cell.suite, cell.include, cell.data_dir)
     cell.runtime.preflight(suite_kinds(cell.suite, cell.include), cell.suite.name)
     if cell.reads_calibration:

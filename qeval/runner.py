@@ -124,7 +124,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
     cell started), so it is not repeated here.
     """
     t_start = time.perf_counter()
-    cell = build_cell(cfg)
+    cell = cfg if isinstance(cfg, Cell) else build_cell(cfg)  # a Cell was validated when built
     if not checked:
         preflight(cell)
     store = ResultStore(cell.results_dir, cell.sweep_name)
