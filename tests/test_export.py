@@ -210,3 +210,27 @@ def test_efficiency_memory_accounting(tmp_path):
     config = json.loads((dense / "config.json").read_text())  # 2 layers, 2 KV heads of 16
     assert kv_bytes_per_token(config, "auto", "float32") == 2 * 2 * 2 * 16 * 4
     assert kv_bytes_per_token(config, "fp8_e4m3", "float32") == 2 * 2 * 2 * 16
+
+
+def test_engine_runs_16bit_activations_where_the_cpu_kernel_needs_them():
+    """vLLM's CPU W4A16 kernel needs 16-bit activations everywhere; its W8A8 int8 kernel only on
+    AMX CPUs (the AMX kernel rejects float32 inputs); everything else runs float32."""
+    from qeval.backends.vllm import EngineSettings, cpu_kernel_needs_16bit
+
+    w4a16 = export_scheme(QuantSpec(name="w4g128", w=WeightSpec(bits=4)))
+    w8a8 = export_scheme(
+        QuantSpec(
+            name="w8a8",
+            w=WeightSpec(bits=8, granularity="channel", sym=True),
+            a=ActivationSpec(bits=8, granularity="token", dynamic=True, sym=True),
+        )
+    )
+    w8a16 = export_scheme(QuantSpec(name="w8", w=WeightSpec(bits=8, granularity="channel", sym=True)))
+    avx512, amx = {"avx2", "avx512f"}, {"avx2", "avx512f", "amx_tile", "amx_int8"}
+    assert cpu_kernel_needs_16bit(w4a16, avx512) and cpu_kernel_needs_16bit(w4a16, amx)
+    assert not cpu_kernel_needs_16bit(w8a8, avx512) and cpu_kernel_needs_16bit(w8a8, amx)
+    assert cpu_kernel_needs_16bit(w8a16, avx512) == (w8a16.format == "pack-quantized")
+    assert not cpu_kernel_needs_16bit(None, amx)
+    # an explicit dtype wins over the derived one, on any CPU
+    assert EngineSettings(dtype="float32", scheme=w8a8).llm_kwargs("cpu")["dtype"] == "float32"
+    assert EngineSettings(scheme=None).llm_kwargs("cpu")["dtype"] == "float32"

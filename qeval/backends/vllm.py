@@ -124,6 +124,28 @@ def check_kernels(scheme: Any, device: str) -> None:
         )
 
 
+def cpu_kernel_needs_16bit(scheme: Any, cpu_flags: set[str]) -> bool:
+    """Whether vLLM's CPU kernel for this checkpoint runs only with bf16/fp16 activations.
+
+    The W4A16/W8A16 kernel (``cpu_gemm_wna16``) always does. The W8A8 int8 kernel does on
+    CPUs with AMX: there vLLM picks the AMX kernel (``int8_scaled_mm_with_quant``) for
+    symmetric activations from the weights' dtype alone, and it fails on float32 inputs
+    ("expect A to be bfloat16 or half") where the oneDNN kernel used on AVX2/AVX-512 CPUs
+    accepts them. The engine's dtype is in the record either way.
+    """
+    if scheme is None:
+        return False
+    if scheme.format == "pack-quantized":
+        return True
+    acts = scheme.input_activations or {}
+    return (
+        scheme.format == "int-quantized"
+        and bool(acts)
+        and bool(acts.get("symmetric", True))
+        and "amx_tile" in cpu_flags
+    )
+
+
 @dataclass
 class EngineSettings:
     """What the engine is built with; ``None`` fields take device defaults."""
@@ -141,10 +163,9 @@ class EngineSettings:
 
     def llm_kwargs(self, device: str) -> dict[str, Any]:
         on_cpu = device == "cpu"
-        weight_only_packed = self.scheme is not None and self.scheme.format == "pack-quantized"
-        # float32 and eager: what runs (and runs fastest) on AVX2/AVX-512 CPUs; but the CPU
-        # W4A16/W8A16 kernel (cpu_gemm_wna16) exists for 16-bit activations only
-        cpu_dtype = "bfloat16" if weight_only_packed else "float32"
+        # float32 and eager: what runs (and runs fastest) on AVX2/AVX-512 CPUs; but some CPU
+        # kernels exist for 16-bit activations only (see cpu_kernel_needs_16bit)
+        cpu_dtype = "bfloat16" if cpu_kernel_needs_16bit(self.scheme, _cpu_flags()) else "float32"
         kwargs: dict[str, Any] = {
             "dtype": self.dtype or (cpu_dtype if on_cpu else "auto"),
             "enforce_eager": on_cpu if self.enforce_eager is None else self.enforce_eager,
