@@ -19,9 +19,11 @@ import platform
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from qeval.eval.items import items_path, read_items, write_items
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ class ResultStore:
         }
 
     def finished(self, cell_hash: str) -> dict[str, Any] | None:
-        """The record of a finished cell, or None (missing, failed, or unreadable)."""
+        """The record of a finished cell, or None (missing, failed, or unreadable, or its
+        per-item file is: a record's numbers are recomputed from it, so both are needed)."""
         path = self.find(cell_hash)
         if path is None:
             return None
@@ -80,10 +83,24 @@ class ResultStore:
         if record is None:
             log.warning("result file %s is unreadable; the cell will be recomputed", path)
             return None
-        return record if record.get("status") in FINISHED else None
+        if record.get("status") not in FINISHED:
+            return None
+        if record.get("items") and read_items(items_path(path)) is None:
+            log.warning("per-item file of %s is missing or unreadable; the cell will be recomputed", path)
+            return None
+        return record
 
-    def write(self, record: dict[str, Any]) -> Path:
+    def write(self, record: dict[str, Any], items: Mapping[str, Any] | None = None) -> Path:
+        """Write a cell's record, and first its per-item tables (``items``, by task) when
+        given, so that a record on disk always has them (qeval.eval.items)."""
         path = self.path_for(record["hash"], record["label"])
+        if items:
+            size = write_items(items_path(path), items)
+            record["items"] = {
+                "file": items_path(path).name,
+                "bytes": size,
+                "rows": {task: len(table["id"]) if table else None for task, table in items.items()},
+            }
         write_json_atomically(path, record)
         if record.get("status") in FINISHED:  # a failed cell keeps its finished tasks for the retry
             self.drop_partial(record["hash"])
@@ -179,3 +196,11 @@ def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
         if record.get("schema_version") == SCHEMA_VERSION:
             record["_path"] = str(path)
             yield record
+
+
+def record_items(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-item tables (by task) of a record read by :func:`iter_records`, or None when
+    it has none (failed or skipped cells, records written before qeval 0.3)."""
+    if not record.get("items") or "_path" not in record:
+        return None
+    return read_items(items_path(Path(record["_path"])))

@@ -95,8 +95,8 @@ def _task_checkpoints(store: ResultStore, hash_: str, fingerprint: str) -> dict[
     if kept:
         log.info("reusing %d task score(s) of an interrupted run: %s", len(kept), ", ".join(kept))
 
-    def on_task_done(name: str, metrics: dict[str, Any], seconds: float) -> None:
-        kept[name] = {"metrics": metrics, "seconds": seconds}
+    def on_task_done(name: str, metrics: dict[str, Any], seconds: float, items: Any) -> None:
+        kept[name] = {"metrics": metrics, "seconds": seconds, "items": items}
         store.save_partial(hash_, fingerprint, kept)
 
     return {"finished": dict(kept), "on_task_done": on_task_done}
@@ -171,6 +171,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         return record
 
     model = None
+    items: dict[str, Any] | None = None
     try:
         _seed_everything(cell.seed)
         if cell.backend.threads:
@@ -203,7 +204,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         )
         model = None  # the request holds it; a backend that exports may let it go
         with backend.open(request) as scorer:
-            record["metrics"], record["timings"]["eval"] = evaluate_suite(
+            scores = evaluate_suite(
                 scorer,
                 loaded.tokenizer,
                 cell.suite,
@@ -212,6 +213,8 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
                 reference_fingerprint=loaded.fingerprint,
                 **_task_checkpoints(store, hash_, loaded.fingerprint),
             )
+        record["metrics"], record["timings"]["eval"] = scores.metrics, scores.seconds
+        items = scores.items
         del request, scorer
         record["status"] = "ok"
     except UnsupportedCellError as err:
@@ -225,6 +228,6 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         gc.collect()
     record["timings"]["total"] = time.perf_counter() - t_start
     record["finished_at"] = time.time()
-    path = store.write(record)
+    path = store.write(record, items if record["status"] == "ok" else None)
     log.info("cell %s: %s -> %s", label, record["status"], path)
     return record

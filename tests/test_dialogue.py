@@ -426,8 +426,8 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
         "primary_metric": "degeneration",
         "higher_is_better": False,
     }
-    metrics, timings = evaluate_suite(
+    metrics = evaluate_suite(
         ref, tok, cell.suite, eval_settings(cell), reference=ref, reference_fingerprint="tinyref"
-    )
+    ).metrics
     assert metrics["chat"]["samples"] == 2 and metrics["chat"]["rougeL_fp"] == 1.0
     assert len(list((tmp_path / ".reference").glob("mt_bench-*.json"))) == 1

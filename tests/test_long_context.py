@@ -274,5 +274,5 @@ def test_suite_entry_params_reach_the_task():
     cell = build_cell(cfg)  # types the entry as a TaskEntry, as the runner does
     check_suite(cell.suite, cell.include, cell.data_dir)
     loaded = load_model(cell.model)
-    metrics, _ = evaluate_suite(loaded.model, loaded.tokenizer, cell.suite, eval_settings(cell))
+    metrics = evaluate_suite(loaded.model, loaded.tokenizer, cell.suite, eval_settings(cell)).metrics
     assert metrics["needle"]["acc_at"] == 96 and metrics["needle"]["samples"] == 2

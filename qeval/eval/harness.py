@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+from qeval.eval.items import Columns, lm_eval_items
 from qeval.eval.registry import task_manager
 from qeval.eval.scorer import as_scorer
 
@@ -87,10 +88,31 @@ def evaluate_lm_eval(
     apply_chat_template: bool = False,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run one lm-eval task (or group) on a scorer; metrics with stderr and sample counts.
+    """Run one lm-eval task (or group) on a scorer; metrics with stderr and sample counts
+    (:func:`score_lm_eval` without the per-item table)."""
+    return score_lm_eval(
+        model, tokenizer, task, limit, num_fewshot, batch_size, seed, include, gen_kwargs, apply_chat_template, data_dir
+    )[0]
+
+
+def score_lm_eval(
+    model,
+    tokenizer,
+    task: str,
+    limit: int | None = None,
+    num_fewshot: int | None = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    include: tuple[str, ...] = (),
+    gen_kwargs: str | None = None,
+    apply_chat_template: bool = False,
+    data_dir: str | None = None,
+) -> tuple[dict[str, Any], Columns]:
+    """Run one lm-eval task (or group) on a scorer: (metrics with stderr and sample counts,
+    the per-item table from lm-eval's logged samples; see qeval.eval.items).
 
     For a group (e.g. MMLU's 56 subjects) the group's aggregate is returned, with
-    ``samples`` summed over its subtasks.
+    ``samples`` summed over its subtasks, and item ids are ``<subtask>/<doc_id>``.
     """
     out = run_lm_eval(
         model,
@@ -101,6 +123,7 @@ def evaluate_lm_eval(
         batch_size,
         seed,
         include,
+        log_samples=True,
         gen_kwargs=gen_kwargs,
         apply_chat_template=apply_chat_template,
         data_dir=data_dir,
@@ -112,4 +135,4 @@ def evaluate_lm_eval(
         metrics["samples"] = int(n.get("effective", n.get("original", 0)))
     else:  # a group: its subtasks' counts
         metrics["samples"] = int(sum(n.get("effective", n.get("original", 0)) for n in counts.values()))
-    return metrics
+    return metrics, lm_eval_items(out.get("samples") or {})

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qeval.config import ConfigError, SuiteSpec, TaskEntry
 from qeval.data import check_available
-from qeval.eval.harness import evaluate_lm_eval
+from qeval.eval.harness import score_lm_eval
+from qeval.eval.items import Columns, check_columns
 from qeval.eval.perplexity import perplexity
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native, task_exists, task_info, task_paths
 from qeval.eval.scorer import Scorer, as_scorer
@@ -116,6 +117,19 @@ class EvalSettings:
     decode_chunk: int | None = None
 
 
+@dataclass
+class SuiteScores:
+    """A suite's outcome: per entry its metrics, its seconds, and its per-item table (None for
+    a native plugin that keeps none)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    items: dict[str, Columns | None] = field(default_factory=dict)
+
+
+TaskDone = Callable[[str, dict[str, Any], float, "Columns | None"], None]
+
+
 def evaluate_suite(
     scorer: Scorer | Any,
     tokenizer: Any,
@@ -124,33 +138,37 @@ def evaluate_suite(
     reference: Any = None,
     reference_fingerprint: str = "",
     finished: dict[str, dict[str, Any]] | None = None,
-    on_task_done: Callable[[str, dict[str, Any], float], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Score ``scorer`` on every suite entry; returns (metrics per entry, seconds per entry).
+    on_task_done: TaskDone | None = None,
+) -> SuiteScores:
+    """Score ``scorer`` on every suite entry: metrics, seconds and per-item table per entry.
 
     ``finished`` holds entries already scored by an earlier, interrupted run of the
-    same cell ({"metrics", "seconds"} per name): they are reused, not re-run.
-    ``on_task_done(name, metrics, seconds)`` is called after each newly scored entry
+    same cell ({"metrics", "seconds", "items"} per name): they are reused, not re-run.
+    ``on_task_done(name, metrics, seconds, items)`` is called after each newly scored entry
     so that the caller can keep it.
     """
     scorer = as_scorer(scorer, tokenizer)  # a bare HF model (tests, benchmarks) is scored in process
     include = settings.include
-    metrics: dict[str, Any] = {}
-    timings: dict[str, float] = {}
+    out = SuiteScores()
     finished = finished or {}
     for name, task in suite.tasks.items():
         if name in finished:
-            metrics[name], timings[name] = finished[name]["metrics"], finished[name]["seconds"]
-            log.info("  %s: %s (kept from an interrupted run)", name, _short(metrics[name]))
+            kept = finished[name]
+            out.metrics[name], out.seconds[name] = kept["metrics"], kept["seconds"]
+            out.items[name] = kept.get("items")
+            log.info("  %s: %s (kept from an interrupted run)", name, _short(out.metrics[name]))
             continue
         t0 = time.perf_counter()
         kind = resolve_kind(task, include)
+        items: Columns | None = None
         if kind == "perplexity":
             chunk = task.decode_chunk if task.decode_chunk is not None else settings.decode_chunk
-            metrics[name] = perplexity(
+            result = perplexity(
                 scorer, tokenizer, task.dataset, task.seqlen, task.max_windows, settings.data_dir, chunk
-            ).as_metrics()
-            metrics[name]["decode_chunk"] = chunk or 0
+            )
+            metrics = result.as_metrics()
+            metrics["decode_chunk"] = chunk or 0
+            items = getattr(result, "items", None)  # per-window rows (qeval.eval.divergence)
         elif kind == "native":
             native = discover_native(include)[task.task](**task.params)
             ctx = TaskContext(
@@ -171,9 +189,11 @@ def evaluate_suite(
                     "apply_chat_template": task.apply_chat_template,
                 },
             )
-            metrics[name] = native.evaluate(ctx)
+            metrics = native.evaluate(ctx)
+            kept_items = getattr(ctx, "items", None)
+            items = check_columns(kept_items) if kept_items is not None else None
         else:
-            metrics[name] = evaluate_lm_eval(
+            metrics, items = score_lm_eval(
                 scorer,
                 tokenizer,
                 task.task,
@@ -186,11 +206,12 @@ def evaluate_suite(
                 task.apply_chat_template,
                 data_dir=settings.data_dir,
             )
-        timings[name] = time.perf_counter() - t0
-        log.info("  %s: %s (%.1fs)", name, _short(metrics[name]), timings[name])
+        seconds = time.perf_counter() - t0
+        out.metrics[name], out.seconds[name], out.items[name] = metrics, seconds, items
+        log.info("  %s: %s (%.1fs)", name, _short(metrics), seconds)
         if on_task_done is not None:
-            on_task_done(name, metrics[name], timings[name])
-    return metrics, timings
+            on_task_done(name, metrics, seconds, items)
+    return out
 
 
 def _short(metrics: dict[str, Any]) -> str:
