@@ -136,21 +136,17 @@ def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def add_normalized(long: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
-    """Add ``normalized`` = value / the same model's FP value for that metric, and
-    ``significant``: whether value and FP value differ by more than ``n_se`` standard
-    errors of the difference (sqrt(se^2 + se_FP^2)); missing where either has no
-    standard error, so a reader never takes noise for loss."""
+def add_normalized(long: pd.DataFrame) -> pd.DataFrame:
+    """Add ``fp_value``/``fp_stderr`` (the same model's FP cell) and ``normalized`` = value /
+    fp_value.  Descriptive only: whether a difference is real is the paired test's business
+    (:func:`qeval.report.verdicts.mark_significant`), never a comparison of two unpaired
+    standard errors, which both ignores that the cells scored the same items and calls
+    noise on 4 items a loss."""
     group = ["model", "suite", "backend", "metric"]
     fp = long[long.tensor_type == "FP"].groupby(group)
     base = pd.concat([fp["value"].first().rename("fp_value"), fp["stderr"].first().rename("fp_stderr")], axis=1)
     out = long.drop(columns=[c for c in ("fp_value", "fp_stderr") if c in long]).join(base, on=group)
     out["normalized"] = out["value"] / out["fp_value"]
-    se = (
-        pd.to_numeric(out["stderr"], errors="coerce") ** 2 + pd.to_numeric(out["fp_stderr"], errors="coerce") ** 2
-    ) ** 0.5
-    diff = (out["value"] - out["fp_value"]).abs()
-    out["significant"] = (diff > n_se * se).where(se.notna() & (se > 0) & (out["tensor_type"] != "FP"))
     return out
 
 
@@ -242,14 +238,14 @@ DERIVED = ["fp_value", "fp_stderr", "normalized", "significant"]
 
 def marked_table(long: pd.DataFrame) -> pd.DataFrame:
     """Primary metrics as text, one row per cell: value, ± standard error, and ``*`` where
-    the difference from the unquantized model exceeds two standard errors."""
+    the paired test against the unquantized model finds a difference (``significant``)."""
     prim = long[long.primary]
 
     def fmt(r) -> str:
         text = f"{r.value:.4g}"
         if r.stderr is not None and pd.notna(r.stderr):
             text += f" ± {r.stderr:.2g}"
-        return text + (" *" if r.significant is True else "")
+        return text + (" *" if getattr(r, "significant", None) is True else "")
 
     prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
     table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")

@@ -19,7 +19,8 @@ import pandas as pd
 from qeval.report.frames import CELL_KEYS, TT_ORDER
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+.scroll { overflow-x: auto; max-width: 100%; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
@@ -37,7 +38,8 @@ def _figure(path: Path, alt: str) -> str:
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     flat = (df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df).copy()
     flat.columns.name = None  # a pivot's column label would become an empty first column
-    return flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0, escape=True)
+    body = flat.to_html(index=False, float_format=lambda v: floatfmt.format(v), na_rep="", border=0, escape=True)
+    return f"<div class='scroll'>{body}</div>"  # a wide table scrolls inside its box, not the page
 
 
 def render_html(
@@ -53,28 +55,55 @@ def render_html(
     efficiency: pd.DataFrame,
     keep: float,
     not_ok: pd.DataFrame | None = None,
+    verdicts: pd.DataFrame | None = None,
+    divergence: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
 
     overview = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings) + "</ul>"
+    if verdicts is not None and not verdicts.empty:
+        overview += (
+            f"<h3>Verdicts per family</h3><p class='note'>Each quantized cell paired item by item with the "
+            f"unquantized cell: <b>within</b> = the 95% interval of retained quality lies above {keep:.0%} on "
+            "every task of the family; <b>loss</b> = significantly below it (adjusted for the report's many "
+            "comparisons); <b>inconclusive</b> = neither, at these sample sizes.</p>" + _table(verdicts)
+        )
+    if divergence is not None and not divergence.empty:
+        overview += (
+            "<h3>Distribution-level damage</h3><p class='note'>KL divergence of the quantized model's next-token "
+            "distributions from the unquantized model's on the perplexity corpus (per token), top-1 agreement, "
+            "RMS change of the reference token's probability, ln(PPL ratio).</p>" + _table(divergence)
+        )
     overview += (
         "<h3>Quality retained per family</h3><p class='note'>1 = unquantized; the mean over a family's "
-        "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse.</p>"
+        "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse "
+        "(descriptive: the verdicts above are the tests).</p>"
     )
     overview += _table(families, "{:.3f}")
-    overview += f"<h3>Recommendations (least memory keeping {keep:.0%})</h3>" + _table(advice, "{:.3f}")
+    overview += f"<h3>Recommendations (least memory confidently within {keep:.0%})</h3>" + _table(advice, "{:.3f}")
     overview += (
-        "<h3>Primary metrics</h3><p class='note'>± one standard error; * = differs from the unquantized "
-        "model by more than two standard errors of the difference.</p>" + _table(marked)
+        "<h3>Primary metrics</h3><p class='note'>± one standard error; * = the paired test against the "
+        "unquantized model finds a difference (adjusted p below alpha).</p>" + _table(marked)
     )
     sections.append(("overview", "Overview", overview))
+    if paired is not None and not paired.empty:
+        sections.append(
+            (
+                "paired",
+                "Paired comparisons",
+                "<p class='note'>One row per quantized cell and task: retained quality with its 95% interval, "
+                "the paired test and its adjusted p-value, flips (right to wrong, wrong to right) and the "
+                "verdict.</p>" + _table(paired.set_index(CELL_KEYS), "{:.3g}"),
+            )
+        )
 
     for tt, view in sorted(tensor_views.items(), key=lambda kv: TT_ORDER.get(kv[0], 9)):
         rows = marked[marked.index.get_level_values("tensor_type").isin(["FP", tt])]
         body = (
-            "<p class='note'>± one standard error; * = beyond two standard errors of the difference from "
+            "<p class='note'>± one standard error; * = the paired test finds a difference from "
             "unquantized.</p>" + _table(rows) + "<p class='note'>Relative to unquantized (/FP):</p>" + _table(view)
         )
         key = f"score_vs_bits_{tt.replace('+', '_')}"

@@ -1,8 +1,10 @@
-"""Recommendations and a plain-language summary, generated from the numbers.
+"""Recommendations and a plain-language summary, generated from the paired verdicts.
 
 A user runs a sweep to decide: *which configuration can I afford?*  For each model and
-task family the recommendation is the configuration with the least memory that keeps at
-least ``keep`` (default 98 %) of the unquantized score, with the evidence.  Memory is
+task family the recommendation is the configuration with the least memory whose paired
+verdict (:mod:`qeval.report.verdicts`) is *within* tolerance: the interval of its retained
+quality lies above ``keep`` (default 98 %) on every task of the family.  A ratio of two
+noisy scores is never a finding; every sentence cites its test, adjusted p-value and n.  Memory is
 ordered by weight bits per parameter (group scales included), then KV-cache bits, then
 activation bits: the order in which they shrink a deployed model.  A leaf of
 :mod:`qeval.report`: frames in, frames and sentences out.
@@ -10,12 +12,12 @@ activation bits: the order in which they shrink a deployed model.  A leaf of
 
 from __future__ import annotations
 
-import math
 import re
 
 import pandas as pd
 
 from qeval.report.frames import CELL_KEYS, TT_ORDER, bit_width, weight_bits_per_param
+from qeval.report.verdicts import evidence
 
 DEFAULT_KEEP = 0.98
 
@@ -27,41 +29,28 @@ def memory_key(bits: str) -> tuple[float, float, float]:
     return (weight_bits_per_param(bits), float(kv.group(1)) if kv else 16.0, float(act.group(1)) if act else 16.0)
 
 
-def _noise_note(long: pd.DataFrame | None, key: tuple, family: str) -> str:
-    """How much to trust a choice: the family's smallest sample count and its significant losses."""
-    if long is None:
-        return ""
-    rows = long[long.primary & (long.family == family)]
-    rows = rows[(rows[CELL_KEYS] == pd.Series(dict(zip(CELL_KEYS, key)))).all(axis=1)]
-    if rows.empty:
-        return ""
-    n = pd.to_numeric(rows["samples"], errors="coerce").min()
-    worse = rows[
-        rows["significant"].eq(True)  # a nullable column: NaN is not significant
-        & ((rows["value"] < rows["fp_value"]) == rows["higher_is_better"].astype(bool))
-    ]
-    note = f"; smallest sample count {n:g}" if pd.notna(n) else ""
-    note += (
-        f"; significantly worse on {', '.join(worse.task)}"
-        if not worse.empty
-        else "; no task significantly worse than unquantized"
-    )
-    return note
-
-
-def recommendations(
-    families: pd.DataFrame, keep: float = DEFAULT_KEEP, long: pd.DataFrame | None = None
-) -> pd.DataFrame:
-    """Per model and family: the least-memory configuration retaining >= ``keep``, with the
-    evidence (how many configurations qualify, the smallest sample count behind the choice,
-    and any task where it is significantly worse than unquantized) when ``long`` is given."""
+def recommendations(verdicts: pd.DataFrame, paired: pd.DataFrame, keep: float = DEFAULT_KEEP) -> pd.DataFrame:
+    """Per model and family: the least-memory configuration whose family verdict is *within*
+    tolerance (every task's interval of retained quality above ``keep``, paired with the
+    unquantized cell), with the evidence.  Where none is, the unquantized model, and the
+    evidence says how many configurations lost significantly and how many were inconclusive
+    (with the items a decision would need)."""
     rows = []
-    for model, part in families.groupby(level="model"):
+    if verdicts.empty:
+        return pd.DataFrame(columns=["model", "family", "recommended", "retained", "memory_key", "evidence"])
+    for model, part in verdicts.groupby(level="model"):
         for family in part.columns:
-            scores = part[family].dropna()
-            quantized = scores[[k[1] != "FP" for k in scores.index]]
-            ok = quantized[quantized >= keep]
-            if ok.empty:
+            column = part[family].dropna()
+            within = [k for k in column.index if column[k] == "within"]
+            tasks = paired[(paired.model == model) & (paired.family == family)]
+            if not within:
+                losses = [k for k in column.index if column[k] == "loss"]
+                unsure = [k for k in column.index if column[k] == "inconclusive"]
+                note = f"no configuration is confidently within {keep:.0%}: {len(losses)} significant loss(es)"
+                note += f", {len(unsure)} inconclusive"
+                need = tasks[tasks.verdict == "inconclusive"]["n_needed"].dropna()
+                if not need.empty:
+                    note += f" (up to ~{int(need.max())} items per task needed to decide)"
                 rows.append(
                     {
                         "model": model,
@@ -69,27 +58,29 @@ def recommendations(
                         "recommended": "unquantized",
                         "retained": 1.0,
                         "memory_key": "16-bit",
-                        "evidence": f"no configuration keeps {keep:.0%} (best: "
-                        f"{_name(quantized.idxmax())} at {quantized.max():.3f})"
-                        if not quantized.empty
-                        else "no quantized configuration in the sweep",
+                        "evidence": note,
                     }
                 )
                 continue
-            best = min(ok.index, key=lambda k: (memory_key(k[2]), -ok[k]))
+            best = min(within, key=memory_key_of)
             w, kv, a = memory_key(best[2])
+            mine = tasks[(tasks[CELL_KEYS] == pd.Series(dict(zip(CELL_KEYS, best)))).all(axis=1)]
             rows.append(
                 {
                     "model": model,
                     "family": family,
                     "recommended": _name(best),
-                    "retained": ok[best],
+                    "retained": float(mine["retained"].min()) if not mine.empty else float("nan"),
                     "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
-                    "evidence": f"{len(ok)} of {len(quantized)} quantized configurations keep {keep:.0%}"
-                    + _noise_note(long, best, family),
+                    "evidence": f"{len(within)} of {len(column)} quantized configurations within {keep:.0%}; "
+                    + "; ".join(evidence(r) for r in mine.itertuples()),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def memory_key_of(key: tuple) -> tuple[float, float, float]:
+    return memory_key(key[2])
 
 
 def _name(key: tuple) -> str:
@@ -97,57 +88,63 @@ def _name(key: tuple) -> str:
     return f"{quant} ({bits}, {method}{'' if backend == 'hf' else ', ' + backend})"
 
 
-def summary(families: pd.DataFrame, keep: float = DEFAULT_KEEP) -> list[str]:
-    """Findings in plain language: how low each tensor type goes, which type is most
-    sensitive, which family suffers most, and where a method beats RTN."""
+def summary(
+    verdicts: pd.DataFrame, paired: pd.DataFrame, keep: float = DEFAULT_KEEP, divergence: pd.DataFrame | None = None
+) -> list[str]:
+    """Findings in plain language, each backed by a paired test against the unquantized cell:
+    how low each tensor type goes while every family stays within tolerance, each significant
+    loss with its evidence, what stays inconclusive, and the distribution-level damage
+    (KL divergence, top-1 agreement) that needs no labels."""
+    if verdicts.empty:
+        return [
+            "No paired verdicts: no quantized cell has an unquantized cell of the same model, suite and "
+            "backend with per-item outcomes (records from before qeval 0.3 keep none: rerun the sweep)."
+        ]
+    alpha, correction = paired.attrs.get("alpha", 0.05), paired.attrs.get("correction", "bh")
     lines = []
-    overall = families.mean(axis=1).rename("retained").reset_index()
-    overall = overall[overall.tensor_type != "FP"]
-    if overall.empty:
-        return ["The sweep has no quantized configuration."]
-    overall["width"] = [bit_width(t, b) for t, b in zip(overall.tensor_type, overall.bits)]
-    lowest = {}
-    for tt, part in sorted(overall.groupby("tensor_type"), key=lambda kv: TT_ORDER.get(kv[0], 9)):
-        ok = part[part.retained >= keep]
+    cells = verdicts.reset_index()
+    cells["width"] = [bit_width(t, b) for t, b in zip(cells.tensor_type, cells.bits)]
+    families = [c for c in verdicts.columns]
+    cells["all_within"] = [all(v == "within" for v in row if isinstance(v, str)) for row in cells[families].values]
+    for tt, part in sorted(cells.groupby("tensor_type"), key=lambda kv: TT_ORDER.get(kv[0], 9)):
         tested = ", ".join(f"{w:g}" for w in sorted(part.width.unique(), reverse=True))
+        ok = part[part.all_within]
         if ok.empty:
-            lines.append(
-                f"{tt}: no tested setting ({tested} bits) keeps {keep:.0%} of the unquantized quality "
-                f"(best {part.retained.max():.3f})."
-            )
-            lowest[tt] = math.inf
+            lines.append(f"{tt}: no tested setting ({tested} bits) is confidently within {keep:.0%} in every family.")
         else:
-            low = ok.width.min()
-            lowest[tt] = low
-            lines.append(f"{tt}: keeps {keep:.0%} of the unquantized quality down to {low:g} bits (tested {tested}).")
-    if len(lowest) > 1:
-        need = max(lowest.values())
-        worst = [t for t in lowest if lowest[t] == need]
-        if len(worst) < len(lowest):
             lines.append(
-                f"Most sensitive tensor type{'s' if len(worst) > 1 else ''}: {' and '.join(worst)} "
-                f"({'no tested setting keeps' if math.isinf(need) else f'needs {need:g} bits to keep'} "
-                f"{keep:.0%})."
+                f"{tt}: within {keep:.0%} in every family down to {ok.width.min():g} bits (tested {tested}; "
+                f"{', '.join(sorted(set(ok.quant)))})."
             )
-    quantized = families[[k[1] != "FP" for k in families.index]]
-    if quantized.shape[1] > 1:
-        means = quantized.mean(axis=0).sort_values()
+    losses = paired[paired.verdict == "loss"]
+    for (quant, method, backend, family), part in losses.groupby(["quant", "method", "backend", "family"]):
+        where = f"{quant} ({method}{'' if backend == 'hf' else ', ' + backend})"
+        lines.append(f"Loss: {where} in {family}: " + "; ".join(evidence(r) for r in part.itertuples()) + ".")
+    unsure = paired[paired.verdict == "inconclusive"]
+    if not unsure.empty:
+        by_task = unsure.groupby("task")["quant"].apply(lambda q: ", ".join(sorted(set(q))))
         lines.append(
-            f"Family that loses most on average over quantized configurations: {means.index[0]} "
-            f"({means.iloc[0]:.3f} retained; least: {means.index[-1]} at {means.iloc[-1]:.3f})."
+            "Inconclusive (neither within tolerance nor a significant loss at these sample sizes): "
+            + "; ".join(f"{task} for {quants}" for task, quants in by_task.items())
+            + "."
         )
-    by_setting = overall.groupby(["model", "tensor_type", "bits", "quant", "backend"])
-    for (_model, _tt, bits, quant, backend), part in by_setting:
-        if part.method.nunique() < 2 or "rtn" not in set(part.method):
-            continue
-        rtn = part[part.method == "rtn"].retained.iloc[0]
-        best = part.loc[part.retained.idxmax()]
-        where = f"At {quant} ({bits}{'' if backend == 'hf' else ', ' + backend})"
-        if best.method != "rtn":
-            lines.append(
-                f"{where} {best.method} retains {best.retained:.3f} against RTN's {rtn:.3f} "
-                f"({best.retained - rtn:+.3f})."
-            )
-        else:
-            lines.append(f"{where} no method beats RTN ({rtn:.3f}).")
+    if divergence is not None and not divergence.empty:
+        parts = []
+        for r in divergence.itertuples():
+            text = f"{r.quant} {r.kld:.3g}"
+            if pd.notna(r.kld_stderr):
+                text += f" ± {r.kld_stderr:.1g}"
+            if pd.notna(r.top1_agree):
+                text += f" (top-1 {r.top1_agree:.1%})"
+            parts.append(text)
+        lines.append(
+            "KL divergence from the unquantized model per token on the perplexity corpus (mean ± SE): "
+            + "; ".join(parts)
+            + "."
+        )
+    lines.append(
+        f"Tests are paired on the same items (exact McNemar for right/wrong outcomes, sign test otherwise, "
+        f"z over tokens for perplexity); p-values adjusted over the {len(paired)} comparisons of this report "
+        f"({'Benjamini-Hochberg' if correction == 'bh' else correction}), alpha {alpha:g}."
+    )
     return lines

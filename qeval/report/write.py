@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from qeval.report.frames import (  # noqa: E402
+    CELL_KEYS,
     DERIVED,
     add_normalized,
     agreement_table,
@@ -38,6 +39,14 @@ from qeval.report.frames import (  # noqa: E402
 from qeval.report.html import render_html  # noqa: E402
 from qeval.report.plots import all_figures  # noqa: E402
 from qeval.report.recommend import recommendations, summary  # noqa: E402
+from qeval.report.verdicts import (  # noqa: E402
+    DEFAULT_ALPHA,
+    DEFAULT_CORRECTION,
+    divergence_frame,
+    family_verdicts,
+    mark_significant,
+    paired_frame,
+)
 
 
 def save_figure(fig: Figure, out: Path, name: str) -> Path:
@@ -67,6 +76,8 @@ def write_tables(
     ppl_rtol: float = 0.01,
     n_se: float = 2.0,
     keep: float = 0.98,
+    alpha: float = DEFAULT_ALPHA,
+    correction: str = DEFAULT_CORRECTION,
 ) -> tuple[str, list[Path]]:
     """Write every table of one or several sweeps (compared together) and return the Markdown
     to print (families, primary metrics, agreement) and the files written.
@@ -85,7 +96,10 @@ def write_tables(
         if not any(rec.get("status") == "ok" for rec in in_dir):
             raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
         records += in_dir
-    long = add_normalized(long_frame(records), n_se)
+    paired = paired_frame(records, keep, alpha, correction)
+    verdicts = family_verdicts(paired)
+    divergence = divergence_frame(records)
+    long = mark_significant(add_normalized(long_frame(records)), paired, alpha)
     raw = long.drop(columns=DERIVED)
     table = cell_table(raw)
     primary = primary_table(raw)
@@ -121,24 +135,41 @@ def write_tables(
     efficiency = efficiency_frame(records)
     figures = [save_figure(fig, out / "figures", name) for name, fig in all_figures(long, families, efficiency)]
     files += figures
-    advice = recommendations(families, keep, long)
-    findings = summary(families, keep)
+    advice = recommendations(verdicts, paired, keep)
+    findings = summary(verdicts, paired, keep, divergence)
     files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
     advice.to_csv(files[-3], index=False)
     advice_md = advice.to_markdown(index=False, floatfmt=".3f")
     files[-2].write_text(advice_md + "\n")
     files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
-    markdown = (
+    markdown = ""
+    if not verdicts.empty:
+        files += write_table(verdicts, out / "verdicts")
+        files.append(out / "paired.csv")
+        paired.to_csv(files[-1], index=False)
+        markdown += (
+            f"verdicts per family (paired with the unquantized cell; within = the 95% interval of retained "
+            f"quality lies above {keep:.0%}, loss = significantly below it after {correction} correction)\n\n"
+            + verdicts.reset_index().to_markdown(index=False)
+            + "\n\n"
+        )
+    if not divergence.empty:
+        files += write_table(divergence.set_index([*CELL_KEYS, "task"]), out / "divergence")
+        markdown += (
+            "distribution-level damage on the perplexity corpus (KL divergence from the unquantized model, "
+            "per token)\n\n" + divergence.to_markdown(index=False, floatfmt=".4g") + "\n\n"
+        )
+    markdown += (
         "quality retained per family (1 = unquantized; primary metric of each task, "
-        "oriented so that lower is worse)\n\n"
+        "oriented so that lower is worse; descriptive: the verdicts above are the tests)\n\n"
         + fam_md
         + "\n\nprimary metrics\n\n"
         + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
-        + f"\n\nwith standard errors (* = differs from unquantized by more than {n_se:g} standard errors)\n\n"
+        + f"\n\nwith standard errors (* = the paired test finds a difference, adjusted p < {alpha:g})\n\n"
         + marked.reset_index().to_markdown(index=False)
     )
     markdown += (
-        f"\n\nrecommended (least memory keeping {keep:.0%} of the unquantized quality, per family)\n\n"
+        f"\n\nrecommended (least memory confidently within {keep:.0%} of the unquantized quality, per family)\n\n"
         + advice_md
         + "\n\nfindings\n\n"
         + "\n".join(f"- {line}" for line in findings)
@@ -179,6 +210,9 @@ def write_tables(
             efficiency,
             keep,
             not_ok,
+            verdicts,
+            divergence,
+            paired,
         ),
         encoding="utf-8",
     )
