@@ -245,7 +245,8 @@ def marked_table(long: pd.DataFrame) -> pd.DataFrame:
         text = f"{r.value:.4g}"
         if r.stderr is not None and pd.notna(r.stderr):
             text += f" ± {r.stderr:.2g}"
-        return text + (" *" if getattr(r, "significant", None) is True else "")
+        mark = getattr(r, "significant", None)
+        return text + (" *" if mark is not None and mark is not pd.NA and bool(mark) else "")
 
     prim = prim.assign(text=[fmt(r) for r in prim.itertuples()])
     table = prim.pivot_table(index=CELL_KEYS, columns="metric", values="text", aggfunc="first")
