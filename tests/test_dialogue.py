@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from qeval.eval import dialogue, judge
-from qeval.eval.registry import TaskContext, TaskDataError, discover_native
+from qeval.eval.registry import TaskContext, TaskDataError, discover_native, short_text
 from qeval.eval.scores import mean_stderr
 
 DATA = "mt_bench/question.jsonl"
@@ -213,12 +213,35 @@ def _ctx(model, ref, tok, cache_dir, **kw):
     )
 
 
+ANSWER_METRICS = ("degeneration", "rep4", "sentence_rep", "distinct1", "distinct2", "nonword", "length", "empty")
+
+
+def check_items(ctx: TaskContext, m: dict) -> dict:
+    """MT-Bench's per-item table agrees with its metrics: one row per question and turn, each
+    per-answer column's mean (undefined values left out) is the reported mean, overall and per turn."""
+    items = ctx.items
+    assert items is not None and len(items["id"]) == m["samples"]
+    assert len(set(items["id"])) == len(items["id"])
+    assert items["id"] == [f"{q}/t{t}" for q, t in zip(items["question_id"], items["turn"])]
+    for key in (*ANSWER_METRICS, "unfinished", "rougeL_fp", "judge_score"):
+        if key not in m:
+            assert key not in items
+            continue
+        assert all(v is None or isinstance(v, float) and not math.isnan(v) for v in items[key])
+        for prefix, turn in (("", None), ("turn1_", 1), ("turn2_", 2)):
+            values = [v for v, t in zip(items[key], items["turn"]) if turn in (None, t)]
+            assert mean_stderr(values)[0] == pytest.approx(m[prefix + key], abs=1e-9, nan_ok=True), prefix + key
+    assert all(isinstance(a, str) and len(a) <= 80 for a in items["answer"])
+    return items
+
+
 def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_path, monkeypatch):
     ref, quant, tok = tiny
     assert not getattr(tok, "chat_template", None)  # the byte tokenizer has none: the fallback path
     counter = CountingGenerate(ref, monkeypatch)
     task = mt_bench(max_new_tokens=8)
-    first = task.evaluate(_ctx(quant, ref, tok, tmp_path))
+    ctx = _ctx(quant, ref, tok, tmp_path)
+    first = task.evaluate(ctx)
     assert counter.calls == 2  # one batch per turn for the FP answers
     assert first["samples"] == 4 and first["chat_template"] == 0.0
     for key in (
@@ -241,10 +264,17 @@ def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_pat
     cached = json.loads(files[0].read_text())
     assert cached["key"]["reference_fingerprint"] == "tinyref" and cached["key"]["question_ids"] == [81, 82]
     assert set(cached["answers"]) == {"81", "82"}
+    items = check_items(ctx, first)
+    assert items["id"] == ["81/t1", "81/t2", "82/t1", "82/t2"] and items["category"] == ["writing"] * 4
+    full = [answer for both in task.last_answers for answer in both]  # [question][turn], flattened
+    assert items["degeneration"] == [dialogue.degeneration(a) for a in full]
+    assert items["answer"] == [short_text(a) for a in full]
     # a second cell reuses the cached FP answers: the reference model is not called again
-    second = mt_bench(max_new_tokens=8).evaluate(_ctx(quant, ref, tok, tmp_path))
+    again = _ctx(quant, ref, tok, tmp_path)
+    second = mt_bench(max_new_tokens=8).evaluate(again)
     assert counter.calls == 2
     assert second == first
+    assert again.items == items  # the same items, ids and values
     # other generation settings are another cache entry
     mt_bench(max_new_tokens=4).evaluate(_ctx(quant, ref, tok, tmp_path))
     assert counter.calls == 4 and len(list(tmp_path.glob("mt_bench-*.json"))) == 2
@@ -252,12 +282,33 @@ def test_task_plain_fallback_metrics_and_reference_cache(mt_bench, tiny, tmp_pat
 
 def test_task_reference_cell_agrees_with_itself_and_fills_the_cache(mt_bench, tiny, tmp_path, monkeypatch):
     ref, quant, tok = tiny
-    m = mt_bench(max_new_tokens=8).evaluate(_ctx(ref, None, tok, tmp_path, is_reference=True))
+    ctx = _ctx(ref, None, tok, tmp_path, is_reference=True)
+    m = mt_bench(max_new_tokens=8).evaluate(ctx)
     assert m["rougeL_fp"] == 1.0 and m["rougeL_fp_stderr"] == 0.0
+    assert check_items(ctx, m)["rougeL_fp"] == [1.0] * 4
     # the FP cell stored its own answers: a quantized cell needs no reference generation
     counter = CountingGenerate(ref, monkeypatch)
     mt_bench(max_new_tokens=8).evaluate(_ctx(quant, ref, tok, tmp_path))
     assert counter.calls == 0
+
+
+def test_items_of_undefined_values_and_unparsed_ratings(mt_bench):
+    """An empty answer's undefined metrics (NaN) and an unparsed judge rating are None in the items;
+    the per-item means still give the reported metrics."""
+    qs = [{"question_id": 81, "category": "writing"}, {"question_id": 82, "category": "writing"}]
+    answers = [["", "Fine words here. " * 10], ["One two three four one two three four", "x"]]
+    per_turn = [[dialogue.answer_metrics(answers[k][t]) for k in range(2)] for t in range(2)]
+    ctx = TaskContext(model=None, tokenizer=None)
+    ctx.keep_items(**mt_bench.items(qs, answers, per_turn, ratings=[[None, 5.0], [8.0, None]]))
+    items = ctx.items
+    assert items is not None and items["id"] == ["81/t1", "81/t2", "82/t1", "82/t2"] and items["turn"] == [1, 2, 1, 2]
+    assert items["judge_score"] == [None, 5.0, 8.0, None]
+    assert items["rep4"][0] is None and items["degeneration"][0] == 1.0 and items["empty"][0] == 1.0
+    assert items["degeneration"][2] == 0.5 and items["answer"][1] == short_text(answers[0][1])
+    assert len(items["answer"][1]) == 80 and items["answer"][1].endswith("…")
+    reported = dialogue.aggregate(per_turn[0] + per_turn[1])
+    for key in ("degeneration", "rep4", "distinct2", "nonword"):
+        assert mean_stderr(items[key])[0] == pytest.approx(reported[key], abs=1e-9)
 
 
 def module_categories(task_cls):
@@ -361,8 +412,10 @@ def test_judge_scores_through_an_openai_compatible_endpoint(mt_bench, tiny, tmp_
     monkeypatch.setenv("MY_JUDGE_KEY", "secret")
     ref, quant, tok = tiny
     task = mt_bench(max_new_tokens=4, judge={"base_url": url, "model": "stub-judge", "api_key_env": "MY_JUDGE_KEY"})
-    m = task.evaluate(_ctx(quant, ref, tok, tmp_path))
+    ctx = _ctx(quant, ref, tok, tmp_path)
+    m = task.evaluate(ctx)
     assert m["judge_score"] == 7.0 and m["turn1_judge_score"] == 7.0 and m["turn2_judge_score"] == 7.0
+    assert check_items(ctx, m)["judge_score"] == [7.0] * 4
     assert m["judge_score_stderr"] == 0.0 and m["judge_unparsed"] == 0.0
     assert len(requests) == 4  # 2 questions x 2 turns
     assert all(r["path"] == "/v1/chat/completions" and r["body"]["model"] == "stub-judge" for r in requests)
@@ -375,8 +428,10 @@ def test_no_judge_no_request(mt_bench, tiny, tmp_path, stub_judge, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     ref, quant, tok = tiny
     assert judge.judge_config(None) is None
-    m = mt_bench(max_new_tokens=4).evaluate(_ctx(quant, ref, tok, tmp_path))
+    ctx = _ctx(quant, ref, tok, tmp_path)
+    m = mt_bench(max_new_tokens=4).evaluate(ctx)
     assert "judge_score" not in m and requests == []
+    assert ctx.items is not None and "judge_score" not in ctx.items
 
 
 def test_judge_from_environment_and_clear_errors(stub_judge, monkeypatch):

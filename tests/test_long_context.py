@@ -175,6 +175,25 @@ def test_mean_stderr_and_context_limit():
 # ------------------------------------------------------------------ tasks end to end
 
 
+def check_items(c: TaskContext, m: dict, unit: str = "") -> dict:
+    """The per-item table of a long-context evaluation agrees with its metrics: one row per scored
+    case, unique ids, ``acc`` (0/1) only at ``acc_at`` and averaging to the reported ``acc``,
+    ``correct`` averaging to every length's ``acc@<n>``, short answers."""
+    items = c.items
+    assert items is not None and set(items) >= {"id", "acc", "correct", "size", "answer", "expected"}
+    assert all(len(col) == m["samples"] for col in items.values())
+    assert len(set(items["id"])) == len(items["id"])
+    assert all(v in (0, 1) for v in items["correct"])
+    assert all((a is None) == (n != m["acc_at"]) for a, n in zip(items["acc"], items["size"]))
+    if m["samples"]:
+        assert mean_stderr(items["acc"])[0] == pytest.approx(m["acc"], abs=1e-9)
+    for n in set(items["size"]):
+        correct = [v for v, size in zip(items["correct"], items["size"]) if size == n]
+        assert sum(correct) / len(correct) == pytest.approx(m[f"acc@{n}{unit}"], abs=1e-9)
+    assert all(a is None or len(a) <= 80 for a in items["answer"])
+    return items
+
+
 def test_tasks_are_registered_in_the_long_context_family(tasks):
     for name in ("qeval_longeval_lines", "qeval_longeval_topics", "qeval_needle"):
         assert tasks[name].family == "long_context" and tasks[name].primary_metric == "acc"
@@ -189,7 +208,8 @@ def test_tasks_are_registered_in_the_long_context_family(tasks):
 def test_lines_end_to_end_with_capping(tasks, tok):
     # a 1-line prompt is ~520 byte tokens, a 4-line one ~700: a 640-token window fits only the first
     task = tasks["qeval_longeval_lines"](num_lines=[1, 4], max_new_tokens=4)
-    m = task.evaluate(ctx(tiny(640), tok))
+    small = ctx(tiny(640), tok)
+    m = task.evaluate(small)
     assert set(m) >= {
         "acc",
         "acc_stderr",
@@ -204,28 +224,46 @@ def test_lines_end_to_end_with_capping(tasks, tok):
     assert "acc@4lines" not in m and m["skipped@4lines"] > m["max_prompt_tokens"] == 636
     assert m["acc_at"] == 1 and m["acc"] == m["acc@1lines"] and m["samples"] == 2
     assert 0 <= m["acc"] <= 1
+    capped_items = check_items(small, m, "lines")
+    assert capped_items["id"] == ["1lines/0", "1lines/1"] and capped_items["acc"] == capped_items["correct"]
     # the same lengths in a large window: both tested, primary metric at the longest
-    m = task.evaluate(ctx(tiny(4096), tok))
+    large = ctx(tiny(4096), tok)
+    m = task.evaluate(large)
     assert m["acc_at"] == 4 and m["samples"] == 4 and "skipped@4lines" not in m
     assert m["context_tokens@1lines"] < m["context_tokens@4lines"]
+    items = check_items(large, m, "lines")
+    assert items["id"] == ["1lines/0", "1lines/1", "4lines/0", "4lines/1"]
+    assert items["acc"][:2] == [None, None] and items["acc"][2:] == items["correct"][2:]
+    # the 1-line cases are the same items in both cells (same ids, same model weights: same answers)
+    for col in ("id", "correct", "answer", "expected", "prompt_tokens"):
+        assert items[col][:2] == capped_items[col]
+    assert all(e.isdigit() for e in items["expected"])
+    assert all(a is None or a.isdigit() for a in items["answer"])  # the extracted number
     # a max_tokens budget caps like a window does
     capped = tasks["qeval_longeval_lines"](num_lines=[1, 4], max_new_tokens=4, max_tokens=640)
     assert "skipped@4lines" in capped.evaluate(ctx(tiny(4096), tok, limit=1))
 
 
 def test_nothing_fits_gives_nan_not_a_crash(tasks, tok):
-    m = tasks["qeval_longeval_lines"](num_lines=[3]).evaluate(ctx(tiny(128), tok))
+    c = ctx(tiny(128), tok)
+    m = tasks["qeval_longeval_lines"](num_lines=[3]).evaluate(c)
     assert math.isnan(m["acc"]) and m["samples"] == 0 and m["skipped@3lines"] > 120
+    assert c.items is not None and c.items["id"] == [] and c.items["acc"] == []  # no case scored, no row
 
 
 def test_topics_end_to_end(tasks, tok):
-    m = tasks["qeval_longeval_topics"](num_topics=[1], max_new_tokens=4).evaluate(ctx(tiny(8192), tok, limit=1))
+    c = ctx(tiny(8192), tok, limit=1)
+    m = tasks["qeval_longeval_topics"](num_topics=[1], max_new_tokens=4).evaluate(c)
     assert {"acc", "acc@1topics", "context_tokens@1topics", "samples"} <= set(m) and m["samples"] == 1
+    items = check_items(c, m, "topics")
+    assert items["id"] == ["1topics/0"] and items["acc"] == [int(m["acc"])]
+    assert items["expected"] == [lg.topics_cases(1, 1, data_dir=None)[0].answer[:80]]
 
 
 def test_needle_end_to_end_with_capping(tasks, tok):
     task = tasks["qeval_needle"](context_lengths=[64, 128, 600], depths=[0.0, 1.0], max_new_tokens=4)
-    m = task.evaluate(ctx(tiny(512), tok))  # 600 tokens don't fit 512
+    first = ctx(tiny(512), tok)
+    m = task.evaluate(first)  # 600 tokens don't fit 512
     assert {
         "acc",
         "acc_at",
@@ -240,6 +278,21 @@ def test_needle_end_to_end_with_capping(tasks, tok):
     } <= set(m)
     assert m["acc_at"] == 128 and m["acc"] == m["acc@128"] and m["samples"] == 2 * 2 * 2
     assert m["context_tokens@64"] < m["context_tokens@128"] < 512
+    items = check_items(first, m)
+    assert items["id"] == [f"{n}/d{d}/{i}" for n in (64, 128) for d in (0, 100) for i in (0, 1)]
+    assert items["depth"] == [d for _ in (64, 128) for d in (0.0, 1.0) for _ in (0, 1)]
+    for n in (64, 128):
+        for d in (0, 100):
+            rows = [c for c, i in zip(items["correct"], items["id"]) if i.startswith(f"{n}/d{d}/")]
+            assert sum(rows) / len(rows) == pytest.approx(m[f"acc@{n}_d{d}"], abs=1e-9)
+    assert all(len(e) == 4 and e.isdigit() for e in items["expected"])  # the 4-digit keys
+    # a second evaluation (another cell; here with one case per setting) keeps the same items
+    # under the same ids: case 0 of every setting, with the same outcome
+    second = ctx(tiny(512), tok, limit=1)
+    task.evaluate(second)
+    assert second.items is not None and second.items["id"] == [f"{n}/d{d}/0" for n in (64, 128) for d in (0, 100)]
+    for col, values in second.items.items():
+        assert values == [v for v, i in zip(items[col], items["id"]) if i.endswith("/0")], col
 
 
 def test_needle_without_essays_is_a_clear_error(tasks, tmp_path, monkeypatch):

@@ -186,3 +186,124 @@ def test_perfectly_calibrated_predictions_have_zero_ece():
     lls = [[math.log(0.7), math.log(0.3)]] * 10
     gold = [0] * 7 + [1] * 3
     assert calibration_scores(lls, gold, bootstrap=0).ece == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- per-item outcomes
+
+
+def test_keep_items_keeps_a_columnar_table():
+    from qeval.eval.registry import TaskContext
+
+    ctx = TaskContext(model=None, tokenizer=None)
+    assert ctx.items is None  # a task that keeps none
+    ctx.keep_items(id=("a", "b", "c"), acc=[1, 0, True], score=[0.5, math.nan, 2], answer=["x", None, "z"])
+    assert ctx.items == {
+        "id": ["a", "b", "c"],
+        "acc": [1, 0, True],
+        "score": [0.5, None, 2],
+        "answer": ["x", None, "z"],
+    }
+    assert json.loads(json.dumps(ctx.items, allow_nan=False)) == ctx.items  # strict JSON: NaN became None
+    assert type(ctx.items["score"][0]) is float and ctx.items["acc"][2] is True
+    ctx.keep_items(id=["q"], acc=[torch.tensor(1.0).item()])  # a second call replaces the first
+    assert ctx.items == {"id": ["q"], "acc": [1.0]}
+    ctx.keep_items(id=[])  # no item scored: an empty table
+    assert ctx.items == {"id": []}
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"acc": [1, 0]}, "needs an 'id' column"),
+        ({"id": ["a", "b"], "acc": [1]}, "column 'acc' has 1 values, column 'id' has 2"),
+        ({"id": ["a"], "acc": [1, 0]}, "column 'acc' has 2 values"),
+        ({"id": ["a", "a"]}, "column 'id' repeats 'a'"),
+        ({"id": [1, 2]}, "column 'id' row 0 is 1"),
+        ({"id": ["a", ""]}, "column 'id' row 1"),
+        ({"id": ["a", None]}, "column 'id' row 1 is None"),
+        ({"id": ["a"], "answer": "a"}, "column 'answer' must be a list"),
+        ({"id": ["a"], "acc": 1}, "column 'acc' must be a list"),
+        ({"id": ["a"], "acc": {"a": 1}}, "column 'acc' must be a list"),
+        ({"id": ["a"], "extra": [[1, 2]]}, "column 'extra' row 0 holds a list"),
+        ({"id": ["a"], "acc": [torch.tensor(1)]}, "column 'acc' row 0 holds a Tensor"),
+        ({"id": ["a"], "answer": ["x" * 300]}, "column 'answer' row 0 is a string of 300 characters"),
+    ],
+)
+def test_keep_items_rejects_a_bad_table_naming_the_column(columns, message):
+    from qeval.eval.registry import TaskContext
+
+    ctx = TaskContext(model=None, tokenizer=None)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ctx.keep_items(**columns)
+    assert ctx.items is None  # nothing half-kept
+
+
+def test_outcome_column_and_binary():
+    from qeval.eval.registry import NativeTask, TaskContext, discover_native, short_text
+
+    class Plain(NativeTask):  # a user plugin that never heard of items
+        name, family, primary_metric = "plain", "dialogue", "score"
+
+        def evaluate(self, ctx):
+            return {"score": 1.0, "samples": 1}
+
+    ctx = TaskContext(model=None, tokenizer=None)
+    assert Plain().evaluate(ctx) == {"score": 1.0, "samples": 1} and ctx.items is None
+    assert Plain.outcome_column() == "score"
+    assert Plain.outcome_binary({"score": [0, 1, None, True]}) and not Plain.outcome_binary({"score": [0, 0.5]})
+    assert not Plain.outcome_binary(None) and not Plain.outcome_binary({"score": [None]})
+    native = discover_native()
+    expected = {
+        "qeval_mt_bench": ("degeneration", False),
+        "qeval_needle": ("acc", True),
+        "qeval_longeval_lines": ("acc", True),
+        "qeval_longeval_topics": ("acc", True),
+        "qeval_self_calibration": ("correct", True),
+    }
+    for name, (column, binary) in expected.items():
+        assert (native[name].outcome_column(), native[name].outcome_binary()) == (column, binary), name
+    assert short_text("  word  ") == "word" and short_text(None) is None
+    assert short_text("y" * 100) == "y" * 79 + "…" and len(short_text("y" * 100, 10)) == 10
+
+
+def test_self_calibration_keeps_its_items(plugin_dir):
+    """Per item: correct (mean = acc), confidence (mean = confidence), brier (mean = brier), the
+    chosen answer; ids stable across two evaluations; no ece column (ECE bins the items)."""
+    from qeval.eval.registry import TaskContext, discover_native
+    from qeval.models.tiny import build_tiny_model, byte_tokenizer
+
+    task = discover_native([str(plugin_dir)])["qeval_self_calibration"](task="my_colors", bins=5)
+    model, tok = build_tiny_model("llama"), byte_tokenizer()
+    runs = []
+    for _ in range(2):
+        ctx = TaskContext(model=model, tokenizer=tok, limit=4, extra={"batch_size": 8, "include": (str(plugin_dir),)})
+        runs.append((task.evaluate(ctx), ctx.items))
+    (m, items), (m2, items2) = runs
+    assert items is not None and items == items2 and m == m2
+    assert items["id"] == [f"my_colors/{i}" for i in range(4)] and m["samples"] == 4
+    assert set(items) == {"id", "correct", "confidence", "brier", "choice", "gold", "answer"}
+    assert items["gold"] == [0, 1, 2, 0]  # answer = i % 3
+    assert all(c in (0, 1) for c in items["correct"])
+    assert items["correct"] == [int(c == g) for c, g in zip(items["choice"], items["gold"])]
+    assert items["answer"] == [["red", "green", "blue"][c] for c in items["choice"]]
+    for key, metric in (("correct", "acc"), ("confidence", "confidence"), ("brier", "brier")):
+        assert sum(items[key]) / 4 == pytest.approx(m[metric], abs=1e-9), key
+    assert all(1 / 3 <= c <= 1 for c in items["confidence"])
+    # the ECE is the binned gap between these confidences and correctness
+    ece = expected_calibration_error(
+        torch.tensor(items["confidence"], dtype=torch.float64), torch.tensor(items["correct"]).bool(), 5
+    )
+    assert ece == pytest.approx(m["ece"], abs=1e-12)
+
+
+def test_calibration_items_match_the_scores():
+    from qeval.eval.calibration_error import calibration_items
+
+    lls = [[math.log(0.8), math.log(0.2)], [math.log(0.3), math.log(0.3)], [math.log(0.1), math.log(0.9)]]
+    items = calibration_items(lls, [0, 1, 1])
+    assert items["correct"] == [1, 0, 1] and items["choice"] == [0, 0, 1] and items["gold"] == [0, 1, 1]
+    assert items["confidence"] == pytest.approx([0.8, 0.5, 0.9])
+    assert items["brier"] == pytest.approx([0.08, 0.5, 0.02])
+    scores = calibration_scores(lls, [0, 1, 1], bootstrap=0)
+    assert sum(items["brier"]) / 3 == pytest.approx(scores.brier, abs=1e-12)
+    assert sum(items["confidence"]) / 3 == pytest.approx(scores.confidence, abs=1e-12)

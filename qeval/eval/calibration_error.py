@@ -51,6 +51,35 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return ece
 
 
+def _item_tensors(
+    per_item_loglikelihoods: list[list[float]], gold: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per item: confidence (the largest choice probability), the chosen choice (argmax), whether it
+    is the gold one, and the multi-class Brier score."""
+    probs = [choice_probabilities(ll) for ll in per_item_loglikelihoods]
+    confidence = torch.stack([p.max() for p in probs])
+    choice = torch.tensor([int(p.argmax()) for p in probs])
+    correct = torch.tensor([int(c) == g for c, g in zip(choice, gold)])
+    brier_items = torch.stack(
+        [((p - torch.nn.functional.one_hot(torch.tensor(g), len(p)).double()) ** 2).sum() for p, g in zip(probs, gold)]
+    )
+    return confidence, choice, correct, brier_items
+
+
+def calibration_items(per_item_loglikelihoods: list[list[float]], gold: list[int]) -> dict[str, list]:
+    """The per-item values behind :func:`calibration_scores`: ``correct`` (0/1; its mean is ``acc``),
+    ``confidence`` (its mean is ``confidence``), ``brier`` (its mean is ``brier``), ``choice`` (the
+    argmax choice's index) and ``gold``.  ECE has no per-item value: it bins the items."""
+    confidence, choice, correct, brier_items = _item_tensors(per_item_loglikelihoods, gold)
+    return {
+        "correct": [int(c) for c in correct.tolist()],
+        "confidence": confidence.tolist(),
+        "brier": brier_items.tolist(),
+        "choice": choice.tolist(),
+        "gold": [int(g) for g in gold],
+    }
+
+
 def calibration_scores(
     per_item_loglikelihoods: list[list[float]], gold: list[int], bins: int = 10, bootstrap: int = 1000, seed: int = 0
 ) -> CalibrationScores:
@@ -61,13 +90,8 @@ def calibration_scores(
     """
     if not per_item_loglikelihoods:
         raise ValueError("no items to compute calibration on")
-    probs = [choice_probabilities(ll) for ll in per_item_loglikelihoods]
-    confidence = torch.stack([p.max() for p in probs])
-    correct = torch.tensor([int(p.argmax()) == g for p, g in zip(probs, gold)])
-    brier_items = torch.stack(
-        [((p - torch.nn.functional.one_hot(torch.tensor(g), len(p)).double()) ** 2).sum() for p, g in zip(probs, gold)]
-    )
-    n = len(probs)
+    confidence, _, correct, brier_items = _item_tensors(per_item_loglikelihoods, gold)
+    n = len(confidence)
     ece = expected_calibration_error(confidence, correct, bins)
     gen = torch.Generator().manual_seed(seed)
     boot = []

@@ -28,10 +28,11 @@ import fnmatch
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -63,6 +64,41 @@ class TaskParamError(ConfigError, TypeError):
     """
 
 
+ItemValue = bool | int | float | str | None
+ITEM_TEXT_CHARS = 80  # an ``answer`` column's values: the extracted answer, never a whole generation
+ITEM_STR_MAX = 256  # the longest string keep_items accepts in any column (ids included)
+
+
+def short_text(text: str | None, limit: int = ITEM_TEXT_CHARS) -> str | None:
+    """``text`` stripped and cut to at most ``limit`` characters (None stays None): what a task
+    puts in an ``answer`` column."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _item_value(column: str, row: int, value: Any) -> ItemValue:
+    """One cell of an item table as a plain JSON scalar (NaN becomes None), or a ValueError."""
+    if value is None or type(value) is bool or type(value) is str:
+        if isinstance(value, str) and len(value) > ITEM_STR_MAX:
+            raise ValueError(
+                f"keep_items: column {column!r} row {row} is a string of {len(value)} characters "
+                f"(at most {ITEM_STR_MAX}: store a short answer, e.g. registry.short_text(text), "
+                "never a prompt or a whole generation)"
+            )
+        return value
+    if isinstance(value, int):  # int subclasses (IntEnum, numpy ints are not) become plain ints
+        return int(value)
+    if isinstance(value, float):  # float subclasses such as numpy.float64
+        value = float(value)
+        return None if math.isnan(value) else value
+    raise ValueError(
+        f"keep_items: column {column!r} row {row} holds a {type(value).__name__} ({value!r:.60}); "
+        "item values must be bool, int, float, str or None"
+    )
+
+
 @dataclass
 class TaskContext:
     """What a native task gets to evaluate one cell.
@@ -70,6 +106,9 @@ class TaskContext:
     ``reference`` is the unquantized model of the same cell (shared, loaded once per
     process; never modify it): tasks that compare with the FP answer use it, and cache
     what they compute from it under ``cache_dir`` so later cells don't recompute it.
+
+    ``items`` is the task's per-item table, filled by :meth:`keep_items` (None when the task
+    keeps none): whoever ran :meth:`NativeTask.evaluate` reads it afterwards.
     """
 
     model: Any
@@ -82,6 +121,40 @@ class TaskContext:
     data_dir: str | None = None
     is_reference: bool = False  # the cell's model is the unquantized one itself
     extra: dict[str, Any] = field(default_factory=dict)
+    items: dict[str, list[ItemValue]] | None = field(default=None, init=False, repr=False)
+
+    def keep_items(self, **columns: Sequence[Any]) -> None:
+        """Keep the task's per-item outcomes: equal-length columns, one row per item.
+
+        ``id`` (required) holds unique strings derived from the data (the same item has the same
+        id in every cell of a suite); every value is a bool, int, float, str (at most
+        ``ITEM_STR_MAX`` characters) or None, and a float NaN is kept as None (undefined for that
+        item).  The columns are copied into :attr:`items` (``id`` first); a second call replaces
+        the first.  A bad table raises ValueError naming the column; :class:`NativeTask`
+        documents which columns a task keeps.
+        """
+        if "id" not in columns:
+            raise ValueError(f"keep_items needs an 'id' column (got {sorted(columns)})")
+        table: dict[str, list[ItemValue]] = {}
+        for name in ["id", *(c for c in columns if c != "id")]:
+            values = columns[name]
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+                raise ValueError(
+                    f"keep_items: column {name!r} must be a list of values, one per item, not a {type(values).__name__}"
+                )
+            table[name] = [_item_value(name, row, v) for row, v in enumerate(values)]
+        rows = len(table["id"])
+        for name, values in table.items():
+            if len(values) != rows:
+                raise ValueError(f"keep_items: column {name!r} has {len(values)} values, column 'id' has {rows}")
+        seen: set[str] = set()
+        for row, item_id in enumerate(table["id"]):
+            if not isinstance(item_id, str) or not item_id:
+                raise ValueError(f"keep_items: column 'id' row {row} is {item_id!r}: ids are non-empty strings")
+            if item_id in seen:
+                raise ValueError(f"keep_items: column 'id' repeats {item_id!r} (row {row}): ids must be unique")
+            seen.add(item_id)
+        self.items = table
 
 
 class NativeTask:
@@ -91,6 +164,33 @@ class NativeTask:
     returns a flat dict of metrics: each metric with its standard error under
     ``<metric>_stderr`` (where one exists) and the number of scored items under
     ``samples``.  ``params`` come from the suite entry (``suite.tasks.<name>.params``).
+
+    Per-item outcomes.  ``evaluate`` also keeps one row per scored item with
+    :meth:`TaskContext.keep_items`, so a quantized cell can be compared with the
+    unquantized one item by item (flips, McNemar's test, paired differences).  The columns:
+
+    * ``id`` (required): a string derived from the data alone, never from model output, so
+      the same item has the same id in every cell of a suite (MT-Bench ``"81/t1"``: question
+      and turn; needle ``"1000/d25/0"``: length, depth in percent, case; LongEval
+      ``"20lines/3"``; self-calibration ``"<subtask>/<doc_id>"``).
+    * the column named like :attr:`primary_metric`, where the metric is a mean over items:
+      each item's value, whose mean over the rows where it is not None is the reported metric
+      (needle and LongEval ``acc``: 0/1 for the cases at the longest tested length ``acc_at``,
+      which is what ``acc`` averages, None for the shorter lengths; MT-Bench
+      ``degeneration`` per answer).  None means "undefined for this item" or "not part of
+      this metric" and is left out, as :func:`qeval.eval.scores.mean_stderr` does.  A metric
+      that is not a mean over items (self-calibration's ECE, computed over confidence bins)
+      has no such column; the task keeps the per-item values the metric is computed from
+      (``correct`` and ``confidence``) and names its paired outcome in :attr:`item_outcome`.
+    * ``answer``: the model's extracted or chosen answer, cut to ``ITEM_TEXT_CHARS``
+      characters (:func:`short_text`); never a prompt or a whole generation.
+    * any other cheap per-item value (``correct``, per-answer metrics, the case's length...).
+
+    :attr:`item_outcome` names the column the paired analysis compares (None: the column named
+    like :attr:`primary_metric`; see :meth:`outcome_column`); :attr:`item_binary` says whether
+    it is 0/1 (McNemar's test on flips) or continuous (paired differences); None lets
+    :meth:`outcome_binary` infer it from the values (binary when every defined value is 0 or 1).
+    A task that never calls ``keep_items`` still works: ``ctx.items`` stays None.
     """
 
     name: ClassVar[str]
@@ -101,9 +201,26 @@ class NativeTask:
     # where the task reads its data: paths under the data directory (offline) and the online source
     data: ClassVar[tuple[str, ...]] = ()
     online: ClassVar[str] = ""
+    # the per-item column the paired analysis compares (None: primary_metric) and whether it is 0/1
+    item_outcome: ClassVar[str | None] = None
+    item_binary: ClassVar[bool | None] = None
 
     def __init__(self, **params: Any) -> None:
         self.params = params
+
+    @classmethod
+    def outcome_column(cls) -> str:
+        """The column of ``ctx.items`` the paired analysis compares item by item."""
+        return cls.item_outcome or cls.primary_metric
+
+    @classmethod
+    def outcome_binary(cls, items: Mapping[str, Sequence[Any]] | None = None) -> bool:
+        """Whether the outcome column is 0/1: :attr:`item_binary` when set, else inferred from
+        ``items`` (every value that is not None is 0, 1, False or True; False without items)."""
+        if cls.item_binary is not None:
+            return cls.item_binary
+        values = [v for v in (items or {}).get(cls.outcome_column(), []) if v is not None]
+        return bool(values) and all(isinstance(v, (bool, int, float)) and v in (0, 1) for v in values)
 
     def data_files(self, include: tuple[str, ...] = ()) -> tuple[str, ...]:
         """Every data file this configured task may read: what ``qeval-data fetch`` materialises."""

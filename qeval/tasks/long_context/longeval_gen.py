@@ -40,7 +40,7 @@ from qeval.data import DataNotFoundError, available, data_file, find_file, missi
 from qeval.data import data_dir as resolve_data_dir
 from qeval.data_sources import files_under
 from qeval.eval.generation import generate_greedy
-from qeval.eval.registry import TaskDataError, TaskParamError
+from qeval.eval.registry import TaskDataError, TaskParamError, short_text
 from qeval.eval.scores import mean_stderr
 
 LINES_DIR = "longeval/lines"
@@ -427,6 +427,40 @@ def run_settings(
                 log.debug("%s: expected %r, got %r (%s)", key, case.answer, output, "ok" if ok else "wrong")
         results[key] = SettingResult(outcomes)
     return results, skipped
+
+
+def case_items(
+    settings: dict[Any, list[tuple[Case, list[int]]]],
+    results: dict[Any, SettingResult],
+    item_id: Any,
+    answer: Any,
+    size_of: Any = lambda key: key,
+) -> dict[str, list[Any]]:
+    """The per-item table of a length sweep (columns for :meth:`TaskContext.keep_items`).
+
+    One row per scored case, in setting order: ``id`` = ``item_id(key, index)`` (the setting and
+    the case's index in it: from the data, so the same in every cell), ``acc`` = 0/1 for the
+    cases at the longest tested length (the ones the reported ``acc`` averages) and None for the
+    others, ``correct`` = 0/1 for every case, ``size`` (the setting's length), ``answer`` (what
+    ``answer(output)`` extracts, cut short), ``expected`` and ``prompt_tokens``.  Skipped
+    settings have no rows.
+    """
+    longest = max((size_of(key) for key in results), default=None)
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("id", "acc", "correct", "size", "answer", "expected", "prompt_tokens")
+    }
+    for key, result in results.items():
+        size = size_of(key)
+        for index, ((case, _), outcome) in enumerate(zip(settings[key], result.outcomes)):
+            ok = int(outcome.correct)
+            cols["id"].append(item_id(key, index))
+            cols["acc"].append(ok if size == longest else None)
+            cols["correct"].append(ok)
+            cols["size"].append(size)
+            cols["answer"].append(short_text(answer(outcome.output)))
+            cols["expected"].append(short_text(case.answer))
+            cols["prompt_tokens"].append(outcome.prompt_tokens)
+    return cols
 
 
 def _sub_seed(kind: str, seed: int, size: int) -> int:

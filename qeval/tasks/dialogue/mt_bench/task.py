@@ -37,6 +37,13 @@ length in word tokens and ``rougeL_fp``.  An optional LLM judge (MT-Bench
 single-answer grading, 1-10) runs only when an endpoint is configured
 (:mod:`qeval.eval.judge`).
 
+Items (``ctx.keep_items``, one row per question and turn; :meth:`MTBench.items`): ``id``
+``"<question_id>/t<turn>"``, ``question_id``, ``turn``, ``category``, ``degeneration`` (its mean
+over the rows is the reported ``degeneration``) and the other per-answer metrics (``rep4``,
+``sentence_rep``, ``distinct1``, ``distinct2``, ``nonword``, ``length``, ``empty``,
+``rougeL_fp`` when an FP answer exists, None where undefined), ``unfinished``, ``judge_score``
+when judged, and ``answer``: the answer's first 80 characters.
+
 Suite entry (data: ``<data dir>/mt_bench/question.jsonl``, plus
 ``judge_prompts.jsonl`` and ``reference_answer_gpt-4.jsonl`` for the judge)::
 
@@ -63,7 +70,14 @@ from qeval.data import available, data_file, missing_message
 from qeval.eval import dialogue
 from qeval.eval import judge as judging
 from qeval.eval.generation import encode_prompt, generate_greedy, resolve_chat
-from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task
+from qeval.eval.registry import (
+    NativeTask,
+    TaskContext,
+    TaskDataError,
+    TaskParamError,
+    register_task,
+    short_text,
+)
 from qeval.eval.scores import mean_stderr
 
 log = logging.getLogger("qeval.tasks")  # plugins load by path: their __name__ is not under qeval
@@ -138,6 +152,7 @@ class MTBench(NativeTask):
     family = "dialogue"
     primary_metric = "degeneration"
     higher_is_better = False
+    item_binary = False  # items: degeneration per answer, a share in [0, 1]
     description = (
         "MT-Bench 80 two-turn questions, greedy answers; degeneration (repeated 4-grams + non-words), "
         "rep-4, sentence repetition, distinct-n, ROUGE-L agreement with FP, optional LLM judge"
@@ -310,26 +325,67 @@ class MTBench(NativeTask):
         metrics: dict[str, Any] = dialogue.aggregate(per_turn[0] + per_turn[1])
         metrics.update(dialogue.aggregate(per_turn[0], "turn1_"))
         metrics.update(dialogue.aggregate(per_turn[1], "turn2_"))
+        ratings = None
         if self.judge_cfg is not None:
-            metrics.update(self._judge(ctx, questions, answers))
+            judged, ratings = self._judge(ctx, questions, answers)
+            metrics.update(judged)
+        ctx.keep_items(**self.items(questions, answers, per_turn, ratings))
         metrics["chat_template"] = float(chat)
         metrics["samples"] = len(per_turn[0]) + len(per_turn[1])
         self.last_answers = answers  # for scripts that want to look at the text
         return metrics
 
+    @staticmethod
+    def items(
+        questions: Sequence[dict[str, Any]],
+        answers: list[list[str]],
+        per_turn: list[list[dict[str, float]]],
+        ratings: list[list[float | None]] | None = None,
+    ) -> dict[str, list[Any]]:
+        """One row per question and turn (``id`` ``"<question_id>/t<turn>"``): the question's id,
+        turn and category, every per-answer metric of :func:`qeval.eval.dialogue.answer_metrics`
+        (``degeneration`` first; NaN, an undefined value, is kept as None), ``unfinished``,
+        ``judge_score`` when judged (None where the judge gave no rating) and the answer's first
+        characters (``answer``)."""
+        cols: dict[str, list[Any]] = {"id": [], "question_id": [], "turn": [], "category": []}
+        metric_names: list[str] = []
+        for rows in per_turn:
+            for row in rows:
+                metric_names += [m for m in row if m not in metric_names]
+        cols.update({m: [] for m in metric_names})
+        if ratings is not None:
+            cols["judge_score"] = []
+        cols["answer"] = []
+        for k, q in enumerate(questions):
+            for t in range(2):
+                cols["id"].append(f"{q['question_id']}/t{t + 1}")
+                cols["question_id"].append(q["question_id"])
+                cols["turn"].append(t + 1)
+                cols["category"].append(q.get("category"))
+                for m in metric_names:
+                    cols[m].append(per_turn[t][k].get(m))
+                if ratings is not None:
+                    cols["judge_score"].append(ratings[k][t])
+                cols["answer"].append(short_text(answers[k][t]))
+        return cols
+
     def _judge(
         self, ctx: TaskContext, questions: Sequence[dict[str, Any]], answers: list[list[str]]
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], list[list[float | None]]]:
+        """The judge's metrics and its rating of every answer ([question][turn], None: unparsed)."""
         cfg = self.judge_cfg
         assert cfg is not None
         prompts = judging.load_judge_prompts(data_file(JUDGE_PROMPTS, ctx.data_dir))
         refs = judging.load_reference_answers(data_file(REFERENCE_ANSWERS, ctx.data_dir))
         scores: list[list[float]] = [[], []]
+        ratings: list[list[float | None]] = []
         unparsed = 0
         t0 = time.perf_counter()
         for q, a in zip(questions, answers):
+            ratings.append([])
             for turn in (1, 2):
                 rating = judging.grade(cfg, prompts, q, a, turn, refs.get(int(q["question_id"])))
+                ratings[-1].append(rating)
                 if rating is None:
                     unparsed += 1
                 else:
@@ -346,4 +402,4 @@ class MTBench(NativeTask):
             mean, err, _ = mean_stderr(values)
             out[f"{prefix}judge_score"], out[f"{prefix}judge_score_stderr"] = mean, err
         out["judge_unparsed"] = float(unparsed)
-        return out
+        return out, ratings

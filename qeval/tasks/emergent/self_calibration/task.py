@@ -7,6 +7,13 @@ groups such as ``qeval_mmlu`` included) with per-sample logging and computes
 ECE and Brier score from the per-choice log-likelihoods
 (:mod:`qeval.eval.calibration_error`).
 
+Items (``ctx.keep_items``, one row per question; id ``"<subtask>/<doc_id>"``): ``correct``
+(0/1; its mean is the reported ``acc``), ``confidence`` (the chosen answer's probability; its
+mean is ``confidence``), ``brier`` (its mean is ``brier``), ``choice`` and ``gold`` (choice
+indices) and ``answer`` (the chosen choice's text, cut short).  There is no ``ece`` column: ECE
+is computed over confidence bins, not averaged over items, so the paired analysis compares
+``correct`` (``item_outcome``).
+
 Suite entry::
 
     self_calibration:
@@ -19,9 +26,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from qeval.eval.calibration_error import calibration_scores
+from qeval.eval.calibration_error import calibration_items, calibration_scores
 from qeval.eval.harness import run_lm_eval
-from qeval.eval.registry import NativeTask, TaskContext, TaskDataError, TaskParamError, register_task, task_exists
+from qeval.eval.registry import (
+    NativeTask,
+    TaskContext,
+    TaskDataError,
+    TaskParamError,
+    register_task,
+    short_text,
+    task_exists,
+)
 
 
 @register_task
@@ -30,6 +45,9 @@ class SelfCalibration(NativeTask):
     family = "emergent"
     primary_metric = "ece"
     higher_is_better = False
+    # ECE bins the items (it is no mean over them): the paired analysis compares correctness
+    item_outcome = "correct"
+    item_binary = True
     description = "ECE and Brier score of a multiple-choice task's answer probabilities"
 
     def __init__(self, task: str = "qeval_arc_easy", bins: int = 10, num_fewshot: int | None = None) -> None:
@@ -64,6 +82,8 @@ class SelfCalibration(NativeTask):
         )
         lls: list[list[float]] = []
         gold: list[int] = []
+        ids: list[str] = []
+        choices: list[list[str]] = []
         for subtask, samples in out["samples"].items():
             for s in samples:
                 if not isinstance(s.get("target"), int) or not s.get("filtered_resps"):
@@ -73,5 +93,11 @@ class SelfCalibration(NativeTask):
                     )
                 lls.append([float(r[0]) for r in s["filtered_resps"]])
                 gold.append(int(s["target"]))
+                filt = s.get("filter") or "none"  # a task with several filters logs each doc once per filter
+                ids.append(f"{subtask}/{s['doc_id']}" + ("" if filt == "none" else f"/{filt}"))
+                choices.append([str(a[1]) if len(a) > 1 else "" for a in s.get("arguments") or []])
         metrics = calibration_scores(lls, gold, self.bins, seed=ctx.seed).as_metrics()
+        items = calibration_items(lls, gold)
+        answers = [cs[c] if c < len(cs) else str(c) for cs, c in zip(choices, items["choice"])]
+        ctx.keep_items(id=ids, **items, answer=[short_text(a) for a in answers])
         return metrics

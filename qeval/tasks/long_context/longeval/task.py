@@ -28,6 +28,11 @@ sizes (200-500 lines, 5+ topics) are for larger models.
 Metrics: ``acc@<n>lines`` (+ ``_stderr``), ``context_tokens@<n>lines`` (mean prompt
 length), ``skipped@<n>lines`` (longest prompt of a length that does not fit), ``acc`` =
 accuracy at the longest tested length ``acc_at``, ``max_prompt_tokens``, ``samples``.
+
+Items (``ctx.keep_items``, one row per scored case; :func:`longeval_gen.case_items`): ``id``
+``"<n>lines/<case>"`` (or ``topics``), ``acc`` (0/1 at ``acc_at``, None at shorter lengths: its
+mean is the reported ``acc``), ``correct`` (0/1, every case), ``size``, ``answer`` (lines: the
+extracted number; topics: the short generation), ``expected``, ``prompt_tokens``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class _LongEvalBase(NativeTask):
     family = "long_context"
     primary_metric = "acc"
     higher_is_better = True
+    item_binary = True  # items: acc/correct are 0/1 per case
     unit: str = ""
 
     def __init__(
@@ -90,6 +96,10 @@ class _LongEvalBase(NativeTask):
     def score(self, output: str, case: lg.Case) -> bool:
         raise NotImplementedError
 
+    def answer(self, output: str) -> str | None:
+        """What the ``answer`` item column shows of an output: the generation itself (it is a few tokens)."""
+        return output
+
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         p = self.params
         count = ctx.limit if ctx.limit is not None else DEFAULT_CASES
@@ -106,6 +116,7 @@ class _LongEvalBase(NativeTask):
         )
         if skipped:
             log.warning("%s: %s", self.name, lg.skip_note(skipped, self.unit, limit_tokens))
+        ctx.keep_items(**lg.case_items(settings, results, lambda n, i: f"{n}{self.unit}/{i}", self.answer))
         return lg.summarize(results, skipped, self.unit, limit_tokens)
 
 
@@ -158,6 +169,10 @@ class LongEvalLines(_LongEvalBase):
 
     def score(self, output: str, case: lg.Case) -> bool:
         return lg.number_correct(output, case.answer, self.params["extract"])
+
+    def answer(self, output: str) -> str | None:
+        """The number the score reads (None when the output has none)."""
+        return lg.extract_number(output, self.params["extract"])
 
 
 @register_task

@@ -35,6 +35,11 @@ also correct, but needs ~16 tokens).
 Metrics: ``acc@<len>`` (+ ``_stderr``) over all depths, ``acc@<len>_d<depth>`` per depth
 (depth in percent), ``context_tokens@<len>``, ``skipped@<len>``, ``acc`` = accuracy at the
 longest tested length ``acc_at``, ``max_prompt_tokens``, ``samples``.
+
+Items (``ctx.keep_items``, one row per scored case): ``id`` ``"<len>/d<depth %>/<case>"``,
+``acc`` (0/1 at ``acc_at``, None at shorter lengths: its mean is the reported ``acc``),
+``correct`` (0/1, every case), ``size`` (the context length), ``depth``, ``answer`` (the first
+number of the output), ``expected`` (the key), ``prompt_tokens``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class Needle(NativeTask):
     family = "long_context"
     primary_metric = "acc"
     higher_is_better = True
+    item_binary = True  # items: acc/correct are 0/1 per case
     description = (
         "needle in a haystack (Paul Graham essays): a magic number at several depths of n-token filler; "
         "accuracy per length and depth, primary acc at the longest length that fits"
@@ -160,6 +166,15 @@ class Needle(NativeTask):
             for length in sorted({n for n, _ in results})
         }
         out = lg.summarize(per_length, too_long, "", limit_tokens)
+        table = lg.case_items(
+            settings,
+            results,
+            lambda key, i: f"{key[0]}/d{key[1] * 100:g}/{i}",  # length, depth in percent, case
+            lambda output: lg.extract_number(output, "first"),
+            size_of=lambda key: key[0],
+        )
+        table["depth"] = [depth for (_, depth), r in results.items() for _ in r.outcomes]
+        ctx.keep_items(**table)
         for (length, depth), r in sorted(results.items()):
             acc, se = r.acc
             out[f"acc@{length}_d{round(depth * 100):d}"] = acc
