@@ -204,6 +204,8 @@ class NativeTask:
     # the per-item column the paired analysis compares (None: primary_metric) and whether it is 0/1
     item_outcome: ClassVar[str | None] = None
     item_binary: ClassVar[bool | None] = None
+    # the outcome's direction when it is not the primary metric (None: higher_is_better)
+    item_higher_is_better: ClassVar[bool | None] = None
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -212,6 +214,14 @@ class NativeTask:
     def outcome_column(cls) -> str:
         """The column of ``ctx.items`` the paired analysis compares item by item."""
         return cls.item_outcome or cls.primary_metric
+
+    @classmethod
+    def outcome_higher_is_better(cls) -> bool:
+        """Whether a larger value of the outcome column is better (``correct``: yes, even where
+        the primary metric, e.g. ECE, is lower-is-better)."""
+        if cls.item_higher_is_better is not None:
+            return cls.item_higher_is_better
+        return cls.higher_is_better
 
     @classmethod
     def outcome_binary(cls, items: Mapping[str, Sequence[Any]] | None = None) -> bool:

@@ -98,6 +98,10 @@ def describe_suite(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str,
             "primary_metric": info.primary_metric,
             "higher_is_better": info.higher_is_better,
         }
+        if kind == "native":  # the per-item column the paired analysis compares, and its direction
+            plugin = discover_native(include)[task.task]
+            out[name]["item_outcome"] = plugin.outcome_column()
+            out[name]["item_higher_is_better"] = plugin.outcome_higher_is_better()
     return out
 
 

@@ -123,7 +123,7 @@ def compare_task(
     except ValueError as err:  # e.g. a metric lm-eval keeps per item as a tuple
         return {"test": f"per-item {column!r} not comparable ({err})"}
     fp, q = paired.fp, paired.q
-    higher = bool(info.get("higher_is_better", True))
+    higher = bool(info.get("item_higher_is_better", info.get("higher_is_better", True)))
     out: dict[str, Any] = {"unit": "items"}
     binary = bool(fp.size) and bool(np.all(np.isin(fp, (0.0, 1.0)) & np.isin(q, (0.0, 1.0))))
     if not higher and _is_rate(np.concatenate([fp, q])):

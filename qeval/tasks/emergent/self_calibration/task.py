@@ -48,6 +48,7 @@ class SelfCalibration(NativeTask):
     # ECE bins the items (it is no mean over them): the paired analysis compares correctness
     item_outcome = "correct"
     item_binary = True
+    item_higher_is_better = True
     description = "ECE and Brier score of a multiple-choice task's answer probabilities"
 
     def __init__(self, task: str = "qeval_arc_easy", bins: int = 10, num_fewshot: int | None = None) -> None:
