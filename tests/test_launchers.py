@@ -51,6 +51,7 @@ def test_joblib_two_workers_match_the_basic_launcher(basic, tmp_path, run_qeval)
     _same_as_basic(basic, proc, tmp_path, n_processes=2)
 
 
+@pytest.mark.slow  # four fresh processes, each importing torch, lm-eval and transformers: minutes
 def test_submitit_local_matches_the_basic_launcher(basic, tmp_path, run_qeval):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[dev]'")
     proc = run_qeval(
