@@ -336,3 +336,26 @@ def test_report_flags_fake_vs_real_kernel_disagreement(tmp_path, report_in_proce
     assert "4 of 4 agree" in proc.stdout
     # the main table keeps the two backends as separate rows
     assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 5
+
+
+def test_every_task_of_every_cell_keeps_its_items(first_run):
+    """Per-item tables beside each record, one per suite entry, joinable on ids across cells,
+    and the report pairs every quantized cell with the FP cell on them."""
+    from qeval.report.frames import read_sweeps
+    from qeval.report.verdicts import paired_frame
+    from qeval.results import record_items
+
+    _, sweep_dir = first_run
+    records = read_sweeps([sweep_dir])
+    tables = {rec["cell"]["quant"]: record_items(rec) for rec in records}
+    assert set(tables) == set(CELLS)
+    for quant, items in tables.items():
+        assert items is not None and set(items) == {"wikitext2", "lambada"}, quant
+        assert len(items["lambada"]["id"]) == 8 and set(items["lambada"]["acc"]) <= {0.0, 1.0}
+        assert len(items["wikitext2"]["id"]) == 2  # one row per perplexity window
+    assert tables["fp16"]["lambada"]["id"] == tables["w4g128"]["lambada"]["id"]
+    size = sum(rec["items"]["bytes"] for rec in records)
+    assert size < 20_000  # no prompts, no generations: a few hundred bytes a task here
+    paired = paired_frame(records)
+    assert len(paired) == 2 * 2 and set(paired.verdict) <= {"within", "loss", "inconclusive"}
+    assert (paired.n > 0).all()
