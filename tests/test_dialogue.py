@@ -480,6 +480,8 @@ def test_suite_entry_reaches_the_task(mt_bench, tiny, tmp_path):
         "family": "dialogue",
         "primary_metric": "degeneration",
         "higher_is_better": False,
+        "item_outcome": "degeneration",  # what the paired analysis compares, per answer
+        "item_higher_is_better": False,
     }
     metrics = evaluate_suite(
         ref, tok, cell.suite, eval_settings(cell), reference=ref, reference_fingerprint="tinyref"
