@@ -149,7 +149,7 @@ def test_corrupt_result_is_recomputed(first_run, workdir, qeval_in_process, tmp_
     _, sweep_dir = first_run
     results = tmp_path / "results"
     (results / "e2e").mkdir(parents=True)
-    for p in sweep_dir.glob("*.json"):
+    for p in sweep_dir.glob("*.json*"):  # records and their per-item files
         shutil.copy2(p, results / "e2e" / p.name)
     recs = _records(results / "e2e")
     broken, good = recs["w4g128"][0], recs["w4g128"][1]
