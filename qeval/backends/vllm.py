@@ -263,6 +263,12 @@ class VllmEngine:
             nlls.append(total / (len(window) - 1))
         return nlls
 
+    def next_token_logits(self, windows: list[torch.Tensor], decode_chunk: int | None = None, desc: str = "") -> None:
+        """None: vLLM returns at most the top log-probabilities of each prompt position
+        (``prompt_logprobs``), never the full-vocabulary logits the divergence from the FP model
+        is computed from, so perplexity on this backend has no divergence metrics."""
+        return None
+
     def lm_eval_model(self, batch_size: int | str = "auto", max_gen_toks: int = 256) -> Any:
         """lm-eval's own ``vllm`` model, built around this engine (not a second one).  vLLM
         schedules its own batches, so lm-eval's batch size is always "auto" here (a suite

@@ -1,13 +1,15 @@
 """What evaluation scores: the :class:`Scorer` protocol and its in-process HF implementation.
 
 Every task kind reads a model through this protocol: perplexity asks for the mean
-NLL of token windows, lm-eval tasks for an lm-eval ``LM``, qeval-native tasks for an
-in-memory HF model.  Backends (``qeval.backends``) produce scorers; evaluation never
+NLL of token windows (and, to compare with the unquantized model, for their full next-token
+logits where the backend has them), lm-eval tasks for an lm-eval ``LM``, qeval-native tasks
+for an in-memory HF model.  Backends (``qeval.backends``) produce scorers; evaluation never
 asks which backend it has, nor how the model was quantized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,6 +28,14 @@ class Scorer(Protocol):
 
     def window_nlls(self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str) -> list[float]:
         """Mean next-token NLL of each token window, each scored from an empty context."""
+        ...
+
+    def next_token_logits(
+        self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str
+    ) -> Iterator[torch.Tensor] | None:
+        """Float32 logits [T-1, V] of each window (row t predicts token t+1), one window at a
+        time and from the same forward pass ``window_nlls`` would make; None where the backend
+        cannot give full-vocabulary logits (perplexity then reports no divergence metrics)."""
         ...
 
     def lm_eval_model(self, batch_size: int) -> Any:
@@ -47,17 +57,27 @@ def window_logits(model, window: torch.Tensor, decode_chunk: int | None) -> torc
 
 
 @torch.no_grad()
+def iter_next_token_logits(
+    model: nn.Module, windows: list[torch.Tensor], desc: str = "perplexity", decode_chunk: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Float32 next-token logits [T-1, V] of each token window under an in-memory HF model, on the
+    model's device (one forward per window, or ``decode_chunk`` tokens per forward through the KV
+    cache); windows are scored lazily, as the iterator is read."""
+    device = next(model.parameters()).device
+    for window in tqdm(windows, desc=desc, leave=False):
+        window = window.unsqueeze(0).to(device)
+        yield window_logits(model, window, decode_chunk)[0, :-1].float()
+
+
+@torch.no_grad()
 def window_nlls(
     model: nn.Module, windows: list[torch.Tensor], desc: str = "perplexity", decode_chunk: int | None = None
 ) -> list[float]:
     """Mean NLL of each token window under an in-memory HF model (one forward per window, or
     ``decode_chunk`` tokens per forward through the KV cache)."""
-    device = next(model.parameters()).device
     nlls = []
-    for window in tqdm(windows, desc=desc, leave=False):
-        window = window.unsqueeze(0).to(device)
-        logits = window_logits(model, window, decode_chunk)[0, :-1].float()
-        nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
+    for window, logits in zip(windows, iter_next_token_logits(model, windows, desc, decode_chunk)):
+        nlls.append(F.cross_entropy(logits, window[1:].to(logits.device)).item())
     return nlls
 
 
@@ -70,6 +90,11 @@ class HFScorer:
 
     def window_nlls(self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str) -> list[float]:
         return window_nlls(self.model, windows, desc=desc, decode_chunk=decode_chunk)
+
+    def next_token_logits(
+        self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str
+    ) -> Iterator[torch.Tensor] | None:
+        return iter_next_token_logits(self.model, windows, desc=desc, decode_chunk=decode_chunk)
 
     def lm_eval_model(self, batch_size: int) -> Any:
         from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly

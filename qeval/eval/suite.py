@@ -167,12 +167,25 @@ def evaluate_suite(
         items: Columns | None = None
         if kind == "perplexity":
             chunk = task.decode_chunk if task.decode_chunk is not None else settings.decode_chunk
+            # the FP model's next-token distributions, computed once per model and cached, give
+            # every cell's perplexity pass its divergence from the FP model (qeval.eval.divergence)
+            has_reference = reference is not None or settings.is_reference
             result = perplexity(
-                scorer, tokenizer, task.dataset, task.seqlen, task.max_windows, settings.data_dir, chunk
+                scorer,
+                tokenizer,
+                task.dataset,
+                task.seqlen,
+                task.max_windows,
+                settings.data_dir,
+                chunk,
+                reference_model=reference,
+                reference_cache_dir=settings.reference_dir / "divergence" if has_reference else None,
+                reference_key=reference_fingerprint,
+                is_reference=settings.is_reference,
             )
             metrics = result.as_metrics()
             metrics["decode_chunk"] = chunk or 0
-            items = getattr(result, "items", None)  # per-window rows (qeval.eval.divergence)
+            items = result.items or None  # one row per window
         elif kind == "native":
             native = discover_native(include)[task.task](**task.params)
             ctx = TaskContext(
