@@ -248,18 +248,17 @@ def reference_from_logits(
 
 
 def estimate_kld(
-    ref: Mapping[str, torch.Tensor], q_top_logp: torch.Tensor, q_tail_logp: torch.Tensor, q_rest_logp: torch.Tensor
+    r: Mapping[str, torch.Tensor], q_top_logp: torch.Tensor, q_tail_logp: torch.Tensor, q_rest_logp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(P || Q) per row (float64): (estimate, lower bound), from P's reference rows
-    (``WindowReference.arrays()``, possibly sliced) and Q's
-    log-probs at the same ids (``q_top_logp`` [N, k], ``q_tail_logp`` [N, m]) and outside the
-    top k (``q_rest_logp`` [N]).
+    """KL(P || Q) per row (float64): (estimate, lower bound), from P's reference rows ``r``
+    (``WindowReference.arrays()``, possibly sliced) and Q's log-probs at the same ids
+    (``q_top_logp`` [N, k], ``q_tail_logp`` [N, m]) and of the mass outside the top k
+    (``q_rest_logp`` [N]).
 
     Q's log-probs at the reference ids are rounded to the reference's dtype first (its
     precision); a zero-probability outcome of P contributes nothing; Q's log-probs are floored
     at LOG_FLOOR.
     """
-    r = ref
     lp = r["top_logp"].double()
     lq = q_top_logp.to(r["top_logp"].dtype).double().clamp(min=LOG_FLOOR)
     p = lp.exp()

@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from qeval.config import QuantSpec, quantized
+
 
 @runtime_checkable
 class Scorer(Protocol):
@@ -81,12 +83,53 @@ def window_nlls(
     return nlls
 
 
-class HFScorer:
-    """An in-memory transformers model (fake-quantized or not), scored in this process."""
+def shared_context_allowed(spec: QuantSpec) -> tuple[bool, str]:
+    """Whether scoring a context once for all its continuations (``HFScorer(shared_context=True)``)
+    gives the same numbers as scoring each (context, continuation) sequence whole under ``spec``;
+    (allowed, the reason when not).
 
-    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+    It does when quantizing a token never looks at other tokens of the sequence: activations
+    unquantized, per token, or with a static (calibrated) scale; KV states unquantized or per
+    token, quantized as they enter the cache (``semantics: fake``).  A dynamic per-tensor
+    activation scale, a per-channel or per-tensor KV scale (taken over the tokens of a forward)
+    and KIVI's cache (full precision within the residual window, quantized once a token leaves
+    it) all make the context's numbers depend on what follows it.
+    """
+    a, kv = spec.a, spec.kv
+    if quantized(a) and a.dynamic and a.granularity != "token":
+        return False, (
+            f"activations are quantized per {a.granularity} with a dynamic scale: the scale spans the "
+            "whole sequence, so the context's quantization depends on the continuation"
+        )
+    if quantized(kv):
+        if kv.semantics != "fake":
+            return False, (
+                f"KV semantics {kv.semantics!r} (KIVI) quantizes stored tokens outside a residual window: "
+                "which context tokens are quantized depends on the tokens after them"
+            )
+        for part, granularity in (("key", kv.key_granularity), ("value", kv.value_granularity)):
+            if granularity != "token":
+                return False, (
+                    f"KV {part}s are quantized per {granularity}: the scale spans the tokens of a forward, "
+                    "so the context's quantization depends on the continuation"
+                )
+    return True, ""
+
+
+class HFScorer:
+    """An in-memory transformers model (fake-quantized or not), scored in this process.
+
+    ``shared_context``: lm-eval log-likelihood requests that share a context compute it once
+    (:class:`qeval.eval.shared_context.SharedContextLM`); pass
+    ``shared_context_allowed(spec)[0]``, since the numbers equal lm-eval's ``HFLM`` only for
+    specs that quantize each token on its own.  False (the default until the hf backend passes
+    the spec's answer): lm-eval's ``HFLM`` itself.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, shared_context: bool = False) -> None:
         self.hf_model: nn.Module | None = model
         self.model, self.tokenizer = model, tokenizer
+        self.shared_context = shared_context
 
     def window_nlls(self, windows: list[torch.Tensor], decode_chunk: int | None, desc: str) -> list[float]:
         return window_nlls(self.model, windows, desc=desc, decode_chunk=decode_chunk)
@@ -100,7 +143,12 @@ class HFScorer:
         from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly
 
         device = str(next(self.model.parameters()).device)
-        return HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device)
+        cls = HFLM
+        if self.shared_context:
+            from qeval.eval.shared_context import SharedContextLM
+
+            cls = SharedContextLM
+        return cls(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device)
 
 
 def as_scorer(model: Scorer | nn.Module, tokenizer: Any) -> Scorer:

@@ -29,6 +29,10 @@ CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method", "backend"]
 TT_ORDER = {"FP": 0, "W": 1, "WA": 2, "KV": 3, "W+KV": 4, "WA+KV": 5}  # reading order of tensor types
 FP_BITS = 16
 _HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
+# divergence from the FP model: already relative to it (the FP cell's is 0), so a ratio to FP says
+# nothing; the report shows them in their own table (qeval.report.verdicts.divergence_frame)
+_HIDDEN |= {"kld", "kld_p50", "kld_p90", "kld_p99", "kld_p999", "kld_max", "top1_agree", "dp_mean", "dp_rms"}
+_HIDDEN |= {"ln_ppl_ratio"}
 
 
 def _entry_info(rec: dict, entry: str, metrics: dict) -> dict:
