@@ -98,7 +98,7 @@ def summary(
     if verdicts.empty:
         return [
             "No paired verdicts: no quantized cell has an unquantized cell of the same model, suite and "
-            "backend with per-item outcomes (records from before qeval 0.3 keep none: rerun the sweep)."
+            "backend with per-item outcomes (records written before qeval 0.3 keep none: rerun the sweep with rerun=true)."
         ]
     alpha, correction = paired.attrs.get("alpha", 0.05), paired.attrs.get("correction", "bh")
     lines = []
