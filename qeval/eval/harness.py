@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from qeval.eval.items import Columns, lm_eval_items
+from qeval.eval.items import Columns, lm_eval_items, metric_column
 from qeval.eval.registry import task_manager
 from qeval.eval.scorer import as_scorer
 
@@ -28,7 +28,7 @@ def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:
         if key == "alias" or not isinstance(value, (int, float)):
             continue
         metric, _, filt = key.partition(",")
-        metrics[metric if filt in ("none", "") else f"{metric}[{filt}]"] = float(value)
+        metrics[metric_column(metric, filt)] = float(value)
     return metrics
 
 

@@ -75,8 +75,8 @@ def check_columns(columns: Mapping[str, list[Any]]) -> Columns:
     return out
 
 
-def _metric_column(metric: str, filter_key: str) -> str:
-    """The name a metric has in the cell's metrics (qeval.eval.harness._split_metrics)."""
+def metric_column(metric: str, filter_key: str) -> str:
+    """The name of lm-eval's metric under a filter, in a cell's metrics and its item tables."""
     return metric if filter_key in ("none", "") else f"{metric}[{filter_key}]"
 
 
@@ -92,7 +92,7 @@ def lm_eval_items(samples: Mapping[str, list[dict[str, Any]]]) -> Columns:
             filter_key = str(ex.get("filter", "none"))
             for metric in ex.get("metrics", []):
                 if metric in ex:
-                    row[_metric_column(metric, filter_key)] = ex[metric]
+                    row[metric_column(metric, filter_key)] = ex[metric]
             row.update(_response_columns(ex))
     table: Columns = {}
     names = list(dict.fromkeys(name for row in rows.values() for name in row))

@@ -24,7 +24,7 @@ from typing import Any
 from qeval.config import ConfigError, SuiteSpec, TaskEntry
 from qeval.data import check_available
 from qeval.eval.harness import score_lm_eval
-from qeval.eval.items import Columns, check_columns
+from qeval.eval.items import Columns
 from qeval.eval.perplexity import perplexity
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native, task_exists, task_info, task_paths
 from qeval.eval.scorer import Scorer, as_scorer
@@ -207,8 +207,7 @@ def evaluate_suite(
                 },
             )
             metrics = native.evaluate(ctx)
-            kept_items = getattr(ctx, "items", None)
-            items = check_columns(kept_items) if kept_items is not None else None
+            items = ctx.items  # validated by ctx.keep_items
         else:
             metrics, items = score_lm_eval(
                 scorer,
