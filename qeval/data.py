@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from qeval.data_sources import SOURCES, Source
+from qeval.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _archive(url: str, sha256: str | None) -> zipfile.ZipFile:
             raise DataNotFoundError(
                 f"{url}: sha256 {hashlib.sha256(blob).hexdigest()} differs from the pinned {sha256}"
             )
-        _write_atomic(path, blob)
+        write_bytes_atomically(path, blob)
     return zipfile.ZipFile(io.BytesIO(path.read_bytes()))
 
 
@@ -244,13 +245,6 @@ def source_bytes(relative: str, src: Source) -> bytes:
     return TRANSFORMS[src.transform](blob) if src.transform else blob
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-
-
 def fetch_file(relative: str, root: Path) -> Path:
     """Download one table file into ``root/relative`` (atomically), checking its sha256.
 
@@ -276,7 +270,7 @@ def fetch_file(relative: str, root: Path) -> Path:
             f"{relative}: the content from {src.describe} has sha256 {digest}, not the pinned {src.sha256} "
             "(the upstream file changed?); not used"
         )
-    _write_atomic(dest, blob)
+    write_bytes_atomically(dest, blob)
     _VERIFIED.add((dest.resolve(), src.sha256))
     return dest
 

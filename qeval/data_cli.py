@@ -31,6 +31,7 @@ from qeval.data import (
     local_file,
 )
 from qeval.data_sources import SOURCES
+from qeval.files import write_bytes_atomically
 
 PROVENANCE_FILE = "PROVENANCE.qeval.tsv"
 PROVENANCE_HEADER = ("path", "source", "revision", "sha256", "fetched")
@@ -75,9 +76,7 @@ def _read_provenance(path: Path) -> dict[str, list[str]]:
 
 def _write_provenance(path: Path, rows: dict[str, list[str]]) -> None:
     lines = ["\t".join(PROVENANCE_HEADER)] + ["\t".join(rows[k]) for k in sorted(rows)]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def fetch(files: Iterable[str], root: Path, out: Any = sys.stdout) -> list[tuple[str, str, int]]:

@@ -17,13 +17,13 @@ import logging
 import os
 import platform
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from qeval.eval.items import items_path, read_items, write_items
+from qeval.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -155,24 +155,8 @@ def qeval_version() -> str:
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path, ".json") as f:  # serialized inside: a record that cannot be leaves no file
+        f.write(json.dumps(data, indent=1, sort_keys=True, default=str).encode())
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

@@ -217,9 +217,35 @@ def test_scorer_flag_picks_the_lm() -> None:
     from qeval.eval.shared_context import SharedContextLM
 
     model, tok = build_tiny_model("llama"), byte_tokenizer()
-    # off unless asked for: the hf backend is not yet wired to pass shared_context_allowed(spec)
+    # a bare model (whose spec the scorer cannot know): lm-eval's HFLM unless asked for
     assert type(HFScorer(model, tok).lm_eval_model(4)) is HFLM
     assert type(HFScorer(model, tok, shared_context=True).lm_eval_model(4)) is SharedContextLM
+
+
+@pytest.mark.parametrize(
+    ("spec", "enabled", "expected"),
+    [
+        (QuantSpec(w=WeightSpec(bits=4, group_size=32)), True, "shared-context"),
+        (QuantSpec(kv=KVSpec(bits=4, semantics="kivi")), True, "hflm (KV semantics 'kivi'"),
+        (QuantSpec(w=WeightSpec(bits=4, group_size=32)), False, "hflm (backend.shared_context=false)"),
+    ],
+)
+def test_hf_backend_scores_with_shared_context_where_the_spec_allows(spec, enabled, expected) -> None:
+    """The hf backend asks shared_context_allowed(spec), and the record says which scorer ran."""
+    from lm_eval.models.huggingface import HFLM
+
+    from qeval.backends.base import OpenRequest
+    from qeval.backends.hf import HFBackend, HFSettings
+    from qeval.eval.shared_context import SharedContextLM
+
+    model, tok = build_tiny_model("llama"), byte_tokenizer()
+    request = OpenRequest(
+        model=model, tokenizer=tok, spec=spec, seed=0, export_root=None, export_name="", calibration=list
+    )
+    with HFBackend(HFSettings(shared_context=enabled)).open(request) as scorer:
+        lm = scorer.lm_eval_model(4)
+    assert request.record["lm_eval_scoring"].startswith(expected)
+    assert type(lm) is (SharedContextLM if expected == "shared-context" else HFLM)
 
 
 def test_rolling_windows_use_hflms_own_path(llama) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from qeval.backends.base import Backend, BackendSettings, OpenRequest, register_backend
 from qeval.config import check_choice
-from qeval.eval.scorer import HFScorer, Scorer
+from qeval.eval.scorer import HFScorer, Scorer, shared_context_allowed
 
 
 def spread_over_devices(model: nn.Module, device_map: str) -> dict[str, Any]:
@@ -49,6 +49,10 @@ class HFSettings(BackendSettings):
     # spread the quantized model over the visible GPUs for evaluation ("auto", "balanced",
     # "sequential"; accelerate's dispatch); quantization runs on `device`
     device_map: str | None = None
+    # score the multiple-choice requests that share a context with the context computed once
+    # (qeval.eval.shared_context; same numbers as lm-eval's HFLM), where the spec allows it;
+    # false: always lm-eval's HFLM.  Not part of a cell's identity: the scores do not change.
+    shared_context: bool = True
 
 
 @register_backend
@@ -67,4 +71,9 @@ class HFBackend(Backend):
     def open(self, request: OpenRequest) -> Iterator[Scorer]:
         if self.settings.device_map:
             request.record["device_map"] = spread_over_devices(request.model, self.settings.device_map)
-        yield HFScorer(request.model, request.tokenizer)
+        shared, reason = shared_context_allowed(request.spec)
+        if not self.settings.shared_context:
+            shared, reason = False, "backend.shared_context=false"
+        # which scorer lm-eval's log-likelihood requests met, and why not the faster one
+        request.record["lm_eval_scoring"] = "shared-context" if shared else f"hflm ({reason})"
+        yield HFScorer(request.model, request.tokenizer, shared_context=shared)

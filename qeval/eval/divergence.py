@@ -85,8 +85,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,6 +94,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from qeval.files import atomic_file
+from qeval.stats.paired import mean_stderr_from_sums
 
 log = logging.getLogger(__name__)
 
@@ -328,17 +329,6 @@ def window_stats(div: TokenDivergence, nll: float) -> WindowStats:
     )
 
 
-def _mean_stderr(total: float, sq_total: float, n: int) -> tuple[float, float]:
-    """Mean and standard error (sample sd with ddof=1, over sqrt(n)) from a sum and a sum of squares."""
-    if n == 0:
-        return NAN, NAN
-    mean = total / n
-    if n == 1:
-        return mean, NAN
-    var = max(sq_total / n - mean * mean, 0.0) * n / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def binomial_stderr(successes: int, n: int) -> float:
     """sqrt(p (1 - p) / (n - 1)) with p = successes / n: the sample standard error of n 0/1 values."""
     if n <= 1:
@@ -354,9 +344,9 @@ def aggregate(windows: Sequence[WindowStats], token_kld: Any = None) -> dict[str
     the percentiles ``kld_p50``..``kld_p999``; without it the percentiles are absent.
     """
     n = sum(w.tokens for w in windows)
-    kld, kld_se = _mean_stderr(sum(w.kld_sum for w in windows), sum(w.kld_sq_sum for w in windows), n)
-    dp, dp_se = _mean_stderr(sum(w.dp_sum for w in windows), sum(w.dp_sq_sum for w in windows), n)
-    dnll, dnll_se = _mean_stderr(sum(w.dnll_sum for w in windows), sum(w.dnll_sq_sum for w in windows), n)
+    kld, kld_se = mean_stderr_from_sums(sum(w.kld_sum for w in windows), sum(w.kld_sq_sum for w in windows), n)
+    dp, dp_se = mean_stderr_from_sums(sum(w.dp_sum for w in windows), sum(w.dp_sq_sum for w in windows), n)
+    dnll, dnll_se = mean_stderr_from_sums(sum(w.dnll_sum for w in windows), sum(w.dnll_sq_sum for w in windows), n)
     agree = sum(w.top1_agree_count for w in windows)
     metrics: dict[str, float] = {
         "kld": kld,
@@ -422,20 +412,10 @@ def reference_cache_path(cache_dir: str | Path, key: Mapping[str, Any]) -> Path:
 
 def save_reference(path: Path, key: Mapping[str, Any], refs: Sequence[WindowReference]) -> None:
     """Write every window's reference into one ``.npz`` (temp file in the folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {name: np.stack([getattr(r, name).numpy() for r in refs]) for name in REFERENCE_ARRAYS}
     payload["key"] = np.array(json.dumps(dict(key), sort_keys=True))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, ".npz") as f:
+        np.savez(f, **payload)
 
 
 def load_reference(path: Path, key: Mapping[str, Any]) -> list[WindowReference] | None:

@@ -25,11 +25,11 @@ import gzip
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from qeval.files import atomic_file
 
 ITEMS_VERSION = 1
 ANSWER_CHARS = 80
@@ -130,20 +130,9 @@ def _gold_index(target: Any, n_choices: int) -> int | None:
 
 def write_items(path: Path, tables: Mapping[str, Columns]) -> int:
     """Write a cell's per-item tables atomically (temporary file, fsync, rename); its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = json.dumps({"version": ITEMS_VERSION, "tasks": dict(tables)}, separators=(",", ":")).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-                gz.write(blob)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, SUFFIX) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write(blob)
     return path.stat().st_size
 
 

@@ -121,6 +121,9 @@ class TaskContext:
     data_dir: str | None = None
     is_reference: bool = False  # the cell's model is the unquantized one itself
     extra: dict[str, Any] = field(default_factory=dict)
+    # the backend's scorer of ``model`` (None: a bare model): a task that runs lm-eval through
+    # it gets the backend's lm-eval model (shared-context scoring where the spec allows it)
+    scorer: Any = None
     items: dict[str, list[ItemValue]] | None = field(default=None, init=False, repr=False)
 
     def keep_items(self, **columns: Sequence[Any]) -> None:

@@ -122,8 +122,8 @@ class HFScorer:
     ``shared_context``: lm-eval log-likelihood requests that share a context compute it once
     (:class:`qeval.eval.shared_context.SharedContextLM`); pass
     ``shared_context_allowed(spec)[0]``, since the numbers equal lm-eval's ``HFLM`` only for
-    specs that quantize each token on its own.  False (the default until the hf backend passes
-    the spec's answer): lm-eval's ``HFLM`` itself.
+    specs that quantize each token on its own (the hf backend does).  False (the default for a
+    bare model, whose spec the scorer cannot know): lm-eval's ``HFLM`` itself.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, shared_context: bool = False) -> None:

@@ -198,6 +198,7 @@ def evaluate_suite(
                 cache_dir=settings.reference_dir,
                 data_dir=settings.data_dir,
                 is_reference=settings.is_reference,
+                scorer=scorer,
                 extra={
                     "batch_size": task.batch_size,
                     "num_fewshot": task.num_fewshot,

@@ -40,13 +40,21 @@ import numpy as np
 import pandas as pd
 
 from qeval.eval.registry import FAMILIES
+from qeval.report.frames import CELL_KEYS
 from qeval.results import record_items
-from qeval.stats.paired import Retained, adjust, align, flips, retained, verdict
+from qeval.stats.paired import (
+    Retained,
+    adjust,
+    align,
+    flips,
+    mean_stderr_from_sums,
+    retained,
+    retained_from_log_mean,
+    verdict,
+)
 
-CELL_KEYS = ["model", "tensor_type", "bits", "quant", "method", "backend"]
 GROUP_KEYS = ["model", "suite", "backend"]  # a cell is compared with the FP cell of its group
 DEFAULT_KEEP, DEFAULT_ALPHA, DEFAULT_CORRECTION = 0.98, 0.05, "bh"
-Z95 = 1.959963984540054
 
 # per-window sums a perplexity item row carries for the token-level paired test
 TOKEN_SUMS = ("tokens", "dnll_sum", "dnll_sq_sum")
@@ -69,32 +77,10 @@ def _token_level(table: Mapping[str, list]) -> tuple[int, float, float] | None:
         return None
     try:
         n = int(sum(table["tokens"]))
-        s = float(sum(table["dnll_sum"]))
-        ss = float(sum(table["dnll_sq_sum"]))
+        mean, se = mean_stderr_from_sums(float(sum(table["dnll_sum"])), float(sum(table["dnll_sq_sum"])), n)
     except (TypeError, ValueError):
         return None
-    if n < 2:
-        return None
-    mean = s / n
-    var = max(ss - n * mean * mean, 0.0) / (n - 1)
-    return n, mean, math.sqrt(var / n)
-
-
-def _from_log_difference(n: int, mean_diff: float, se: float, z: float = Z95) -> Retained:
-    """Retained = exp(-mean NLL difference) with a normal interval and z-test (n large)."""
-    center = -mean_diff
-    p = 0.0 if se == 0 and center != 0 else (1.0 if se == 0 else math.erfc(abs(center / se) / math.sqrt(2)))
-    return Retained(
-        value=math.exp(center),
-        low=math.exp(center - z * se),
-        high=math.exp(center + z * se),
-        n=n,
-        se=se,
-        p_diff=p,
-        center=center,
-        log_scale=True,
-        z=z,
-    )
+    return None if n < 2 else (n, mean, se)
 
 
 def compare_task(
@@ -108,7 +94,7 @@ def compare_task(
         token = _token_level(q_table)
         if token is not None:
             n, mean, se = token
-            return {"ret": _from_log_difference(n, mean, se), "test": "z (tokens)", "unit": "tokens"}
+            return {"ret": retained_from_log_mean(n, mean, se), "test": "z (tokens)", "unit": "tokens"}
         paired = align(fp_table, q_table, "nll")
         return {
             "ret": retained(paired.fp, paired.q, higher_is_better=False, log_scale=True),

@@ -331,6 +331,19 @@ def paired_difference(fp: npt.ArrayLike, q: npt.ArrayLike, binary: bool | None =
     )
 
 
+def mean_stderr_from_sums(total: float, sq_total: float, n: int) -> tuple[float, float]:
+    """Mean and standard error (sample sd with ddof=1, over sqrt(n)) of n values known only by
+    their sum and sum of squares: how per-token statistics are kept per window (the per-token
+    values themselves are too many to store).  NaN mean for n = 0, NaN SE for n < 2."""
+    if n <= 0:
+        return math.nan, math.nan
+    mean = total / n
+    if n == 1:
+        return mean, math.nan
+    var = max(sq_total / n - mean * mean, 0.0) * n / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def paired_bootstrap(
     fp: npt.ArrayLike, q: npt.ArrayLike, iters: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -487,6 +500,42 @@ class Retained:
         return _normal_cdf((self.center - k) / self.se)
 
 
+def retained_from_log_mean(
+    n: int,
+    mean_log_diff: float,
+    se: float,
+    higher_is_better: bool = False,
+    z: float = 1.96,
+    p_diff: float | None = None,
+) -> Retained:
+    """Retained quality from the mean paired difference of logs, q - fp, and its SE.
+
+    For lower-is-better logs (an NLL) r = exp(-mean), e.g. PPL_FP / PPL_q from the mean
+    per-token NLL difference; the interval exponentiates mean +/- z se.  ``p_diff`` is the
+    paired test of no difference; None: the two-sided z-test of the same mean and SE (for n
+    large, e.g. thousands of tokens).
+    """
+    center = mean_log_diff if higher_is_better else -mean_log_diff
+    if p_diff is None:
+        if math.isnan(center) or math.isnan(se):
+            p_diff = math.nan
+        elif se == 0.0:
+            p_diff = 1.0 if center == 0.0 else 0.0
+        else:
+            p_diff = math.erfc(abs(center / se) / math.sqrt(2.0))
+    return Retained(
+        value=math.exp(center),
+        low=math.exp(center - z * se),
+        high=math.exp(center + z * se),
+        n=n,
+        se=se,
+        p_diff=p_diff,
+        center=center,
+        log_scale=True,
+        z=z,
+    )
+
+
 def _undefined(n: int, p_diff: float, log_scale: bool, z: float) -> Retained:
     nan = math.nan
     return Retained(nan, nan, nan, n, nan, p_diff, nan, log_scale, z)
@@ -532,19 +581,7 @@ def retained(
     if n == 0:
         return _undefined(n, diff.p_value, log_scale, z)
     if log_scale:
-        center = diff.mean if higher_is_better else -diff.mean
-        se = diff.se
-        return Retained(
-            value=math.exp(center),
-            low=math.exp(center - z * se),
-            high=math.exp(center + z * se),
-            n=n,
-            se=se,
-            p_diff=diff.p_value,
-            center=center,
-            log_scale=True,
-            z=z,
-        )
+        return retained_from_log_mean(n, diff.mean, diff.se, higher_is_better, z, p_diff=diff.p_value)
     s_fp = float(a.mean())
     if not s_fp > 0.0:
         return _undefined(n, diff.p_value, log_scale, z)

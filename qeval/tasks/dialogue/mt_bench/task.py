@@ -60,7 +60,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +78,7 @@ from qeval.eval.registry import (
     short_text,
 )
 from qeval.eval.scores import mean_stderr
+from qeval.files import write_bytes_atomically
 
 log = logging.getLogger("qeval.tasks")  # plugins load by path: their __name__ is not under qeval
 
@@ -291,17 +291,12 @@ class MTBench(NativeTask):
             )
         assert answers is not None
         if path is not None and not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(
-                json.dumps(
-                    {"key": key, "answers": {str(q["question_id"]): a for q, a in zip(questions, answers)}},
-                    indent=1,
-                    ensure_ascii=False,
-                ),
-                encoding="utf-8",
-            )
-            tmp.replace(path)
+            blob = json.dumps(
+                {"key": key, "answers": {str(q["question_id"]): a for q, a in zip(questions, answers)}},
+                indent=1,
+                ensure_ascii=False,
+            ).encode("utf-8")
+            write_bytes_atomically(path, blob)
         return answers
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class SelfCalibration(NativeTask):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         shots = self.num_fewshot if self.num_fewshot is not None else ctx.extra.get("num_fewshot")
         out = run_lm_eval(
-            ctx.model,
+            ctx.scorer if ctx.scorer is not None else ctx.model,
             ctx.tokenizer,
             self.task,
             ctx.limit,
