@@ -146,6 +146,7 @@ def test_fallback_downloads_the_same_bytes_and_preflight_passes(upstream, no_dat
     from qeval.runner import preflight
 
     preflight(compose_config(["suite=quick", "model=tiny-llama"]))
+    preflight(compose_config(["suite=dialogue", "model=tiny-llama"]))
     assert upstream == []  # preflight only checks that the files can be had
 
     for rel in (
@@ -180,13 +181,16 @@ def test_fallback_downloads_the_same_bytes_and_preflight_passes(upstream, no_dat
 
 
 def test_fetch_fills_a_folder_that_passes_preflight_offline(upstream, no_data, monkeypatch, capsys):
-    """(b) ``qeval-data fetch --suite quick --dir D``, then offline with QEVAL_DATA_DIR=D."""
+    """(b) ``qeval-data fetch --suite quick --suite dialogue --suite long_context --dir D``, then
+    offline with QEVAL_DATA_DIR=D."""
     from qeval.data_cli import PROVENANCE_FILE, main, suite_files
 
     target = no_data / "fetched"
-    assert main(["fetch", "--suite", "quick", "--dir", str(target)]) == 0
+    suites = ("quick", "dialogue", "long_context")
+    fetch = ["fetch", *(arg for name in suites for arg in ("--suite", name)), "--dir", str(target)]
+    assert main(fetch) == 0
     out = capsys.readouterr().out
-    needed = sorted({rel for rels in suite_files("quick").values() for rel in rels})
+    needed = sorted({rel for name in suites for rels in suite_files(name).values() for rel in rels})
     assert "mt_bench/question.jsonl" in needed and "wikitext2/wiki.train.raw.first1MB.kent_apex.txt" in needed
     for rel in needed:
         assert (target / rel).read_bytes() == _shared(rel), rel
@@ -203,7 +207,7 @@ def test_fetch_fills_a_folder_that_passes_preflight_offline(upstream, no_data, m
 
     # a second run finds every file present and downloads nothing
     n = len(upstream)
-    assert main(["fetch", "--suite", "quick", "--dir", str(target)]) == 0
+    assert main(fetch) == 0
     assert len(upstream) == n and "downloaded" not in capsys.readouterr().out.split("folder")[0]
 
     from qeval.cli import compose_config

@@ -413,3 +413,122 @@ window.addEventListener('load', () => {
     match = re.search(r'<p id="probe">loaded (\d+) of (\d+)</p>', proc.stdout)
     assert match, proc.stderr[-2000:]
     assert int(match.group(1)) == int(match.group(2)) == n_figures
+
+
+# a report as wide as the qllm_eval suite on the default grid: every family, long metric names
+WIDE_TASKS = {
+    "wikitext2": ("basic_nlp", "ppl", False),
+    "wikitext": ("basic_nlp", "word_perplexity", False),
+    "lambada": ("basic_nlp", "acc", True),
+    "arc_easy": ("basic_nlp", "acc", True),
+    "arc_challenge": ("basic_nlp", "acc_norm", True),
+    "mmlu": ("basic_nlp", "acc", True),
+    "arc_icl": ("emergent", "acc_norm", True),
+    "ifeval": ("emergent", "prompt_level_strict_acc", True),
+    "gsm8k": ("emergent", "exact_match,flexible-extract", True),
+    "self_calibration": ("emergent", "ece", False),
+    "ethics_cm": ("ethics", "acc", True),
+    "truthfulqa_mc1": ("ethics", "acc", True),
+    "truthfulqa_mc2": ("ethics", "acc", True),
+    "mt_bench": ("dialogue", "degeneration", False),
+    "longeval_lines": ("long_context", "acc", True),
+    "longeval_topics": ("long_context", "acc", True),
+    "needle": ("long_context", "acc", True),
+}
+WIDE_SPECS = {
+    "fp16": ("FP", "FP16", 1.0),
+    "w8": ("W", "W8", 0.99),
+    "w4g128": ("W", "W4g128", 0.9),
+    "w3g128": ("W", "W3g128", 0.7),
+    "w8a8": ("WA", "W8A8", 0.97),
+    "w4a8": ("WA", "W4A8", 0.85),
+    "w4a4": ("WA", "W4A4", 0.4),
+    "kv4": ("KV", "KV4", 0.95),
+    "kv3": ("KV", "KV3", 0.8),
+    "kv2": ("KV", "KV2", 0.3),
+}
+
+
+def _wide_store(tmp_path) -> ResultStore:
+    store = ResultStore(tmp_path, "wide")
+    tasks = {
+        name: {
+            "task": f"qeval_{name}",
+            "kind": "lm_eval",
+            "family": fam,
+            "primary_metric": metric,
+            "higher_is_better": hib,
+        }
+        for name, (fam, metric, hib) in WIDE_TASKS.items()
+    }
+    tasks["wikitext2"]["kind"] = "perplexity"
+    for method, shift in (("rtn", 0.0), ("gptq", 0.05)):
+        for quant, (tensor_type, bits, keep) in WIDE_SPECS.items():
+            if method == "gptq" and tensor_type != "W":
+                continue
+            keep = min(1.0, keep + shift) if quant != "fp16" else 1.0
+            metrics: dict = {}
+            for name, (_, metric, hib) in WIDE_TASKS.items():
+                value = 0.5 * keep if hib else 10.0 / keep
+                metrics[name] = {metric: value, f"{metric}_stderr": 0.02, "samples": 100}
+            for length in (1000, 2000, 4000, 8000, 16000, 32000):
+                metrics["needle"][f"acc@{length}tok"] = keep * 4000 / (4000 + length)
+            metrics["mt_bench"].update(rep4=0.2 / keep, sentence_rep=0.1 / keep, nonword=0.05 / keep)
+            store.write(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "hash": f"{quant}-{method}",
+                    "label": f"smollm2-135m__{quant}__{method}",
+                    "sweep": "wide",
+                    "status": "ok",
+                    "tasks": tasks,
+                    "cell": {
+                        "model": "smollm2-135m",
+                        "quant": quant,
+                        "method": method,
+                        "suite": "qllm_eval",
+                        "backend": "hf",
+                        "tensor_type": tensor_type,
+                        "bits": bits,
+                    },
+                    "metrics": metrics,
+                }
+            )
+    return store
+
+
+@pytest.mark.parametrize("which", ["fixture", "wide"])
+def test_no_figure_has_overlapping_titles_or_labels(stores, tmp_path, monkeypatch, which):
+    """Every figure of a small and of a qllm_eval-wide report, drawn: no title, axis label or
+    tick label overlaps another (qeval.report.plots.text_overlaps on the drawn figure)."""
+    from qeval.report import write
+    from qeval.report.plots import text_overlaps
+
+    found: dict[str, list[str]] = {}
+    save = write.save_figure
+
+    def checked(fig, out, name):
+        found[name] = text_overlaps(fig)
+        return save(fig, out, name)
+
+    monkeypatch.setattr(write, "save_figure", checked)
+    dirs = list(stores) if which == "fixture" else [_wide_store(tmp_path).dir]
+    write.write_tables(dirs, tmp_path / "out")
+    assert len(found) >= 8
+    assert {name: hits for name, hits in found.items() if hits} == {}
+
+
+def test_overlap_check_sees_a_collision():
+    """The check itself: two panels whose long titles run into each other are caught."""
+    import matplotlib.pyplot as plt
+
+    from qeval.report.plots import text_overlaps
+
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2))
+    axes[0].set_title("a title far too long for its narrow panel, left")
+    axes[1].set_title("and another one on the right")
+    assert any("title" in hit for hit in text_overlaps(fig))
+    axes[0].set_title("ok")
+    axes[1].set_title("ok")
+    assert text_overlaps(fig) == []
+    plt.close(fig)

@@ -35,7 +35,10 @@ def test_suite_passes_preflight(suite):
         assert isinstance(info["higher_is_better"], bool) and info["primary_metric"]
 
 
-def test_default_suite_covers_all_families():
+def test_default_suite_is_the_paired_perplexity_run_and_every_family_has_a_suite():
+    """The default suite measures what a few CPU minutes can decide (basic NLP by perplexity
+    and divergence from the FP model, 2048-token windows, > 10k tokens); qllm_eval covers
+    every family."""
     from conftest import require_eval_data
 
     require_eval_data()
@@ -43,7 +46,11 @@ def test_default_suite_covers_all_families():
     from qeval.eval.suite import describe_suite
 
     cfg = preflight(_cfg("quick"))
-    assert {info["family"] for info in describe_suite(cfg.suite).values()} == set(FAMILIES)
+    (entry,) = cfg.suite.tasks.values()
+    assert entry.kind == "perplexity" and entry.seqlen == 2048 and entry.max_windows * (entry.seqlen - 1) > 10_000
+    assert {info["family"] for info in describe_suite(cfg.suite).values()} == {"basic_nlp"}
+    full = preflight(_cfg("qllm_eval"))
+    assert {info["family"] for info in describe_suite(full.suite).values()} == set(FAMILIES)
 
 
 @pytest.mark.parametrize(

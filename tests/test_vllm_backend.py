@@ -30,7 +30,7 @@ def test_native_tasks_are_refused_on_vllm_before_any_work():
     from qeval.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"native entries \(.*mt_bench.*\) that backend=vllm cannot score"):
-        preflight(_compose(["backend=vllm", "suite=quick"]))
+        preflight(_compose(["backend=vllm", "suite=dialogue"]))
 
 
 def test_backend_identity_ignores_engine_memory_but_not_dtype():

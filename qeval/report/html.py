@@ -77,6 +77,9 @@ def render_html(
             "distributions from the unquantized model's on the perplexity corpus (per token), top-1 agreement, "
             "RMS change of the reference token's probability, ln(PPL ratio).</p>" + _table(divergence)
         )
+        overview += "".join(
+            _figure(f, name.replace("_", " ")) for name, f in by_name.items() if name.startswith("divergence_")
+        )
     overview += (
         "<h3>Quality retained per family</h3><p class='note'>1 = unquantized; the mean over a family's "
         "tasks of the primary metric relative to the unquantized model, oriented so that lower is worse "

@@ -16,6 +16,7 @@ import re
 
 import pandas as pd
 
+from qeval.eval.registry import FAMILIES
 from qeval.report.frames import CELL_KEYS, TT_ORDER, bit_width, weight_bits_per_param
 from qeval.report.verdicts import evidence
 
@@ -105,15 +106,18 @@ def summary(
     cells = verdicts.reset_index()
     cells["width"] = [bit_width(t, b) for t, b in zip(cells.tensor_type, cells.bits)]
     families = [c for c in verdicts.columns]
+    missing = [f for f in FAMILIES if f not in families]
+    # "every family" only when every family was measured; else name the ones that were
+    scope = "every family" if not missing else ("basic NLP" if families == ["basic_nlp"] else ", ".join(families))
     cells["all_within"] = [all(v == "within" for v in row if isinstance(v, str)) for row in cells[families].values]
     for tt, part in sorted(cells.groupby("tensor_type"), key=lambda kv: TT_ORDER.get(kv[0], 9)):
         tested = ", ".join(f"{w:g}" for w in sorted(part.width.unique(), reverse=True))
         ok = part[part.all_within]
         if ok.empty:
-            lines.append(f"{tt}: no tested setting ({tested} bits) is confidently within {keep:.0%} in every family.")
+            lines.append(f"{tt}: no tested setting ({tested} bits) is confidently within {keep:.0%} in {scope}.")
         else:
             lines.append(
-                f"{tt}: within {keep:.0%} in every family down to {ok.width.min():g} bits (tested {tested}; "
+                f"{tt}: within {keep:.0%} in {scope} down to {ok.width.min():g} bits (tested {tested}; "
                 f"{', '.join(sorted(set(ok.quant)))})."
             )
     losses = paired[paired.verdict == "loss"]
@@ -127,6 +131,11 @@ def summary(
             "Inconclusive (neither within tolerance nor a significant loss at these sample sizes): "
             + "; ".join(f"{task} for {quants}" for task, quants in by_task.items())
             + "."
+        )
+    if missing:
+        lines.append(
+            f"Not measured here: {', '.join(missing)} (no task of theirs in this sweep's suite; "
+            f"{'suite=' + missing[0] if len(missing) == 1 else 'suite=' + ', suite='.join(missing)} or suite=qllm_eval measure them)."
         )
     if divergence is not None and not divergence.empty:
         parts = []

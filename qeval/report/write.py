@@ -133,7 +133,9 @@ def write_tables(
         for value, view in all_views[key].items():
             files += write_table(view, out / folder / value.replace("+", "_"))
     efficiency = efficiency_frame(records)
-    figures = [save_figure(fig, out / "figures", name) for name, fig in all_figures(long, families, efficiency)]
+    figures = [
+        save_figure(fig, out / "figures", name) for name, fig in all_figures(long, families, efficiency, divergence)
+    ]
     files += figures
     advice = recommendations(verdicts, paired, keep)
     findings = summary(verdicts, paired, keep, divergence)
