@@ -115,7 +115,7 @@ class Cell:
             "quant": dataclasses.asdict(self.quant),
             "method": self.recipe.identity(),
             "suite": dataclasses.asdict(self.suite),
-            "backend": self.runtime.identity(),
+            "backend": self.runtime.cell_identity(self.quant),
             "seed": self.seed,
         }
         if self.quant.tensor_type == "FP":

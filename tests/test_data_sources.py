@@ -216,8 +216,9 @@ def test_fetch_fills_a_folder_that_passes_preflight_offline(upstream, no_data, m
     monkeypatch.setenv("QEVAL_OFFLINE", "1")
     monkeypatch.setenv("QEVAL_DATA_DIR", str(target))
     monkeypatch.setenv("QEVAL_DATA_CACHE", str(no_data / "other-cache"))  # nothing cached: the folder alone
-    preflight(compose_config(["suite=quick", "model=tiny-llama"]))
-    assert data.data_file("lambada/lambada_test.jsonl") == target / "lambada/lambada_test.jsonl"
+    for name in suites:
+        preflight(compose_config([f"suite={name}", "model=tiny-llama"]))
+    assert data.data_file("mt_bench/question.jsonl") == target / "mt_bench/question.jsonl"
 
 
 def test_offline_with_no_data_names_the_file_and_the_fetch_command(no_data, monkeypatch):

@@ -189,7 +189,8 @@ def test_a_third_backend_is_one_class(tmp_path):
         register_configs()
         common = ["model=tiny-llama", "suite=tiny", "quant=w4g128", f"results_dir={tmp_path}"]
         twin = build_cell(compose_config([*common, "backend=hf_twin", "backend.note=x", "sweep_name=twin"]))
-        assert twin.identity()["backend"] == {"name": "hf_twin", "device": "cpu"}
+        # its identity keys, plus the scoring path hf adds for specs that allow shared contexts
+        assert twin.identity()["backend"] == {"name": "hf_twin", "device": "cpu", "scoring": "shared-context"}
         a = run_cell(twin)
         b = run_cell(build_cell(compose_config([*common, "sweep_name=hf"])))
         assert a["status"] == b["status"] == "ok" and a["cell"]["backend"] == "hf_twin"

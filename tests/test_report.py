@@ -57,6 +57,7 @@ SPECS = {
 
 
 N_ARC, N_STRICT, N_NEEDLE, N_MT, N_WINDOWS, WINDOW_TOKENS = 500, 100, 30, 48, 8, 2047
+FP_PPL = 10.0  # the fixture's unquantized perplexity
 
 
 def _binary(n: int, share: float) -> list[float]:
@@ -108,7 +109,22 @@ def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: flo
                 "bits": bits,
             },
             "metrics": {
-                "wikitext2": {"ppl": ppl, "ppl_stderr": 0.1, "windows": N_WINDOWS},
+                "wikitext2": {
+                    "ppl": ppl,
+                    "ppl_stderr": 0.1,
+                    "windows": N_WINDOWS,
+                    # divergence from FP grows with the perplexity gap (none for FP itself)
+                    **(
+                        {}
+                        if quant == "fp16"
+                        else {
+                            "kld": ppl / FP_PPL - 0.99,
+                            "kld_stderr": 0.001,
+                            "top1_agree": FP_PPL / ppl,
+                            "top1_agree_stderr": 0.004,
+                        }
+                    ),
+                },
                 "arc": {"acc": acc, "acc_stderr": 0.02, "samples": N_ARC},
                 "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": N_STRICT},
                 # long context falls with the KV bits, dialogue degenerates with fewer weight bits
@@ -122,7 +138,7 @@ def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: flo
                 "mt_bench": {"degeneration": 1.1 - strict, "rep4": 0.9 - strict, "samples": N_MT},
             },
         },
-        _items(ppl, 10.0, acc, strict),
+        _items(ppl, FP_PPL, acc, strict),
     )
 
 
@@ -289,6 +305,7 @@ def test_every_plot_type_is_drawn(stores, tmp_path):
         "abilities_radar_m.png",
         "long_context_needle.png",
         "dialogue_vs_bits.png",
+        "divergence_m_wikitext2.png",
         "families_radar_m.png",
         "quality_vs_memory.png",
         "quality_vs_latency.png",
@@ -336,7 +353,12 @@ def test_summary_states_only_tested_findings(stores, tmp_path, run_report):
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / "out" / "summary.md").read_text()
     # kv4 is within 95% on basic NLP and emergent, but 30 needle cases cannot show it for long context
-    assert "KV: no tested setting (4 bits) is confidently within 95% in every family" in summary
+    # the fixture's suite has no ethics task: the claims name the families measured, and say so
+    assert (
+        "KV: no tested setting (4 bits) is confidently within 95% in basic_nlp, emergent, dialogue, long_context"
+        in summary
+    )
+    assert "Not measured here: ethics (no task of theirs in this sweep's suite; suite=ethics or" in summary
     assert "Loss: w3g128 (rtn) in basic_nlp: " in summary and "McNemar exact p_adj=" in summary
     assert "flips 100 right->wrong / 0 wrong->right" in summary
     assert "Inconclusive (neither within tolerance nor a significant loss" in summary and "needle for" in summary

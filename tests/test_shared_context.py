@@ -226,7 +226,7 @@ def test_scorer_flag_picks_the_lm() -> None:
     ("spec", "enabled", "expected"),
     [
         (QuantSpec(w=WeightSpec(bits=4, group_size=32)), True, "shared-context"),
-        (QuantSpec(kv=KVSpec(bits=4, semantics="kivi")), True, "hflm (KV semantics 'kivi'"),
+        (QuantSpec(kv=KVSpec(bits=4, semantics="cache")), True, "hflm (KV semantics 'cache'"),
         (QuantSpec(w=WeightSpec(bits=4, group_size=32)), False, "hflm (backend.shared_context=false)"),
     ],
 )
@@ -258,3 +258,14 @@ def test_rolling_windows_use_hflms_own_path(llama) -> None:
     (a,), (b,) = ref.loglikelihood_rolling(inst, disable_tqdm=True), ours.loglikelihood_rolling(inst, disable_tqdm=True)
     assert a == b
     assert ours.shared_stats["requests"] == 0
+
+
+def test_cell_identity_says_when_shared_context_scoring_ran() -> None:
+    """Cells scored with shared contexts are other cells (float32 noise can move a quantized
+    model's numbers); cells that keep HFLM keep the identity they always had."""
+    from qeval.backends.hf import HFBackend, HFSettings
+
+    on, off = HFBackend(HFSettings()), HFBackend(HFSettings(shared_context=False))
+    w4, kivi = QuantSpec(w=WeightSpec(bits=4, group_size=32)), QuantSpec(kv=KVSpec(bits=4, semantics="cache"))
+    assert on.cell_identity(w4) == {"name": "hf", "device": "cpu", "scoring": "shared-context"}
+    assert on.cell_identity(kivi) == off.cell_identity(w4) == on.identity() == {"name": "hf", "device": "cpu"}

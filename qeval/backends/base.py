@@ -71,6 +71,11 @@ class Backend:
         values = dataclasses.asdict(self.settings)
         return {k: values[k] for k in self.identity_keys}
 
+    def cell_identity(self, spec: QuantSpec) -> dict[str, Any]:
+        """The backend's part of a cell's identity: :meth:`identity`, plus whatever a backend
+        decides per spec that can move the numbers (the hf backend's scoring path)."""
+        return self.identity()
+
     def validate(self) -> None:
         """Range checks of the settings (ConfigError naming the key)."""
         if self.settings.threads is not None and self.settings.threads <= 0:

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from qeval.backends.base import Backend, BackendSettings, OpenRequest, register_backend
-from qeval.config import check_choice
+from qeval.config import QuantSpec, check_choice
 from qeval.eval.scorer import HFScorer, Scorer, shared_context_allowed
 
 
@@ -51,7 +51,8 @@ class HFSettings(BackendSettings):
     device_map: str | None = None
     # score the multiple-choice requests that share a context with the context computed once
     # (qeval.eval.shared_context; same numbers as lm-eval's HFLM), where the spec allows it;
-    # false: always lm-eval's HFLM.  Not part of a cell's identity: the scores do not change.
+    # false: always lm-eval's HFLM.  A cell scored with shared contexts has it in its identity
+    # (HFBackend.cell_identity): float32 rounding noise moves a quantized model's numbers slightly.
     shared_context: bool = True
 
 
@@ -67,13 +68,28 @@ class HFBackend(Backend):
         if self.settings.device_map is not None:
             check_choice("backend.device_map", self.settings.device_map, DEVICE_MAPS)
 
+    def scoring(self, spec: QuantSpec) -> tuple[bool, str]:
+        """Whether lm-eval's log-likelihood requests are scored with shared contexts under
+        ``spec``, and the reason when not."""
+        if not self.settings.shared_context:
+            return False, "backend.shared_context=false"
+        return shared_context_allowed(spec)
+
+    def cell_identity(self, spec: QuantSpec) -> dict[str, Any]:
+        """Shared-context scoring computes the same function as HFLM, but in float32 a quantized
+        spec's log-likelihoods move by rounding noise (as they do with HFLM's batch size), so a
+        cell scored that way is a different cell: ``scoring`` is in its identity.  Cells that
+        keep HFLM keep the identity they always had."""
+        identity = self.identity()
+        if self.scoring(spec)[0]:
+            identity["scoring"] = "shared-context"
+        return identity
+
     @contextlib.contextmanager
     def open(self, request: OpenRequest) -> Iterator[Scorer]:
         if self.settings.device_map:
             request.record["device_map"] = spread_over_devices(request.model, self.settings.device_map)
-        shared, reason = shared_context_allowed(request.spec)
-        if not self.settings.shared_context:
-            shared, reason = False, "backend.shared_context=false"
+        shared, reason = self.scoring(request.spec)
         # which scorer lm-eval's log-likelihood requests met, and why not the faster one
         request.record["lm_eval_scoring"] = "shared-context" if shared else f"hflm ({reason})"
         yield HFScorer(request.model, request.tokenizer, shared_context=shared)

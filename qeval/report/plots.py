@@ -360,13 +360,19 @@ def divergence_vs_bits(divergence: pd.DataFrame | None) -> NamedFigures:
     if rows.empty:
         return
     rows["bit_width"] = [bit_width(t, b) for t, b in zip(rows.tensor_type, rows.bits)]
+    # WA cells vary two widths: one line per activation width (W8A8 and W4A8 on the A8 line)
+    rows["series"] = [
+        f"WA (A{m.group(1)})" if t == "WA" and (m := re.search(r"A(\d+)", b)) else t
+        for t, b in zip(rows.tensor_type, rows.bits)
+    ]
     for (model, task), part in rows.groupby(["model", "task"]):
         fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4), layout="constrained")
-        for (tt, method, backend), s in sorted(
-            part.groupby(["tensor_type", "method", "backend"]), key=lambda kv: (TT_ORDER.get(kv[0][0], 9), kv[0])
+        for (series, _tt, method, backend), s in sorted(
+            part.groupby(["series", "tensor_type", "method", "backend"]),
+            key=lambda kv: (TT_ORDER.get(kv[0][1], 9), kv[0]),
         ):
             s = s.groupby("bit_width").first().sort_index()
-            label = f"{tt} {method}{_backend_tag(backend)}"
+            label = f"{series} {method}{_backend_tag(backend)}"
             err = pd.to_numeric(s["kld_stderr"], errors="coerce")
             left.errorbar(s.index, s["kld"], yerr=err, marker="o", capsize=3, label=label)
             right.errorbar(
