@@ -45,7 +45,7 @@ from qeval.config import (
 from qeval.data import TEXT_DATASETS, check_available
 from qeval.eval.registry import import_plugin_file
 from qeval.eval.suite import check_suite, suite_kinds
-from qeval.models.tiny import TINY_FAMILIES
+from qeval.models.tiny import ALL_TINY_FAMILIES
 from qeval.quant.methods import ALIASES, METHODS
 from qeval.quant.recipe import Recipe
 from qeval.results import stable_hash
@@ -340,7 +340,7 @@ def validate(cell: Cell) -> None:
     if m.source in ("hub", "local") and not m.path:
         fail("model.path", m.path, f"a Hub id or folder when model.source={m.source}")
     if m.source == "tiny":
-        check_choice("model.family", m.family, tuple(TINY_FAMILIES))
+        check_choice("model.family", m.family, tuple(ALL_TINY_FAMILIES))
     if m.source == "gguf" and not m.gguf.parts:
         fail("model.gguf.parts", list(m.gguf.parts), "a list of 'distribution:path' pieces")
     validate_quant(cell.quant)

@@ -34,6 +34,7 @@ from qeval.errors import UnsupportedCellError
 from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite
 from qeval.models.carriers import cache_root
 from qeval.models.loading import LoadedModel, load_model
+from qeval.quant import coverage
 from qeval.quant.apply import quantize_model
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
@@ -191,6 +192,13 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
             record["timings"]["quantize"],
             " (from the quantized-model cache)" if record["quantized_cache"] == "hit" else "",
         )
+        # what was quantized, by kind of weight; a spec that leaves eligible weights in full
+        # precision fails here, naming them, before any evaluation
+        weights = coverage.account(model, cell.quant)
+        record["coverage"] = weights.as_record()
+        if quantized(cell.quant.w):
+            log.info("cell %s: %s", label, weights.summary())
+        coverage.check(weights, cell.quant)
         request = OpenRequest(
             model=model,
             tokenizer=loaded.tokenizer,

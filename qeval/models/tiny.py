@@ -58,6 +58,19 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
 }
 
 
+# Mixture-of-Experts families (transformers 5: fused expert tensors, a router per block); kept
+# apart from TINY_FAMILIES, whose members every method supports.  Sizes keep the expert
+# tensors' two inner dimensions distinct, so their layout is unambiguous from the shape.
+_MOE = dict(_DECODER, num_experts_per_tok=2)
+TINY_MOE_FAMILIES: dict[str, Callable[[], Any]] = {
+    "mixtral": lambda: _config("mixtral", **_MOE, num_local_experts=4),
+    "qwen3_moe": lambda: _config(
+        "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[]
+    ),
+}
+ALL_TINY_FAMILIES: dict[str, Callable[[], Any]] = {**TINY_FAMILIES, **TINY_MOE_FAMILIES}
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer: every UTF-8 byte is one token, no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -81,9 +94,9 @@ def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     """A randomly initialised model of ``family`` with fixed weights for ``seed``."""
     from transformers import AutoModelForCausalLM
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}: allowed {', '.join(sorted(TINY_FAMILIES))}")
-    config = TINY_FAMILIES[family]()
+    if family not in ALL_TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}: allowed {', '.join(sorted(ALL_TINY_FAMILIES))}")
+    config = ALL_TINY_FAMILIES[family]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # default inits are tiny (std 0.02): widen them so quantization error is visible

@@ -18,6 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qeval.config import QuantSpec, quantized, tensor_type
+from qeval.errors import UnsupportedCellError
+from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.experts import FusedExperts, find_fused_experts, quantize_experts, routers
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
@@ -31,17 +34,67 @@ log = logging.getLogger(__name__)
 
 
 def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of the model except the output projection (unless asked).
+    """Every ``nn.Linear`` of the model except the output projection (unless asked) and the
+    MoE routers (which stay in full precision, and some of which subclass ``nn.Linear`` but
+    return more than one tensor: Llama 4's).
 
     Architecture-agnostic on purpose: the output embedding is found through
-    ``get_output_embeddings()``, not by name.
+    ``get_output_embeddings()`` and routers by structure (qeval.quant.experts), not by name.
     """
     head = output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
+    skip = set(routers(model))
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (quantize_lm_head or module is not head)
+        if isinstance(module, nn.Linear) and (quantize_lm_head or module is not head) and name not in skip
     }
+
+
+def refuse_unsupported_experts(
+    model: nn.Module, spec: QuantSpec, recipe: Recipe, fused: list[FusedExperts] | None = None
+) -> None:
+    """UnsupportedCellError (the cell is skipped, saying why) for what qeval cannot yet do on
+    fused MoE experts, before any weight is touched."""
+    fused = find_fused_experts(model) if fused is None else fused
+    if not fused or not quantized(spec.w):
+        return
+    where = f"{fused[0].path} and {len(fused) - 1} more MoE blocks" if len(fused) > 1 else fused[0].path
+    if recipe.rounding.name != "rtn" or recipe.transforms:
+        raise UnsupportedCellError(
+            f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only RTN quantizes "
+            "fused expert tensors, and the experts are most of the weights"
+        )
+    if quantized(spec.a):
+        raise UnsupportedCellError(
+            f"activation quantization of fused MoE experts' inputs ({where}) is not implemented: the "
+            "experts multiply inside their module's forward, so their inputs would stay in full precision"
+        )
+
+
+def _quantize_fused_experts(model: nn.Module, spec: QuantSpec, recipe: Recipe) -> int:
+    """Quantize every fused-experts tensor per expert (as its own linear would be) and mark it
+    for the coverage account; returns the number of tensors.
+
+    Only rounding to nearest is implemented for fused experts, and only weights: a calibrated
+    rounding or activation quantization on a model that has them is refused rather than
+    leaving the experts (most of the weights) silently in full precision.
+    """
+    fused = find_fused_experts(model)
+    if not fused:
+        return 0
+    refuse_unsupported_experts(model, spec, recipe, fused)
+    fmt = QuantFormat(bits=spec.w.bits, kind=spec.w.format, sym=spec.w.sym)
+    n = 0
+    for experts in fused:
+        module = model.get_submodule(experts.path)
+        marked: dict[str, str] = {}
+        for param in experts.params:
+            tensor = getattr(module, param.name)
+            tensor.data = quantize_experts(tensor.data, param.layout, fmt, spec.w.granularity, spec.w.group_size)
+            marked[param.name] = f"{spec.label} per expert ({param.layout})"
+            n += 1
+        setattr(module, QUANTIZED_PARAMS_ATTR, marked)
+    return n
 
 
 def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
@@ -79,6 +132,7 @@ def quantize_model(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.of([recipe])
     recipe.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
+    refuse_unsupported_experts(model, spec, recipe)
     if calibration is not None:
         calibration = functools.cache(calibration)
     if quantized(spec.w):
@@ -104,13 +158,19 @@ def quantize_model(
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
             replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))
+        n_experts = _quantize_fused_experts(model, spec, recipe)
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
         if quantized(spec.a) and not spec.a.dynamic:
             if calibration is None:
                 raise ValueError("static activation quantization needs calibration data")
             _calibrate_static(model, act_quantizers, calibration())
-        log.info("quantized %d linear layers (%s)", len(linears), recipe.name)
+        log.info(
+            "quantized %d linear layers%s (%s)",
+            len(linears),
+            f" and {n_experts} fused expert tensors" if n_experts else "",
+            recipe.name,
+        )
     if quantized(spec.kv):
         install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))
     return model

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qeval.config import quantized
+from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
 from qeval.quant.formats import QuantFormat, QuantizedTensor
 from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
@@ -88,9 +89,16 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
                     tensors[f"{EXTRA}{name}.act_zero"] = aq.zero.detach().cpu().reshape(-1).contiguous()
         linears[name] = info
     head, emb = output_embeddings(model), input_embeddings(model)
+    # fused MoE expert tensors quantized in place: their marks (the coverage account reads them)
+    experts = {
+        name: dict(marks)
+        for name, module in model.named_modules()
+        if (marks := getattr(module, QUANTIZED_PARAMS_ATTR, None))
+    }
     manifest = {
         "format": CACHE_FORMAT,
         "linears": linears,
+        "experts": experts,
         "aliases": aliases,
         "untied_head": head is not None
         and head.weight is not emb.weight
@@ -174,5 +182,7 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
     for key, source in manifest["aliases"].items():
         state[key] = state[source]
     model.load_state_dict(state, strict=True)
+    for name, marks in manifest.get("experts", {}).items():
+        setattr(model.get_submodule(name), QUANTIZED_PARAMS_ATTR, dict(marks))
     if quantized(spec.kv):
         install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))

@@ -111,6 +111,37 @@ def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
 
 
+COVERAGE_KINDS = ("attention", "mlp", "experts", "router", "state_space", "embeddings", "head", "other")
+
+
+def coverage_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """What each weight-quantized cell quantized (its record's coverage account,
+    qeval.quant.coverage): the share of eligible weights, each kind's share of its weights,
+    and what stayed in full precision with why.  Empty when no record has an account."""
+    rows = []
+    for rec in records:
+        cov, cell = rec.get("coverage"), rec.get("cell") or {}
+        if not cov or rec.get("status") != "ok" or "W" not in str(cell.get("tensor_type", "")):
+            continue
+        row: dict = {k: cell.get(k) for k in CELL_KEYS}
+        row["eligible"] = cov.get("eligible")
+        row["quantized"] = cov.get("share")
+        for kind in COVERAGE_KINDS:
+            counts = (cov.get("kinds") or {}).get(kind)
+            if counts:
+                total = sum(counts.values())
+                row[kind] = counts.get("quantized", 0) / total if total else math.nan
+        row["full precision"] = "; ".join(
+            f"{g['kind']} {g['params']:,} ({g['reason'] or g['status']})" for g in cov.get("full_precision", [])
+        )
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    kinds = [k for k in COVERAGE_KINDS if k in frame.columns]
+    return frame[[*CELL_KEYS, "eligible", "quantized", *kinds, "full precision"]]
+
+
 def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
     """The efficiency records (benchmarks/efficiency.py) among ``records`` as one table,
     a row per timed point (empty when there are none)."""

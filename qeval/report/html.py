@@ -58,6 +58,7 @@ def render_html(
     verdicts: pd.DataFrame | None = None,
     divergence: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
+    coverage: pd.DataFrame | None = None,
 ) -> str:
     """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
@@ -132,6 +133,17 @@ def render_html(
             body += _figure(by_name["quality_vs_latency"], "quality vs latency")
         sections.append(("memory", "Quality vs memory and latency", body))
 
+    if coverage is not None and not coverage.empty:
+        sections.append(
+            (
+                "coverage",
+                "Weights quantized",
+                "<p class='note'>Per weight-quantized cell: the share of the eligible weights quantized (a cell "
+                "that leaves more than 2% of them in full precision fails, naming them), each kind's share of "
+                "its weights, and what stayed in full precision and why.</p>"
+                + _table(coverage.set_index(CELL_KEYS), "{:.3g}"),
+            )
+        )
     if not agreement.empty:
         n_bad = int((~agreement["agree"]).sum())
         head = (

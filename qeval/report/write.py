@@ -26,6 +26,7 @@ from qeval.report.frames import (  # noqa: E402
     add_normalized,
     agreement_table,
     cell_table,
+    coverage_frame,
     efficiency_frame,
     family_table,
     long_frame,
@@ -190,6 +191,13 @@ def write_tables(
     if not efficiency.empty:
         files.append(out / "efficiency.csv")
         efficiency.to_csv(files[-1], index=False)
+    weights = coverage_frame(records)
+    if not weights.empty:
+        files += write_table(weights.set_index(CELL_KEYS), out / "coverage")
+        markdown += (
+            "\n\nweights quantized (share of the eligible weights, and of each kind's weights; what stayed in "
+            "full precision and why)\n\n" + weights.to_markdown(index=False, floatfmt=".3g")
+        )
     not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
@@ -215,6 +223,7 @@ def write_tables(
             verdicts,
             divergence,
             paired,
+            weights,
         ),
         encoding="utf-8",
     )

@@ -1,0 +1,207 @@
+"""Fused MoE experts (qeval.quant.experts) and the coverage account (qeval.quant.coverage):
+experts are found from the model's structure and quantized exactly as unfused linears would be,
+routers stay in full precision, and a spec that leaves eligible weights untouched is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qeval.config import ActivationSpec, QuantSpec, WeightSpec
+from qeval.models.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES, build_tiny_model
+from qeval.quant import coverage
+from qeval.quant.apply import quantize_model
+from qeval.quant.experts import find_fused_experts, quantize_experts, routers
+from qeval.quant.formats import QuantFormat, quantize_weight
+from qeval.quant.methods import METHODS, UnsupportedCellError
+
+W4 = QuantSpec(name="w4g32", w=WeightSpec(bits=4, group_size=32))
+MOE = sorted(TINY_MOE_FAMILIES)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize(("granularity", "group"), [("group", 16), ("channel", -1), ("tensor", -1)])
+def test_fused_quantization_equals_unfused_linears(layout, granularity, group):
+    """Each expert's slice of the quantized fused tensor equals quantizing that expert's
+    [out, in] weight on its own (same codes, so the same dequantized values)."""
+    torch.manual_seed(0)
+    experts, out, inp = 3, 24, 32
+    rows = torch.randn(experts, out, inp)
+    fused = rows if layout == "out_in" else rows.transpose(1, 2).contiguous()
+    fmt = QuantFormat(bits=4, kind="int", sym=False)
+    deq = quantize_experts(fused, layout, fmt, granularity, group)
+    assert deq.shape == fused.shape
+    for e in range(experts):
+        alone = quantize_weight(rows[e], fmt, granularity, group)[0]
+        mine = deq[e] if layout == "out_in" else deq[e].T
+        assert torch.equal(mine, alone)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_experts_and_routers_are_read_from_the_model(family):
+    model = build_tiny_model(family)
+    fused = find_fused_experts(model)
+    config = model.config
+    n = getattr(config, "num_experts", None) or config.num_local_experts
+    assert [f.path for f in fused] == [f"model.layers.{i}.mlp.experts" for i in range(config.num_hidden_layers)]
+    for f in fused:
+        assert f.num_experts == n
+        by_name = {p.name: p for p in f.params}
+        assert by_name["gate_up_proj"].layout == by_name["down_proj"].layout == "out_in"
+        assert by_name["gate_up_proj"].in_features == by_name["down_proj"].out_features == config.hidden_size
+    assert sorted(routers(model)) == [f"model.layers.{i}.mlp.gate" for i in range(config.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_quantized_experts_compute_what_unfused_quantized_experts_compute(family):
+    """The experts module, after quantization, gives the output of a reference unfused MoE:
+    per expert, gate/up/down as separate linears holding that expert's quantized weights."""
+    model = build_tiny_model(family)
+    quantize_model(model, W4, METHODS["rtn"]())
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    torch.manual_seed(1)
+    hidden = torch.randn(10, model.config.hidden_size)
+    top_k = torch.stack([torch.randperm(experts.num_experts)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2)
+    got = experts(hidden, top_k, weights)
+    want = torch.zeros_like(hidden)
+    inter = experts.down_proj.shape[2]
+    for t in range(10):
+        for k in range(2):
+            e = int(top_k[t, k])
+            w_gate, w_up = experts.gate_up_proj[e][:inter], experts.gate_up_proj[e][inter:]
+            h = F.silu(F.linear(hidden[t], w_gate)) * F.linear(hidden[t], w_up)
+            want[t] += weights[t, k] * F.linear(h, experts.down_proj[e])
+    assert torch.allclose(got, want, atol=1e-5)
+    # and the weights are on the 4-bit grid: 16 levels per group of 32 along the input
+    rows = experts.gate_up_proj.detach().reshape(-1, 32)
+    assert max(len(torch.unique(r)) for r in rows) <= 16
+
+
+def test_an_in_out_layout_is_read_from_the_shapes():
+    """GPT-OSS stores experts as x @ W[e] ([experts, in, out]); the hidden size tells."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_experts = 4
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 64, 2 * 40))
+            self.down_proj = nn.Parameter(torch.randn(4, 40, 64))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = nn.Linear(64, 4)
+            self.experts = Experts()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("C", (), {"hidden_size": 64, "num_local_experts": 4})()
+            self.block = Block()
+
+    model = Model()
+    (fused,) = find_fused_experts(model)
+    assert {p.name: p.layout for p in fused.params} == {"gate_up_proj": "in_out", "down_proj": "in_out"}
+    assert list(routers(model)) == ["block.router"]
+
+
+def test_a_router_that_subclasses_linear_is_left_alone():
+    """Llama 4's router is an nn.Linear subclass returning (scores, logits): quantizing it as a
+    linear would break the model, and routers stay in full precision anyway."""
+    from qeval.quant.apply import target_linears
+
+    model = build_tiny_model("mixtral")
+    block = model.model.layers[0].mlp
+
+    class Router(nn.Linear):
+        def forward(self, x):  # noqa: D102
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    old = block.gate
+    block.gate = Router(old.weight.shape[1], old.weight.shape[0], bias=False)
+    names = target_linears(model)
+    assert "model.layers.0.mlp.gate" not in names and "model.layers.0.self_attn.q_proj" in names
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES) + MOE)
+def test_w4_quantizes_every_eligible_weight(family):
+    model = build_tiny_model(family)
+    quantize_model(model, W4, METHODS["rtn"]())
+    account = coverage.account(model, W4)
+    coverage.check(account, W4)
+    record = account.as_record()
+    assert record["share"] == 1.0 and record["eligible"] > 0
+    assert all(k["left"] == 0 for k in record["kinds"].values())
+    if family in TINY_MOE_FAMILIES:
+        experts = record["kinds"]["experts"]
+        assert experts["quantized"] > record["kinds"]["attention"]["quantized"]  # most of the weights
+        assert record["kinds"]["router"] == {"quantized": 0, "excluded": record["kinds"]["router"]["excluded"],
+                                             "unsupported": 0, "left": 0}  # fmt: skip
+        reasons = {g["kind"]: g["reason"] for g in record["full_precision"]}
+        assert "router" in reasons["router"]
+
+
+def test_experts_left_in_full_precision_are_refused_by_name(monkeypatch):
+    """Without fused-expert support (as before), W4 on an MoE model quantizes attention only:
+    the account says so and check() refuses the cell, naming the expert tensors."""
+    from qeval.quant import apply
+
+    model = build_tiny_model("qwen3_moe")
+    monkeypatch.setattr(apply, "find_fused_experts", lambda model: [])
+    quantize_model(model, W4, METHODS["rtn"]())
+    account = coverage.account(model, W4)
+    assert account.count("left", "experts") > 0 and account.count("left", "attention") == 0
+    assert account.share < 0.5
+    with pytest.raises(coverage.CoverageError, match=r"mlp\.experts\.gate_up_proj \(experts"):
+        coverage.check(account, W4)
+    # a KV-only or unquantized spec asks for no weights: nothing to refuse
+    coverage.check(coverage.account(build_tiny_model("qwen3_moe"), QuantSpec()), QuantSpec())
+
+
+def test_what_cannot_yet_be_done_on_experts_is_refused_before_any_weight_moves():
+    model = build_tiny_model("mixtral")
+    before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    w8a8 = QuantSpec(name="w8a8", w=WeightSpec(bits=8, granularity="channel"), a=ActivationSpec(bits=8))
+    with pytest.raises(UnsupportedCellError, match="activation quantization of fused MoE experts"):
+        quantize_model(model, w8a8, METHODS["rtn"]())
+    with pytest.raises(UnsupportedCellError, match="'gptq' on fused MoE experts"):
+        quantize_model(model, W4, METHODS["gptq"]())
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)
+
+
+def test_quantized_cache_keeps_the_expert_marks(tmp_path):
+    from qeval.quant.cache import load_quantized, save_quantized
+
+    model = build_tiny_model("mixtral")
+    quantize_model(model, W4, METHODS["rtn"]())
+    save_quantized(model, tmp_path / "entry")
+    fresh = build_tiny_model("mixtral")
+    assert load_quantized(fresh, tmp_path / "entry", W4)
+    assert coverage.account(fresh, W4).as_record() == coverage.account(model, W4).as_record()
+    assert torch.equal(fresh.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
+
+
+def test_an_moe_cell_records_its_coverage_and_a_partial_one_fails(tmp_path, monkeypatch):
+    """Through the runner: the W4 cell of tiny-mixtral is ok with every expert quantized (its
+    record says so); with expert support taken away it fails before evaluation, naming them."""
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
+    from qeval.quant import apply
+    from qeval.runner import run_cell
+
+    args = ["model=tiny-mixtral", "suite=tiny", "~suite.tasks.lambada", "quant=w4g128", f"results_dir={tmp_path}"]
+    ok = run_cell(build_cell(compose_config([*args, "sweep_name=ok"])))
+    assert ok["status"] == "ok"
+    assert ok["coverage"]["share"] == 1.0 and ok["coverage"]["kinds"]["experts"]["left"] == 0
+    monkeypatch.setattr(apply, "find_fused_experts", lambda model: [])
+    bad = run_cell(build_cell(compose_config([*args, "sweep_name=bad"])))
+    assert bad["status"] == "failed" and "CoverageError" in bad["reason"]
+    assert "mlp.experts.gate_up_proj" in bad["reason"] and "nothing was evaluated" in bad["reason"]
+    assert "metrics" not in bad or not bad["metrics"]
