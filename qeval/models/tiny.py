@@ -68,7 +68,13 @@ TINY_MOE_FAMILIES: dict[str, Callable[[], Any]] = {
         "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[]
     ),
 }
-ALL_TINY_FAMILIES: dict[str, Callable[[], Any]] = {**TINY_FAMILIES, **TINY_MOE_FAMILIES}
+# state-space families: no attention, so no KV cache (KV specs are refused on them)
+TINY_SSM_FAMILIES: dict[str, Callable[[], Any]] = {
+    "mamba": lambda: _config(
+        "mamba", hidden_size=64, state_size=8, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=True
+    ),
+}
+ALL_TINY_FAMILIES: dict[str, Callable[[], Any]] = {**TINY_FAMILIES, **TINY_MOE_FAMILIES, **TINY_SSM_FAMILIES}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

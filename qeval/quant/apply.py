@@ -22,7 +22,7 @@ from qeval.errors import UnsupportedCellError
 from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import FusedExperts, find_fused_experts, quantize_experts, routers
 from qeval.quant.formats import QuantFormat, quantize_weight
-from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
+from qeval.quant.kv import install_kv_for_spec, kv_layers_or_refuse
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
 from qeval.quant.methods import Step
 from qeval.quant.methods.quarot import INPUT_TRANSFORM_ATTR
@@ -133,6 +133,8 @@ def quantize_model(
         recipe = Recipe.of([recipe])
     recipe.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
     refuse_unsupported_experts(model, spec, recipe)
+    # a KV spec on a model without KV layers is refused before any weight is quantized
+    kv_layers = kv_layers_or_refuse(model) if quantized(spec.kv) else None
     if calibration is not None:
         calibration = functools.cache(calibration)
     if quantized(spec.w):
@@ -172,5 +174,5 @@ def quantize_model(
             recipe.name,
         )
     if quantized(spec.kv):
-        install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))
+        install_kv_for_spec(model, spec.kv, kv_layers)
     return model

@@ -30,7 +30,7 @@ from torch import nn
 from qeval.config import quantized
 from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
 from qeval.quant.formats import QuantFormat, QuantizedTensor
-from qeval.quant.kv import install_kv_quantization, kv_quantizer_from_spec
+from qeval.quant.kv import install_kv_for_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
 from qeval.quant.transforms import untie_output_embeddings
 from qeval.quant.typing_helpers import input_embeddings, output_embeddings
@@ -185,4 +185,4 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
     for name, marks in manifest.get("experts", {}).items():
         setattr(model.get_submodule(name), QUANTIZED_PARAMS_ATTR, dict(marks))
     if quantized(spec.kv):
-        install_kv_quantization(model, kv_quantizer_from_spec(spec.kv))
+        install_kv_for_spec(model, spec.kv)

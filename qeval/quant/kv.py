@@ -205,3 +205,49 @@ def install_kv_quantization(
         return args, kwargs
 
     return model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+KV_LAYERS_ATTR = "_qeval_kv_layers"  # (layers that store keys and values, cache layers), set below
+
+
+@torch.no_grad()
+def kv_cache_layers(model: nn.Module) -> tuple[int, int]:
+    """(layers whose keys and values go through the cache, layers of the cache) of ``model``,
+    read by running two tokens through a fresh cache: what a KV spec would quantize.
+
+    A state-space layer (Mamba) keeps a recurrent state, not keys and values, and never calls
+    the cache's ``update``; a hybrid model stores keys and values in its attention layers only.
+    """
+    config = config_of(model)
+    cache = DynamicCache(config=config)
+    device = next(model.parameters()).device
+    model(torch.ones(1, 2, dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+    layers = list(getattr(cache, "layers", []))
+    stored = sum(1 for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0)
+    return stored, len(layers)
+
+
+def kv_layers_or_refuse(model: nn.Module) -> tuple[int, int]:
+    """:func:`kv_cache_layers`, refusing (UnsupportedCellError, naming the architecture) a model
+    none of whose layers keeps keys and values, rather than record a KV cell whose numbers are
+    the unquantized model's."""
+    from qeval.errors import UnsupportedCellError
+
+    stored, total = kv_cache_layers(model)
+    if stored == 0:
+        model_type = getattr(config_of(model), "model_type", "?")
+        raise UnsupportedCellError(
+            f"KV quantization on {model_type!r}: none of its {total} layers stores keys and values in the "
+            "cache (state-space layers keep a recurrent state instead), so there is nothing to quantize"
+        )
+    return stored, total
+
+
+def install_kv_for_spec(model: nn.Module, kv: Any, layers: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Install the KV quantization ``kv`` asks for (refusing a model without KV layers, see
+    :func:`kv_layers_or_refuse`; ``layers`` when already probed).  Returns and keeps on the
+    model (for the cell's record) (layers quantized, cache layers)."""
+    layers = kv_layers_or_refuse(model) if layers is None else layers
+    install_kv_quantization(model, kv_quantizer_from_spec(kv))
+    setattr(model, KV_LAYERS_ATTR, layers)
+    return layers

@@ -1,0 +1,60 @@
+"""Families beyond the five every method supports: KV quantization reaches every attention
+family and is refused where no layer keeps keys and values; weight coverage on a state-space
+model names what is not a matmul weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qeval.config import KVSpec, QuantSpec, WeightSpec
+from qeval.models.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES, build_tiny_model
+from qeval.quant import coverage
+from qeval.quant.apply import quantize_model
+from qeval.quant.kv import KV_LAYERS_ATTR
+from qeval.quant.methods import METHODS, UnsupportedCellError
+
+KV4 = QuantSpec(name="kv4", kv=KVSpec(bits=4))
+ATTENTION_FAMILIES = sorted(TINY_FAMILIES) + sorted(TINY_MOE_FAMILIES)
+
+
+@pytest.mark.parametrize("family", ATTENTION_FAMILIES)
+def test_kv4_changes_the_logits_of_every_attention_family(family):
+    model = build_tiny_model(family)
+    x = torch.randint(3, 250, (1, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+        quantize_model(model, KV4, METHODS["rtn"]())
+        out = model(x).logits
+    assert (out - ref).abs().max() > 1e-3
+    stored, total = getattr(model, KV_LAYERS_ATTR)
+    assert stored == total == model.config.num_hidden_layers
+
+
+def test_kv_on_a_state_space_model_is_refused_not_a_silent_no_op():
+    """Mamba ignores a KV cache: a KV4 cell would report the unquantized model's numbers."""
+    model = build_tiny_model("mamba")
+    with pytest.raises(UnsupportedCellError, match=r"KV quantization on 'mamba': none of its 2 layers"):
+        quantize_model(model, KV4, METHODS["rtn"]())
+    w4kv4 = QuantSpec(name="w4kv4", w=WeightSpec(bits=4, group_size=32), kv=KVSpec(bits=4))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedCellError, match="state-space"):
+        quantize_model(model, w4kv4, METHODS["rtn"]())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any weight moved
+
+
+def test_w4_on_mamba_quantizes_its_projections_and_names_what_it_leaves():
+    model = build_tiny_model("mamba")
+    spec = QuantSpec(name="w4g32", w=WeightSpec(bits=4, group_size=32))
+    x = torch.randint(3, 250, (1, 16))
+    with torch.no_grad():
+        ref = model(x).logits
+        quantize_model(model, spec, METHODS["rtn"]())
+        assert (model(x).logits - ref).abs().max() > 1e-3
+    account = coverage.account(model, spec)
+    coverage.check(account, spec)
+    record = account.as_record()
+    assert record["share"] == 1.0
+    assert record["kinds"]["state_space"]["quantized"] > 0
+    reasons = {g["reason"] for g in record["full_precision"] if g["status"] == "unsupported"}
+    assert any("Conv1d kernel" in r for r in reasons) and any("'A_log'" in r for r in reasons)
