@@ -199,6 +199,12 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         record["coverage"] = weights.as_record()
         if (kv_layers := getattr(model, KV_LAYERS_ATTR, None)) is not None:
             record["coverage"]["kv"] = {"layers": kv_layers[0], "cache_layers": kv_layers[1]}
+            if mixers := coverage.state_space_mixers(model):  # a hybrid: say what KV leaves alone
+                record["coverage"]["kv"]["state_space_mixers"] = mixers
+                record["coverage"]["kv"]["note"] = (
+                    f"the recurrent states of {mixers} state-space mixers are not quantized: a KV spec "
+                    "quantizes keys and values only"
+                )
         if quantized(cell.quant.w):
             log.info("cell %s: %s", label, weights.summary())
         coverage.check(weights, cell.quant)

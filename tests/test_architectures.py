@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from qeval.config import KVSpec, QuantSpec, WeightSpec
-from qeval.models.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES, build_tiny_model
+from qeval.models.tiny import TINY_DENSE_FAMILIES, TINY_FAMILIES, TINY_MOE_FAMILIES, build_tiny_model
 from qeval.quant import coverage
 from qeval.quant.apply import quantize_model
 from qeval.quant.kv import KV_LAYERS_ATTR
 from qeval.quant.methods import METHODS, UnsupportedCellError
 
 KV4 = QuantSpec(name="kv4", kv=KVSpec(bits=4))
-ATTENTION_FAMILIES = sorted(TINY_FAMILIES) + sorted(TINY_MOE_FAMILIES)
+ATTENTION_FAMILIES = sorted(TINY_FAMILIES) + sorted(TINY_DENSE_FAMILIES) + sorted(TINY_MOE_FAMILIES) + ["falcon_h1"]
 
 
 @pytest.mark.parametrize("family", ATTENTION_FAMILIES)
@@ -58,3 +58,21 @@ def test_w4_on_mamba_quantizes_its_projections_and_names_what_it_leaves():
     assert record["kinds"]["state_space"]["quantized"] > 0
     reasons = {g["reason"] for g in record["full_precision"] if g["status"] == "unsupported"}
     assert any("Conv1d kernel" in r for r in reasons) and any("'A_log'" in r for r in reasons)
+
+
+def test_kv_on_a_hybrid_model_quantizes_its_attention_and_says_what_it_leaves(tmp_path):
+    """Falcon-H1 runs attention and a Mamba mixer in every layer: KV4 quantizes the attention
+    layers' keys and values, and the record says the mixers' states are not quantized."""
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
+    from qeval.runner import run_cell
+
+    args = ["model=tiny-falcon-h1", "suite=tiny", "~suite.tasks.lambada", "quant=kv4", f"results_dir={tmp_path}"]
+    record = run_cell(build_cell(compose_config(args)))
+    assert record["status"] == "ok"
+    kv = record["coverage"]["kv"]
+    assert kv["layers"] == kv["cache_layers"] == 2 and kv["state_space_mixers"] == 2
+    assert "not quantized" in kv["note"]

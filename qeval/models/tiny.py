@@ -58,23 +58,98 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
 }
 
 
-# Mixture-of-Experts families (transformers 5: fused expert tensors, a router per block); kept
-# apart from TINY_FAMILIES, whose members every method supports.  Sizes keep the expert
-# tensors' two inner dimensions distinct, so their layout is unambiguous from the shape.
+# The families below are kept apart from TINY_FAMILIES, whose members every method supports:
+# weights (RTN), activations and KV run on them; calibrated methods refuse them until the
+# adapter table (qeval/models/adapters.py) has an entry.
+TINY_DENSE_FAMILIES: dict[str, Callable[[], Any]] = {
+    "qwen3": lambda: _config("qwen3", **_DECODER),  # q/k norms
+    "phi3": lambda: _config("phi3", **_DECODER),  # fused qkv_proj and gate_up_proj
+    "gemma2": lambda: _config("gemma2", **_DECODER, sliding_window=32, query_pre_attn_scalar=16),
+    "olmo2": lambda: _config("olmo2", **_DECODER),  # post-norms
+    "granite": lambda: _config("granite", **_DECODER),
+    "gpt_neox": lambda: _config(  # fused query_key_value, parallel attention and MLP
+        "gpt_neox", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4
+    ),
+    "falcon": lambda: _config(
+        "falcon",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+    ),
+}
+# Mixture-of-Experts families (transformers 5: fused expert tensors, a router per block).
+# Sizes keep the expert tensors' two inner dimensions distinct, so their layout is
+# unambiguous from the shape.
 _MOE = dict(_DECODER, num_experts_per_tok=2)
 TINY_MOE_FAMILIES: dict[str, Callable[[], Any]] = {
     "mixtral": lambda: _config("mixtral", **_MOE, num_local_experts=4),
     "qwen3_moe": lambda: _config(
         "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[]
     ),
+    # experts as x @ W[e] ([experts, in, out]); the router subclasses nn.Linear
+    "llama4_text": lambda: _config(
+        "llama4_text",
+        **dict(_MOE, num_experts_per_tok=1),
+        num_local_experts=4,
+        intermediate_size_mlp=96,
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1, 1],
+    ),
+    # experts as x @ W[e] + b[e], attention sinks, sliding and full layers
+    "gpt_oss": lambda: _config(
+        "gpt_oss",
+        **_MOE,
+        num_local_experts=4,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    # multi-head latent attention (q_a/q_b, kv_a/kv_b), a dense first layer, a shared expert
+    "deepseek_v3": lambda: _config(
+        "deepseek_v3",
+        hidden_size=64,
+        intermediate_size=160,
+        moe_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    ),
 }
-# state-space families: no attention, so no KV cache (KV specs are refused on them)
+# state-space families: Mamba has no attention, so no KV cache (KV specs are refused on it);
+# Falcon-H1 runs attention and a Mamba mixer side by side in every layer
 TINY_SSM_FAMILIES: dict[str, Callable[[], Any]] = {
     "mamba": lambda: _config(
         "mamba", hidden_size=64, state_size=8, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=True
     ),
+    "falcon_h1": lambda: _config(
+        "falcon_h1",
+        **_DECODER,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+    ),
 }
-ALL_TINY_FAMILIES: dict[str, Callable[[], Any]] = {**TINY_FAMILIES, **TINY_MOE_FAMILIES, **TINY_SSM_FAMILIES}
+ALL_TINY_FAMILIES: dict[str, Callable[[], Any]] = {
+    **TINY_FAMILIES,
+    **TINY_DENSE_FAMILIES,
+    **TINY_MOE_FAMILIES,
+    **TINY_SSM_FAMILIES,
+}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

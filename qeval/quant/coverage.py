@@ -170,6 +170,8 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
                 status = "quantized"
             elif pname in marked:
                 status = "quantized"
+            elif path in expert_paths and param.dim() == 2:
+                status, reason = "excluded", "per-expert bias: biases stay in full precision, as linear biases do"
             elif kind == "router":
                 status, reason = "excluded", "router: expert scores stay in full precision"
             elif isinstance(module, nn.modules.conv._ConvNd):
@@ -178,6 +180,13 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
                 status, reason = "unsupported", f"state-space parameter {pname!r}: not a matmul weight"
             out.tensors.append(Tensor(name, k, int(param.numel()), status, reason))
     return out
+
+
+def state_space_mixers(model: nn.Module) -> int:
+    """Modules that keep a recurrent state instead of keys and values (Mamba-style mixers):
+    what a KV spec does not quantize on a hybrid model, and says so in the record."""
+    return sum(1 for m in model.modules() if type(m).__name__.endswith("Mixer") and any(
+        s in type(m).__name__ for s in ("Mamba", "SSM", "H1")))  # fmt: skip
 
 
 def check(coverage: Coverage, spec: QuantSpec, max_left: float = MAX_LEFT_SHARE) -> None:
