@@ -88,6 +88,13 @@ class ResultStore:
         if record.get("items") and read_items(items_path(path)) is None:
             log.warning("per-item file of %s is missing or unreadable; the cell will be recomputed", path)
             return None
+        if _lacks_coverage(record):
+            log.warning(
+                "%s quantized weights before qeval counted what it quantized (MoE experts could have "
+                "stayed in full precision); the cell will be recomputed",
+                path,
+            )
+            return None
         return record
 
     def write(self, record: dict[str, Any], items: Mapping[str, Any] | None = None) -> Path:
@@ -157,6 +164,12 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
     with atomic_file(path, ".json") as f:  # serialized inside: a record that cannot be leaves no file
         f.write(json.dumps(data, indent=1, sort_keys=True, default=str).encode())
+
+
+def _lacks_coverage(record: dict[str, Any]) -> bool:
+    """An ok weight-quantized record written before coverage accounts existed (qeval < 0.3)."""
+    tensor_type = str((record.get("cell") or {}).get("tensor_type", ""))
+    return record.get("status") == "ok" and "W" in tensor_type and "coverage" not in record
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

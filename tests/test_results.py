@@ -174,3 +174,15 @@ def test_fp_baseline_is_one_cell_across_methods():
     )
     assert cell_hash("quant=w4g128", "method=rtn") != cell_hash("quant=w4g128", "method=gptq")
     assert cell_hash("quant=fp16") != cell_hash("quant=fp16", "seed=1")
+
+
+def test_a_weight_cell_recorded_without_a_coverage_account_is_recomputed(tmp_path):
+    """Before coverage accounts, W cells of MoE models left their experts unquantized and said
+    W4: such a record is not reused; KV-only and unquantized records without one still are."""
+    store = ResultStore(tmp_path, "sweep")
+    store.write(_record("aaaa000000000000", cell={"tensor_type": "W"}))
+    store.write(_record("bbbb000000000000", cell={"tensor_type": "W"}, coverage={"share": 1.0}))
+    store.write(_record("cccc000000000000", cell={"tensor_type": "KV"}))
+    store.write(_record("dddd000000000000", cell={"tensor_type": "WA+KV"}))
+    assert store.finished("aaaa000000000000") is None and store.finished("dddd000000000000") is None
+    assert store.finished("bbbb000000000000") is not None and store.finished("cccc000000000000") is not None
