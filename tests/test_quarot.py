@@ -15,7 +15,7 @@ from qeval.quant.linear import QuantLinear
 from qeval.quant.methods.quarot import rotate_model
 from qeval.quant.recipe import get_method
 
-ROTATABLE = ["llama", "mistral", "qwen2"]
+ROTATABLE = ["llama", "mistral", "qwen2", "qwen3", "granite"]
 CALIB = [torch.randint(3, 259, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
 

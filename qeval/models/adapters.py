@@ -10,6 +10,7 @@ and how the norm applies its weight (Gemma's RMSNorm multiplies by
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -112,14 +113,43 @@ ADAPTERS: dict[str, Adapter] = {
     ),
 }
 ADAPTERS["gemma3"] = ADAPTERS["gemma3_text"]
+# Llama-shaped blocks: Qwen3 adds RMSNorms on each head's queries and keys *after* q_proj and
+# k_proj (they see the projections' outputs, which no transform here changes); Granite adds
+# scalar multipliers on the embeddings, the residual branches, attention and the logits
+# (scalars commute with every per-channel scale and rotation)
+ADAPTERS["qwen3"] = Adapter("qwen3", **_LLAMA_LIKE)
+ADAPTERS["granite"] = Adapter("granite", **_LLAMA_LIKE)
+# Gemma 2: Gemma 3's block layout (pre- and post-norms, RMSNorm multiplying by 1 + weight)
+ADAPTERS["gemma2"] = dataclasses.replace(ADAPTERS["gemma3_text"], model_type="gemma2")
+
+
+# What stands between a family and the adapter table: said in the refusal, so that a user
+# reads the architectural reason, not only "no entry"
+NO_ADAPTER_BECAUSE: dict[str, str] = {
+    "phi3": "its q/k/v and gate/up projections are fused into one linear each (qkv_proj, gate_up_proj), so the "
+    "v -> o and up -> down scale pairs are row slices of a linear, which the table cannot name yet",
+    "olmo2": "it normalizes after attention and MLP (post-norms) and not before, so no norm reads the linears' "
+    "inputs: a smoothing scale has nowhere to fold, and a rotation does not commute with the post-norms",
+    "gpt_neox": "its attention and MLP read the same LayerNorm'd input in parallel and q/k/v are one fused "
+    "linear; LayerNorm subtracts the mean, which does not commute with a rotation",
+    "falcon": "q/k/v are one fused linear and attention and MLP run in parallel off LayerNorms",
+    "mixtral": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
+    "qwen3_moe": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
+    "llama4_text": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
+    "gpt_oss": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
+    "deepseek_v3": "its experts are fused 3-D tensors and its attention is multi-head latent attention",
+    "mamba": "its blocks are state-space mixers, not attention and MLP",
+    "falcon_h1": "each block runs a state-space mixer beside attention",
+}
 
 
 def get_adapter(model: nn.Module, method: str = "this method") -> Adapter:
-    """The adapter for ``model``'s family, or a clear refusal naming the family."""
+    """The adapter for ``model``'s family, or a clear refusal naming the family and why."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
+        why = f": {NO_ADAPTER_BECAUSE[model_type]}" if model_type in NO_ADAPTER_BECAUSE else ""
         raise UnsupportedCellError(
             f"{method} needs the architecture adapter table, which has no entry for model_type "
-            f"{model_type!r} (supported: {', '.join(sorted(ADAPTERS))}); add one in qeval/models/adapters.py"
+            f"{model_type!r}{why} (supported: {', '.join(sorted(ADAPTERS))}); add one in qeval/models/adapters.py"
         )
     return ADAPTERS[model_type]

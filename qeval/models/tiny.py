@@ -46,6 +46,9 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
         query_pre_attn_scalar=16,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    "qwen3": lambda: _config("qwen3", **_DECODER),  # q/k norms
+    "granite": lambda: _config("granite", **_DECODER),
+    "gemma2": lambda: _config("gemma2", **_DECODER, sliding_window=32, query_pre_attn_scalar=16),
     "opt": lambda: _config(
         "opt",
         hidden_size=64,
@@ -62,11 +65,8 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
 # weights (RTN), activations and KV run on them; calibrated methods refuse them until the
 # adapter table (qeval/models/adapters.py) has an entry.
 TINY_DENSE_FAMILIES: dict[str, Callable[[], Any]] = {
-    "qwen3": lambda: _config("qwen3", **_DECODER),  # q/k norms
     "phi3": lambda: _config("phi3", **_DECODER),  # fused qkv_proj and gate_up_proj
-    "gemma2": lambda: _config("gemma2", **_DECODER, sliding_window=32, query_pre_attn_scalar=16),
     "olmo2": lambda: _config("olmo2", **_DECODER),  # post-norms
-    "granite": lambda: _config("granite", **_DECODER),
     "gpt_neox": lambda: _config(  # fused query_key_value, parallel attention and MLP
         "gpt_neox", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4
     ),
