@@ -195,12 +195,86 @@ def test_experts_left_in_full_precision_are_refused_by_name(monkeypatch):
 def test_what_cannot_yet_be_done_on_experts_is_refused_before_any_weight_moves():
     model = build_tiny_model("mixtral")
     before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
-    w8a8 = QuantSpec(name="w8a8", w=WeightSpec(bits=8, granularity="channel"), a=ActivationSpec(bits=8))
-    with pytest.raises(UnsupportedCellError, match="activation quantization of fused MoE experts"):
-        quantize_model(model, w8a8, METHODS["rtn"]())
-    with pytest.raises(UnsupportedCellError, match="'gptq' on fused MoE experts"):
-        quantize_model(model, W4, METHODS["gptq"]())
+    for method in ("gptq", "awq", "omniquant", "quarot", "smoothquant"):
+        spec = W8A8 if method == "smoothquant" else W4
+        with pytest.raises(UnsupportedCellError, match=f"'{method}' on fused MoE experts"):
+            quantize_model(model, spec, METHODS[method]())
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)
+
+
+W8A8 = QuantSpec(name="w8a8", w=WeightSpec(bits=8, granularity="channel"), a=ActivationSpec(bits=8))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
+def test_expert_inputs_are_quantized_per_token_as_unfused_linears_would_be(family):
+    """W8A8 on fused experts: the module's output equals unfused experts whose every
+    projection quantizes its input per token (8 bits) and its weight per channel."""
+    from qeval.quant.formats import fake_quantize
+
+    model = build_tiny_model(family)
+    path = "model.layers.0." + ("feed_forward" if family == "llama4_text" else "mlp") + ".experts"
+    experts = model.get_submodule(path)
+    original = {n: p.detach().clone() for n, p in experts.named_parameters()}
+    quantize_model(model, W8A8, METHODS["rtn"]())
+    a8, w8 = QuantFormat(bits=8, kind="int", sym=True), QuantFormat(bits=8, kind="int", sym=False)
+
+    def lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # w: [out, in]
+        return F.linear(fake_quantize(x, a8, None), quantize_weight(w, w8, "channel", -1)[0])
+
+    torch.manual_seed(2)
+    gate_up, down = original["gate_up_proj"], original["down_proj"]
+    n_experts = gate_up.shape[0]
+    with torch.no_grad():
+        if family == "llama4_text":
+            hidden = torch.randn(n_experts * 3, model.config.hidden_size)
+            x = hidden.view(n_experts, -1, hidden.shape[-1])
+            want = []
+            for e in range(n_experts):
+                g, u = lin(x[e], gate_up[e].T).chunk(2, dim=-1)
+                want.append(lin(u * F.silu(g), down[e].T))
+            got, want_t = experts(hidden), torch.cat(want)
+        else:
+            hidden = torch.randn(6, model.config.hidden_size)
+            top_k = torch.stack([torch.randperm(n_experts)[:2] for _ in range(6)])
+            weights = torch.rand(6, 2)
+            inter = down.shape[2]
+            want_t = torch.zeros_like(hidden)
+            for t in range(6):
+                for k in range(2):
+                    e = int(top_k[t, k])
+                    h = F.silu(lin(hidden[t : t + 1], gate_up[e][:inter])) * lin(hidden[t : t + 1], gate_up[e][inter:])
+                    want_t[t] += weights[t, k] * lin(h, down[e])[0]
+            got = experts(hidden, top_k, weights)
+    # gate and up share one quantized input row, so splitting them in the reference is exact
+    assert torch.allclose(got, want_t, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-static"])
+def test_wa_on_moe_quantizes_every_input_and_survives_the_cache(preset, tmp_path):
+    from qeval.quant.cache import load_quantized, save_quantized
+    from qeval.support import _spec
+
+    spec = _spec(preset)
+    model = build_tiny_model("qwen3_moe")
+    calibration = [torch.randint(3, 250, (1, 32)) for _ in range(2)]
+    quantize_model(model, spec, METHODS["rtn"](), lambda: calibration)
+    account = coverage.account(model, spec)
+    coverage.check(account, spec)
+    assert account.as_record()["inputs_quantized_share"] == 1.0
+    if not spec.a.dynamic:  # static scales observed on the calibration data, one per fused tensor
+        scales = [q.scale for m in model.modules() for q in getattr(m, "_qeval_expert_inputs", {}).values()]
+        assert len(scales) == 4 and all(s is not None and float(s) > 0 for s in scales)
+    save_quantized(model, tmp_path / "entry")
+    fresh = build_tiny_model("qwen3_moe")
+    assert load_quantized(fresh, tmp_path / "entry", spec)
+    x = torch.randint(3, 250, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+    # an expert tensor whose inputs stay in full precision makes a WA cell fail, by name
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    del experts._qeval_expert_inputs["down_proj"]
+    with pytest.raises(coverage.CoverageError, match=r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        coverage.check(coverage.account(model, spec), spec)
 
 
 def test_quantized_cache_keeps_the_expert_marks(tmp_path):

@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 from qeval.config import QuantSpec, quantized, tensor_type
 from qeval.errors import UnsupportedCellError
 from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
-from qeval.quant.experts import FusedExperts, find_fused_experts, quantize_experts, routers
+from qeval.quant.experts import (
+    FusedExperts,
+    find_fused_experts,
+    quantize_expert_inputs,
+    quantize_experts,
+    routers,
+)
 from qeval.quant.formats import QuantFormat, quantize_weight
 from qeval.quant.kv import install_kv_for_spec, kv_layers_or_refuse
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
@@ -64,20 +70,25 @@ def refuse_unsupported_experts(
             f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only RTN quantizes "
             "fused expert tensors, and the experts are most of the weights"
         )
-    if quantized(spec.a):
-        raise UnsupportedCellError(
-            f"activation quantization of fused MoE experts' inputs ({where}) is not implemented: the "
-            "experts multiply inside their module's forward, so their inputs would stay in full precision"
-        )
 
 
-def _quantize_fused_experts(model: nn.Module, spec: QuantSpec, recipe: Recipe) -> int:
-    """Quantize every fused-experts tensor per expert (as its own linear would be) and mark it
-    for the coverage account; returns the number of tensors.
+def _activation_quantizer(spec: QuantSpec) -> ActivationQuantizer:
+    return ActivationQuantizer(
+        QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym), spec.a.granularity, spec.a.dynamic
+    )
 
-    Only rounding to nearest is implemented for fused experts, and only weights: a calibrated
-    rounding or activation quantization on a model that has them is refused rather than
-    leaving the experts (most of the weights) silently in full precision.
+
+def _quantize_fused_experts(
+    model: nn.Module, spec: QuantSpec, recipe: Recipe, act_quantizers: list[ActivationQuantizer]
+) -> int:
+    """Quantize every fused-experts tensor per expert (as its own linear would be) and, for WA
+    specs, the inputs of its matmuls (qeval.quant.experts.quantize_expert_inputs: one quantizer
+    per tensor, shared by its experts, appended to ``act_quantizers`` for static calibration);
+    mark them for the coverage account.  Returns the number of tensors.
+
+    Only rounding to nearest is implemented for fused experts: a calibrated rounding on a
+    model that has them is refused rather than leaving the experts (most of the weights)
+    silently in full precision.
     """
     fused = find_fused_experts(model)
     if not fused:
@@ -88,12 +99,18 @@ def _quantize_fused_experts(model: nn.Module, spec: QuantSpec, recipe: Recipe) -
     for experts in fused:
         module = model.get_submodule(experts.path)
         marked: dict[str, str] = {}
+        inputs: dict[str, nn.Module] = {}
         for param in experts.params:
             tensor = getattr(module, param.name)
             tensor.data = quantize_experts(tensor.data, param.layout, fmt, spec.w.granularity, spec.w.group_size)
             marked[param.name] = f"{spec.label} per expert ({param.layout})"
+            if quantized(spec.a):
+                inputs[param.name] = aq = _activation_quantizer(spec).to(tensor.device)
+                act_quantizers.append(aq)
             n += 1
         setattr(module, QUANTIZED_PARAMS_ATTR, marked)
+        if inputs:
+            quantize_expert_inputs(module, inputs)
     return n
 
 
@@ -152,15 +169,11 @@ def quantize_model(
             deq, qt = weights[name]
             aq = None
             if quantized(spec.a):
-                aq = ActivationQuantizer(
-                    QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym),
-                    spec.a.granularity,
-                    spec.a.dynamic,
-                )
+                aq = _activation_quantizer(spec)
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
             replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))
-        n_experts = _quantize_fused_experts(model, spec, recipe)
+        n_experts = _quantize_fused_experts(model, spec, recipe, act_quantizers)
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
         if quantized(spec.a) and not spec.a.dynamic:

@@ -29,6 +29,7 @@ from torch import nn
 
 from qeval.config import quantized
 from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.experts import EXPERT_INPUTS_ATTR, quantize_expert_inputs
 from qeval.quant.formats import QuantFormat, QuantizedTensor
 from qeval.quant.kv import install_kv_for_spec
 from qeval.quant.linear import ActivationQuantizer, QuantLinear, replace_module
@@ -45,6 +46,28 @@ WEIGHTS = "model.safetensors"
 
 def _fmt(fmt: QuantFormat) -> dict[str, Any]:
     return {"bits": fmt.bits, "kind": fmt.kind, "sym": fmt.sym}
+
+
+def _save_input_quantizer(aq: ActivationQuantizer, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    info = {"fmt": _fmt(aq.fmt), "granularity": aq.granularity, "dynamic": aq.dynamic, "zero": aq.zero is not None}
+    if not aq.dynamic:
+        if aq.scale is None:
+            raise RuntimeError(f"{key}: static activation quantizer saved before freeze()")
+        tensors[f"{EXTRA}{key}.act_scale"] = aq.scale.detach().cpu().reshape(-1).contiguous()
+        if aq.zero is not None:
+            tensors[f"{EXTRA}{key}.act_zero"] = aq.zero.detach().cpu().reshape(-1).contiguous()
+    return info
+
+
+def _load_input_quantizer(
+    a: dict[str, Any], key: str, tensors: dict[str, torch.Tensor], device: torch.device
+) -> ActivationQuantizer:
+    aq = ActivationQuantizer(QuantFormat(**a["fmt"]), a["granularity"], a["dynamic"]).to(device)
+    if not a["dynamic"]:
+        aq.scale = tensors[f"{EXTRA}{key}.act_scale"].reshape(())
+        aq.zero = tensors[f"{EXTRA}{key}.act_zero"].reshape(()) if a["zero"] else None
+        aq.observing = False
+    return aq
 
 
 def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
@@ -95,10 +118,17 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
         for name, module in model.named_modules()
         if (marks := getattr(module, QUANTIZED_PARAMS_ATTR, None))
     }
+    # and the quantizers of their matmuls' inputs (WA specs), with static scales where frozen
+    expert_inputs: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        for tensor_name, aq in (getattr(module, EXPERT_INPUTS_ATTR, None) or {}).items():
+            key = f"{name}/{tensor_name}"
+            expert_inputs.setdefault(name, {})[tensor_name] = _save_input_quantizer(aq, key, tensors)
     manifest = {
         "format": CACHE_FORMAT,
         "linears": linears,
         "experts": experts,
+        "expert_inputs": expert_inputs,
         "aliases": aliases,
         "untied_head": head is not None
         and head.weight is not emb.weight
@@ -178,6 +208,12 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
                 aq.observing = False
         transform = tensors.get(f"{name}.input_transform")
         replace_module(model, name, QuantLinear(linear, tensors[f"{name}.weight"], qt, aq, transform))
+    for name, inputs in manifest.get("expert_inputs", {}).items():
+        module = model.get_submodule(name)
+        device = next(module.parameters()).device
+        quantize_expert_inputs(
+            module, {t: _load_input_quantizer(a, f"{name}/{t}", tensors, device) for t, a in inputs.items()}
+        )
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
     for key, source in manifest["aliases"].items():
         state[key] = state[source]

@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from qeval.config import QuantSpec, quantized
-from qeval.quant.experts import find_fused_experts, routers
+from qeval.quant.experts import EXPERT_INPUTS_ATTR, find_fused_experts, routers
 from qeval.quant.linear import QuantLinear
 from qeval.quant.typing_helpers import input_embeddings, output_embeddings
 
@@ -64,6 +64,15 @@ class Coverage:
     """Per-tensor statuses and their sums; ``as_record`` is what a cell's record keeps."""
 
     tensors: list[Tensor] = field(default_factory=list)
+    # names of the quantized weights whose matmul inputs are quantized too (WA specs)
+    inputs_quantized: set[str] = field(default_factory=set)
+
+    @property
+    def inputs_share(self) -> float:
+        """Share (by weight count) of the quantized weights whose inputs are quantized."""
+        total = self.count("quantized")
+        done = sum(t.params for t in self.tensors if t.status == "quantized" and t.name in self.inputs_quantized)
+        return done / total if total else 1.0
 
     def count(self, status: str, kind: str | None = None) -> int:
         return sum(t.params for t in self.tensors if t.status == status and kind in (None, t.kind))
@@ -96,13 +105,16 @@ class Coverage:
             }
             for (kind, status, reason), ts in sorted(groups.items())
         ]
-        return {
+        out = {
             "eligible": self.eligible,
             "quantized": self.count("quantized"),
             "share": round(self.share, 6),
             "kinds": {k: kinds[k] for k in KINDS if k in kinds},
             "full_precision": full,
         }
+        if self.inputs_quantized:
+            out["inputs_quantized_share"] = round(self.inputs_share, 6)
+        return out
 
     def summary(self) -> str:
         """One line: the quantized share and each kind's quantized share."""
@@ -146,6 +158,7 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
         classes = [type(modules[".".join(parts[:i])]).__name__ for i in range(len(parts) + 1)]
         kind = _kind(path, classes, router_paths, expert_paths)
         marked = getattr(module, QUANTIZED_PARAMS_ATTR, None) or {}
+        expert_inputs = getattr(module, EXPERT_INPUTS_ATTR, None) or {}
         for pname, param in own:
             if id(param) in seen:
                 continue
@@ -179,6 +192,10 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
             elif kind == "state_space" and not isinstance(module, nn.Linear):
                 status, reason = "unsupported", f"state-space parameter {pname!r}: not a matmul weight"
             out.tensors.append(Tensor(name, k, int(param.numel()), status, reason))
+            if status == "quantized" and (
+                (isinstance(module, QuantLinear) and module.input_quantizer is not None) or pname in expert_inputs
+            ):
+                out.inputs_quantized.add(name)
     return out
 
 
@@ -194,6 +211,16 @@ def check(coverage: Coverage, spec: QuantSpec, max_left: float = MAX_LEFT_SHARE)
     in full precision (CoverageError naming the largest untouched tensors)."""
     if not quantized(spec.w) or not coverage.eligible:
         return
+    if quantized(spec.a) and coverage.inputs_share < 1.0 - max_left:
+        plain = [t for t in coverage.tensors if t.status == "quantized" and t.name not in coverage.inputs_quantized]
+        plain.sort(key=lambda t: -t.params)
+        raise CoverageError(
+            f"the spec asks for {spec.label}, but the inputs of {len(plain)} quantized weights "
+            f"({1 - coverage.inputs_share:.1%} of them by size) stay in full precision: "
+            + ", ".join(t.name for t in plain[:6])
+            + ("" if len(plain) <= 6 else f" and {len(plain) - 6} more")
+            + "; nothing was evaluated"
+        )
     left = coverage.count("left")
     if left / coverage.eligible <= max_left:
         return

@@ -27,6 +27,7 @@ Weights are then quantized per expert exactly as a linear layer of the same shap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,3 +173,67 @@ def quantize_experts(
         deq = deq.reshape(experts, out, inp)
     deq = deq.to(weight.dtype)
     return deq if layout == "out_in" else deq.transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- expert inputs
+
+EXPERT_INPUTS_ATTR = "_qeval_expert_inputs"  # {tensor name: ActivationQuantizer} on an experts module
+_MATMULS = (
+    torch.nn.functional.linear,
+    torch.matmul,
+    torch.bmm,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.bmm,
+)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _QuantizeExpertInputs(torch.overrides.TorchFunctionMode):
+    """While an experts module runs, quantize the input of every matmul whose weight is (a view
+    of) one of its fused tensors, with that tensor's quantizer.
+
+    The experts multiply inside their module's forward (``F.linear(x, W[e])``, ``x @ W[e]``,
+    ``torch.bmm(x, W)``), so there is no linear layer to wrap: the weight operand is recognised
+    by its storage, which an expert's slice shares with the fused tensor, whatever the forward
+    looks like.  Per-token quantization of a routed token's row is the same whichever expert
+    it goes to, so this is what a deployed W8A8 MoE kernel quantizes.
+    """
+
+    def __init__(self, quantizers: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.quantizers = quantizers
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _MATMULS and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            quantizer = self.quantizers.get(_storage(args[1]))
+            if quantizer is not None:
+                args = (quantizer(args[0]), *args[1:])
+        return func(*args, **kwargs)
+
+
+def quantize_expert_inputs(module: nn.Module, quantizers: dict[str, nn.Module]) -> None:
+    """Make ``module`` (a fused-experts module) quantize the input of each named tensor's
+    matmuls with its quantizer (an ActivationQuantizer); kept on the module for the record,
+    the quantized-model cache and static calibration."""
+    for name, quantizer in quantizers.items():
+        module.add_module(f"qeval_input_quantizer_{name}", quantizer)
+    setattr(module, EXPERT_INPUTS_ATTR, dict(quantizers))
+    # transformers dispatches fused experts to grouped or batched kernels that gather the
+    # experts' weights into new tensors; the eager path multiplies views of the fused tensors,
+    # one expert at a time (the same arithmetic), which is what the storage match needs
+    config = getattr(module, "config", None)
+    if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        config._experts_implementation = "eager"  # type: ignore[union-attr]
+    forward = module.forward
+
+    def quantized_forward(*args: Any, **kwargs: Any) -> Any:
+        by_storage = {_storage(getattr(module, n)): q for n, q in getattr(module, EXPERT_INPUTS_ATTR).items()}
+        with _QuantizeExpertInputs(by_storage):
+            return forward(*args, **kwargs)
+
+    module.forward = quantized_forward
