@@ -47,6 +47,13 @@ class Adapter:
     attention: str = "self_attn"
     final_norm: str = "model.norm"
     extra: dict = field(default_factory=dict)
+    # path, inside a block, of the fused-experts module of an MoE family (None: dense MLP).
+    # Only GPTQ handles it (per expert, qeval.quant.methods.gptq); methods that fold scales
+    # refuse MoE models (qeval.quant.apply.refuse_unsupported_experts)
+    experts: str | None = None
+    # stages after the norm groups' (execution order), for linears that no norm group names:
+    # the dense MLP layers some MoE models keep between their sparse ones
+    extra_stages: tuple[tuple[str, ...], ...] = ()
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -57,7 +64,7 @@ class Adapter:
         stages: list[tuple[str, ...]] = []
         for group, pair in zip(self.norm_groups, self.linear_pairs):
             stages += [group.linears, (pair.next,)]
-        return stages
+        return stages + list(self.extra_stages)
 
     def block_linears(self) -> tuple[str, ...]:
         return tuple(n for stage in self.sequential() for n in stage)
@@ -119,6 +126,18 @@ ADAPTERS["gemma3"] = ADAPTERS["gemma3_text"]
 # (scalars commute with every per-channel scale and rotation)
 ADAPTERS["qwen3"] = Adapter("qwen3", **_LLAMA_LIKE)
 ADAPTERS["granite"] = Adapter("granite", **_LLAMA_LIKE)
+# Mixture-of-Experts blocks of the Llama shape: attention as Llama's; the MLP is a router and
+# fused experts (no norm -> linear group for it: nothing folds into fused experts yet)
+_MOE_LLAMA_LIKE = dict(
+    blocks="model.layers",
+    norm_groups=(NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+    linear_pairs=(LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),),
+    norm_kind="rms",
+    experts="mlp.experts",
+    extra_stages=(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+)
+ADAPTERS["mixtral"] = Adapter("mixtral", **_MOE_LLAMA_LIKE)
+ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", **_MOE_LLAMA_LIKE)
 # Gemma 2: Gemma 3's block layout (pre- and post-norms, RMSNorm multiplying by 1 + weight)
 ADAPTERS["gemma2"] = dataclasses.replace(ADAPTERS["gemma3_text"], model_type="gemma2")
 
@@ -133,8 +152,6 @@ NO_ADAPTER_BECAUSE: dict[str, str] = {
     "gpt_neox": "its attention and MLP read the same LayerNorm'd input in parallel and q/k/v are one fused "
     "linear; LayerNorm subtracts the mean, which does not commute with a rotation",
     "falcon": "q/k/v are one fused linear and attention and MLP run in parallel off LayerNorms",
-    "mixtral": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
-    "qwen3_moe": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
     "llama4_text": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
     "gpt_oss": "its experts are fused 3-D tensors, which calibrated methods do not handle yet",
     "deepseek_v3": "its experts are fused 3-D tensors and its attention is multi-head latent attention",

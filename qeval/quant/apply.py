@@ -56,6 +56,10 @@ def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str
     }
 
 
+# roundings that quantize fused MoE experts (GPTQ per expert inside its blockwise pass, RTN here)
+EXPERT_ROUNDINGS = ("rtn", "gptq")
+
+
 def refuse_unsupported_experts(
     model: nn.Module, spec: QuantSpec, recipe: Recipe, fused: list[FusedExperts] | None = None
 ) -> None:
@@ -65,10 +69,10 @@ def refuse_unsupported_experts(
     if not fused or not quantized(spec.w):
         return
     where = f"{fused[0].path} and {len(fused) - 1} more MoE blocks" if len(fused) > 1 else fused[0].path
-    if recipe.rounding.name != "rtn" or recipe.transforms:
+    if recipe.rounding.name not in EXPERT_ROUNDINGS or recipe.transforms:
         raise UnsupportedCellError(
-            f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only RTN quantizes "
-            "fused expert tensors, and the experts are most of the weights"
+            f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only "
+            f"{' and '.join(EXPERT_ROUNDINGS)} quantize fused expert tensors, and the experts are most of the weights"
         )
 
 
@@ -100,10 +104,14 @@ def _quantize_fused_experts(
         module = model.get_submodule(experts.path)
         marked: dict[str, str] = {}
         inputs: dict[str, nn.Module] = {}
+        done = getattr(module, QUANTIZED_PARAMS_ATTR, None) or {}  # by the rounding itself (GPTQ)
         for param in experts.params:
             tensor = getattr(module, param.name)
-            tensor.data = quantize_experts(tensor.data, param.layout, fmt, spec.w.granularity, spec.w.group_size)
-            marked[param.name] = f"{spec.label} per expert ({param.layout})"
+            if param.name in done:
+                marked[param.name] = f"{spec.label} {done[param.name]}"
+            else:
+                tensor.data = quantize_experts(tensor.data, param.layout, fmt, spec.w.granularity, spec.w.group_size)
+                marked[param.name] = f"{spec.label} per expert ({param.layout})"
             if quantized(spec.a):
                 inputs[param.name] = aq = _activation_quantizer(spec).to(tensor.device)
                 act_quantizers.append(aq)

@@ -224,11 +224,8 @@ def quantize_expert_inputs(module: nn.Module, quantizers: dict[str, nn.Module]) 
         module.add_module(f"qeval_input_quantizer_{name}", quantizer)
     setattr(module, EXPERT_INPUTS_ATTR, dict(quantizers))
     # transformers dispatches fused experts to grouped or batched kernels that gather the
-    # experts' weights into new tensors; the eager path multiplies views of the fused tensors,
-    # one expert at a time (the same arithmetic), which is what the storage match needs
-    config = getattr(module, "config", None)
-    if getattr(config, "_experts_implementation", None) not in (None, "eager"):
-        config._experts_implementation = "eager"  # type: ignore[union-attr]
+    # experts' weights into new tensors; the eager path multiplies views of the fused tensors
+    use_eager_experts(module)
     forward = module.forward
 
     def quantized_forward(*args: Any, **kwargs: Any) -> Any:
@@ -237,3 +234,38 @@ def quantize_expert_inputs(module: nn.Module, quantizers: dict[str, nn.Module]) 
             return forward(*args, **kwargs)
 
     module.forward = quantized_forward
+
+
+class _CollectExpertInputs(torch.overrides.TorchFunctionMode):
+    """Hand ``on_input(expert, x)`` the input of every matmul on a slice ``W[e]`` of one fused
+    tensor: the tokens routed to expert ``e`` (the eager experts path multiplies views)."""
+
+    def __init__(self, weight: torch.Tensor, on_input: Any) -> None:
+        super().__init__()
+        self.weight, self.on_input = weight, on_input
+        self.storage, self.offset, self.stride = _storage(weight), weight.storage_offset(), weight.stride(0)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _MATMULS and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            w = args[1]
+            if _storage(w) == self.storage and w.dim() == 2:
+                self.on_input((w.storage_offset() - self.offset) // self.stride, args[0].detach())
+            elif _storage(w) == self.storage and w.dim() == 3:  # batched over every expert at once
+                for e in range(w.shape[0]):
+                    self.on_input(e, args[0][e].detach())
+        return func(*args, **kwargs)
+
+
+def use_eager_experts(module: nn.Module) -> None:
+    """Run a fused-experts module on transformers' eager path (one matmul per expert on views of
+    the fused tensors, the same arithmetic as the grouped kernels), which is what matching its
+    matmuls by storage needs."""
+    config = getattr(module, "config", None)
+    if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        config._experts_implementation = "eager"  # type: ignore[union-attr]
+
+
+def collecting_expert_inputs(weight: torch.Tensor, on_input: Any) -> torch.overrides.TorchFunctionMode:
+    """A context in which every expert's matmul on ``weight`` reports (expert, input)."""
+    return _CollectExpertInputs(weight, on_input)

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from qeval.models.adapters import get_adapter
-from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize
+from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
+from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.experts import FusedExperts, as_rows, collecting_expert_inputs, find_fused_experts, use_eager_experts
+from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize, quantize_weight
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
 from qeval.quant.typing_helpers import linear_at
@@ -166,6 +168,11 @@ def gptq_quantize(
     return deq, QuantizedTensor(q=codes, scale=scales, zero=zero_t, group_size=gs, fmt=fmt)
 
 
+# calibration tokens an expert needs for its own Hessian; fewer: round to nearest (see
+# GPTQ._quantize_experts).  A constant, not a parameter, so dense GPTQ cells keep their identity.
+MIN_EXPERT_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class GPTQParams:
     damp: float = 0.01  # share of the mean Hessian diagonal added to it
@@ -229,5 +236,55 @@ class GPTQ(QuantMethod):
                         layer.weight.data = deq
                         results[prefix + n] = (deq, qt)
 
+            if adapter.experts is not None:
+                self._quantize_experts(block, prefix + adapter.experts, adapter.experts, inputs, fused, fmt, spec)
+
+        fused = {f.path: f for f in find_fused_experts(model)}
         run_blockwise(model, adapter, calib, process_block, desc="gptq")
         return self.round_remaining(linears, results, spec)
+
+    def _quantize_experts(
+        self,
+        block: nn.Module,
+        path: str,
+        local: str,
+        inputs: BlockInputs,
+        fused: dict[str, FusedExperts],
+        fmt: QuantFormat,
+        spec: Any,
+    ) -> None:
+        """GPTQ on each expert of a fused-experts module, with a Hessian from the calibration
+        tokens routed to that expert (inputs of its matmuls, after the block's attention was
+        quantized).  An expert routed fewer than MIN_EXPERT_TOKENS tokens has no usable Hessian
+        (zero tokens would give NaN scales): it is rounded to nearest, and its mark says how many."""
+        module = block.get_submodule(local)
+        experts = fused[path]
+        use_eager_experts(module)
+        marks: dict[str, str] = {}
+        for param in experts.params:  # in module order: the input-side tensor first
+            weight = getattr(module, param.name)
+            hessians = [HessianAccumulator(param.in_features) for _ in range(experts.num_experts)]
+            with collecting_expert_inputs(weight, lambda e, x: hessians[e].add(x)):  # noqa: B023 - used in this loop
+                for h in inputs.hidden:
+                    block_output(block, h, inputs.kwargs)
+            rows = as_rows(weight.data, param.layout)
+            out, fallback = [], 0
+            for e, acc in enumerate(hessians):
+                w = rows[e].contiguous()
+                if acc.tokens < MIN_EXPERT_TOKENS:
+                    fallback += 1
+                    out.append(quantize_weight(w, fmt, spec.granularity, spec.group_size)[0])
+                    continue
+                prepared = prepare_hessian(acc.H, self.damp, self.act_order)
+                deq, _ = gptq_quantize(
+                    w, None, fmt, spec.granularity, spec.group_size, self.damp, self.block_size,
+                    self.act_order, self.static_groups, prepared=prepared,
+                )  # fmt: skip
+                out.append(deq)
+            stacked = torch.stack(out).to(weight.dtype)
+            weight.data = stacked if param.layout == "out_in" else stacked.transpose(1, 2).contiguous()
+            marks[param.name] = (
+                f"GPTQ per expert ({param.layout}); {fallback} of {experts.num_experts} experts routed fewer than "
+                f"{MIN_EXPERT_TOKENS} calibration tokens: rounded to nearest"
+            )
+        setattr(module, QUANTIZED_PARAMS_ATTR, marks)
