@@ -37,7 +37,7 @@ from qeval.models.loading import LoadedModel, load_model
 from qeval.quant import coverage
 from qeval.quant.apply import quantize_model
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
-from qeval.quant.kv import KV_LAYERS_ATTR
+from qeval.quant.kv import KV_LAYERS_ATTR, cache_contents
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,8 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         record["coverage"] = weights.as_record()
         if (kv_layers := getattr(model, KV_LAYERS_ATTR, None)) is not None:
             record["coverage"]["kv"] = {"layers": kv_layers[0], "cache_layers": kv_layers[1]}
+            if contents := cache_contents(model):
+                record["coverage"]["kv"]["cache"] = contents
             if mixers := coverage.state_space_mixers(model):  # a hybrid: say what KV leaves alone
                 record["coverage"]["kv"]["state_space_mixers"] = mixers
                 record["coverage"]["kv"]["note"] = (

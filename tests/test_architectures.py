@@ -76,3 +76,22 @@ def test_kv_on_a_hybrid_model_quantizes_its_attention_and_says_what_it_leaves(tm
     kv = record["coverage"]["kv"]
     assert kv["layers"] == kv["cache_layers"] == 2 and kv["state_space_mixers"] == 2
     assert "not quantized" in kv["note"]
+
+
+def test_kv_on_latent_attention_quantizes_the_latent_cache_and_says_so(tmp_path):
+    """DeepSeek-V3's cache holds the compressed latent and the shared rotary key, not per-head
+    keys and values: KV4 quantizes those (the logits move) and the record says what they are."""
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
+    from qeval.runner import run_cell
+
+    args = ["model=tiny-deepseek-v3", "suite=tiny", "~suite.tasks.lambada", "quant=kv4", f"results_dir={tmp_path}"]
+    record = run_cell(build_cell(compose_config(args)))
+    assert record["status"] == "ok"
+    assert (
+        "latent (32 wide)" in record["coverage"]["kv"]["cache"]
+        and "rotary key (8 wide)" in record["coverage"]["kv"]["cache"]
+    )

@@ -251,3 +251,24 @@ def install_kv_for_spec(model: nn.Module, kv: Any, layers: tuple[int, int] | Non
     install_kv_quantization(model, kv_quantizer_from_spec(kv))
     setattr(model, KV_LAYERS_ATTR, layers)
     return layers
+
+
+def cache_contents(model: nn.Module) -> str | None:
+    """What a KV spec quantizes when the cache does not hold per-head keys and values.
+
+    Multi-head latent attention (DeepSeek-V2/V3) caches, per token, the compressed latent
+    (``kv_lora_rank`` wide, after its norm) in the key slot and the shared rotary key
+    (``qk_rope_head_dim``) in the value slot, and expands them into per-head keys and values
+    only when attending: that latent cache is what a deployment stores, so it is what qeval
+    quantizes (``quant.kv.key_*`` settings apply to the latent, ``value_*`` to the rotary key).
+    """
+    config = config_of(model)
+    rank = getattr(config, "kv_lora_rank", None)
+    if not rank:
+        return None
+    rope = getattr(config, "qk_rope_head_dim", "?")
+    return (
+        f"multi-head latent attention: the cache holds each token's compressed latent ({rank} wide) and shared "
+        f"rotary key ({rope} wide), quantized as stored; quant.kv.key_* settings apply to the latent, value_* to "
+        "the rotary key"
+    )
