@@ -33,9 +33,9 @@ from qeval.data import calibration_for
 from qeval.errors import UnsupportedCellError
 from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite
 from qeval.models.carriers import cache_root
-from qeval.models.loading import LoadedModel, load_model
+from qeval.models.loading import LoadedModel, load_model, peek_config
 from qeval.quant import coverage
-from qeval.quant.apply import quantize_model
+from qeval.quant.apply import quantize_model, refuse_for_architecture
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
 from qeval.quant.kv import KV_LAYERS_ATTR, cache_contents
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
@@ -166,6 +166,9 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
     try:
         cell.recipe.check_supported(cell.quant.tensor_type)
         backend.check_supported(cell.quant)
+        # what the model's config already rules out is skipped before any weight loads
+        if (config := peek_config(cell.model, cell.cache_dir)) is not None:
+            refuse_for_architecture(cell.recipe, cell.quant, config)
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))
         store.write(record)

@@ -95,3 +95,30 @@ def test_kv_on_latent_attention_quantizes_the_latent_cache_and_says_so(tmp_path)
         "latent (32 wide)" in record["coverage"]["kv"]["cache"]
         and "rotary key (8 wide)" in record["coverage"]["kv"]["cache"]
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "quant", "reason"),
+    [
+        ("tiny-olmo2", "gptq", "w4g128", "post-norms"),
+        ("tiny-phi3", "awq", "w4g128", "fused into one linear each"),
+        ("tiny-mixtral", "awq", "w4g128", "fused MoE experts"),
+        ("tiny-gemma2", "quarot", "w4g128", "do not commute with a rotation"),
+        ("tiny-opt", "quarot", "w8a8", "LayerNorm subtracts the mean"),
+    ],
+)
+def test_architecture_refusals_come_before_any_weight_loads(tmp_path, monkeypatch, model, method, quant, reason):
+    from conftest import require_eval_data
+
+    require_eval_data()
+    from qeval import runner
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    args = [f"model={model}", "suite=tiny", f"quant={quant}", f"method={method}", f"results_dir={tmp_path}"]
+    record = runner.run_cell(build_cell(compose_config(args)))
+    assert record["status"] == "skipped" and reason in record["reason"]

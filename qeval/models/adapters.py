@@ -162,7 +162,12 @@ NO_ADAPTER_BECAUSE: dict[str, str] = {
 
 def get_adapter(model: nn.Module, method: str = "this method") -> Adapter:
     """The adapter for ``model``'s family, or a clear refusal naming the family and why."""
-    model_type = getattr(model.config, "model_type", None)
+    return adapter_for(getattr(model.config, "model_type", None), method)
+
+
+def adapter_for(model_type: str | None, method: str = "this method") -> Adapter:
+    """The adapter of ``model_type``, or UnsupportedCellError naming it and why (usable before
+    any weight loads: the model type is in the config)."""
     if model_type not in ADAPTERS:
         why = f": {NO_ADAPTER_BECAUSE[model_type]}" if model_type in NO_ADAPTER_BECAUSE else ""
         raise UnsupportedCellError(

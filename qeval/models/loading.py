@@ -136,6 +136,28 @@ def resolve_pretrained_path(cfg: Any, cache_dir: str | None = None) -> str:
     return str(out_dir)
 
 
+def peek_config(cfg: Any, cache_dir: str | None = None) -> Any:
+    """The model's transformers config without loading (or converting, or downloading) any
+    weight, or None where that is not possible yet (a GGUF not converted, a Hub model not in
+    the local cache).  For refusing an architecture before the load."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.source == "tiny":
+            from qeval.models.tiny import ALL_TINY_FAMILIES
+
+            return ALL_TINY_FAMILIES[cfg.family]()
+        if cfg.source == "gguf":
+            out_dir = cache_root(cache_dir) / "models" / cfg.name
+            return AutoConfig.from_pretrained(out_dir) if (out_dir / CONVERTED_MARKER).is_file() else None
+        kwargs = {"trust_remote_code": cfg.trust_remote_code}
+        if cfg.source == "hub":
+            kwargs.update(revision=cfg.revision, local_files_only=True)
+        return AutoConfig.from_pretrained(cfg.path, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _config_key(cfg: Any) -> str:
     data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else OmegaConf.to_container(cfg, resolve=True)
     return json.dumps(data, sort_keys=True, default=str)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qeval.config import QuantSpec, quantized, tensor_type
 from qeval.errors import UnsupportedCellError
+from qeval.models.adapters import ADAPTERS
 from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import (
     FusedExperts,
@@ -74,6 +75,26 @@ def refuse_unsupported_experts(
             f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only "
             f"{' and '.join(EXPERT_ROUNDINGS)} quantize fused expert tensors, and the experts are most of the weights"
         )
+
+
+def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> None:
+    """Before any weight loads: refuse (UnsupportedCellError) what the model's config already
+    shows cannot run: a step whose family has no adapter entry or cannot be rotated, a recipe
+    that cannot quantize the fused experts of an MoE family in the adapter table.  The same
+    conditions are checked again on the loaded model; this only saves the load."""
+    if not quantized(spec.w):
+        return
+    model_type = getattr(config, "model_type", None)
+    recipe.check_supported(tensor_type(spec), model_type)
+    for step in recipe.steps:
+        step.check_architecture(model_type)
+    adapter = ADAPTERS.get(model_type or "")
+    if adapter is not None and adapter.experts is not None:
+        if recipe.rounding.name not in EXPERT_ROUNDINGS or recipe.transforms:
+            raise UnsupportedCellError(
+                f"method {recipe.name!r} on fused MoE experts ({model_type}) is not implemented: only "
+                f"{' and '.join(EXPERT_ROUNDINGS)} quantize fused expert tensors, and the experts are most of the weights"
+            )
 
 
 def _activation_quantizer(spec: QuantSpec) -> ActivationQuantizer:

@@ -103,6 +103,7 @@ class AWQParams:
 @register_method
 class AWQ(QuantMethod):
     name = "awq"
+    uses_adapter = True
     tensor_types = frozenset({"W", "W+KV"})
     needs_calibration = True
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from qeval.config import QuantSpec, WeightSpec
 from qeval.errors import UnsupportedCellError
+from qeval.models.adapters import adapter_for
 from qeval.quant.formats import QuantFormat, QuantizedTensor, quantize_weight
 
 __all__ = ["NoParams", "QuantMethod", "Step", "Transform", "UnsupportedCellError"]
@@ -48,6 +49,8 @@ class Step:
     Params: ClassVar[type] = NoParams
     tensor_types: ClassVar[frozenset[str]] = frozenset()
     needs_calibration: ClassVar[bool] = False
+    # reads the architecture adapter table (blockwise calibration, scale folding, rotation)
+    uses_adapter: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, **overrides: Any) -> None:
         if params is None:
@@ -71,6 +74,12 @@ class Step:
                 f"method {self.name!r} does not support tensor type {tensor_type} "
                 f"(supports {', '.join(sorted(self.tensor_types))})"
             )
+
+    def check_architecture(self, model_type: str | None) -> None:
+        """Refuse (UnsupportedCellError), from the model type alone, an architecture this step
+        cannot handle, so that the cell is skipped before any weight loads."""
+        if self.uses_adapter and model_type is not None:
+            adapter_for(model_type, self.name)
 
     def identity(self) -> dict[str, Any]:
         """What of this step changes numbers: its name and every parameter."""

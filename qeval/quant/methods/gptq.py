@@ -191,6 +191,7 @@ class GPTQParams:
 @register_method
 class GPTQ(QuantMethod):
     name = "gptq"
+    uses_adapter = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
 

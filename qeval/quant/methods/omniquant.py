@@ -152,6 +152,7 @@ class OmniQuantParams:
 @register_method
 class OmniQuant(QuantMethod):
     name = "omniquant"
+    uses_adapter = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
     act_spec: Any = None  # the cell's activation spec, for weight-activation cells (see prepare)

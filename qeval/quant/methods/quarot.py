@@ -34,7 +34,7 @@ from torch import nn
 
 from qeval.config import QuantSpec
 from qeval.errors import UnsupportedCellError
-from qeval.models.adapters import Adapter, get_adapter
+from qeval.models.adapters import Adapter, adapter_for, get_adapter
 from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
@@ -58,7 +58,7 @@ _WHY_NOT = {
 }
 
 
-def _check_rotatable(model: nn.Module, adapter: Adapter) -> None:
+def _check_rotatable(model: nn.Module | None, adapter: Adapter) -> None:
     if adapter.norm_kind != "rms":
         raise UnsupportedCellError(
             f"quarot does not support model_type {adapter.model_type!r}: "
@@ -141,11 +141,17 @@ class QuaRot(Transform):
     (``method=[quarot,gptq]``, which ``quarot_gptq`` stands for)."""
 
     name = "quarot"
+    uses_adapter = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = False
     Params = QuaRotParams
     seed: int
     online_down: bool
+
+    def check_architecture(self, model_type: str | None) -> None:
+        super().check_architecture(model_type)
+        if model_type is not None:
+            _check_rotatable(None, adapter_for(model_type, self.name))
 
     def apply(self, model: nn.Module, spec: QuantSpec, calib: list[torch.Tensor] | None) -> None:
         rotate_model(model, self.seed, self.online_down)

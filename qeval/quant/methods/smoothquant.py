@@ -76,6 +76,7 @@ class SmoothQuant(Transform):
     smoothed weights and activations."""
 
     name = "smoothquant"
+    uses_adapter = True
     tensor_types = frozenset({"WA", "WA+KV"})
     needs_calibration = True
     Params = SmoothQuantParams
