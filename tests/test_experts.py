@@ -347,7 +347,9 @@ def test_gptq_per_expert_beats_rtn_on_each_experts_routed_tokens(family):
         errors[method] = [float(((torch.cat(routed[e]) @ (weight[e] - wq[e]).T) ** 2).sum()) for e in sorted(routed)]
     assert all(g < r for g, r in zip(errors["gptq"], errors["rtn"])), errors
     marks = q.model.layers[0].mlp.experts._qeval_quantized_params
-    assert "GPTQ per expert" in marks["gate_up_proj"] and "0 of 4 experts" in marks["down_proj"]
+    assert "GPTQ per expert" in marks["gate_up_proj"] and "GPTQ per expert" in marks["down_proj"]
+    record = coverage.account(q, W3).as_record()
+    assert record["experts"]["rounded_to_nearest"] == 0 and sum(record["experts"]["how"].values()) == 4
 
 
 def test_an_expert_no_calibration_token_reaches_gets_finite_rtn_scales():
@@ -369,7 +371,9 @@ def test_an_expert_no_calibration_token_reaches_gets_finite_rtn_scales():
     for name in ("gate_up_proj", "down_proj"):
         tensor = getattr(experts, name)
         assert torch.isfinite(tensor).all()
-        assert "1 of 4 experts routed fewer than 16" in experts._qeval_quantized_params[name]
+        assert experts._qeval_expert_fallbacks[name] == 1
     fmt = QuantFormat(bits=3, kind="int", sym=False)
     assert torch.equal(experts.gate_up_proj[3], quantize_weight(original[3], fmt, "group", 32)[0])  # RTN
     assert not torch.equal(experts.gate_up_proj[0], quantize_weight(original[0], fmt, "group", 32)[0])  # GPTQ
+    # the record counts them: expert 3 of both tensors in both layers
+    assert coverage.account(model, W3).as_record()["experts"]["rounded_to_nearest"] == 4

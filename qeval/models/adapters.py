@@ -138,6 +138,9 @@ _MOE_LLAMA_LIKE = dict(
 )
 ADAPTERS["mixtral"] = Adapter("mixtral", **_MOE_LLAMA_LIKE)
 ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", **_MOE_LLAMA_LIKE)
+# Granite MoE (granite-3.0-1b-a400m, -3b-a800m): Llama-shaped attention with Granite's scalar
+# multipliers, the experts under block_sparse_moe
+ADAPTERS["granitemoe"] = Adapter("granitemoe", **dict(_MOE_LLAMA_LIKE, experts="block_sparse_moe.experts"))
 # Gemma 2: Gemma 3's block layout (pre- and post-norms, RMSNorm multiplying by 1 + weight)
 ADAPTERS["gemma2"] = dataclasses.replace(ADAPTERS["gemma3_text"], model_type="gemma2")
 

@@ -88,6 +88,9 @@ TINY_MOE_FAMILIES: dict[str, Callable[[], Any]] = {
     "qwen3_moe": lambda: _config(
         "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[]
     ),
+    "granitemoe": lambda: _config(
+        "granitemoe", **dict(_DECODER, intermediate_size=48), num_local_experts=4, num_experts_per_tok=2
+    ),
     # experts as x @ W[e] ([experts, in, out]); the router subclasses nn.Linear
     "llama4_text": lambda: _config(
         "llama4_text",

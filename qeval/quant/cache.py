@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qeval.config import quantized
-from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import EXPERT_INPUTS_ATTR, quantize_expert_inputs
 from qeval.quant.formats import QuantFormat, QuantizedTensor
 from qeval.quant.kv import install_kv_for_spec
@@ -128,6 +128,11 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
         "format": CACHE_FORMAT,
         "linears": linears,
         "experts": experts,
+        "expert_fallbacks": {
+            name: dict(f)
+            for name, module in model.named_modules()
+            if (f := getattr(module, EXPERT_FALLBACKS_ATTR, None))
+        },
         "expert_inputs": expert_inputs,
         "aliases": aliases,
         "untied_head": head is not None
@@ -220,5 +225,7 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
     model.load_state_dict(state, strict=True)
     for name, marks in manifest.get("experts", {}).items():
         setattr(model.get_submodule(name), QUANTIZED_PARAMS_ATTR, dict(marks))
+    for name, fallbacks in manifest.get("expert_fallbacks", {}).items():
+        setattr(model.get_submodule(name), EXPERT_FALLBACKS_ATTR, dict(fallbacks))
     if quantized(spec.kv):
         install_kv_for_spec(model, spec.kv)

@@ -39,6 +39,8 @@ from qeval.quant.typing_helpers import input_embeddings, output_embeddings
 KINDS = ("attention", "mlp", "experts", "router", "state_space", "embeddings", "head", "other")
 MAX_LEFT_SHARE = 0.02  # eligible weights that may stay untouched before a cell is refused
 QUANTIZED_PARAMS_ATTR = "_qeval_quantized_params"  # set by quantize_model on a fused-experts module
+# {tensor name: experts rounded to nearest for lack of routed calibration tokens}, set by GPTQ
+EXPERT_FALLBACKS_ATTR = "_qeval_expert_fallbacks"
 EXAMPLES = 4  # tensor names listed per (kind, status, reason) in a record
 
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention|cross_attn)(\.|$)")
@@ -66,6 +68,10 @@ class Coverage:
     tensors: list[Tensor] = field(default_factory=list)
     # names of the quantized weights whose matmul inputs are quantized too (WA specs)
     inputs_quantized: set[str] = field(default_factory=set)
+    # how the fused expert tensors were quantized: mark -> tensors, and experts that a
+    # calibrated method rounded to nearest for lack of routed tokens (summed over tensors)
+    expert_marks: dict[str, int] = field(default_factory=dict)
+    expert_fallbacks: int = 0
 
     @property
     def inputs_share(self) -> float:
@@ -114,6 +120,8 @@ class Coverage:
         }
         if self.inputs_quantized:
             out["inputs_quantized_share"] = round(self.inputs_share, 6)
+        if self.expert_marks:
+            out["experts"] = {"how": dict(self.expert_marks), "rounded_to_nearest": self.expert_fallbacks}
         return out
 
     def summary(self) -> str:
@@ -158,6 +166,9 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
         classes = [type(modules[".".join(parts[:i])]).__name__ for i in range(len(parts) + 1)]
         kind = _kind(path, classes, router_paths, expert_paths)
         marked = getattr(module, QUANTIZED_PARAMS_ATTR, None) or {}
+        for mark in marked.values():
+            out.expert_marks[mark] = out.expert_marks.get(mark, 0) + 1
+        out.expert_fallbacks += sum((getattr(module, EXPERT_FALLBACKS_ATTR, None) or {}).values())
         expert_inputs = getattr(module, EXPERT_INPUTS_ATTR, None) or {}
         for pname, param in own:
             if id(param) in seen:

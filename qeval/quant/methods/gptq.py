@@ -31,7 +31,7 @@ from torch import nn
 
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
-from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import FusedExperts, as_rows, collecting_expert_inputs, find_fused_experts, use_eager_experts
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize, quantize_weight
 from qeval.quant.methods.base import QuantMethod
@@ -262,6 +262,7 @@ class GPTQ(QuantMethod):
         experts = fused[path]
         use_eager_experts(module)
         marks: dict[str, str] = {}
+        fallbacks: dict[str, int] = {}
         for param in experts.params:  # in module order: the input-side tensor first
             weight = getattr(module, param.name)
             hessians = [HessianAccumulator(param.in_features) for _ in range(experts.num_experts)]
@@ -285,7 +286,9 @@ class GPTQ(QuantMethod):
             stacked = torch.stack(out).to(weight.dtype)
             weight.data = stacked if param.layout == "out_in" else stacked.transpose(1, 2).contiguous()
             marks[param.name] = (
-                f"GPTQ per expert ({param.layout}); {fallback} of {experts.num_experts} experts routed fewer than "
-                f"{MIN_EXPERT_TOKENS} calibration tokens: rounded to nearest"
+                f"GPTQ per expert ({param.layout}); experts routed fewer than {MIN_EXPERT_TOKENS} calibration "
+                "tokens rounded to nearest"
             )
+            fallbacks[param.name] = fallback
         setattr(module, QUANTIZED_PARAMS_ATTR, marks)
+        setattr(module, EXPERT_FALLBACKS_ATTR, fallbacks)
