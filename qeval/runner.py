@@ -199,7 +199,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         # what was quantized, by kind of weight; a spec that leaves eligible weights in full
         # precision fails here, naming them, before any evaluation
         weights = coverage.account(model, cell.quant)
-        record["coverage"] = weights.as_record()
+        record["coverage"] = weights.as_record() if quantized(cell.quant.w) else {}
         if (kv_layers := getattr(model, KV_LAYERS_ATTR, None)) is not None:
             record["coverage"]["kv"] = {"layers": kv_layers[0], "cache_layers": kv_layers[1]}
             if contents := cache_contents(model):
