@@ -118,7 +118,8 @@ def score_vs_bits(long: pd.DataFrame) -> NamedFigures:
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(metrics) :]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        if axes.flat[0].get_legend_handles_labels()[0]:
+            axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{tt}: score vs bit-width (error bars: 1 standard error)")
         yield f"score_vs_bits_{tt.replace('+', '_')}", fig
 
