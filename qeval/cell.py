@@ -50,6 +50,10 @@ from qeval.quant.methods import ALIASES, METHODS
 from qeval.quant.recipe import Recipe
 from qeval.results import stable_hash
 
+# QuantSpec keys added after result folders existed, with the default that reproduces the old
+# behaviour: a cell at the default keeps the hash it always had
+QUANT_KEYS_ADDED_LATER: dict[str, Any] = {"quantize_router": False}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -110,9 +114,13 @@ class Cell:
         The form is the one records always had (``{model, quant, method: {name, params},
         suite, backend, seed}`` plus ``calib`` when read), so old result folders still match.
         """
+        quant = dataclasses.asdict(self.quant)
+        for key, default in QUANT_KEYS_ADDED_LATER.items():  # absent at its default: old hashes hold
+            if quant.get(key) == default:
+                quant.pop(key)
         identity: dict[str, Any] = {
             "model": dataclasses.asdict(self.model),
-            "quant": dataclasses.asdict(self.quant),
+            "quant": quant,
             "method": self.recipe.identity(),
             "suite": dataclasses.asdict(self.suite),
             "backend": self.runtime.cell_identity(self.quant),

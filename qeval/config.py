@@ -82,6 +82,9 @@ class QuantSpec:
     kv: KVSpec = field(default_factory=KVSpec)
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False
+    # MoE routers' weights too (in place, round to nearest; their inputs stay in full precision);
+    # left out of a cell's identity while false, so cells from before the key keep their hash
+    quantize_router: bool = False
 
     @property
     def tensor_type(self) -> str:

@@ -377,3 +377,23 @@ def test_an_expert_no_calibration_token_reaches_gets_finite_rtn_scales():
     assert not torch.equal(experts.gate_up_proj[0], quantize_weight(original[0], fmt, "group", 32)[0])  # GPTQ
     # the record counts them: expert 3 of both tensors in both layers
     assert coverage.account(model, W3).as_record()["experts"]["rounded_to_nearest"] == 4
+
+
+def test_routers_are_quantized_only_when_asked_and_old_cells_keep_their_hash():
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
+
+    model = build_tiny_model("llama4_text")  # its router subclasses nn.Linear and returns two tensors
+    spec = QuantSpec(name="w4g32", w=WeightSpec(bits=4, group_size=32), quantize_router=True)
+    original = model.model.layers[0].feed_forward.router.weight.detach().clone()
+    quantize_model(model, spec, METHODS["rtn"]())
+    router = model.model.layers[0].feed_forward.router
+    fmt = QuantFormat(bits=4, kind="int", sym=False)
+    assert torch.equal(router.weight, quantize_weight(original, fmt, "group", 32)[0])
+    model(torch.randint(3, 250, (1, 8)))  # still a router: (scores, logits)
+    kinds = coverage.account(model, spec).as_record()["kinds"]
+    assert kinds["router"]["quantized"] == kinds["router"]["quantized"] + kinds["router"]["excluded"] > 0
+    # at its default the key is not part of a cell's identity: cells from before it keep their hash
+    base = ["model=tiny-mixtral", "suite=tiny", "quant=w4g128"]
+    assert "quantize_router" not in build_cell(compose_config(base)).identity()["quant"]
+    assert build_cell(compose_config([*base, "quant.quantize_router=true"])).identity()["quant"]["quantize_router"]

@@ -97,6 +97,17 @@ def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> Non
             )
 
 
+def _quantize_routers(model: nn.Module, spec: QuantSpec) -> None:
+    """Round every MoE router's weight to nearest in place (per channel or group like any
+    weight) and mark it for the coverage account.  In place because some routers are not plain
+    linears (Llama 4's returns two tensors); their inputs stay in full precision."""
+    fmt = QuantFormat(bits=spec.w.bits, kind=spec.w.format, sym=spec.w.sym)
+    for module in routers(model).values():
+        weight = weight_of(module)
+        weight.data = quantize_weight(weight.data, fmt, spec.w.granularity, spec.w.group_size)[0]
+        setattr(module, QUANTIZED_PARAMS_ATTR, {"weight": f"{spec.label} router, rounded to nearest"})
+
+
 def _activation_quantizer(spec: QuantSpec) -> ActivationQuantizer:
     return ActivationQuantizer(
         QuantFormat(bits=spec.a.bits, kind=spec.a.format, sym=spec.a.sym), spec.a.granularity, spec.a.dynamic
@@ -203,6 +214,8 @@ def quantize_model(
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
             replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))
         n_experts = _quantize_fused_experts(model, spec, recipe, act_quantizers)
+        if spec.quantize_router:
+            _quantize_routers(model, spec)
         if spec.quantize_embeddings:
             _quantize_embeddings(model, spec.w)
         if quantized(spec.a) and not spec.a.dynamic:

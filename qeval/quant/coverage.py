@@ -197,7 +197,10 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
             elif path in expert_paths and param.dim() == 2:
                 status, reason = "excluded", "per-expert bias: biases stay in full precision, as linear biases do"
             elif kind == "router":
-                status, reason = "excluded", "router: expert scores stay in full precision"
+                status, reason = (
+                    "excluded",
+                    "router: expert scores stay in full precision (quant.quantize_router=false)",
+                )
             elif isinstance(module, nn.modules.conv._ConvNd):
                 status, reason = "unsupported", f"{type(module).__name__} kernel: qeval quantizes matmul weights"
             elif kind == "state_space" and not isinstance(module, nn.Linear):
