@@ -51,6 +51,8 @@ class Adapter:
     # Only GPTQ handles it (per expert, qeval.quant.methods.gptq); methods that fold scales
     # refuse MoE models (qeval.quant.apply.refuse_unsupported_experts)
     experts: str | None = None
+    # the norm whose output the router and every expert read (SmoothQuant folds into it)
+    experts_norm: str | None = None
     # stages after the norm groups' (execution order), for linears that no norm group names:
     # the dense MLP layers some MoE models keep between their sparse ones
     extra_stages: tuple[tuple[str, ...], ...] = ()
@@ -134,6 +136,7 @@ _MOE_LLAMA_LIKE = dict(
     linear_pairs=(LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),),
     norm_kind="rms",
     experts="mlp.experts",
+    experts_norm="post_attention_layernorm",
     extra_stages=(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
 )
 ADAPTERS["mixtral"] = Adapter("mixtral", **_MOE_LLAMA_LIKE)

@@ -58,7 +58,21 @@ def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str
 
 
 # roundings that quantize fused MoE experts (GPTQ per expert inside its blockwise pass, RTN here)
+# and transforms that handle them (SmoothQuant: one scale over the norm all experts read)
 EXPERT_ROUNDINGS = ("rtn", "gptq")
+EXPERT_TRANSFORMS = ("smoothquant",)
+
+
+def _handles_experts(recipe: Recipe) -> bool:
+    return recipe.rounding.name in EXPERT_ROUNDINGS and all(t.name in EXPERT_TRANSFORMS for t in recipe.transforms)
+
+
+def _experts_refusal(recipe: Recipe, where: str) -> UnsupportedCellError:
+    return UnsupportedCellError(
+        f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only "
+        f"{' and '.join(EXPERT_ROUNDINGS)} (after {', '.join(EXPERT_TRANSFORMS)} or nothing) quantize fused expert "
+        "tensors, and the experts are most of the weights"
+    )
 
 
 def refuse_unsupported_experts(
@@ -70,11 +84,8 @@ def refuse_unsupported_experts(
     if not fused or not quantized(spec.w):
         return
     where = f"{fused[0].path} and {len(fused) - 1} more MoE blocks" if len(fused) > 1 else fused[0].path
-    if recipe.rounding.name not in EXPERT_ROUNDINGS or recipe.transforms:
-        raise UnsupportedCellError(
-            f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only "
-            f"{' and '.join(EXPERT_ROUNDINGS)} quantize fused expert tensors, and the experts are most of the weights"
-        )
+    if not _handles_experts(recipe):
+        raise _experts_refusal(recipe, where)
 
 
 def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> None:
@@ -89,12 +100,8 @@ def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> Non
     for step in recipe.steps:
         step.check_architecture(model_type)
     adapter = ADAPTERS.get(model_type or "")
-    if adapter is not None and adapter.experts is not None:
-        if recipe.rounding.name not in EXPERT_ROUNDINGS or recipe.transforms:
-            raise UnsupportedCellError(
-                f"method {recipe.name!r} on fused MoE experts ({model_type}) is not implemented: only "
-                f"{' and '.join(EXPERT_ROUNDINGS)} quantize fused expert tensors, and the experts are most of the weights"
-            )
+    if adapter is not None and adapter.experts is not None and not _handles_experts(recipe):
+        raise _experts_refusal(recipe, str(model_type))
 
 
 def _quantize_routers(model: nn.Module, spec: QuantSpec) -> None:

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from qeval.config import QuantSpec
-from qeval.models.adapters import get_adapter
+from qeval.models.adapters import Adapter, get_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
+from qeval.quant.experts import FusedExperts, as_rows, find_fused_experts, routers
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
-from qeval.quant.typing_helpers import linear_at
+from qeval.quant.typing_helpers import linear_at, weight_of
 
 
 def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -41,9 +42,14 @@ def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
 def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) -> None:
     """Apply SmoothQuant's rescaling to every norm group of every block (full precision)."""
     adapter = get_adapter(model, "smoothquant")
+    fused = {f.path: f for f in find_fused_experts(model)}
+    router_by_block = {path.rpartition(".")[0]: module for path, module in routers(model).items()}
 
-    def process_block(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
+    def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         heads = [group.linears[0] for group in adapter.norm_groups]
+        experts = f"{adapter.blocks}.{i}.{adapter.experts}" if adapter.experts else ""
+        if experts in fused and adapter.experts_norm:  # the experts' input: the norm output every expert reads
+            heads.append(str(adapter.experts))
         act_max: dict[str, torch.Tensor] = {}
 
         def observe(name: str, x: torch.Tensor) -> None:
@@ -57,8 +63,35 @@ def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) ->
             fold_into_norm(block.get_submodule(group.norm), s, adapter.norm_kind)
             for lin in linears:
                 scale_inputs(lin, s)
+        if experts in fused and adapter.experts_norm:
+            _smooth_experts(
+                block, adapter, fused[experts], router_by_block.get(experts.rpartition(".")[0]), act_max, alpha
+            )
 
     run_blockwise(model, adapter, batches, process_block, desc="smoothquant")
+
+
+def _smooth_experts(
+    block: nn.Module,
+    adapter: Adapter,
+    experts: FusedExperts,
+    router: nn.Module | None,
+    act_max: dict[str, torch.Tensor],
+    alpha: float,
+) -> None:
+    """One smoothing scale per input channel of the fused experts' input-side tensor, from the
+    norm output's channel maxima (the same rows for every expert) and the weight maxima over
+    every expert; folded into the norm, multiplied into every expert's columns and the router's
+    (which reads the same norm output and stays in full precision), so the function is unchanged."""
+    module = block.get_submodule(str(adapter.experts))
+    first = experts.params[0]
+    rows = as_rows(getattr(module, first.name).data, first.layout)  # a view: scaled in place
+    s = smoothing_scales(act_max[str(adapter.experts)], rows.abs().amax(dim=(0, 1)).float(), alpha)
+    fold_into_norm(block.get_submodule(str(adapter.experts_norm)), s, adapter.norm_kind)
+    rows.mul_(s.to(rows.dtype)[None, None, :])
+    if router is not None:
+        weight = weight_of(router)
+        weight.mul_(s.to(weight.dtype)[None, :])
 
 
 @dataclass(frozen=True)
