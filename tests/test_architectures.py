@@ -100,7 +100,9 @@ def test_kv_on_latent_attention_quantizes_the_latent_cache_and_says_so(tmp_path)
 @pytest.mark.parametrize(
     ("model", "method", "quant", "reason"),
     [
-        ("tiny-olmo2", "gptq", "w4g128", "post-norms"),
+        ("tiny-olmo2", "awq", "w4g128", "post-norms"),
+        ("tiny-olmo2", "smoothquant", "w8a8", "post-norms"),
+        ("tiny-olmo2", "quarot", "w4g128", "post-norms"),
         ("tiny-phi3", "awq", "w4g128", "fused into one linear each"),
         ("tiny-mixtral", "awq", "w4g128", "fused MoE experts"),
         ("tiny-gemma2", "quarot", "w4g128", "do not commute with a rotation"),

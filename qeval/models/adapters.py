@@ -56,6 +56,10 @@ class Adapter:
     # stages after the norm groups' (execution order), for linears that no norm group names:
     # the dense MLP layers some MoE models keep between their sparse ones
     extra_stages: tuple[tuple[str, ...], ...] = ()
+    # a norm reads each norm group's input (False: post-norm-only blocks, OLMo 2): only then can
+    # a scale be folded into it (SmoothQuant, AWQ, OmniQuant's LET) or a rotation pass it (QuaRot)
+    foldable: bool = True
+    why_not_foldable: str = ""
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -144,6 +148,25 @@ ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", **_MOE_LLAMA_LIKE)
 # Granite MoE (granite-3.0-1b-a400m, -3b-a800m): Llama-shaped attention with Granite's scalar
 # multipliers, the experts under block_sparse_moe
 ADAPTERS["granitemoe"] = Adapter("granitemoe", **dict(_MOE_LLAMA_LIKE, experts="block_sparse_moe.experts"))
+# OLMo 2 normalizes the outputs of attention and MLP (post-norms) and nothing normalizes their
+# inputs: GPTQ needs only the blocks and the execution order of the linears; methods that fold a
+# scale into the norm before a linear, or rotate through it, have nowhere to go
+ADAPTERS["olmo2"] = Adapter(
+    "olmo2",
+    blocks="model.layers",
+    norm_groups=(
+        NormGroup("", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        NormGroup("", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    linear_pairs=(
+        LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
+        LinearPair("mlp.up_proj", "mlp.down_proj"),
+    ),
+    norm_kind="rms",
+    foldable=False,
+    why_not_foldable="OLMo 2 normalizes after attention and MLP (post-norms) and not before, so no norm reads "
+    "the linears' inputs: a scale has nowhere to fold, and a rotation does not commute with the post-norms",
+)
 # Gemma 2: Gemma 3's block layout (pre- and post-norms, RMSNorm multiplying by 1 + weight)
 ADAPTERS["gemma2"] = dataclasses.replace(ADAPTERS["gemma3_text"], model_type="gemma2")
 
@@ -153,8 +176,6 @@ ADAPTERS["gemma2"] = dataclasses.replace(ADAPTERS["gemma3_text"], model_type="ge
 NO_ADAPTER_BECAUSE: dict[str, str] = {
     "phi3": "its q/k/v and gate/up projections are fused into one linear each (qkv_proj, gate_up_proj), so the "
     "v -> o and up -> down scale pairs are row slices of a linear, which the table cannot name yet",
-    "olmo2": "it normalizes after attention and MLP (post-norms) and not before, so no norm reads the linears' "
-    "inputs: a smoothing scale has nowhere to fold, and a rotation does not commute with the post-norms",
     "gpt_neox": "its attention and MLP read the same LayerNorm'd input in parallel and q/k/v are one fused "
     "linear; LayerNorm subtracts the mean, which does not commute with a rotation",
     "falcon": "q/k/v are one fused linear and attention and MLP run in parallel off LayerNorms",
@@ -169,6 +190,20 @@ NO_ADAPTER_BECAUSE: dict[str, str] = {
 def get_adapter(model: nn.Module, method: str = "this method") -> Adapter:
     """The adapter for ``model``'s family, or a clear refusal naming the family and why."""
     return adapter_for(getattr(model.config, "model_type", None), method)
+
+
+def get_folding_adapter(model: nn.Module, method: str) -> Adapter:
+    """:func:`folding_adapter` for a loaded model."""
+    return folding_adapter(getattr(model.config, "model_type", None), method)
+
+
+def folding_adapter(model_type: str | None, method: str) -> Adapter:
+    """The adapter of ``model_type`` for a method that folds scales into norms or rotates
+    through them; UnsupportedCellError with the architectural reason where it cannot."""
+    adapter = adapter_for(model_type, method)
+    if not adapter.foldable:
+        raise UnsupportedCellError(f"{method} on model_type {model_type!r}: {adapter.why_not_foldable}")
+    return adapter
 
 
 def adapter_for(model_type: str | None, method: str = "this method") -> Adapter:

@@ -66,7 +66,7 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
 # adapter table (qeval/models/adapters.py) has an entry.
 TINY_DENSE_FAMILIES: dict[str, Callable[[], Any]] = {
     "phi3": lambda: _config("phi3", **_DECODER),  # fused qkv_proj and gate_up_proj
-    "olmo2": lambda: _config("olmo2", **_DECODER),  # post-norms
+    "olmo2": lambda: _config("olmo2", **_DECODER),  # post-norms: GPTQ, not the scale-folding methods
     "gpt_neox": lambda: _config(  # fused query_key_value, parallel attention and MLP
         "gpt_neox", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4
     ),

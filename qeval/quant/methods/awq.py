@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qeval.models.adapters import get_adapter
+from qeval.models.adapters import get_folding_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
 from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize_weight
 from qeval.quant.methods.base import QuantMethod
@@ -104,6 +104,7 @@ class AWQParams:
 class AWQ(QuantMethod):
     name = "awq"
     uses_adapter = True
+    folds_scales = True
     tensor_types = frozenset({"W", "W+KV"})
     needs_calibration = True
 
@@ -114,7 +115,7 @@ class AWQ(QuantMethod):
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
     ) -> dict[str, tuple[torch.Tensor, Any]]:
-        adapter = get_adapter(model, "awq")
+        adapter = get_folding_adapter(model, "awq")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         gran, gsize = spec.granularity, spec.group_size
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from qeval.config import QuantSpec, WeightSpec
 from qeval.errors import UnsupportedCellError
-from qeval.models.adapters import adapter_for
+from qeval.models.adapters import adapter_for, folding_adapter
 from qeval.quant.formats import QuantFormat, QuantizedTensor, quantize_weight
 
 __all__ = ["NoParams", "QuantMethod", "Step", "Transform", "UnsupportedCellError"]
@@ -51,6 +51,8 @@ class Step:
     needs_calibration: ClassVar[bool] = False
     # reads the architecture adapter table (blockwise calibration, scale folding, rotation)
     uses_adapter: ClassVar[bool] = False
+    # folds scales into the norms before linears, or rotates through them (needs Adapter.foldable)
+    folds_scales: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, **overrides: Any) -> None:
         if params is None:
@@ -79,7 +81,7 @@ class Step:
         """Refuse (UnsupportedCellError), from the model type alone, an architecture this step
         cannot handle, so that the cell is skipped before any weight loads."""
         if self.uses_adapter and model_type is not None:
-            adapter_for(model_type, self.name)
+            (folding_adapter if self.folds_scales else adapter_for)(model_type, self.name)
 
     def identity(self) -> dict[str, Any]:
         """What of this step changes numbers: its name and every parameter."""

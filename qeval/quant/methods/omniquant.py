@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from qeval.config import quantized
 from qeval.errors import UnsupportedCellError
-from qeval.models.adapters import get_adapter
+from qeval.models.adapters import get_adapter, get_folding_adapter
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
 from qeval.quant.linear import replace_module
@@ -176,7 +176,10 @@ class OmniQuant(QuantMethod):
     ) -> dict[str, tuple[torch.Tensor, Any]]:
         if spec.granularity == "tensor" or spec.format != "int":
             raise UnsupportedCellError("omniquant's LWC needs an integer format with per-channel or per-group scales")
-        adapter = get_adapter(model, "omniquant")
+        # LWC needs only the blocks; LET (WA cells) folds its scales into the norms
+        adapter = (
+            get_folding_adapter(model, "omniquant") if self.act_spec is not None else get_adapter(model, "omniquant")
+        )
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         group = spec.group_size if spec.granularity == "group" else -1
         results: dict[str, tuple[torch.Tensor, Any]] = {}

@@ -34,7 +34,7 @@ from torch import nn
 
 from qeval.config import QuantSpec
 from qeval.errors import UnsupportedCellError
-from qeval.models.adapters import Adapter, adapter_for, get_adapter
+from qeval.models.adapters import Adapter, adapter_for, get_folding_adapter
 from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
@@ -89,7 +89,7 @@ def _rotate_out(lin: nn.Linear, Q: torch.Tensor) -> None:
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> None:
     """Apply the rotation in place (full precision; the function is unchanged)."""
-    adapter = get_adapter(model, "quarot")
+    adapter = get_folding_adapter(model, "quarot")
     _check_rotatable(model, adapter)
     cfg = config_of(model)
     untie_output_embeddings(model)
@@ -142,6 +142,7 @@ class QuaRot(Transform):
 
     name = "quarot"
     uses_adapter = True
+    folds_scales = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = False
     Params = QuaRotParams

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qeval.config import QuantSpec
-from qeval.models.adapters import Adapter, get_adapter
+from qeval.models.adapters import Adapter, get_folding_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
 from qeval.quant.experts import FusedExperts, as_rows, find_fused_experts, routers
 from qeval.quant.methods.base import Transform
@@ -41,7 +41,7 @@ def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
 @torch.no_grad()
 def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) -> None:
     """Apply SmoothQuant's rescaling to every norm group of every block (full precision)."""
-    adapter = get_adapter(model, "smoothquant")
+    adapter = get_folding_adapter(model, "smoothquant")
     fused = {f.path: f for f in find_fused_experts(model)}
     router_by_block = {path.rpartition(".")[0]: module for path, module in routers(model).items()}
 
@@ -110,6 +110,7 @@ class SmoothQuant(Transform):
 
     name = "smoothquant"
     uses_adapter = True
+    folds_scales = True
     tensor_types = frozenset({"WA", "WA+KV"})
     needs_calibration = True
     Params = SmoothQuantParams
