@@ -76,16 +76,17 @@ class Adapter:
         return tuple(n for stage in self.sequential() for n in stage)
 
 
+# the linears of a Llama-shaped block, by what reads what (shared by the Llama-like entries,
+# their MoE cousins and OLMo 2)
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+_V_O = LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True)
+_UP_DOWN = LinearPair("mlp.up_proj", "mlp.down_proj")
+
 _LLAMA_LIKE = dict(
     blocks="model.layers",
-    norm_groups=(
-        NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    linear_pairs=(
-        LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
-        LinearPair("mlp.up_proj", "mlp.down_proj"),
-    ),
+    norm_groups=(NormGroup("input_layernorm", _QKV), NormGroup("post_attention_layernorm", _GATE_UP)),
+    linear_pairs=(_V_O, _UP_DOWN),
     norm_kind="rms",
 )
 
@@ -135,10 +136,9 @@ ADAPTERS["granite"] = Adapter("granite", **_LLAMA_LIKE)
 # Mixture-of-Experts blocks of the Llama shape: attention as Llama's; the MLP is a router and
 # fused experts (no norm -> linear group for it: nothing folds into fused experts yet)
 _MOE_LLAMA_LIKE = dict(
-    blocks="model.layers",
-    norm_groups=(NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
-    linear_pairs=(LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),),
-    norm_kind="rms",
+    _LLAMA_LIKE,
+    norm_groups=(NormGroup("input_layernorm", _QKV),),
+    linear_pairs=(_V_O,),
     experts="mlp.experts",
     experts_norm="post_attention_layernorm",
     extra_stages=(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
@@ -153,16 +153,7 @@ ADAPTERS["granitemoe"] = Adapter("granitemoe", **dict(_MOE_LLAMA_LIKE, experts="
 # scale into the norm before a linear, or rotate through it, have nowhere to go
 ADAPTERS["olmo2"] = Adapter(
     "olmo2",
-    blocks="model.layers",
-    norm_groups=(
-        NormGroup("", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        NormGroup("", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    linear_pairs=(
-        LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
-        LinearPair("mlp.up_proj", "mlp.down_proj"),
-    ),
-    norm_kind="rms",
+    **dict(_LLAMA_LIKE, norm_groups=(NormGroup("", _QKV), NormGroup("", _GATE_UP))),
     foldable=False,
     why_not_foldable="OLMo 2 normalizes after attention and MLP (post-norms) and not before, so no norm reads "
     "the linears' inputs: a scale has nowhere to fold, and a rotation does not commute with the post-norms",

@@ -136,7 +136,6 @@ def _quantize_fused_experts(
     fused = find_fused_experts(model)
     if not fused:
         return 0
-    refuse_unsupported_experts(model, spec, recipe, fused)
     fmt = QuantFormat(bits=spec.w.bits, kind=spec.w.format, sym=spec.w.sym)
     n = 0
     for experts in fused:

@@ -98,18 +98,7 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
             if qt.zero is not None:
                 tensors[f"{EXTRA}{name}.zero"] = qt.zero.detach().cpu().contiguous()
         if (aq := module.input_quantizer) is not None:
-            info["input_quantizer"] = {
-                "fmt": _fmt(aq.fmt),
-                "granularity": aq.granularity,
-                "dynamic": aq.dynamic,
-                "zero": aq.zero is not None,
-            }
-            if not aq.dynamic:
-                if aq.scale is None:
-                    raise RuntimeError(f"{name}: static activation quantizer saved before freeze()")
-                tensors[f"{EXTRA}{name}.act_scale"] = aq.scale.detach().cpu().reshape(-1).contiguous()
-                if aq.zero is not None:
-                    tensors[f"{EXTRA}{name}.act_zero"] = aq.zero.detach().cpu().reshape(-1).contiguous()
+            info["input_quantizer"] = _save_input_quantizer(aq, name, tensors)
         linears[name] = info
     head, emb = output_embeddings(model), input_embeddings(model)
     # fused MoE expert tensors quantized in place: their marks (the coverage account reads them)
@@ -206,11 +195,7 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
             )
         aq = None
         if (a := info["input_quantizer"]) is not None:
-            aq = ActivationQuantizer(QuantFormat(**a["fmt"]), a["granularity"], a["dynamic"]).to(linear.weight.device)
-            if not a["dynamic"]:
-                aq.scale = tensors[f"{EXTRA}{name}.act_scale"].reshape(())
-                aq.zero = tensors[f"{EXTRA}{name}.act_zero"].reshape(()) if a["zero"] else None
-                aq.observing = False
+            aq = _load_input_quantizer(a, name, tensors, linear.weight.device)
         transform = tensors.get(f"{name}.input_transform")
         replace_module(model, name, QuantLinear(linear, tensors[f"{name}.weight"], qt, aq, transform))
     for name, inputs in manifest.get("expert_inputs", {}).items():

@@ -153,8 +153,9 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
     """The coverage account of ``model`` as quantized under ``spec``."""
     head = output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
     emb = input_embeddings(model) if hasattr(model, "get_input_embeddings") else None
-    expert_paths = {e.path for e in find_fused_experts(model)}
-    router_paths = set(routers(model))
+    fused = find_fused_experts(model)
+    expert_paths = {e.path for e in fused}
+    router_paths = set(routers(model, fused))
     modules = dict(model.named_modules())
     seen: set[int] = set()  # tied weights are counted once (under the first name)
     out = Coverage()

@@ -141,9 +141,10 @@ def is_router(model: nn.Module, path: str, module: nn.Module, experts: list[Fuse
     return isinstance(listed, nn.ModuleList) and weight.shape[0] == len(listed)
 
 
-def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every router module of ``model`` by path (empty for a dense model)."""
-    experts = find_fused_experts(model)
+def routers(model: nn.Module, experts: list[FusedExperts] | None = None) -> dict[str, nn.Module]:
+    """Every router module of ``model`` by path (empty for a dense model); ``experts``: its
+    fused experts when already found."""
+    experts = find_fused_experts(model) if experts is None else experts
     return {
         path: module
         for path, module in model.named_modules()
@@ -192,6 +193,13 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _weight_operand(func: Any, args: tuple) -> torch.Tensor | None:
+    """The weight of a matmul-like call (``F.linear(x, w)``, ``x @ w``, ``bmm(x, w)``), else None."""
+    if func in _MATMULS and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        return args[1]
+    return None
+
+
 class _QuantizeExpertInputs(torch.overrides.TorchFunctionMode):
     """While an experts module runs, quantize the input of every matmul whose weight is (a view
     of) one of its fused tensors, with that tensor's quantizer.
@@ -209,10 +217,10 @@ class _QuantizeExpertInputs(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _MATMULS and len(args) >= 2 and isinstance(args[1], torch.Tensor):
-            quantizer = self.quantizers.get(_storage(args[1]))
-            if quantizer is not None:
-                args = (quantizer(args[0]), *args[1:])
+        w = _weight_operand(func, args)
+        quantizer = None if w is None else self.quantizers.get(_storage(w))
+        if quantizer is not None:
+            args = (quantizer(args[0]), *args[1:])
         return func(*args, **kwargs)
 
 
@@ -247,11 +255,10 @@ class _CollectExpertInputs(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _MATMULS and len(args) >= 2 and isinstance(args[1], torch.Tensor):
-            w = args[1]
-            if _storage(w) == self.storage and w.dim() == 2:
+        if (w := _weight_operand(func, args)) is not None and _storage(w) == self.storage:
+            if w.dim() == 2:
                 self.on_input((w.storage_offset() - self.offset) // self.stride, args[0].detach())
-            elif _storage(w) == self.storage and w.dim() == 3:  # batched over every expert at once
+            elif w.dim() == 3:  # batched over every expert at once
                 for e in range(w.shape[0]):
                     self.on_input(e, args[0][e].detach())
         return func(*args, **kwargs)
