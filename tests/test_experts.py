@@ -193,11 +193,14 @@ def test_experts_left_in_full_precision_are_refused_by_name(monkeypatch):
 
 
 def test_what_cannot_yet_be_done_on_experts_is_refused_before_any_weight_moves():
+    """QuaRot does not rotate fused experts and OmniQuant's LET does not scale them: both are
+    refused with the reason, and nothing was touched."""
     model = build_tiny_model("mixtral")
     before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
-    for method in ("awq", "omniquant", "quarot"):
-        with pytest.raises(UnsupportedCellError, match=f"'{method}' on fused MoE experts"):
-            quantize_model(model, W4, METHODS[method]())
+    with pytest.raises(UnsupportedCellError, match="rotate every fused expert tensor"):
+        quantize_model(model, W4, METHODS["quarot"]())
+    with pytest.raises(UnsupportedCellError, match="LET .* does not scale fused experts"):
+        quantize_model(model, W8A8, METHODS["omniquant"](), _calibration)
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)
 
 
@@ -398,18 +401,16 @@ def test_routers_are_quantized_only_when_asked_and_old_cells_keep_their_hash():
     assert build_cell(compose_config([*base, "quant.quantize_router=true"])).identity()["quant"]["quantize_router"]
 
 
-MOE_ADAPTED = ["granitemoe", "mixtral", "qwen3_moe"]
-
-
-@pytest.mark.parametrize("family", MOE_ADAPTED)
+@pytest.mark.parametrize("family", MOE)
 def test_smoothing_an_moe_model_leaves_its_logits_unchanged(family):
-    """One scale per channel of the norm every expert and the router read: folded into the
-    norm, multiplied into every expert's and the router's columns; the function is unchanged."""
+    """One scale per channel of the norm every expert and the router read (and the shared
+    expert, in Llama 4 and DeepSeek-V3): folded into the norm once, multiplied into every
+    reader's columns; the function is unchanged."""
     from qeval.quant.methods.smoothquant import smooth_model
 
     ref, model = build_tiny_model(family), build_tiny_model(family)
     smooth_model(model, _calibration(), alpha=0.5)
-    name = "model.layers.0.post_attention_layernorm.weight"
+    name = f"model.layers.{model.config.num_hidden_layers - 1}.post_attention_layernorm.weight"  # an MoE block
     assert not torch.allclose(model.get_parameter(name), ref.get_parameter(name))  # something moved
     x = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -455,3 +456,83 @@ def test_smoothquant_on_experts_recovers_an_outlier_channel():
     assert both["smoothquant"] < 0.7 * both["rtn"], both
     experts_only = _w8a4_errors(attention_outlier=False)
     assert experts_only["smoothquant"] < 0.85 * experts_only["rtn"], experts_only
+
+
+def _never_route_to_three(model: nn.Module) -> None:
+    """Mixtral whose routers send expert 3's picks to expert 0: expert 3 sees no token."""
+    for layer in model.model.layers:
+        router = layer.mlp.gate
+        forward = router.forward
+
+        def never_three(hidden, forward=forward):
+            logits, scores, index = forward(hidden)
+            return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
+
+        router.forward = never_three
+
+
+def _block_error(model: nn.Module, q: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((q(x).logits - model(x).logits) ** 2).mean())
+
+
+def test_omniquant_learns_each_experts_clipping_on_its_grid():
+    """Weight-only OmniQuant on fused experts: every expert's rows stay on a 3-bit grid per
+    group (at most 8 levels), routed experts get learned ranges (not RTN's), the expert no token
+    reaches is rounded to nearest with finite scales and counted, and coverage is complete."""
+    model = build_tiny_model("mixtral")
+    _never_route_to_three(model)
+    original = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    method = METHODS["omniquant"](epochs=2)
+    quantize_model(model, W3, method, _calibration)
+    experts = model.model.layers[0].mlp.experts
+    fmt = QuantFormat(bits=3, kind="int", sym=False)
+    for name in ("gate_up_proj", "down_proj"):
+        tensor = getattr(experts, name).detach()
+        assert torch.isfinite(tensor).all()
+        groups = tensor.reshape(tensor.shape[0], tensor.shape[1], -1, 32)  # out_in: [experts, out, groups, 32]
+        levels = max(len(torch.unique(g)) for g in groups.reshape(-1, 32))
+        assert levels <= 8, (name, levels)
+        assert experts._qeval_expert_fallbacks[name] == 1
+        assert "OmniQuant LWC per expert" in experts._qeval_quantized_params[name]
+    assert torch.equal(experts.gate_up_proj[3], quantize_weight(original[3], fmt, "group", 32)[0])  # RTN
+    assert not torch.equal(experts.gate_up_proj[0], quantize_weight(original[0], fmt, "group", 32)[0])  # learned
+    assert all(h[-1] <= h[0] for h in method.loss_history.values()), method.loss_history
+    record = coverage.account(model, W3).as_record()
+    assert record["experts"]["rounded_to_nearest"] == 4 and record["share"] == 1.0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])  # experts alone; with a shared expert
+def test_awq_on_experts_scales_them_with_the_norm_and_beats_rtn_on_an_outlier(family):
+    """AWQ on an MoE model: the scale of the norm every expert reads is searched over the
+    experts' routed tokens and folded into the norm, the experts and the router; with an outlier
+    channel in that norm (the pattern of real LLMs) W3 AWQ's logits error is below RTN's
+    (measured: Mixtral 1.68 -> 1.47, Llama 4 0.86 -> 0.61), and coverage is complete."""
+    import copy
+
+    model = build_tiny_model(family)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight[7] = 40.0
+    x = torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(3))
+    errors = {}
+    for method in ("rtn", "awq"):
+        q = copy.deepcopy(model)
+        quantize_model(q, W3, METHODS[method](), lambda: _calibration(8))
+        coverage.check(coverage.account(q, W3), W3)
+        errors[method] = _block_error(model, q, x)
+        if method == "awq":  # the outlier channel was scaled down into the experts' columns
+            assert q.model.layers[0].post_attention_layernorm.weight[7] < 40.0
+    assert errors["awq"] < 0.95 * errors["rtn"], errors
+
+
+def test_awq_leaves_an_expert_no_token_reaches_finite():
+    """An expert with no routed token has no term in the scale search and no clip search: its
+    weights are scaled with the others (the fold needs it) and rounded to nearest, finite."""
+    model = build_tiny_model("mixtral")
+    _never_route_to_three(model)
+    quantize_model(model, W3, METHODS["awq"](), _calibration)
+    for layer in model.model.layers:
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.isfinite(getattr(layer.mlp.experts, name)).all()
+    assert coverage.account(model, W3).as_record()["share"] == 1.0

@@ -71,7 +71,7 @@ def test_gptq_on_every_family_beats_rtn_on_first_layers(family):
     calib = [torch.randint(3, 259, (1, 64)) for _ in range(8)]
     fp = build_tiny_model(family)
     adapter = get_adapter(fp)
-    first = adapter.norm_groups[0].linears
+    first = adapter.sequential()[0]
     prefix = f"{adapter.blocks}.0."
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in first}
     hooks = [

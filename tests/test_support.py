@@ -24,14 +24,16 @@ def _doc_statuses() -> dict[tuple[str, str, str], str]:
 
 
 def test_the_matrix_is_what_quantization_does_and_the_doc_says_so():
-    result = matrix(["llama", "mixtral", "mamba"], ["rtn", "gptq", "awq"], ["w4g128", "kv4"])
+    result = matrix(["llama", "mixtral", "mamba"], ["rtn", "gptq", "awq", "quarot"], ["w4g128", "kv4"])
     llama, mixtral, mamba = result["llama"], result["mixtral"], result["mamba"]
     assert llama["rtn"]["w4g128"].ok and llama["rtn"]["w4g128"].detail == "100%" and llama["rtn"]["kv4"].ok
     assert llama["gptq"]["w4g128"].ok and "does not support tensor type KV" in llama["gptq"]["kv4"].detail
     assert mixtral["rtn"]["w4g128"].ok and mixtral["rtn"]["w4g128"].detail == "100%"
     assert mixtral["gptq"]["w4g128"].ok and mixtral["gptq"]["w4g128"].detail == "100%"
-    assert not mixtral["awq"]["w4g128"].ok and "fused MoE experts" in mixtral["awq"]["w4g128"].detail
+    assert mixtral["awq"]["w4g128"].ok and mixtral["awq"]["w4g128"].detail == "100%"
+    assert not mixtral["quarot"]["w4g128"].ok and "fused expert tensor" in mixtral["quarot"]["w4g128"].detail
     assert mamba["rtn"]["w4g128"].ok and "nothing to quantize" in mamba["rtn"]["kv4"].detail
+    assert mamba["gptq"]["w4g128"].ok and mamba["gptq"]["w4g128"].detail == "100%"
     documented = _doc_statuses()
     for family, methods in result.items():
         for method, cells in methods.items():

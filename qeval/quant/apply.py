@@ -57,21 +57,14 @@ def target_linears(model: nn.Module, quantize_lm_head: bool = False) -> dict[str
     }
 
 
-# roundings that quantize fused MoE experts (GPTQ per expert inside its blockwise pass, RTN here)
-# and transforms that handle them (SmoothQuant: one scale over the norm all experts read)
-EXPERT_ROUNDINGS = ("rtn", "gptq")
-EXPERT_TRANSFORMS = ("smoothquant",)
+def _handles_experts(recipe: Recipe, spec: QuantSpec) -> bool:
+    return not any(step.why_not_experts(spec) for step in recipe.steps)
 
 
-def _handles_experts(recipe: Recipe) -> bool:
-    return recipe.rounding.name in EXPERT_ROUNDINGS and all(t.name in EXPERT_TRANSFORMS for t in recipe.transforms)
-
-
-def _experts_refusal(recipe: Recipe, where: str) -> UnsupportedCellError:
+def _experts_refusal(recipe: Recipe, spec: QuantSpec, where: str) -> UnsupportedCellError:
+    reasons = [why for step in recipe.steps if (why := step.why_not_experts(spec))]
     return UnsupportedCellError(
-        f"method {recipe.name!r} on fused MoE experts ({where}) is not implemented: only "
-        f"{' and '.join(EXPERT_ROUNDINGS)} (after {', '.join(EXPERT_TRANSFORMS)} or nothing) quantize fused expert "
-        "tensors, and the experts are most of the weights"
+        f"method {recipe.name!r} on fused MoE experts ({where}), most of the weights: {'; '.join(reasons)}"
     )
 
 
@@ -84,8 +77,8 @@ def refuse_unsupported_experts(
     if not fused or not quantized(spec.w):
         return
     where = f"{fused[0].path} and {len(fused) - 1} more MoE blocks" if len(fused) > 1 else fused[0].path
-    if not _handles_experts(recipe):
-        raise _experts_refusal(recipe, where)
+    if not _handles_experts(recipe, spec):
+        raise _experts_refusal(recipe, spec, where)
 
 
 def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> None:
@@ -100,8 +93,8 @@ def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> Non
     for step in recipe.steps:
         step.check_architecture(model_type)
     adapter = ADAPTERS.get(model_type or "")
-    if adapter is not None and adapter.experts is not None and not _handles_experts(recipe):
-        raise _experts_refusal(recipe, str(model_type))
+    if adapter is not None and adapter.experts is not None and not _handles_experts(recipe, spec):
+        raise _experts_refusal(recipe, spec, str(model_type))
 
 
 def _quantize_routers(model: nn.Module, spec: QuantSpec) -> None:
@@ -129,9 +122,8 @@ def _quantize_fused_experts(
     per tensor, shared by its experts, appended to ``act_quantizers`` for static calibration);
     mark them for the coverage account.  Returns the number of tensors.
 
-    Only rounding to nearest is implemented for fused experts: a calibrated rounding on a
-    model that has them is refused rather than leaving the experts (most of the weights)
-    silently in full precision.
+    Tensors the rounding already decided (GPTQ, OmniQuant: marked on the module) keep its
+    result; the rest are rounded to nearest here (after AWQ's or SmoothQuant's scaling).
     """
     fused = find_fused_experts(model)
     if not fused:
@@ -194,7 +186,11 @@ def quantize_model(
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.of([recipe])
-    recipe.check_supported(tensor_type(spec), getattr(model.config, "model_type", None))
+    model_type = getattr(model.config, "model_type", None)
+    recipe.check_supported(tensor_type(spec), model_type)
+    if quantized(spec.w):
+        for step in recipe.steps:  # the architectural reason first, as before loading
+            step.check_architecture(model_type)
     refuse_unsupported_experts(model, spec, recipe)
     # a KV spec on a model without KV layers is refused before any weight is quantized
     kv_layers = kv_layers_or_refuse(model) if quantized(spec.kv) else None

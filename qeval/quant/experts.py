@@ -33,11 +33,16 @@ import torch
 from torch import nn
 
 from qeval.quant.formats import QuantFormat, quantize_weight
+from qeval.quant.typing_helpers import weight_of
 
 INPUT_SIDE = ("gate_up_proj", "gate_proj", "up_proj", "w1", "w3")
 OUTPUT_SIDE = ("down_proj", "w2")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 LAYOUTS = ("out_in", "in_out")
+# calibration tokens an expert needs for its own statistics (GPTQ's Hessian, AWQ's clip search,
+# OmniQuant's clipping); an expert routed fewer is rounded to nearest and counted in the record.
+# A constant, not a parameter, so dense cells keep their identity.
+MIN_EXPERT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,23 @@ def as_rows(weight: torch.Tensor, layout: str) -> torch.Tensor:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: allowed {', '.join(LAYOUTS)}")
     return weight if layout == "out_in" else weight.transpose(1, 2)
+
+
+def expert_input_rows(module: nn.Module, experts: FusedExperts) -> torch.Tensor:
+    """The fused experts' input-side tensor as [experts, out, in] (a view: scaling it scales
+    the parameter), the one that reads the norm output."""
+    first = experts.params[0]
+    return as_rows(getattr(module, first.name).data, first.layout)
+
+
+def scale_expert_inputs(rows: torch.Tensor, router: nn.Module | None, s: torch.Tensor) -> None:
+    """Multiply every expert's input columns by ``s``, and the router's (it reads the same norm
+    output and stays in full precision), after ``s`` was folded into the norm: the function is
+    unchanged."""
+    rows.mul_(s.to(rows.dtype)[None, None, :])
+    if router is not None:
+        weight = weight_of(router)
+        weight.mul_(s.to(weight.dtype)[None, :])
 
 
 @torch.no_grad()

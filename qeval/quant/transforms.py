@@ -44,11 +44,12 @@ def scale_inputs(linear: nn.Linear, scales: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_into_linear_output(linear: nn.Linear, scales: torch.Tensor) -> None:
-    """Divide output row j (and bias j) of ``linear`` by s_j."""
-    linear.weight.div_(scales.to(linear.weight.dtype)[:, None])
+def fold_into_linear_output(linear: nn.Linear, scales: torch.Tensor, rows: slice = slice(None)) -> None:
+    """Divide output row j (and bias j) of ``linear`` by s_j; ``rows``: the rows the scales are
+    for, where the linear is fused (Phi-3's V rows of qkv_proj)."""
+    linear.weight[rows].div_(scales.to(linear.weight.dtype)[:, None])
     if linear.bias is not None:
-        linear.bias.div_(scales.to(linear.bias.dtype))
+        linear.bias[rows].div_(scales.to(linear.bias.dtype))
 
 
 def max_abs_per_input_channel(linears: list[nn.Linear]) -> torch.Tensor:

@@ -29,8 +29,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from qeval.models.adapters import get_folding_adapter
-from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
+from qeval.errors import UnsupportedCellError
+from qeval.models.adapters import get_folding_adapter, present
+from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
+from qeval.quant.experts import (
+    MIN_EXPERT_TOKENS,
+    FusedExperts,
+    as_rows,
+    collecting_expert_inputs,
+    expert_input_rows,
+    find_fused_experts,
+    routers,
+    scale_expert_inputs,
+    use_eager_experts,
+)
 from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize_weight
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
@@ -38,17 +50,33 @@ from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scal
 from qeval.quant.typing_helpers import linear_at
 
 ALPHAS = [i / 20 for i in range(20)]
+# linears whose outputs include queries or keys (fused ones too): their errors are re-weighted by
+# the softmax, so partial products say little about them and the clip search leaves them alone
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj", "query_key_value", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 CLIP_RATIOS = [1 - 0.45 * i / 20 for i in range(20)]
 
 
 @torch.no_grad()
 def search_scales(
-    x: torch.Tensor, linears: list[nn.Linear], fmt: QuantFormat, granularity: str, group_size: int
+    x: torch.Tensor,
+    linears: list[nn.Linear],
+    fmt: QuantFormat,
+    granularity: str,
+    group_size: int,
+    routed: list[tuple[torch.Tensor, torch.Tensor]] = (),  # type: ignore[assignment]
 ) -> tuple[torch.Tensor, float]:
-    """The per-input-channel scale (and its alpha) minimising the linears' output MSE."""
+    """The per-input-channel scale (and its alpha) minimising the linears' output MSE.
+
+    ``routed``: (inputs, weight [out, in]) of each expert reading the same channels (the
+    tokens routed to it, which may be scaled by its router score): its error counts in
+    proportion to its share of the routed tokens, so all experts together weigh as one linear
+    and a rarely routed expert cannot steer the scale."""
     x = x.float()
     x_bar = x.abs().mean(dim=0)
     ref = [x @ lin.weight.float().T for lin in linears]
+    routed = [(xe.float(), we.float()) for xe, we in routed if xe.shape[0]]
+    total = sum(xe.shape[0] for xe, _ in routed)
+    routed_ref = [xe @ we.T for xe, we in routed]
     best = (float("inf"), torch.ones_like(x_bar), 0.0)
     for alpha in ALPHAS:
         s = x_bar.pow(alpha).clamp(min=1e-4)
@@ -57,6 +85,9 @@ def search_scales(
         for lin, y in zip(linears, ref):
             wq = quantize_weight(lin.weight.float() * s, fmt, granularity, group_size)[0] / s
             err += (x @ wq.T - y).pow(2).mean().item()
+        for (xe, we), y in zip(routed, routed_ref):
+            wq = quantize_weight(we * s, fmt, granularity, group_size)[0] / s
+            err += (xe @ wq.T - y).pow(2).mean().item() * xe.shape[0] / total
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]
@@ -103,6 +134,7 @@ class AWQParams:
 @register_method
 class AWQ(QuantMethod):
     name = "awq"
+    handles_experts = True
     uses_adapter = True
     folds_scales = True
     tensor_types = frozenset({"W", "W+KV"})
@@ -130,34 +162,97 @@ class AWQ(QuantMethod):
                 out[n] = x
             return out
 
-        def process_block(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             # 1. scale search for every group sharing an input.  The folds preserve the
             #    block's function (weights are not rounded yet), so one pass before any fold
             #    gives every group the input it will see, except for its own fold
-            groups: list[tuple[str, str, tuple[str, ...]]] = []
-            for group, pair in zip(adapter.norm_groups, adapter.linear_pairs):
-                groups.append(("norm", group.norm, group.linears))
-                if block.get_submodule(pair.prev).out_features == block.get_submodule(pair.next).in_features:
-                    groups.append(("linear", pair.prev, (pair.next,)))
+            groups: list[tuple[str, str, tuple[str, ...], slice]] = [
+                ("norm", group.norm, group.linears, slice(None)) for group in adapter.norm_groups_of(block)
+            ]
+            for pair in adapter.pairs_of(block):
+                rows = pair.rows(model.config)
+                width = len(range(*rows.indices(linear_at(block, pair.prev).out_features)))
+                if width == linear_at(block, pair.next).in_features:
+                    groups.append(("linear", pair.prev, (pair.next,), rows))
                 # else v -> o under grouped-query attention: shapes don't allow a per-channel fold
-            xs = gather(block, [names[0] for _kind, _producer, names in groups], inputs)
-            for kind, producer, names in groups:
+            # fused experts read the output of experts_norm (as does the router, and a shared
+            # expert where there is one): their scale is searched with that group's, or alone
+            path = f"{adapter.blocks}.{i}.{adapter.experts}" if adapter.experts else ""
+            experts = fused.get(path)
+            router = next(
+                (local for p, local in router_paths.items() if p.rpartition(".")[0] == path.rpartition(".")[0]), None
+            )
+            module = block.get_submodule(str(adapter.experts)) if experts is not None else None
+            if experts is not None and not any(g[1] == adapter.experts_norm for g in groups):
+                if router is None:
+                    raise UnsupportedCellError(f"awq on {path}: no router found to read the experts' input from")
+                groups.append(("norm", str(adapter.experts_norm), (), slice(None)))
+            heads = {names[0] if names else str(router) for _kind, _producer, names, _rows in groups}
+            xs = gather(block, sorted(heads), inputs)
+            for kind, producer, names, rows in groups:
                 lins = [linear_at(block, n) for n in names]
-                s, _alpha = search_scales(xs[names[0]], lins, fmt, gran, gsize)
+                with_experts = experts is not None and kind == "norm" and producer == adapter.experts_norm
+                routed = []
+                if with_experts:
+                    assert experts is not None and module is not None
+                    first = experts.params[0]
+                    routed_x = self._routed_inputs(block, module, first.name, experts.num_experts, inputs)
+                    routed = list(zip(routed_x, expert_input_rows(module, experts)))
+                s, _alpha = search_scales(xs[names[0] if names else str(router)], lins, fmt, gran, gsize, routed)
                 if kind == "norm":
                     fold_into_norm(block.get_submodule(producer), s, adapter.norm_kind)
                 else:
-                    fold_into_linear_output(linear_at(block, producer), s)
+                    fold_into_linear_output(linear_at(block, producer), s, rows)
                 for lin in lins:
                     scale_inputs(lin, s)
-            # 2. clip search on the transformed weights (q/k skipped: their errors are
-            #    re-weighted by softmax, partial products say little about them)
+                if with_experts:
+                    assert experts is not None and module is not None
+                    scale_expert_inputs(
+                        expert_input_rows(module, experts), block.get_submodule(str(router)) if router else None, s
+                    )
+            # 2. clip search on the transformed weights (NO_CLIP skipped)
             if self.clip and fmt.kind == "int" and gran != "tensor":
-                clip_names = [n for n in adapter.block_linears() if not n.endswith(("q_proj", "k_proj"))]
+                clip_names = [n for n in present(block, adapter.block_linears()) if not n.endswith(NO_CLIP)]
                 xs = gather(block, clip_names, inputs)
                 for n in clip_names:
                     lin = linear_at(block, n)
                     lin.weight.data = search_clip(xs[n], lin.weight.data, fmt, gsize if gran == "group" else -1)
+                if experts is not None and module is not None:
+                    self._clip_experts(block, module, experts, inputs, fmt, gsize if gran == "group" else -1)
 
+        fused = {f.path: f for f in find_fused_experts(model)}
+        router_paths = {p: p[len(adapter.blocks) + 1 :].partition(".")[2] for p in routers(model)}
         run_blockwise(model, adapter, calib, process_block, desc="awq")
-        return self.round_remaining(linears, {}, spec)  # RTN with the clipped ranges
+        return self.round_remaining(linears, {}, spec)  # RTN with the clipped ranges (experts: in apply)
+
+    def _routed_inputs(
+        self, block: nn.Module, module: nn.Module, name: str, count: int, inputs: BlockInputs
+    ) -> list[torch.Tensor]:
+        """Each expert's inputs to its matmul on the fused tensor ``name`` ([tokens, in], evenly
+        spaced, at most max_tokens; no rows for an expert no calibration token reached)."""
+        chunks: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        use_eager_experts(module)
+        weight = getattr(module, name)
+        with collecting_expert_inputs(weight, lambda e, x: chunks[e].append(x.reshape(-1, x.shape[-1]))):
+            for h in inputs.hidden:
+                block_output(block, h, inputs.kwargs)
+        out = []
+        for c in chunks:
+            x = torch.cat(c) if c else weight.new_zeros(0, weight.shape[-1])
+            if x.shape[0] > self.max_tokens:
+                x = x[torch.linspace(0, x.shape[0] - 1, self.max_tokens).long()]
+            out.append(x)
+        return out
+
+    def _clip_experts(
+        self, block: nn.Module, module: nn.Module, experts: FusedExperts, inputs: BlockInputs, fmt: QuantFormat, gs: int
+    ) -> None:
+        """The clip search on every expert's weights with the tokens routed to it; an expert
+        routed fewer than MIN_EXPERT_TOKENS keeps its full range (rounded to nearest), never a
+        range searched on nothing."""
+        for param in experts.params:
+            routed = self._routed_inputs(block, module, param.name, experts.num_experts, inputs)
+            rows = as_rows(getattr(module, param.name).data, param.layout)  # a view: clipped in place
+            for e, x in enumerate(routed):
+                if x.shape[0] >= MIN_EXPERT_TOKENS:
+                    rows[e].copy_(search_clip(x, rows[e], fmt, gs))

@@ -53,6 +53,9 @@ class Step:
     uses_adapter: ClassVar[bool] = False
     # folds scales into the norms before linears, or rotates through them (needs Adapter.foldable)
     folds_scales: ClassVar[bool] = False
+    # quantizes (rounding) or transforms (transform) the fused expert tensors of MoE blocks too;
+    # a recipe with a step that does not is refused on MoE models (qeval.quant.apply)
+    handles_experts: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, **overrides: Any) -> None:
         if params is None:
@@ -76,6 +79,10 @@ class Step:
                 f"method {self.name!r} does not support tensor type {tensor_type} "
                 f"(supports {', '.join(sorted(self.tensor_types))})"
             )
+
+    def why_not_experts(self, spec: Any) -> str:
+        """Why this step cannot handle fused MoE experts in a cell of ``spec`` ("": it can)."""
+        return "" if self.handles_experts else f"{self.name} does not handle fused expert tensors"
 
     def check_architecture(self, model_type: str | None) -> None:
         """Refuse (UnsupportedCellError), from the model type alone, an architecture this step

@@ -23,6 +23,7 @@ by the inverse Hessian of the layer's reconstruction loss.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +33,20 @@ from torch import nn
 from qeval.models.adapters import get_adapter
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
 from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
-from qeval.quant.experts import FusedExperts, as_rows, collecting_expert_inputs, find_fused_experts, use_eager_experts
+from qeval.quant.experts import (
+    MIN_EXPERT_TOKENS,
+    FusedExperts,
+    as_rows,
+    collecting_expert_inputs,
+    find_fused_experts,
+    use_eager_experts,
+)
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize, quantize_weight
 from qeval.quant.methods.base import QuantMethod
 from qeval.quant.methods.registry import register_method
 from qeval.quant.typing_helpers import linear_at
+
+log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -168,11 +178,6 @@ def gptq_quantize(
     return deq, QuantizedTensor(q=codes, scale=scales, zero=zero_t, group_size=gs, fmt=fmt)
 
 
-# calibration tokens an expert needs for its own Hessian; fewer: round to nearest (see
-# GPTQ._quantize_experts).  A constant, not a parameter, so dense GPTQ cells keep their identity.
-MIN_EXPERT_TOKENS = 16
-
-
 @dataclass(frozen=True)
 class GPTQParams:
     damp: float = 0.01  # share of the mean Hessian diagonal added to it
@@ -191,6 +196,7 @@ class GPTQParams:
 @register_method
 class GPTQ(QuantMethod):
     name = "gptq"
+    handles_experts = True
     uses_adapter = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
@@ -219,7 +225,13 @@ class GPTQ(QuantMethod):
                 hessians = {g[0]: HessianAccumulator(linear_at(block, g[0]).in_features) for g in groups_in_pass}
                 collect_linear_inputs(block, list(hessians), inputs, lambda n, x: hessians[n].add(x))  # noqa: B023 - used in this pass
                 for g in groups_in_pass:
-                    prepared = prepare_hessian(hessians.pop(g[0]).H, self.damp, self.act_order)
+                    acc = hessians.pop(g[0])
+                    if acc.tokens == 0:
+                        # the block never called these linears as modules (a family that reads
+                        # .weight itself): no Hessian, so no GPTQ; round_remaining rounds them
+                        log.warning("gptq: %s%s saw no calibration input; rounded to nearest", prefix, g[0])
+                        continue
+                    prepared = prepare_hessian(acc.H, self.damp, self.act_order)
                     for n in g:
                         layer = linear_at(block, n)
                         deq, qt = gptq_quantize(
@@ -237,7 +249,7 @@ class GPTQ(QuantMethod):
                         layer.weight.data = deq
                         results[prefix + n] = (deq, qt)
 
-            if adapter.experts is not None:
+            if adapter.experts is not None and prefix + adapter.experts in fused:  # dense blocks have none
                 self._quantize_experts(block, prefix + adapter.experts, adapter.experts, inputs, fused, fmt, spec)
 
         fused = {f.path: f for f in find_fused_experts(model)}

@@ -32,11 +32,22 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from qeval.config import quantized
 from qeval.errors import UnsupportedCellError
-from qeval.models.adapters import get_adapter, get_folding_adapter
+from qeval.models.adapters import get_adapter, get_folding_adapter, present
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
+from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
+from qeval.quant.experts import (
+    MIN_EXPERT_TOKENS,
+    FusedExperts,
+    as_rows,
+    collecting_expert_inputs,
+    find_fused_experts,
+    quantize_experts,
+    use_eager_experts,
+)
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
 from qeval.quant.linear import replace_module
 from qeval.quant.methods.base import QuantMethod
@@ -47,6 +58,54 @@ from qeval.quant.typing_helpers import linear_at, tensor_attr
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
+
+
+def lwc_quantize(
+    weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, fmt: QuantFormat, gs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fake-quantize ``weight`` ([out, in]) with learnable clipping of each (row, group) range:
+    (dequantized [out, in], scale [out, groups], zero or None, codes [out, in]); differentiable
+    in gamma and beta through the straight-through rounding."""
+    cols = weight.shape[1]
+    w = group_view(weight.float(), gs)
+    if fmt.sym:
+        hi = torch.sigmoid(gamma) * w.abs().amax(dim=-1)
+        scale = (hi / fmt.qmax).clamp(min=1e-8)
+        codes = torch.clamp(_round_ste(w / scale[..., None]), fmt.qmin, fmt.qmax)
+        deq, zero = codes * scale[..., None], None
+    else:
+        hi = torch.sigmoid(gamma) * w.amax(dim=-1).clamp(min=0)
+        lo = torch.sigmoid(beta) * w.amin(dim=-1).clamp(max=0)
+        scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
+        zero = _round_ste(-lo / scale)
+        codes = torch.clamp(_round_ste(w / scale[..., None]) + zero[..., None], 0, fmt.qmax)
+        deq = (codes - zero[..., None]) * scale[..., None]
+    out = w.shape[0]
+    return deq.reshape(out, -1)[:, :cols], scale, zero, codes.reshape(out, -1)[:, :cols]
+
+
+class LWCExperts(nn.Module):
+    """A parametrization of one fused expert tensor: every expert's weight fake-quantized with
+    learnable clipping per (expert, output row, group), exactly as LWCLinear treats the weight
+    of an unfused expert of the same shape."""
+
+    def __init__(self, weight: torch.Tensor, layout: str, fmt: QuantFormat, group_size: int, init: float) -> None:
+        super().__init__()
+        if fmt.kind != "int":
+            raise ValueError("learnable weight clipping is defined for integer formats")
+        self.layout, self.fmt = layout, fmt
+        experts, out, cols = as_rows(weight, layout).shape
+        self.gs = group_size if 0 < group_size < cols else cols
+        shape = group_view(weight.new_zeros(experts * out, cols).float(), self.gs).shape[:2]
+        self.gamma = nn.Parameter(torch.full(shape, init))
+        self.beta = nn.Parameter(torch.full(shape, init))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = as_rows(weight, self.layout)
+        experts, out, cols = rows.shape
+        deq = lwc_quantize(rows.reshape(experts * out, cols), self.gamma, self.beta, self.fmt, self.gs)[0]
+        deq = deq.reshape(experts, out, cols).to(weight.dtype)
+        return deq if self.layout == "out_in" else deq.transpose(1, 2)
 
 
 class LWCLinear(nn.Module):
@@ -95,22 +154,7 @@ class LWCLinear(nn.Module):
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(dequantized weight [out, in], scale [out, groups], zero or None, codes [out, in])."""
-        w = group_view(self.transformed()[0], self.gs)
-        fmt = self.fmt
-        if fmt.sym:
-            hi = torch.sigmoid(self.gamma) * w.abs().amax(dim=-1)
-            scale = (hi / fmt.qmax).clamp(min=1e-8)
-            codes = torch.clamp(_round_ste(w / scale[..., None]), fmt.qmin, fmt.qmax)
-            deq, zero = codes * scale[..., None], None
-        else:
-            hi = torch.sigmoid(self.gamma) * w.amax(dim=-1).clamp(min=0)
-            lo = torch.sigmoid(self.beta) * w.amin(dim=-1).clamp(max=0)
-            scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
-            zero = _round_ste(-lo / scale)
-            codes = torch.clamp(_round_ste(w / scale[..., None]) + zero[..., None], 0, fmt.qmax)
-            deq = (codes - zero[..., None]) * scale[..., None]
-        out = w.shape[0]
-        return (deq.reshape(out, -1)[:, : self.cols], scale, zero, codes.reshape(out, -1)[:, : self.cols])
+        return lwc_quantize(self.transformed()[0], self.gamma, self.beta, self.fmt, self.gs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fmt is not None:  # per-token input quantization, straight-through
@@ -125,6 +169,11 @@ class LETNorm(nn.Module):
     def __init__(self, norm: nn.Module, scale: nn.Parameter, shift: nn.Parameter | None) -> None:
         super().__init__()
         self.norm, self.scale, self.shift = norm, scale, shift
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped norm's weight: some blocks read it (Mamba casts its input to its dtype)."""
+        return tensor_attr(self.norm, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
@@ -152,6 +201,7 @@ class OmniQuantParams:
 @register_method
 class OmniQuant(QuantMethod):
     name = "omniquant"
+    handles_experts = True
     uses_adapter = True
     tensor_types = frozenset({"W", "WA", "W+KV", "WA+KV"})
     needs_calibration = True
@@ -194,7 +244,7 @@ class OmniQuant(QuantMethod):
         def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             with torch.no_grad():
                 targets = [block_output(block, h, inputs.kwargs) for h in inputs.hidden]
-            names = [n for n in adapter.block_linears() if f"{adapter.blocks}.{i}.{n}" in linears]
+            names = [n for n in present(block, adapter.block_linears()) if f"{adapter.blocks}.{i}.{n}" in linears]
             originals = {n: linear_at(block, n) for n in names}
             wrapped = {n: LWCLinear(lin, fmt, group, self.init, act_fmt) for n, lin in originals.items()}
             let_params, norms = self._init_let(block, adapter, inputs, wrapped) if act_fmt else ([], {})
@@ -202,7 +252,17 @@ class OmniQuant(QuantMethod):
                 replace_module(block, n, w)
             for name, let_norm in norms.items():
                 replace_module(block, name, let_norm)
-            groups = [{"params": [p for w in wrapped.values() for p in (w.gamma, w.beta)], "lr": self.lwc_lr}]
+            path = f"{adapter.blocks}.{i}.{adapter.experts}" if adapter.experts else ""
+            experts = fused.get(path)
+            module = block.get_submodule(str(adapter.experts)) if experts is not None else None
+            lwc_experts = (
+                self._parametrize_experts(module, experts, fmt, group)
+                if module is not None and experts is not None
+                else {}
+            )
+            clip_params = [p for w in wrapped.values() for p in (w.gamma, w.beta)]
+            clip_params += [p for e in lwc_experts.values() for p in (e.gamma, e.beta)]
+            groups = [{"params": clip_params, "lr": self.lwc_lr}]
             if let_params:
                 groups.append({"params": let_params, "lr": self.let_lr})
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -211,9 +271,10 @@ class OmniQuant(QuantMethod):
                 for _epoch in range(self.epochs):
                     total = 0.0
                     for h, target in zip(inputs.hidden, targets):
-                        loss = F.mse_loss(block_output(block, h, inputs.kwargs), target)
-                        opt.zero_grad()
-                        loss.backward()
+                        with parametrize.cached():  # the experts' fake-quantized tensors once per step
+                            loss = F.mse_loss(block_output(block, h, inputs.kwargs), target)
+                            opt.zero_grad()
+                            loss.backward()
                         opt.step()
                         total += loss.item()
                     history.append(total / len(targets))
@@ -235,18 +296,86 @@ class OmniQuant(QuantMethod):
                     qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
                     results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt)
                     replace_module(block, n, lin)
+                if module is not None and experts is not None:
+                    self._freeze_experts(block, module, experts, inputs, fmt, spec)
 
+        fused = {f.path: f for f in find_fused_experts(model)}
+        if fused and act_fmt is not None:
+            raise UnsupportedCellError(self.why_not_experts(spec))
         for p in model.parameters():
             p.requires_grad_(False)
         run_blockwise(model, adapter, calib, process_block, desc="omniquant")
         return self.round_remaining(linears, results, spec)
+
+    def why_not_experts(self, spec: Any) -> str:
+        """LWC quantizes fused experts (per expert); LET (weight-activation cells) does not."""
+        if quantized(spec.a):
+            return (
+                "omniquant's LET (weight-activation cells) does not scale fused experts (its norm scale would "
+                "have to be shared by the router and every expert); weight-only OmniQuant (LWC) quantizes them"
+            )
+        return ""
+
+    def _parametrize_experts(
+        self, module: nn.Module, experts: FusedExperts, fmt: QuantFormat, group: int
+    ) -> dict[str, LWCExperts]:
+        """Learnable clipping on every fused expert tensor of ``module``, trained with the block's
+        linears (the block loss reaches each expert through the tokens routed to it)."""
+        use_eager_experts(module)
+        out = {}
+        for param in experts.params:
+            lwc = LWCExperts(getattr(module, param.name).detach(), param.layout, fmt, group, self.init)
+            parametrize.register_parametrization(module, param.name, lwc)
+            out[param.name] = lwc
+        return out
+
+    @torch.no_grad()
+    def _freeze_experts(
+        self,
+        block: nn.Module,
+        module: nn.Module,
+        experts: FusedExperts,
+        inputs: BlockInputs,
+        fmt: QuantFormat,
+        spec: Any,
+    ) -> None:
+        """Write the learned clipping's quantized weights into the fused tensors; an expert routed
+        fewer than MIN_EXPERT_TOKENS calibration tokens learned nothing about its range and is
+        rounded to nearest instead (counted in the record)."""
+        originals = {}
+        for param in experts.params:
+            originals[param.name] = getattr(module.parametrizations, param.name).original.detach().clone()
+            parametrize.remove_parametrizations(module, param.name, leave_parametrized=True)
+        tokens = [0] * experts.num_experts
+
+        def count(e: int, x: torch.Tensor) -> None:
+            tokens[e] += x.reshape(-1, x.shape[-1]).shape[0]
+
+        with collecting_expert_inputs(getattr(module, experts.params[0].name), count):
+            for h in inputs.hidden:
+                block_output(block, h, inputs.kwargs)
+        few = [e for e, n in enumerate(tokens) if n < MIN_EXPERT_TOKENS]
+        marks, fallbacks = {}, {}
+        for param in experts.params:
+            if few:
+                rtn = quantize_experts(originals[param.name], param.layout, fmt, spec.granularity, spec.group_size)
+                weight = getattr(module, param.name)
+                weight.data[few] = rtn[few].to(weight.dtype)
+            marks[param.name] = (
+                f"OmniQuant LWC per expert ({param.layout}); experts routed fewer than {MIN_EXPERT_TOKENS} "
+                "calibration tokens rounded to nearest"
+            )
+            fallbacks[param.name] = len(few)
+        setattr(module, QUANTIZED_PARAMS_ATTR, marks)
+        setattr(module, EXPERT_FALLBACKS_ATTR, fallbacks)
 
     def _init_let(
         self, block: nn.Module, adapter: Any, inputs: BlockInputs, wrapped: dict[str, LWCLinear]
     ) -> tuple[list[nn.Parameter], dict[str, LETNorm]]:
         """LET parameters for a block: SmoothQuant-initialised scales per norm group
         (plus a centring shift for norms with a bias) and unit scales on v -> o."""
-        heads = [g.linears[0] for g in adapter.norm_groups]
+        groups = adapter.norm_groups_of(block)
+        heads = [g.linears[0] for g in groups]
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def observe(name: str, x: torch.Tensor) -> None:
@@ -259,7 +388,7 @@ class OmniQuant(QuantMethod):
         collect_linear_inputs(block, heads, inputs, observe)
         params: list[nn.Parameter] = []
         norms: dict[str, LETNorm] = {}
-        for group, head in zip(adapter.norm_groups, heads):
+        for group, head in zip(groups, heads):
             members = [n for n in group.linears if n in wrapped]
             if not members:
                 continue
@@ -276,9 +405,12 @@ class OmniQuant(QuantMethod):
                 wrapped[n].in_scale, wrapped[n].in_shift = scale, shift
             norms[group.norm] = LETNorm(norm, scale, shift)
             params += [scale] + ([shift] if shift is not None else [])
-        v_o = adapter.linear_pairs[0]
+        # a unit scale on v -> o where it is a whole linear (not a fused linear's row slice) and
+        # the shapes allow (no grouped-query attention)
+        v_o = next((p for p in adapter.pairs_of(block) if p.per_head and p.prev_rows is None), None)
         if (
-            v_o.prev in wrapped
+            v_o is not None
+            and v_o.prev in wrapped
             and v_o.next in wrapped
             and wrapped[v_o.prev].linear.out_features == wrapped[v_o.next].linear.in_features
         ):

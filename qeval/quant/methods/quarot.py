@@ -59,6 +59,10 @@ _WHY_NOT = {
 
 
 def _check_rotatable(model: nn.Module | None, adapter: Adapter) -> None:
+    if adapter.why_not_rotatable:
+        raise UnsupportedCellError(
+            f"quarot does not support model_type {adapter.model_type!r}: {adapter.why_not_rotatable}"
+        )
     if adapter.norm_kind != "rms":
         raise UnsupportedCellError(
             f"quarot does not support model_type {adapter.model_type!r}: "
@@ -96,7 +100,7 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
     emb, head = input_embeddings(model), as_linear(output_embeddings(model), "the output embeddings")
     blocks = adapter.get_blocks(model)
     for block in blocks:
-        for group in adapter.norm_groups:
+        for group in adapter.norm_groups_of(block):
             _fold_norm(block.get_submodule(group.norm), [linear_at(block, n) for n in group.linears])
     _fold_norm(model.get_submodule(adapter.final_norm), [head])
 
@@ -107,26 +111,38 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     Hd = random_rotation(head_dim, seed + 1)
     for block in blocks:
-        for group in adapter.norm_groups:
+        # readers of the residual stream: the linears behind the norms; writers: the ends of the
+        # pairs (o, down)
+        for group in adapter.norm_groups_of(block):
             for n in group.linears:
                 _rotate_in(linear_at(block, n), Q)
-        for pair in adapter.linear_pairs:
+        pairs = adapter.pairs_of(block)
+        for pair in pairs:
             _rotate_out(linear_at(block, pair.next), Q)
-        v_o = adapter.linear_pairs[0]
-        v, o = linear_at(block, v_o.prev), linear_at(block, v_o.next)
-        wv = v.weight.double().reshape(-1, head_dim, v.in_features)  # [kv_heads, head_dim, hidden]
-        v.weight.copy_(torch.einsum("dk,hdi->hki", Hd, wv).reshape_as(v.weight).to(v.weight.dtype))
-        if v.bias is not None:
-            v.bias.copy_((v.bias.double().reshape(-1, head_dim) @ Hd).reshape(-1).to(v.bias.dtype))
-        wo = o.weight.double().reshape(o.out_features, -1, head_dim)  # [hidden, heads, head_dim]
-        o.weight.copy_((wo @ Hd).reshape_as(o.weight).to(o.weight.dtype))
+        v_o = next(p for p in pairs if p.per_head)
+        _rotate_values(linear_at(block, v_o.prev), linear_at(block, v_o.next), v_o.rows(cfg), Hd)
         if online_down:
-            down = linear_at(block, adapter.linear_pairs[1].next)
+            down = linear_at(block, next(p for p in pairs if not p.per_head).next)
             H = random_rotation(down.in_features, seed + 2)
             _rotate_in(down, H)
             H32 = H.to(down.weight.dtype)
             setattr(down, INPUT_TRANSFORM_ATTR, H32)
             down.register_forward_pre_hook(lambda _m, args, _H=H32: (args[0] @ _H, *args[1:]))
+
+
+@torch.no_grad()
+def _rotate_values(v: nn.Linear, o: nn.Linear, rows: slice, Hd: torch.Tensor) -> None:
+    """Each head's values by ``Hd``: V's rows (``rows`` of a fused qkv_proj) and O's matching
+    input columns."""
+    head_dim = Hd.shape[0]
+    weight = v.weight[rows]  # a view: rotated in place
+    wv = weight.double().reshape(-1, head_dim, v.in_features)  # [kv_heads, head_dim, hidden]
+    weight.copy_(torch.einsum("dk,hdi->hki", Hd, wv).reshape_as(weight).to(weight.dtype))
+    if v.bias is not None:
+        bias = v.bias[rows]
+        bias.copy_((bias.double().reshape(-1, head_dim) @ Hd).reshape(-1).to(bias.dtype))
+    wo = o.weight.double().reshape(o.out_features, -1, head_dim)  # [hidden, heads, head_dim]
+    o.weight.copy_((wo @ Hd).reshape_as(o.weight).to(o.weight.dtype))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from qeval.quant.methods.registry import register_method
 @register_method
 class RTN(QuantMethod):
     name = "rtn"
+    handles_experts = True
     tensor_types = frozenset({"W", "WA", "KV", "W+KV", "WA+KV"})
 
     def quantize_weight(self, weight: torch.Tensor, spec: Any) -> tuple[torch.Tensor, Any]:

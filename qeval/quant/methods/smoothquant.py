@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from qeval.config import QuantSpec
-from qeval.models.adapters import Adapter, get_folding_adapter
+from qeval.models.adapters import get_folding_adapter
 from qeval.quant.calibration import BlockInputs, collect_linear_inputs, run_blockwise
-from qeval.quant.experts import FusedExperts, as_rows, find_fused_experts, routers
+from qeval.quant.experts import expert_input_rows, find_fused_experts, routers, scale_expert_inputs
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel, scale_inputs
-from qeval.quant.typing_helpers import linear_at, weight_of
+from qeval.quant.typing_helpers import linear_at
 
 
 def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,9 +46,14 @@ def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) ->
     router_by_block = {path.rpartition(".")[0]: module for path, module in routers(model).items()}
 
     def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        heads = [group.linears[0] for group in adapter.norm_groups]
-        experts = f"{adapter.blocks}.{i}.{adapter.experts}" if adapter.experts else ""
-        if experts in fused and adapter.experts_norm:  # the experts' input: the norm output every expert reads
+        groups = adapter.norm_groups_of(block)
+        heads = [group.linears[0] for group in groups]
+        path = f"{adapter.blocks}.{i}.{adapter.experts}" if adapter.experts else ""
+        experts = fused.get(path) if adapter.experts_norm else None
+        # the experts read the same norm output as the group behind experts_norm (a shared
+        # expert: Llama 4, DeepSeek-V3), or alone (Mixtral, Qwen3-MoE): one scale for all readers
+        joint = experts is not None and any(g.norm == adapter.experts_norm for g in groups)
+        if experts is not None and not joint:
             heads.append(str(adapter.experts))
         act_max: dict[str, torch.Tensor] = {}
 
@@ -57,41 +62,28 @@ def smooth_model(model: nn.Module, batches: list[torch.Tensor], alpha: float) ->
             act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
         collect_linear_inputs(block, heads, inputs, observe)
-        for group, head in zip(adapter.norm_groups, heads):
+        router = router_by_block.get(path.rpartition(".")[0])
+        for group, head in zip(groups, heads):
             linears = [linear_at(block, n) for n in group.linears]
-            s = smoothing_scales(act_max[head], max_abs_per_input_channel(linears), alpha)
+            weight_max = max_abs_per_input_channel(linears)
+            rows = None
+            if joint and group.norm == adapter.experts_norm:
+                assert experts is not None
+                rows = expert_input_rows(block.get_submodule(str(adapter.experts)), experts)
+                weight_max = torch.maximum(weight_max, rows.abs().amax(dim=(0, 1)).float())
+            s = smoothing_scales(act_max[head], weight_max, alpha)
             fold_into_norm(block.get_submodule(group.norm), s, adapter.norm_kind)
             for lin in linears:
                 scale_inputs(lin, s)
-        if experts in fused and adapter.experts_norm:
-            _smooth_experts(
-                block, adapter, fused[experts], router_by_block.get(experts.rpartition(".")[0]), act_max, alpha
-            )
+            if rows is not None:
+                scale_expert_inputs(rows, router, s)
+        if experts is not None and not joint:
+            rows = expert_input_rows(block.get_submodule(str(adapter.experts)), experts)
+            s = smoothing_scales(act_max[str(adapter.experts)], rows.abs().amax(dim=(0, 1)).float(), alpha)
+            fold_into_norm(block.get_submodule(str(adapter.experts_norm)), s, adapter.norm_kind)
+            scale_expert_inputs(rows, router, s)
 
     run_blockwise(model, adapter, batches, process_block, desc="smoothquant")
-
-
-def _smooth_experts(
-    block: nn.Module,
-    adapter: Adapter,
-    experts: FusedExperts,
-    router: nn.Module | None,
-    act_max: dict[str, torch.Tensor],
-    alpha: float,
-) -> None:
-    """One smoothing scale per input channel of the fused experts' input-side tensor, from the
-    norm output's channel maxima (the same rows for every expert) and the weight maxima over
-    every expert; folded into the norm, multiplied into every expert's columns and the router's
-    (which reads the same norm output and stays in full precision), so the function is unchanged."""
-    module = block.get_submodule(str(adapter.experts))
-    first = experts.params[0]
-    rows = as_rows(getattr(module, first.name).data, first.layout)  # a view: scaled in place
-    s = smoothing_scales(act_max[str(adapter.experts)], rows.abs().amax(dim=(0, 1)).float(), alpha)
-    fold_into_norm(block.get_submodule(str(adapter.experts_norm)), s, adapter.norm_kind)
-    rows.mul_(s.to(rows.dtype)[None, None, :])
-    if router is not None:
-        weight = weight_of(router)
-        weight.mul_(s.to(weight.dtype)[None, :])
 
 
 @dataclass(frozen=True)
@@ -109,6 +101,7 @@ class SmoothQuant(Transform):
     smoothed weights and activations."""
 
     name = "smoothquant"
+    handles_experts = True
     uses_adapter = True
     folds_scales = True
     tensor_types = frozenset({"WA", "WA+KV"})
