@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.config import KVSpec, QuantSpec, WeightSpec
+from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec
 from qeval.models.tiny import TINY_DENSE_FAMILIES, TINY_FAMILIES, TINY_MOE_FAMILIES, build_tiny_model
 from qeval.quant import coverage
 from qeval.quant.apply import quantize_model
@@ -58,6 +58,24 @@ def test_w4_on_mamba_quantizes_its_projections_and_names_what_it_leaves():
     assert record["kinds"]["state_space"]["quantized"] > 0
     reasons = {g["reason"] for g in record["full_precision"] if g["status"] == "unsupported"}
     assert any("Conv1d kernel" in r for r in reasons) and any("'A_log'" in r for r in reasons)
+
+
+def test_w8a8_on_mamba_says_dt_proj_inputs_stay_in_full_precision():
+    """Mamba multiplies by dt_proj.weight itself, never calling the module: its weight is
+    quantized (the model reads the quantized .weight) but an input quantizer would never run,
+    so the record says its input stays in full precision, and why, instead of claiming it."""
+    model = build_tiny_model("mamba")
+    spec = QuantSpec(
+        name="w8a8", w=WeightSpec(bits=8, granularity="channel"), a=ActivationSpec(bits=8, granularity="token")
+    )
+    quantize_model(model, spec, METHODS["rtn"]())
+    dt_proj = model.backbone.layers[0].mixer.dt_proj
+    assert dt_proj.input_quantizer is None and model.backbone.layers[0].mixer.in_proj.input_quantizer is not None
+    record = coverage.account(model, spec).as_record()
+    (left,) = record["inputs_full_precision"]
+    assert left["tensors"] == 2 and "never calls this linear" in left["reason"]
+    assert left["examples"] == [f"backbone.layers.{i}.mixer.dt_proj.weight" for i in range(2)]
+    assert 0.95 < record["inputs_quantized_share"] < 1.0 and record["share"] == 1.0
 
 
 def test_kv_on_a_hybrid_model_quantizes_its_attention_and_says_what_it_leaves(tmp_path):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from qeval.config import QuantSpec, quantized, tensor_type
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import ADAPTERS
-from qeval.quant.coverage import QUANTIZED_PARAMS_ATTR
+from qeval.quant.coverage import INPUT_NOT_CALLED_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import (
     FusedExperts,
     find_fused_experts,
@@ -106,6 +106,30 @@ def _quantize_routers(model: nn.Module, spec: QuantSpec) -> None:
         weight = weight_of(module)
         weight.data = quantize_weight(weight.data, fmt, spec.w.granularity, spec.w.group_size)[0]
         setattr(module, QUANTIZED_PARAMS_ATTR, {"weight": f"{spec.label} router, rounded to nearest"})
+
+
+NOT_CALLED_REASON = (
+    "the model never calls this linear as a module (it multiplies by its .weight itself, as Mamba does with "
+    "dt_proj), so its weight is quantized but its input cannot be"
+)
+
+
+@torch.no_grad()
+def linears_not_called(model: nn.Module, linears: dict[str, nn.Linear]) -> set[str]:
+    """The linears a short forward of the model never calls as modules: their weights take
+    effect (the model reads ``.weight``) but an input quantizer on them would be a silent no-op,
+    so a WA cell records their inputs as full precision instead of claiming them quantized."""
+    called: set[str] = set()
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, _a, _n=name: called.add(_n)) for name, lin in linears.items()
+    ]
+    try:
+        device = next(model.parameters()).device
+        model(torch.arange(1, 9, device=device)[None, :], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return set(linears) - called
 
 
 def _activation_quantizer(spec: QuantSpec) -> ActivationQuantizer:
@@ -207,14 +231,20 @@ def quantize_model(
         rounding.prepare(spec)
         weights = rounding.quantize_weights(model, linears, spec.w, calib if rounding.needs_calibration else None)
         act_quantizers: list[ActivationQuantizer] = []
+        not_called = linears_not_called(model, linears) if quantized(spec.a) else set()
         for name, linear in linears.items():
             deq, qt = weights[name]
             aq = None
-            if quantized(spec.a):
+            if quantized(spec.a) and name not in not_called:
                 aq = _activation_quantizer(spec)
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
-            replace_module(model, name, QuantLinear(linear, deq, qt, aq, transform))
+            quant_linear = QuantLinear(linear, deq, qt, aq, transform)
+            if name in not_called:
+                setattr(quant_linear, INPUT_NOT_CALLED_ATTR, NOT_CALLED_REASON)
+            replace_module(model, name, quant_linear)
+        if not_called:
+            log.warning("inputs of %d linears stay in full precision: %s", len(not_called), NOT_CALLED_REASON)
         n_experts = _quantize_fused_experts(model, spec, recipe, act_quantizers)
         if spec.quantize_router:
             _quantize_routers(model, spec)

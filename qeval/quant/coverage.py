@@ -72,6 +72,8 @@ class Coverage:
     # calibrated method rounded to nearest for lack of routed tokens (summed over tensors)
     expert_marks: dict[str, int] = field(default_factory=dict)
     expert_fallbacks: int = 0
+    # quantized weights of a WA spec whose inputs stay in full precision, and why
+    inputs_left: dict[str, str] = field(default_factory=dict)
 
     @property
     def inputs_share(self) -> float:
@@ -120,6 +122,13 @@ class Coverage:
         }
         if self.inputs_quantized:
             out["inputs_quantized_share"] = round(self.inputs_share, 6)
+        if self.inputs_left:
+            by_reason: dict[str, list[str]] = {}
+            for name, why in sorted(self.inputs_left.items()):
+                by_reason.setdefault(why, []).append(name)
+            out["inputs_full_precision"] = [
+                {"reason": why, "tensors": len(names), "examples": names[:EXAMPLES]} for why, names in by_reason.items()
+            ]
         if self.expert_marks:
             out["experts"] = {"how": dict(self.expert_marks), "rounded_to_nearest": self.expert_fallbacks}
         return out
@@ -211,7 +220,14 @@ def account(model: nn.Module, spec: QuantSpec) -> Coverage:
                 (isinstance(module, QuantLinear) and module.input_quantizer is not None) or pname in expert_inputs
             ):
                 out.inputs_quantized.add(name)
+            elif status == "quantized" and quantized(spec.a) and isinstance(module, QuantLinear):
+                out.inputs_left[name] = getattr(module, INPUT_NOT_CALLED_ATTR, "") or "input not quantized"
     return out
+
+
+# on a QuantLinear of a WA cell whose forward the model never calls (it reads .weight itself, as
+# Mamba does with dt_proj): why its input has no quantizer
+INPUT_NOT_CALLED_ATTR = "_qeval_input_not_called"
 
 
 def state_space_mixers(model: nn.Module) -> int:
