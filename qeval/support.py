@@ -39,16 +39,12 @@ class Outcome:
 
 
 def _spec(preset: str):  # -> QuantSpec
-    from omegaconf import OmegaConf
+    """The preset's QuantSpec exactly as a sweep cell gets it: composed by Hydra (defaults
+    lists included) and typed at the cell boundary."""
+    from qeval.cell import build_cell
+    from qeval.cli import compose_config
 
-    from qeval.cell import from_plain
-    from qeval.cli import CONF_DIR
-    from qeval.config import QuantSpec
-
-    data = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "quant" / f"{preset}.yaml"))
-    assert isinstance(data, dict)
-    data.pop("defaults", None)
-    return from_plain(QuantSpec, data, "quant")
+    return build_cell(compose_config([f"quant={preset}", "model=tiny-llama", "suite=tiny"])).quant
 
 
 def try_cell(model: torch.nn.Module, spec, method: str, calibration: list[torch.Tensor]) -> Outcome:

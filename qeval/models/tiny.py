@@ -61,9 +61,11 @@ TINY_FAMILIES: dict[str, Callable[[], Any]] = {
 }
 
 
-# The families below are kept apart from TINY_FAMILIES, whose members every method supports:
-# weights (RTN), activations and KV run on them; calibrated methods refuse them until the
-# adapter table (qeval/models/adapters.py) has an entry.
+# The families below are kept apart from TINY_FAMILIES (plain attention + MLP blocks, the
+# parametrized tests of each method run over those): fused projections, post-norms, parallel
+# blocks, experts and state-space mixers.  All of them are in the adapter table
+# (qeval/models/adapters.py); tests/test_family_invariants.py checks every method's invariants
+# on every family the table has, and what a family cannot do is refused with its reason.
 TINY_DENSE_FAMILIES: dict[str, Callable[[], Any]] = {
     "phi3": lambda: _config("phi3", **_DECODER),  # fused qkv_proj and gate_up_proj
     "olmo2": lambda: _config("olmo2", **_DECODER),  # post-norms: GPTQ, not the scale-folding methods
