@@ -120,9 +120,7 @@ def linears_not_called(model: nn.Module, linears: dict[str, nn.Linear]) -> set[s
     effect (the model reads ``.weight``) but an input quantizer on them would be a silent no-op,
     so a WA cell records their inputs as full precision instead of claiming them quantized."""
     called: set[str] = set()
-    handles = [
-        lin.register_forward_pre_hook(lambda _m, _a, _n=name: called.add(_n)) for name, lin in linears.items()
-    ]
+    handles = [lin.register_forward_pre_hook(lambda _m, _a, _n=name: called.add(_n)) for name, lin in linears.items()]
     try:
         device = next(model.parameters()).device
         model(torch.arange(1, 9, device=device)[None, :], use_cache=False)
