@@ -31,13 +31,14 @@ from qeval.cell import Cell, build_cell, preflight
 from qeval.config import quantized
 from qeval.data import calibration_for
 from qeval.errors import UnsupportedCellError
-from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite
+from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite, prepare_references
 from qeval.models.carriers import cache_root
 from qeval.models.loading import LoadedModel, load_model, peek_config
 from qeval.quant import coverage
 from qeval.quant.apply import quantize_model, refuse_for_architecture
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
 from qeval.quant.kv import KV_LAYERS_ATTR, cache_contents
+from qeval.quant.linear import drop_codes
 from qeval.results import SCHEMA_VERSION, ResultStore, package_versions, qeval_version, stable_hash
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,32 @@ def _quantized_model(
     cell: Cell, loaded: LoadedModel, calibration: functools.partial[list[torch.Tensor]]
 ) -> tuple[torch.nn.Module, str]:
     """The cell's quantized model, from the quantized-model cache when enabled and present;
-    (model, "hit" / "miss" / "off")."""
+    (model, "hit" / "miss" / "off").
+
+    The cell's own copy is the only model in memory: before it is quantized in place, what the
+    suite compares the quantized model with is computed on it (while it is still the FP model)
+    and cached, so evaluation needs no second, unquantized model."""
     model = loaded.fresh_copy().to(cell.backend.device)
+    if cell.quant.tensor_type != "FP":
+        prepare_references(model, loaded.tokenizer, cell.suite, eval_settings(cell), loaded.fingerprint)
+    needs_codes = cell.runtime.needs_codes  # an exporting backend reads the integer codes
     if not (cell.quantized_cache and quantized(cell.quant.w)):
-        return quantize_model(model, cell.quant, cell.recipe, calibration), "off"
+        return quantize_model(model, cell.quant, cell.recipe, calibration, keep_codes=needs_codes), "off"
     entry = quantized_cache_dir(cell, loaded.fingerprint)
     if load_quantized(model, entry, cell.quant):
         log.info("quantized model read from %s", entry)
+        if not needs_codes:
+            drop_codes(model)
         return model, "hit"
     if entry.exists():  # an entry that failed to load may have half-rebuilt the copy
+        del model  # freed before the new copy loads: never two copies
+        gc.collect()
         model = loaded.fresh_copy().to(cell.backend.device)
-    quantize_model(model, cell.quant, cell.recipe, calibration)
+    quantize_model(model, cell.quant, cell.recipe, calibration)  # with codes: the cache keeps them
     save_quantized(model, entry, provenance={"cell": cell.label, "method": cell.recipe.name})
     log.info("quantized model kept in %s", entry)
+    if not needs_codes:
+        drop_codes(model)
     return model, "miss"
 
 
@@ -231,7 +245,6 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
                 loaded.tokenizer,
                 cell.suite,
                 eval_settings(cell),
-                reference=loaded.model,
                 reference_fingerprint=loaded.fingerprint,
                 **_task_checkpoints(store, hash_, loaded.fingerprint),
             )

@@ -63,6 +63,9 @@ class Backend:
     Settings: ClassVar[type[BackendSettings]] = BackendSettings
     identity_keys: ClassVar[tuple[str, ...]] = ("name",)
     task_kinds: ClassVar[frozenset[str]] = frozenset({"perplexity", "lm_eval", "native"})
+    # reads the integer codes of the quantized weights (an exporter); others evaluate the
+    # dequantized weights, and the codes — a second copy of every weight — are not kept
+    needs_codes: ClassVar[bool] = False
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings

@@ -326,6 +326,7 @@ class VllmBackend(Backend):
     """Real kernels: export the quantized model as compressed-tensors, score it with vLLM."""
 
     name = "vllm"
+    needs_codes = True  # exports compressed-tensors checkpoints from them
     Settings = VllmSettings
     identity_keys = ("name", "dtype", "max_model_len")
     task_kinds = frozenset({"perplexity", "lm_eval"})

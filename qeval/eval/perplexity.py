@@ -149,6 +149,30 @@ def perplexity(
     return result
 
 
+def prepare_reference(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: str,
+    seqlen: int,
+    max_windows: int | None,
+    data_dir: str | None,
+    decode_chunk: int | None,
+    cache_dir: str | Path,
+    key: str,
+    top_k: int = dv.DEFAULT_TOP_K,
+    tail_samples: int = dv.DEFAULT_TAIL_SAMPLES,
+) -> None:
+    """Make sure the FP reference of these windows is in ``cache_dir`` (key: the FP weight
+    fingerprint), computing it with ``model`` (the unquantized model) if it is not.  The runner
+    calls this on a cell's own copy before quantizing it, so that :func:`perplexity` later reads
+    the reference from the cache and no second, unquantized model has to be kept."""
+    ids = tokenized_corpus(tokenizer, dataset, data_dir)
+    windows = corpus_windows(ids, seqlen, max_windows)
+    cache_key = dv.reference_cache_key(key, dataset, seqlen, windows, top_k, decode_chunk, tail_samples)
+    cache = dv.reference_cache_path(cache_dir, cache_key)
+    _reference(windows, cache, cache_key, model, (top_k, tail_samples), decode_chunk, f"{dataset} ppl")
+
+
 def _result(nlls: list[float], seqlen: int) -> PerplexityResult:
     mean, var, n = mean_variance(nlls)  # NaN windows propagate: a broken model scores NaN
     sd = math.sqrt(var) if n > 1 else float("nan")

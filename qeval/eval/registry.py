@@ -253,6 +253,12 @@ class NativeTask:
         if missing and (offline() or not self.online):
             raise TaskDataError(f"task {self.name!r} cannot run: " + missing_message(missing, data_dir))
 
+    def prepare_reference(self, ctx: TaskContext) -> None:
+        """Compute and cache, with ``ctx.model`` (the unquantized model, before the cell
+        quantizes it), what :meth:`evaluate` will compare with; a task that needs nothing of the
+        FP model does nothing (the default).  ``evaluate`` then finds it in ``ctx.cache_dir``
+        under ``ctx.reference_fingerprint``, with ``ctx.reference`` None: no second model."""
+
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -25,7 +25,7 @@ from qeval.config import ConfigError, SuiteSpec, TaskEntry
 from qeval.data import check_available
 from qeval.eval.harness import score_lm_eval
 from qeval.eval.items import Columns
-from qeval.eval.perplexity import perplexity
+from qeval.eval.perplexity import perplexity, prepare_reference
 from qeval.eval.registry import TaskContext, TaskDataError, discover_native, task_exists, task_info, task_paths
 from qeval.eval.scorer import Scorer, as_scorer
 
@@ -134,6 +134,52 @@ class SuiteScores:
 TaskDone = Callable[[str, dict[str, Any], float, "Columns | None"], None]
 
 
+def prepare_references(model: Any, tokenizer: Any, suite: SuiteSpec, settings: EvalSettings, fingerprint: str) -> None:
+    """Compute with ``model`` — the unquantized model, a cell's own copy before it is quantized
+    — whatever the suite's entries compare the quantized model with, and cache it under
+    ``settings.reference_dir`` keyed by ``fingerprint``: the FP next-token distributions of the
+    perplexity windows (KL divergence), and what native tasks declare
+    (:meth:`NativeTask.prepare_reference`: MT-Bench's FP answers).  Entries already cached cost a
+    lookup.  Afterwards :func:`evaluate_suite` needs no reference model, only the fingerprint."""
+    include = settings.include
+    for name, task in suite.tasks.items():
+        kind = resolve_kind(task, include)
+        if kind == "perplexity":
+            chunk = task.decode_chunk if task.decode_chunk is not None else settings.decode_chunk
+            prepare_reference(
+                model,
+                tokenizer,
+                task.dataset,
+                task.seqlen,
+                task.max_windows,
+                settings.data_dir,
+                chunk,
+                settings.reference_dir / "divergence",
+                fingerprint,
+            )
+        elif kind == "native":
+            native = discover_native(include)[task.task](**task.params)
+            ctx = TaskContext(
+                model=model,
+                tokenizer=tokenizer,
+                seed=settings.seed,
+                limit=task.limit,
+                reference=model,
+                reference_fingerprint=fingerprint,
+                cache_dir=settings.reference_dir,
+                data_dir=settings.data_dir,
+                extra={
+                    "batch_size": task.batch_size,
+                    "num_fewshot": task.num_fewshot,
+                    "include": include,
+                    "gen_kwargs": task.gen_kwargs,
+                    "apply_chat_template": task.apply_chat_template,
+                },
+            )
+            log.debug("  %s: preparing its FP reference", name)
+            native.prepare_reference(ctx)
+
+
 def evaluate_suite(
     scorer: Scorer | Any,
     tokenizer: Any,
@@ -169,7 +215,7 @@ def evaluate_suite(
             chunk = task.decode_chunk if task.decode_chunk is not None else settings.decode_chunk
             # the FP model's next-token distributions, computed once per model and cached, give
             # every cell's perplexity pass its divergence from the FP model (qeval.eval.divergence)
-            has_reference = reference is not None or settings.is_reference
+            has_reference = reference is not None or settings.is_reference or bool(reference_fingerprint)
             result = perplexity(
                 scorer,
                 tokenizer,

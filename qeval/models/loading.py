@@ -10,7 +10,6 @@ works on a deep copy of it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -18,6 +17,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,43 @@ CONVERTED_MARKER = "qeval_converted.json"
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    """The unquantized model of a sweep, as a source of private copies.
+
+    A sweep holds one copy of the weights: each cell gets its own copy from
+    :meth:`fresh_copy` (loaded again from the model's files, memory-mapped safetensors,
+    or rebuilt from its seeded config for tiny models) and quantizes it in place; nothing
+    keeps a second, unquantized copy beside it.  What a cell needs of the unquantized model
+    (the FP distributions for KL divergence, MT-Bench's FP answers) is computed from its own
+    copy *before* quantizing it, and cached (qeval.eval.suite.prepare_references).
+    ``model`` is a resident unquantized model for tools that want one (qeval-stats, tests,
+    benchmarks); the runner never touches it.
+    """
+
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     load_seconds: float
+    load: Callable[[], PreTrainedModel]  # a new unquantized model, identical to the first load
+    _unused: PreTrainedModel | None = None  # the first load, until someone takes it
+    _resident: PreTrainedModel | None = None
 
     def fresh_copy(self) -> PreTrainedModel:
-        """A private copy a cell may quantize in place (ties are preserved)."""
-        return copy.deepcopy(self.model)
+        """A private unquantized model that the caller may quantize in place (ties preserved):
+        the first load if nobody took it yet, else a new load."""
+        if self._unused is not None:
+            model, self._unused = self._unused, None
+            return model
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a reload (a tiny model reseeds) leaves the cell's RNG alone
+            model = self.load()
+        log.info("reloaded the unquantized model in %.1fs", time.perf_counter() - t0)
+        return model
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """A resident unquantized model (loaded once, kept): for tools, not for sweeps."""
+        if self._resident is None:
+            self._resident = self.fresh_copy()
+        return self._resident
 
 
 _PROCESS_CACHE: dict[str, LoadedModel] = {}
@@ -61,7 +90,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             continue
         seen.add(id(t))
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()[:16]
 
 
@@ -173,16 +202,23 @@ def load_model(cfg: Any, cache_dir: str | None = None) -> LoadedModel:
     if cfg.source == "tiny":
         from qeval.models.tiny import build_tiny_model, byte_tokenizer
 
-        model, tok = build_tiny_model(cfg.family, cfg.seed, dtype), byte_tokenizer()
+        tok = byte_tokenizer()
+
+        def load() -> PreTrainedModel:
+            return build_tiny_model(cfg.family, cfg.seed, dtype)
+
     else:
         path = resolve_pretrained_path(cfg, cache_dir)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
-    model.eval()
+
+        def load() -> PreTrainedModel:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs).eval()
+
+    model = load().eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    loaded = LoadedModel(model, tok, weights_fingerprint(model), time.perf_counter() - t0)
+    loaded = LoadedModel(tok, weights_fingerprint(model), time.perf_counter() - t0, load, _unused=model)
     log.info("loaded %s in %.1fs (fingerprint %s)", cfg.name, loaded.load_seconds, loaded.fingerprint)
     _PROCESS_CACHE[key] = loaded
     return loaded

@@ -199,12 +199,16 @@ def quantize_model(
     spec: QuantSpec,
     recipe: Recipe | Step,
     calibration: Callable[[], list[torch.Tensor]] | None = None,
+    keep_codes: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place according to ``spec`` with ``recipe`` (its transforms in
     order, then its rounding; a bare step is a one-step recipe).
 
     ``calibration`` returns calibration batches; it is called at most once, and
-    only when a step or static activation scales need it.
+    only when a step or static activation scales need it.  ``keep_codes``: keep each quantized
+    linear's integer codes and scales (``QuantLinear.qweight``) for an exporter or the
+    quantized-model cache; without them the quantized model costs what the model did.
+    Linears are replaced one at a time, each original weight freed as its rounded copy appears.
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.of([recipe])
@@ -227,11 +231,15 @@ def quantize_model(
         linears = target_linears(model, spec.quantize_lm_head)
         rounding = recipe.rounding
         rounding.prepare(spec)
+        rounding.keep_codes = keep_codes
         weights = rounding.quantize_weights(model, linears, spec.w, calib if rounding.needs_calibration else None)
         act_quantizers: list[ActivationQuantizer] = []
         not_called = linears_not_called(model, linears) if quantized(spec.a) else set()
-        for name, linear in linears.items():
+        n_linears = len(linears)
+        for name in list(linears):
             deq, qt = weights[name]
+            qt = qt if keep_codes else None
+            linear = linears.pop(name)  # the last reference but the model's: freed once replaced
             aq = None
             if quantized(spec.a) and name not in not_called:
                 aq = _activation_quantizer(spec)
@@ -241,6 +249,8 @@ def quantize_model(
             if name in not_called:
                 setattr(quant_linear, INPUT_NOT_CALLED_ATTR, NOT_CALLED_REASON)
             replace_module(model, name, quant_linear)
+            del linear, quant_linear, deq, qt
+        del weights
         if not_called:
             log.warning("inputs of %d linears stay in full precision: %s", len(not_called), NOT_CALLED_REASON)
         n_experts = _quantize_fused_experts(model, spec, recipe, act_quantizers)
@@ -254,7 +264,7 @@ def quantize_model(
             _calibrate_static(model, act_quantizers, calibration())
         log.info(
             "quantized %d linear layers%s (%s)",
-            len(linears),
+            n_linears,
             f" and {n_experts} fused expert tensors" if n_experts else "",
             recipe.name,
         )

@@ -121,3 +121,15 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` under ``root``."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def drop_codes(model: nn.Module) -> int:
+    """Let go of every QuantLinear's integer codes (``qweight``) once nothing will read them (no
+    exporter, the quantized-model cache written): they are a second copy of each weight.
+    Returns how many were dropped."""
+    dropped = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.qweight is not None:
+            module.qweight = None
+            dropped += 1
+    return dropped

@@ -44,7 +44,7 @@ from qeval.quant.experts import (
     use_eager_experts,
 )
 from qeval.quant.formats import QuantFormat, fake_quantize, group_view, quantize_weight
-from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.base import QuantMethod, WeightResults
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_linear_output, fold_into_norm, scale_inputs
 from qeval.quant.typing_helpers import linear_at
@@ -146,7 +146,7 @@ class AWQ(QuantMethod):
 
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    ) -> WeightResults:
         adapter = get_folding_adapter(model, "awq")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         gran, gsize = spec.granularity, spec.group_size

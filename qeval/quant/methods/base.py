@@ -15,6 +15,7 @@ so defaults live in one place and an unknown parameter is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ from qeval.quant.formats import QuantFormat, QuantizedTensor, quantize_weight
 __all__ = ["NoParams", "QuantMethod", "Step", "Transform", "UnsupportedCellError"]
 
 # {linear name: (dequantized weight, codes and scales or None when not representable)}
-WeightResults = dict[str, tuple[torch.Tensor, QuantizedTensor | None]]
+WeightResults = Mapping[str, tuple[torch.Tensor, QuantizedTensor | None]]
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,16 @@ class QuantMethod(Step):
         """See the whole cell spec before quantizing (e.g. OmniQuant trains LET only
         when activations are quantized).  No-op by default."""
 
+    # keep the integer codes beside the dequantized weights (an exporter or the quantized-model
+    # cache reads them); set by quantize_model.  Without them a quantized model costs one copy
+    keep_codes: bool = True
+
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: WeightSpec, calib: Any = None
     ) -> WeightResults:
-        """Return ``{name: (dequantized weight, QuantizedTensor | None)}``."""
-        return {name: self.quantize_weight(lin.weight.data, spec) for name, lin in linears.items()}
+        """Return ``{name: (dequantized weight, QuantizedTensor | None)}`` — computed as it is
+        read (:class:`RoundedOnRead`), so that a model is never held twice."""
+        return RoundedOnRead(linears, {}, lambda lin: self.quantize_weight(lin.weight.data, spec))
 
     def quantize_weight(self, weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, QuantizedTensor | None]:
         raise NotImplementedError
@@ -129,9 +135,39 @@ class QuantMethod(Step):
     @staticmethod
     def round_remaining(linears: dict[str, nn.Linear], results: WeightResults, spec: WeightSpec) -> WeightResults:
         """RTN for the target linears a blockwise method did not visit (outside the
-        decoder blocks, e.g. a quantized lm_head)."""
+        decoder blocks, e.g. a quantized lm_head), computed as each is read."""
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
-        for name, lin in linears.items():
-            if name not in results:
-                results[name] = quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
-        return results
+        return RoundedOnRead(
+            linears, dict(results), lambda lin: quantize_weight(lin.weight.data, fmt, spec.granularity, spec.group_size)
+        )
+
+
+class RoundedOnRead(Mapping[str, tuple[torch.Tensor, "QuantizedTensor | None"]]):
+    """The weights of a rounding, by linear name: those the method already decided
+    (``decided``), the others rounded by ``rounding(linear)`` when read.
+
+    quantize_model reads each name once and replaces that linear right away, so the original
+    weight is freed as its rounded copy appears: one extra layer at a time, never a second
+    model."""
+
+    def __init__(
+        self,
+        linears: dict[str, nn.Linear],
+        decided: dict[str, tuple[torch.Tensor, QuantizedTensor | None]],
+        rounding: Callable[[nn.Linear], tuple[torch.Tensor, QuantizedTensor | None]],
+    ) -> None:
+        self._linears, self._decided, self._rounding = linears, decided, rounding
+        self._names = list(linears)
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, QuantizedTensor | None]:
+        if name in self._decided:
+            return self._decided[name]
+        if name not in self._linears:
+            raise KeyError(name)
+        return self._rounding(self._linears[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -42,7 +42,7 @@ from qeval.quant.experts import (
     use_eager_experts,
 )
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize, quantize_weight
-from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.base import QuantMethod, WeightResults
 from qeval.quant.methods.registry import register_method
 from qeval.quant.typing_helpers import linear_at
 
@@ -210,7 +210,7 @@ class GPTQ(QuantMethod):
 
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    ) -> WeightResults:
         adapter = get_adapter(model, "gptq")
         fmt = QuantFormat(bits=spec.bits, kind=spec.format, sym=spec.sym)
         results: dict[str, tuple[torch.Tensor, Any]] = {}
@@ -247,7 +247,7 @@ class GPTQ(QuantMethod):
                             prepared=prepared,
                         )
                         layer.weight.data = deq
-                        results[prefix + n] = (deq, qt)
+                        results[prefix + n] = (deq, qt if self.keep_codes else None)
 
             if adapter.experts is not None and prefix + adapter.experts in fused:  # dense blocks have none
                 self._quantize_experts(block, prefix + adapter.experts, adapter.experts, inputs, fused, fmt, spec)

@@ -50,7 +50,7 @@ from qeval.quant.experts import (
 )
 from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
 from qeval.quant.linear import replace_module
-from qeval.quant.methods.base import QuantMethod
+from qeval.quant.methods.base import QuantMethod, WeightResults
 from qeval.quant.methods.registry import register_method
 from qeval.quant.transforms import fold_into_norm, max_abs_per_input_channel
 from qeval.quant.typing_helpers import linear_at, tensor_attr
@@ -223,7 +223,7 @@ class OmniQuant(QuantMethod):
 
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
-    ) -> dict[str, tuple[torch.Tensor, Any]]:
+    ) -> WeightResults:
         if spec.granularity == "tensor" or spec.format != "int":
             raise UnsupportedCellError("omniquant's LWC needs an integer format with per-channel or per-group scales")
         # LWC needs only the blocks; LET (WA cells) folds its scales into the norms
@@ -294,7 +294,7 @@ class OmniQuant(QuantMethod):
                     if bias is not None:
                         lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=False)
                     qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
-                    results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt)
+                    results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt if self.keep_codes else None)
                     replace_module(block, n, lin)
                 if module is not None and experts is not None:
                     self._freeze_experts(block, module, experts, inputs, fmt, spec)

@@ -263,7 +263,7 @@ class MTBench(NativeTask):
         own: list[list[str]] | None = None,
     ) -> list[list[str]] | None:
         """The FP model's answers: from the cache, from ``own`` when the cell is the FP model, or generated."""
-        if not ctx.is_reference and ctx.reference is None:
+        if not ctx.is_reference and ctx.reference is None and not ctx.reference_fingerprint:
             log.warning("mt_bench: no reference (FP) model in the context; rougeL_fp not computed")
             return None
         fingerprint = ctx.reference_fingerprint
@@ -284,6 +284,9 @@ class MTBench(NativeTask):
                 return [by_id[str(q["question_id"])] for q in questions]
         if ctx.is_reference:
             answers = own
+        elif ctx.reference is None:  # prepare_reference did not run for this cell
+            log.warning("mt_bench: FP answers not cached and no reference model; rougeL_fp not computed")
+            return None
         else:
             log.info("mt_bench: generating the FP model's answers (cached for later cells)")
             answers, _ = converse(
@@ -298,6 +301,12 @@ class MTBench(NativeTask):
             ).encode("utf-8")
             write_bytes_atomically(path, blob)
         return answers
+
+    def prepare_reference(self, ctx: TaskContext) -> None:
+        """The FP model's answers, generated with ``ctx.model`` (unquantized) and cached."""
+        questions = self.questions(ctx.limit, ctx.data_dir)
+        if questions:
+            self.reference_answers(ctx, questions, int(ctx.extra.get("batch_size") or 16), self._chat(ctx.tokenizer))
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         questions = self.questions(ctx.limit, ctx.data_dir)
