@@ -78,6 +78,9 @@ class Cell:
     # keep each weight-quantized model in <cache_dir>/quantized (safetensors), keyed by model
     # weights + spec + method + calibration + seed, so re-runs with new tasks skip the method
     quantized_cache: bool = False
+    # the memory the sweep may use, in GiB (None: the RAM available when it starts); the sweep
+    # refuses to start when a cell's expected peak exceeds it (qeval.memory).  Not an identity key
+    memory_limit_gib: float | None = None
 
     @functools.cached_property
     def recipe(self) -> Recipe:
@@ -358,6 +361,8 @@ def validate(cell: Cell) -> None:
     if not isinstance(cell.backend, BackendSettings):
         fail("backend", cell.backend, "one of " + ", ".join(sorted(BACKENDS)))
     cell.runtime.validate()
+    if cell.memory_limit_gib is not None and not cell.memory_limit_gib > 0:
+        fail("memory_limit_gib", cell.memory_limit_gib, "a positive number of GiB or null (the RAM available)")
     if not cell.suite.tasks:
         fail("suite.tasks", dict(cell.suite.tasks), "at least one task")
     for name, task in cell.suite.tasks.items():

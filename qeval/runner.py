@@ -246,6 +246,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
                 cell.suite,
                 eval_settings(cell),
                 reference_fingerprint=loaded.fingerprint,
+                reference_loader=loaded.fresh_copy,  # only for a plugin that reads ctx.reference late
                 **_task_checkpoints(store, hash_, loaded.fingerprint),
             )
         record["metrics"], record["timings"]["eval"] = scores.metrics, scores.seconds

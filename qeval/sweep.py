@@ -25,8 +25,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qeval.cell import build_cell, preflight
+from qeval.cell import Cell, build_cell, preflight
 from qeval.config import ConfigError
+from qeval.memory import SweepTooLarge, plan_memory
 from qeval.results import ResultStore, read_record, write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class SweepCallback(Callback):
     def _plan(self, config: DictConfig) -> None:
         started = time.time()
         cells = []
+        built: list[Cell] = []
         for overrides in plan_cells(config):
             try:
                 cell = build_cell(compose_cell(config, overrides))
@@ -90,6 +92,12 @@ class SweepCallback(Callback):
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
                 sys.exit(2)
             cells.append({"hash": cell.hash, "label": cell.label, "overrides": list(overrides)})
+            built.append(cell)
+        try:  # before any cell: a sweep that cannot fit is refused, naming the numbers
+            log.info("%s", plan_memory(built, built[0].memory_limit_gib if built else None))
+        except SweepTooLarge as err:
+            print(f"qeval: {err}", file=sys.stderr)
+            sys.exit(2)
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)

@@ -32,7 +32,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -99,13 +99,41 @@ def _item_value(column: str, row: int, value: Any) -> ItemValue:
     )
 
 
+class LazyReference:
+    """``TaskContext.reference`` for a task that reads the FP model during :meth:`NativeTask.evaluate`
+    (a plugin written before :meth:`NativeTask.prepare_reference`): the unquantized model, loaded
+    on first use — a second copy in memory, so it says so once.  Built-in tasks prepare their
+    references before the cell quantizes its copy and never touch it."""
+
+    def __init__(self, load: Callable[[], Any], task: str) -> None:
+        self._load, self._task, self._model = load, task, None
+
+    def _get(self) -> Any:
+        if self._model is None:
+            log.warning(
+                "task %s reads ctx.reference while evaluating: loading a second, unquantized copy of the model "
+                "(implement NativeTask.prepare_reference to compute what it needs before quantization instead)",
+                self._task,
+            )
+            self._model = self._load()
+        return self._model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get()(*args, **kwargs)
+
+
 @dataclass
 class TaskContext:
     """What a native task gets to evaluate one cell.
 
-    ``reference`` is the unquantized model of the same cell (shared, loaded once per
-    process; never modify it): tasks that compare with the FP answer use it, and cache
-    what they compute from it under ``cache_dir`` so later cells don't recompute it.
+    ``reference`` is the unquantized model of the same cell (never modify it).  In a sweep it is
+    a :class:`LazyReference`: a task should compute what it compares with in
+    :meth:`NativeTask.prepare_reference` (run on the cell's own copy before quantization) and
+    cache it under ``cache_dir``, keyed by ``reference_fingerprint``; reading ``reference``
+    while evaluating loads a second copy.
 
     ``items`` is the task's per-item table, filled by :meth:`keep_items` (None when the task
     keeps none): whoever ran :meth:`NativeTask.evaluate` reads it afterwards.

@@ -26,7 +26,15 @@ from qeval.data import check_available
 from qeval.eval.harness import score_lm_eval
 from qeval.eval.items import Columns
 from qeval.eval.perplexity import perplexity, prepare_reference
-from qeval.eval.registry import TaskContext, TaskDataError, discover_native, task_exists, task_info, task_paths
+from qeval.eval.registry import (
+    LazyReference,
+    TaskContext,
+    TaskDataError,
+    discover_native,
+    task_exists,
+    task_info,
+    task_paths,
+)
 from qeval.eval.scorer import Scorer, as_scorer
 
 log = logging.getLogger(__name__)
@@ -189,13 +197,17 @@ def evaluate_suite(
     reference_fingerprint: str = "",
     finished: dict[str, dict[str, Any]] | None = None,
     on_task_done: TaskDone | None = None,
+    reference_loader: Callable[[], Any] | None = None,
 ) -> SuiteScores:
     """Score ``scorer`` on every suite entry: metrics, seconds and per-item table per entry.
 
     ``finished`` holds entries already scored by an earlier, interrupted run of the
     same cell ({"metrics", "seconds", "items"} per name): they are reused, not re-run.
     ``on_task_done(name, metrics, seconds, items)`` is called after each newly scored entry
-    so that the caller can keep it.
+    so that the caller can keep it.  ``reference``: the unquantized model, where the caller holds
+    one (tools, tests); a sweep holds none — its references were prepared and cached
+    (:func:`prepare_references`) — and gives native tasks ``reference_loader`` instead, which
+    loads one only if a task reads ``ctx.reference`` while evaluating.
     """
     scorer = as_scorer(scorer, tokenizer)  # a bare HF model (tests, benchmarks) is scored in process
     include = settings.include
@@ -239,7 +251,9 @@ def evaluate_suite(
                 tokenizer=tokenizer,
                 seed=settings.seed,
                 limit=task.limit,
-                reference=reference,
+                reference=reference
+                if reference is not None or reference_loader is None
+                else LazyReference(reference_loader, name),
                 reference_fingerprint=reference_fingerprint,
                 cache_dir=settings.reference_dir,
                 data_dir=settings.data_dir,
