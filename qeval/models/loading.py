@@ -213,7 +213,8 @@ def load_model(cfg: Any, cache_dir: str | None = None) -> LoadedModel:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
 
         def load() -> PreTrainedModel:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+            return own_memory(model).eval()
 
     model = load().eval()
     if tok.pad_token is None:
@@ -222,6 +223,29 @@ def load_model(cfg: Any, cache_dir: str | None = None) -> LoadedModel:
     log.info("loaded %s in %.1fs (fingerprint %s)", cfg.name, loaded.load_seconds, loaded.fingerprint)
     _PROCESS_CACHE[key] = loaded
     return loaded
+
+
+@torch.no_grad()
+def own_memory(model: PreTrainedModel) -> PreTrainedModel:
+    """Move every parameter and buffer that still lives in the model's memory-mapped safetensors
+    files into the process's own memory, one tensor at a time (ties kept: each Parameter once).
+
+    transformers maps the files and hands out tensors backed by them.  A method that then writes
+    new weights (every rounding does) would keep the mapped pages resident beside their
+    replacements: measured on a 10.6 GiB model, 8.7 GiB of new weights plus 11.4 GiB of mapped
+    file pages in RSS.  Copied while still untouched, each file's pages are read once and its
+    mapping released with its last tensor, so the process holds one copy of the weights."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.data = p.data.clone()
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                module._buffers[name] = b.clone()
+    return model
 
 
 def clear_process_cache() -> None:
