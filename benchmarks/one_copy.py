@@ -18,40 +18,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from big_model import TreeRSS  # noqa: E402 - the one process-tree RSS poller of the benchmarks
+
 QUANTS = "fp16,w4g128,w8a8,kv4"
 METHODS = "rtn,gptq,awq,smoothquant,quarot"
-
-
-class TreeRSS:
-    """Peak resident memory of a process and its children, polled in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        import psutil
-
-        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 def qeval(args: list[str]) -> tuple[int, int, float]:

@@ -142,6 +142,39 @@ class SuiteScores:
 TaskDone = Callable[[str, dict[str, Any], float, "Columns | None"], None]
 
 
+def _native_context(
+    task: TaskEntry,
+    settings: EvalSettings,
+    model: Any,
+    tokenizer: Any,
+    reference: Any,
+    fingerprint: str,
+    is_reference: bool,
+    scorer: Any = None,
+) -> TaskContext:
+    """The context a native task gets for one suite entry, whether it is preparing its FP
+    reference (:func:`prepare_references`) or evaluating (:func:`evaluate_suite`)."""
+    return TaskContext(
+        model=model,
+        tokenizer=tokenizer,
+        seed=settings.seed,
+        limit=task.limit,
+        reference=reference,
+        reference_fingerprint=fingerprint,
+        cache_dir=settings.reference_dir,
+        data_dir=settings.data_dir,
+        is_reference=is_reference,
+        scorer=scorer,
+        extra={
+            "batch_size": task.batch_size,
+            "num_fewshot": task.num_fewshot,
+            "include": settings.include,
+            "gen_kwargs": task.gen_kwargs,
+            "apply_chat_template": task.apply_chat_template,
+        },
+    )
+
+
 def prepare_references(model: Any, tokenizer: Any, suite: SuiteSpec, settings: EvalSettings, fingerprint: str) -> None:
     """Compute with ``model`` — the unquantized model, a cell's own copy before it is quantized
     — whatever the suite's entries compare the quantized model with, and cache it under
@@ -167,23 +200,7 @@ def prepare_references(model: Any, tokenizer: Any, suite: SuiteSpec, settings: E
             )
         elif kind == "native":
             native = discover_native(include)[task.task](**task.params)
-            ctx = TaskContext(
-                model=model,
-                tokenizer=tokenizer,
-                seed=settings.seed,
-                limit=task.limit,
-                reference=model,
-                reference_fingerprint=fingerprint,
-                cache_dir=settings.reference_dir,
-                data_dir=settings.data_dir,
-                extra={
-                    "batch_size": task.batch_size,
-                    "num_fewshot": task.num_fewshot,
-                    "include": include,
-                    "gen_kwargs": task.gen_kwargs,
-                    "apply_chat_template": task.apply_chat_template,
-                },
-            )
+            ctx = _native_context(task, settings, model, tokenizer, model, fingerprint, is_reference=False)
             log.debug("  %s: preparing its FP reference", name)
             native.prepare_reference(ctx)
 
@@ -246,26 +263,18 @@ def evaluate_suite(
             items = result.items or None  # one row per window
         elif kind == "native":
             native = discover_native(include)[task.task](**task.params)
-            ctx = TaskContext(
-                model=scorer.hf_model,
-                tokenizer=tokenizer,
-                seed=settings.seed,
-                limit=task.limit,
-                reference=reference
-                if reference is not None or reference_loader is None
-                else LazyReference(reference_loader, name),
-                reference_fingerprint=reference_fingerprint,
-                cache_dir=settings.reference_dir,
-                data_dir=settings.data_dir,
-                is_reference=settings.is_reference,
-                scorer=scorer,
-                extra={
-                    "batch_size": task.batch_size,
-                    "num_fewshot": task.num_fewshot,
-                    "include": include,
-                    "gen_kwargs": task.gen_kwargs,
-                    "apply_chat_template": task.apply_chat_template,
-                },
+            fp_model = reference
+            if fp_model is None and reference_loader is not None:
+                fp_model = LazyReference(reference_loader, name)
+            ctx = _native_context(
+                task,
+                settings,
+                scorer.hf_model,
+                tokenizer,
+                fp_model,
+                reference_fingerprint,
+                settings.is_reference,
+                scorer,
             )
             metrics = native.evaluate(ctx)
             items = ctx.items  # validated by ctx.keep_items
