@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from qeval.backends import BACKENDS, Backend, BackendSettings, backend_for
 from qeval.config import (
-    DTYPES,
+    MODEL_DTYPES,
     MODEL_SOURCES,
     TASK_KINDS,
     CalibSpec,
@@ -46,6 +47,7 @@ from qeval.data import TEXT_DATASETS, check_available
 from qeval.eval.registry import import_plugin_file
 from qeval.eval.suite import check_suite, suite_kinds
 from qeval.models.tiny import ALL_TINY_FAMILIES
+from qeval.placement import resolve_device, resolve_dtype
 from qeval.quant.methods import ALIASES, METHODS
 from qeval.quant.recipe import Recipe
 from qeval.results import stable_hash
@@ -323,7 +325,7 @@ def build_cell(cfg: DictConfig | Cell) -> Cell:
     """The typed cell of a composed config, validated (ConfigError naming the key otherwise)."""
     if isinstance(cfg, Cell):
         validate(cfg)
-        return cfg
+        return resolve_auto(cfg)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)
@@ -340,14 +342,31 @@ def build_cell(cfg: DictConfig | Cell) -> Cell:
     data["backend"] = from_plain(BACKENDS[name].Settings, backend, "backend")
     cell = from_plain(Cell, data, "")
     validate(cell)
-    return cell
+    return resolve_auto(cell)
+
+
+def resolve_auto(cell: Cell) -> Cell:
+    """``backend.device=auto`` and ``model.dtype=auto`` made concrete for the machine that builds
+    the cell (a GPU if one is visible; float32 on the CPU, bfloat16 on a GPU), so that a cell's
+    identity names what really ran: the same hashes as ever on the CPU."""
+    device = cell.backend.device
+    if device == "auto":
+        device = resolve_device("auto").type
+    dtype = resolve_dtype(cell.model.dtype, torch.device(device))
+    if device == cell.backend.device and dtype == cell.model.dtype:
+        return cell
+    return dataclasses.replace(
+        cell,
+        backend=dataclasses.replace(cell.backend, device=device),
+        model=dataclasses.replace(cell.model, dtype=dtype),
+    )
 
 
 def validate(cell: Cell) -> None:
     """Every check that needs neither a model nor the file system."""
     m = cell.model
     check_choice("model.source", m.source, MODEL_SOURCES)
-    check_choice("model.dtype", m.dtype, DTYPES)
+    check_choice("model.dtype", m.dtype, MODEL_DTYPES)
     if m.source in ("hub", "local") and not m.path:
         fail("model.path", m.path, f"a Hub id or folder when model.source={m.source}")
     if m.source == "tiny":
@@ -384,15 +403,22 @@ def validate(cell: Cell) -> None:
             fail(f"suite.tasks.{name}.num_fewshot", task.num_fewshot, "an integer >= 0 or null")
         if task.limit is not None and task.limit <= 0:
             fail(f"suite.tasks.{name}.limit", task.limit, "a positive integer or null")
+        batch = task.batch_size
+        if batch != "auto" and not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
+            fail(f"suite.tasks.{name}.batch_size", batch, "a positive integer or auto")
     if cell.calib.nsamples <= 0:
         fail("calib.nsamples", cell.calib.nsamples, "a positive integer")
 
 
-def preflight(cell: Cell | DictConfig) -> Cell:
+def preflight(cell: Cell | DictConfig, here: bool = True) -> Cell:
     """The checks that read the file system but need no model: task names and plugins, data,
-    whether the backend is installed and can score every entry.  Returns the (built) cell."""
+    whether the backend is installed and can score every entry, and, when the cell runs on this
+    machine (``here``; not when a cluster launcher sends it elsewhere), whether the machine has
+    its device.  Returns the (built) cell."""
     if not isinstance(cell, Cell):  # a Cell comes from build_cell, validated already
         cell = build_cell(cell)
+    if here:
+        resolve_device(cell.backend.device)
     check_suite(cell.suite, cell.include, cell.data_dir)
     cell.runtime.preflight(suite_kinds(cell.suite, cell.include), cell.suite.name)
     if cell.reads_calibration:

@@ -27,6 +27,9 @@ KV_GRANULARITIES = ("token", "channel", "tensor")
 KV_SEMANTICS = ("fake", "cache")  # Qllm-Eval's (every pass) | KIVI's (stored tokens only)
 MODEL_SOURCES = ("gguf", "hub", "local", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.dtype=auto: float32 on the CPU, bfloat16 (float16 where unsupported) on a GPU; resolved
+# when the cell is built (qeval.cell.build_cell), so a cell's identity names the real dtype
+MODEL_DTYPES = (*DTYPES, "auto")
 
 
 class ConfigError(ValueError):
@@ -123,7 +126,7 @@ class ModelSpec:
     family: str | None = None
     revision: str | None = None
     gguf: GGUFCarrierSpec = field(default_factory=GGUFCarrierSpec)
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on the CPU, bfloat16 on a GPU (MODEL_DTYPES)
     trust_remote_code: bool = False
     seed: int = 0  # only for source=tiny
 
@@ -155,7 +158,10 @@ class TaskEntry:
     decode_chunk: int | None = None
     limit: int | None = None
     num_fewshot: int | None = 0  # null: the task's own default (lm-eval YAML num_fewshot)
-    batch_size: int = 16
+    # a positive integer, or auto: lm-eval's search for the largest batch that fits, for lm-eval
+    # tasks on a GPU (16 on the CPU and for native tasks: qeval.eval.suite.batch_size_for).  Any:
+    # OmegaConf 2.3 types no int-or-string union; validate() checks the value
+    batch_size: Any = 16
     # lm-eval tasks: generation overrides ("max_gen_toks=256") and whether prompts go
     # through the tokenizer's chat template (lm-eval's --apply_chat_template)
     gen_kwargs: str | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import random
@@ -34,6 +33,19 @@ from qeval.errors import UnsupportedCellError
 from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite, prepare_references
 from qeval.models.carriers import cache_root
 from qeval.models.loading import LoadedModel, load_model, peek_config
+from qeval.placement import (
+    Placement,
+    decoder_blocks,
+    free_bytes,
+    gpu_peak_gib,
+    placed_as,
+    plan_placement,
+    release_device_memory,
+    resolve_device,
+    streamed,
+    tensor_bytes,
+    watch_gpu_memory,
+)
 from qeval.quant import coverage
 from qeval.quant.apply import quantize_model, refuse_for_architecture
 from qeval.quant.cache import CACHE_FORMAT, load_quantized, save_quantized
@@ -73,35 +85,53 @@ def quantized_cache_dir(cell: Cell, model_fingerprint: str) -> Path:
 
 def _quantized_model(
     cell: Cell, loaded: LoadedModel, calibration: functools.partial[list[torch.Tensor]]
-) -> tuple[torch.nn.Module, str]:
+) -> tuple[torch.nn.Module, str, Placement]:
     """The cell's quantized model, from the quantized-model cache when enabled and present;
-    (model, "hit" / "miss" / "off").
+    (model, "hit" / "miss" / "off", where it is placed).  A model resident on the compute
+    device is moved there first; an offloaded one stays in CPU memory and calibration streams
+    its blocks through the compute device (qeval.placement).
 
     The cell's own copy is the only model in memory: before it is quantized in place, what the
     suite compares the quantized model with is computed on it (while it is still the FP model)
     and cached, so evaluation needs no second, unquantized model."""
-    model = loaded.fresh_copy().to(cell.backend.device)
-    if cell.quant.tensor_type != "FP":
-        prepare_references(model, loaded.tokenizer, cell.suite, eval_settings(cell), loaded.fingerprint)
-    needs_codes = cell.runtime.needs_codes  # an exporting backend reads the integer codes
-    if not (cell.quantized_cache and quantized(cell.quant.w)):
-        return quantize_model(model, cell.quant, cell.recipe, calibration, keep_codes=needs_codes), "off"
-    entry = quantized_cache_dir(cell, loaded.fingerprint)
-    if load_quantized(model, entry, cell.quant):
-        log.info("quantized model read from %s", entry)
+    model = loaded.fresh_copy()  # in CPU memory, where it was loaded
+    placement = placement_for(cell, model)
+    if placement.resident:
+        model.to(placement.compute)
+    else:
+        log.warning(
+            "cell %s: weights stay in CPU memory, one block at a time on %s: %s",
+            cell.label,
+            placement.compute,
+            placement.reason,
+        )
+    with placed_as(placement):
+        if cell.quant.tensor_type != "FP":
+            with streamed(model, placement):
+                settings = eval_settings(cell, placement)
+                prepare_references(model, loaded.tokenizer, cell.suite, settings, loaded.fingerprint)
+        needs_codes = cell.runtime.needs_codes  # an exporting backend reads the integer codes
+        if not (cell.quantized_cache and quantized(cell.quant.w)):
+            quantize_model(model, cell.quant, cell.recipe, calibration, keep_codes=needs_codes)
+            return model, "off", placement
+        entry = quantized_cache_dir(cell, loaded.fingerprint)
+        if load_quantized(model, entry, cell.quant):
+            log.info("quantized model read from %s", entry)
+            if not needs_codes:
+                drop_codes(model)
+            return model, "hit", placement
+        if entry.exists():  # an entry that failed to load may have half-rebuilt the copy
+            del model  # freed before the new copy loads: never two copies
+            release_device_memory()
+            model = loaded.fresh_copy()
+            if placement.resident:
+                model.to(placement.compute)
+        quantize_model(model, cell.quant, cell.recipe, calibration)  # with codes: the cache keeps them
+        save_quantized(model, entry, provenance={"cell": cell.label, "method": cell.recipe.name})
+        log.info("quantized model kept in %s", entry)
         if not needs_codes:
             drop_codes(model)
-        return model, "hit"
-    if entry.exists():  # an entry that failed to load may have half-rebuilt the copy
-        del model  # freed before the new copy loads: never two copies
-        gc.collect()
-        model = loaded.fresh_copy().to(cell.backend.device)
-    quantize_model(model, cell.quant, cell.recipe, calibration)  # with codes: the cache keeps them
-    save_quantized(model, entry, provenance={"cell": cell.label, "method": cell.recipe.name})
-    log.info("quantized model kept in %s", entry)
-    if not needs_codes:
-        drop_codes(model)
-    return model, "miss"
+        return model, "miss", placement
 
 
 def _task_checkpoints(store: ResultStore, hash_: str, fingerprint: str) -> dict[str, Any]:
@@ -118,7 +148,22 @@ def _task_checkpoints(store: ResultStore, hash_: str, fingerprint: str) -> dict[
     return {"finished": dict(kept), "on_task_done": on_task_done}
 
 
-def eval_settings(cell: Cell) -> EvalSettings:
+def placement_for(cell: Cell, model: torch.nn.Module) -> Placement:
+    """Where this cell's model computes and rests (qeval.placement.plan_placement), from the
+    loaded copy's sizes: all its weights, its largest decoder block, and the calibration
+    activations of one block (inputs and outputs of every window, float32)."""
+    compute = resolve_device(cell.backend.device)
+    if compute.type == "cpu":
+        return Placement(compute, compute, compute)
+    blocks = decoder_blocks(model)
+    weights = tensor_bytes(model)
+    block = max((tensor_bytes(b) for b in blocks), default=weights)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    activations = 2 * cell.calib.nsamples * cell.calib.seqlen * hidden * 4 if cell.uses_calibration else 0
+    return plan_placement(compute, weights, block, activations, free_bytes(compute), cell.backend.offload)
+
+
+def eval_settings(cell: Cell, placement: Placement | None = None) -> EvalSettings:
     """What evaluation needs of the cell, and nothing about how it was quantized except the one
     consequence a scorer cannot know: a cache that quantizes only stored tokens is read only
     decode-style (16 tokens per forward unless an entry says otherwise)."""
@@ -130,6 +175,7 @@ def eval_settings(cell: Cell) -> EvalSettings:
         reference_dir=Path(cell.results_dir) / ".reference",
         is_reference=cell.quant.tensor_type == "FP",
         decode_chunk=16 if quantized(kv) and kv.semantics == "cache" else None,
+        device=placement.compute.type if placement is not None else "cpu",
     )
 
 
@@ -195,6 +241,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         _seed_everything(cell.seed)
         if cell.backend.threads:
             torch.set_num_threads(cell.backend.threads)
+        resolve_device(cell.backend.device)  # a device this machine lacks fails here, before loading
         t0 = time.perf_counter()
         loaded = load_model(cell.model, cell.cache_dir)  # once per process; later cells reuse it
         record["model_fingerprint"] = loaded.fingerprint
@@ -202,7 +249,11 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         # tokenized at most once per cell, whether the recipe, static scales or the backend ask
         calibration = functools.cache(functools.partial(calibration_for, cell, loaded.tokenizer))
-        model, record["quantized_cache"] = _quantized_model(cell, loaded, calibration)
+        gpu = watch_gpu_memory(cell.backend.device)
+        model, record["quantized_cache"], placement = _quantized_model(cell, loaded, calibration)
+        record["placement"] = placement.as_record()
+        if gpu:
+            record["memory"] = {"gpu_peak_quantize_gib": gpu_peak_gib(gpu)}
         record["timings"]["quantize"] = time.perf_counter() - t0
         log.info(
             "cell %s: quantized in %.1fs%s",
@@ -237,6 +288,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
             calibration=calibration,
             provenance={"cell": label, "hash": hash_, "method": cell.recipe.name},
             record=record,
+            placement=placement,
         )
         model = None  # the request holds it; a backend that exports may let it go
         with backend.open(request) as scorer:
@@ -244,12 +296,14 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
                 scorer,
                 loaded.tokenizer,
                 cell.suite,
-                eval_settings(cell),
+                eval_settings(cell, placement),
                 reference_fingerprint=loaded.fingerprint,
                 reference_loader=loaded.fresh_copy,  # only for a plugin that reads ctx.reference late
                 **_task_checkpoints(store, hash_, loaded.fingerprint),
             )
         record["metrics"], record["timings"]["eval"] = scores.metrics, scores.seconds
+        if gpu:
+            record["memory"]["gpu_peak_gib"] = gpu_peak_gib(gpu)
         items = scores.items
         del request, scorer
         record["status"] = "ok"
@@ -261,7 +315,7 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         log.error("cell %s failed: %s", label, record["reason"])
     finally:
         del model
-        gc.collect()
+        release_device_memory()  # the next cell (or a vLLM engine) sees the memory this one held
     record["timings"]["total"] = time.perf_counter() - t_start
     record["finished_at"] = time.time()
     path = store.write(record, items if record["status"] == "ok" else None)

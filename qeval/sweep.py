@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qeval.cell import Cell, build_cell, preflight
@@ -55,6 +55,17 @@ def compose_cell(config: DictConfig, overrides: list[str]) -> DictConfig:
 PLAN_FILE = "qeval_plan.json"
 
 
+#: launchers whose jobs run on the machine that plans the sweep (then it checks their device)
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
+
+
+def runs_here(config: DictConfig) -> bool:
+    """Whether the sweep's cells run on this machine (basic, joblib) rather than on a cluster's
+    nodes (SLURM, Ray), which may have GPUs the planning machine lacks."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    return not target or any(name in target for name in LOCAL_LAUNCHERS)
+
+
 def _plan_path(config: DictConfig) -> Path:
     """The plan lives in this launch's Hydra sweep folder, which every launcher's jobs can see."""
     return Path(config.hydra.sweep.dir) / PLAN_FILE
@@ -83,10 +94,11 @@ class SweepCallback(Callback):
         started = time.time()
         cells = []
         built: list[Cell] = []
+        here = runs_here(config)
         for overrides in plan_cells(config):
             try:
                 cell = build_cell(compose_cell(config, overrides))
-                preflight(cell)
+                preflight(cell, here=here)
             except (ConfigError, KeyError, FileNotFoundError, OmegaConfBaseException) as err:
                 where = " ".join(overrides) or "(defaults)"
                 print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)

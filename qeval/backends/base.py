@@ -29,6 +29,7 @@ from torch import nn
 
 from qeval.config import ConfigError, QuantSpec, check_choice, fail
 from qeval.eval.scorer import Scorer
+from qeval.placement import OFFLOAD_CHOICES, Placement, check_device_name
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,14 @@ class BackendSettings:
     """Settings every backend has: its name, where quantization runs, torch threads."""
 
     name: str = ""
-    device: str = "cpu"  # where the model is quantized (and, on hf, evaluated)
+    # where the model is quantized (and, on hf, evaluated): cpu, cuda, cuda:<index>, or auto
+    # (cuda when a GPU is visible); resolved when the cell is built (qeval.placement)
+    device: str = "cpu"
     threads: int | None = None  # null: torch's default (all cores)
+    # on a GPU: auto keeps the model resident there when it fits and otherwise leaves the weights
+    # in CPU memory, streaming one decoder block at a time through the GPU; never / always force
+    # one or the other.  The numbers are the same either way (not part of a cell's identity).
+    offload: str = "auto"
 
 
 @dataclass
@@ -54,6 +61,8 @@ class OpenRequest:
     provenance: dict[str, Any] = field(default_factory=dict)
     # what the backend adds to the cell's record (engine settings, export path, device map, timings)
     record: dict[str, Any] = field(default_factory=dict)
+    # where the model computes and rests (qeval.placement); None: wherever the model is
+    placement: Placement | None = None
 
 
 class Backend:
@@ -83,6 +92,8 @@ class Backend:
         """Range checks of the settings (ConfigError naming the key)."""
         if self.settings.threads is not None and self.settings.threads <= 0:
             fail("backend.threads", self.settings.threads, "a positive integer or null (all cores)")
+        check_choice("backend.offload", self.settings.offload, OFFLOAD_CHOICES)
+        check_device_name(self.settings.device)
 
     def preflight(self, suite_kinds: dict[str, str], suite_name: str) -> None:
         """Refuse, before any model loads, a cell this backend can never run: it is not

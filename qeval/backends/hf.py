@@ -16,6 +16,7 @@ from torch import nn
 from qeval.backends.base import Backend, BackendSettings, OpenRequest, register_backend
 from qeval.config import QuantSpec, check_choice
 from qeval.eval.scorer import HFScorer, Scorer, shared_context_allowed
+from qeval.placement import current_placement, streamed
 
 
 def spread_over_devices(model: nn.Module, device_map: str) -> dict[str, Any]:
@@ -45,7 +46,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 @dataclass(frozen=True)
 class HFSettings(BackendSettings):
     name: str = "hf"
-    device: str = "cpu"  # the torch device quantization and evaluation run on
+    device: str = "cpu"  # the torch device quantization and evaluation run on (cpu, cuda, cuda:N, auto)
     # spread the quantized model over the visible GPUs for evaluation ("auto", "balanced",
     # "sequential"; accelerate's dispatch); quantization runs on `device`
     device_map: str | None = None
@@ -87,9 +88,15 @@ class HFBackend(Backend):
 
     @contextlib.contextmanager
     def open(self, request: OpenRequest) -> Iterator[Scorer]:
-        if self.settings.device_map:
-            request.record["device_map"] = spread_over_devices(request.model, self.settings.device_map)
+        """A scorer of the in-memory model: spread over the GPUs by accelerate (``device_map``),
+        resident on the compute device, or, offloaded, streamed through it one block at a time."""
         shared, reason = self.scoring(request.spec)
         # which scorer lm-eval's log-likelihood requests met, and why not the faster one
         request.record["lm_eval_scoring"] = "shared-context" if shared else f"hflm ({reason})"
-        yield HFScorer(request.model, request.tokenizer, shared_context=shared)
+        if self.settings.device_map:
+            request.record["device_map"] = spread_over_devices(request.model, self.settings.device_map)
+            yield HFScorer(request.model, request.tokenizer, shared_context=shared)
+            return
+        placement = request.placement or current_placement(request.model)
+        with streamed(request.model, placement):
+            yield HFScorer(request.model, request.tokenizer, shared_context=shared)

@@ -33,6 +33,7 @@ from qeval.backends.base import Backend, BackendSettings, OpenRequest, register_
 from qeval.config import ConfigError, QuantSpec, fail, quantized
 from qeval.errors import UnsupportedCellError
 from qeval.export.compressed_tensors import export_checkpoint, export_scheme
+from qeval.placement import release_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ class VllmBackend(Backend):
         request.record["export"] = str(checkpoint)
         request.record.setdefault("timings", {})["export"] = time.perf_counter() - t0
         request.model = None  # the engine loads the checkpoint; the in-memory copy can go
-        gc.collect()
+        release_device_memory()  # vLLM sizes its KV cache from the GPU memory free now
         with VllmEngine(
             checkpoint, engine_settings(self.settings, request.seed, export_scheme(request.spec))
         ) as engine:

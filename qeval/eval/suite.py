@@ -127,6 +127,21 @@ class EvalSettings:
     # perplexity entries without their own decode_chunk: tokens per forward through the cache
     # (a cache that quantizes only stored tokens is never read by a single pass)
     decode_chunk: int | None = None
+    # the type of device the model computes on ("cpu", "cuda"): batch_size=auto depends on it
+    device: str = "cpu"
+
+
+#: what ``batch_size: auto`` means where lm-eval's search for the largest batch that fits is not
+#: used: on the CPU (it would try batches of hundreds, in RAM) and for qeval-native tasks
+AUTO_BATCH_FALLBACK = 16
+
+
+def batch_size_for(task: TaskEntry, kind: str, device: str) -> int | str:
+    """A suite entry's batch size: its own number, or for ``auto`` lm-eval's search (an lm-eval
+    task on a GPU: the largest batch that fits, found by trying) or :data:`AUTO_BATCH_FALLBACK`."""
+    if task.batch_size != "auto":
+        return int(task.batch_size)
+    return "auto" if kind == "lm_eval" and device == "cuda" else AUTO_BATCH_FALLBACK
 
 
 @dataclass
@@ -166,7 +181,7 @@ def _native_context(
         is_reference=is_reference,
         scorer=scorer,
         extra={
-            "batch_size": task.batch_size,
+            "batch_size": batch_size_for(task, "native", settings.device),
             "num_fewshot": task.num_fewshot,
             "include": settings.include,
             "gen_kwargs": task.gen_kwargs,
@@ -285,7 +300,7 @@ def evaluate_suite(
                 task.task,
                 task.limit,
                 task.num_fewshot,
-                task.batch_size,
+                batch_size_for(task, "lm_eval", settings.device),
                 settings.seed,
                 include,
                 task.gen_kwargs,

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qeval.models.carriers import cache_root, materialize_gguf
+from qeval.placement import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ _PROCESS_CACHE: dict[str, LoadedModel] = {}
 
 
 def _dtype(name: str) -> torch.dtype:
+    """The torch dtype of ``model.dtype``; ``auto`` here (a ModelSpec used without a cell, which
+    resolves it for its device) is the CPU's float32."""
+    if name == "auto":
+        name = resolve_dtype(name, torch.device("cpu"))
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from qeval.config import QuantSpec, quantized, tensor_type
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import ADAPTERS
+from qeval.placement import current_placement, streamed
 from qeval.quant.coverage import INPUT_NOT_CALLED_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import (
     FusedExperts,
@@ -121,9 +122,10 @@ def linears_not_called(model: nn.Module, linears: dict[str, nn.Linear]) -> set[s
     so a WA cell records their inputs as full precision instead of claiming them quantized."""
     called: set[str] = set()
     handles = [lin.register_forward_pre_hook(lambda _m, _a, _n=name: called.add(_n)) for name, lin in linears.items()]
+    placement = current_placement(model)
     try:
-        device = next(model.parameters()).device
-        model(torch.arange(1, 9, device=device)[None, :], use_cache=False)
+        with streamed(model, placement):
+            model(torch.arange(1, 9, device=placement.compute)[None, :], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -188,8 +190,10 @@ def _quantize_embeddings(model: nn.Module, wspec: Any) -> None:
 
 @torch.no_grad()
 def _calibrate_static(model: nn.Module, quantizers: list[ActivationQuantizer], batches: Iterable[torch.Tensor]) -> None:
-    for batch in tqdm(list(batches), desc="calibrating static activation scales", leave=False):
-        model(batch)
+    placement = current_placement(model)
+    with streamed(model, placement):
+        for batch in tqdm(list(batches), desc="calibrating static activation scales", leave=False):
+            model(batch.to(placement.compute))
     for q in quantizers:
         q.freeze()
 

@@ -11,12 +11,16 @@
 3. The block's outputs, computed *after* it was quantized, become the next
    block's inputs, so every block is calibrated on what it will really see.
 
-Memory stays bounded by one block's activations for all samples.
+Memory stays bounded by one block's activations for all samples.  Where it runs follows the
+cell's :class:`qeval.placement.Placement`: a model resident on the compute device is processed
+there; an offloaded one keeps its weights in CPU memory and each block is moved to the compute
+device for its turn and back afterwards, with the activations beside it or, when they do not
+fit, in CPU memory and moved one batch at a time (:class:`qeval.placement.Activations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qeval.models.adapters import Adapter
+from qeval.placement import Activations, Placement, current_placement, onloaded, streamed, to_device
 
 
 class _StopForward(Exception):
@@ -33,8 +38,9 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    hidden: list[torch.Tensor]  # one [1, seq, hidden] tensor per calibration batch
-    kwargs: dict[str, Any]  # what the block receives besides hidden states
+    # one [1, seq, hidden] tensor per calibration batch, handed out on the compute device
+    hidden: Sequence[torch.Tensor]
+    kwargs: dict[str, Any]  # what the block receives besides hidden states (on the compute device)
 
 
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -44,9 +50,18 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any])
 
 @torch.no_grad()
 def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], placement: Placement | None = None
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of block 0 for every batch, and each block's keyword arguments, computed on the
+    placement's compute device (an offloaded model streamed through it one block at a time)."""
+    placement = placement or current_placement(model)
+    with streamed(model, placement):
+        return _capture(model, adapter, [b.to(placement.compute) for b in batches])
+
+
+def _capture(
     model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of block 0 for every batch, and each block's keyword arguments."""
     blocks = adapter.get_blocks(model)
     hidden: list[torch.Tensor] = []
 
@@ -133,10 +148,21 @@ def run_blockwise(
     process_block: Callable[[int, nn.Module, BlockInputs], None],
     desc: str = "calibrating",
 ) -> None:
-    """Calibrate block by block; each block sees the outputs of the quantized blocks before it."""
-    hidden, per_block_kwargs = capture_block_inputs(model, adapter, batches)
+    """Calibrate block by block; each block sees the outputs of the quantized blocks before it.
+
+    Each block is on the compute device for its turn only (a no-op when the model is resident
+    there); the activations rest where the placement says."""
+    placement = current_placement(model)
+    captured, per_block_kwargs = capture_block_inputs(model, adapter, batches, placement)
+    hidden = Activations(captured, placement.compute, placement.activations)
+    del captured
     blocks = adapter.get_blocks(model)
     for i, block in enumerate(tqdm(blocks, desc=desc)):
-        inputs = BlockInputs(hidden, per_block_kwargs[i])
-        process_block(i, block, inputs)
-        hidden = [block_output(block, h, inputs.kwargs) for h in hidden]
+        with onloaded(block, placement.compute):
+            inputs = BlockInputs(hidden, to_device(per_block_kwargs[i], placement.compute))
+            process_block(i, block, inputs)
+            # each output goes where the activations rest as soon as it exists: never all of
+            # them on the compute device at once when they are offloaded
+            outputs = [block_output(block, h, inputs.kwargs).to(placement.activations) for h in hidden]
+            hidden = Activations(outputs, placement.compute, placement.activations)
+            del outputs

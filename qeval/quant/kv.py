@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from qeval.config import FULL_PRECISION_BITS
+from qeval.placement import current_placement, streamed
 from qeval.quant.formats import QuantFormat, fake_quantize, fake_quantize_per_tensor
 from qeval.quant.typing_helpers import config_of
 
@@ -220,8 +221,9 @@ def kv_cache_layers(model: nn.Module) -> tuple[int, int]:
     """
     config = config_of(model)
     cache = DynamicCache(config=config)
-    device = next(model.parameters()).device
-    model(torch.ones(1, 2, dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+    placement = current_placement(model)
+    with streamed(model, placement):
+        model(torch.ones(1, 2, dtype=torch.long, device=placement.compute), past_key_values=cache, use_cache=True)
     layers = list(getattr(cache, "layers", []))
     stored = sum(1 for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0)
     return stored, len(layers)

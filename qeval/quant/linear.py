@@ -42,8 +42,12 @@ class ActivationQuantizer(nn.Module):
         self.observing = not dynamic
         self.register_buffer("obs_min", torch.tensor(float("inf")))
         self.register_buffer("obs_max", torch.tensor(float("-inf")))
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
+        # buffers (not state: persistent=False), so a frozen static scale moves with the model
+        # when it goes to the compute device or is streamed there block by block
+        self.scale: torch.Tensor | None
+        self.zero: torch.Tensor | None
+        self.register_buffer("scale", None, persistent=False)
+        self.register_buffer("zero", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:

@@ -28,6 +28,7 @@ a rotation) are refused with a message naming the family.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from torch import nn
 from qeval.config import QuantSpec
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import Adapter, adapter_for, get_folding_adapter
+from qeval.placement import current_placement, onloaded
 from qeval.quant.hadamard import random_rotation
 from qeval.quant.methods.base import Transform
 from qeval.quant.methods.registry import register_method
@@ -80,11 +82,12 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
 
 @torch.no_grad()
 def _rotate_in(lin: nn.Linear, Q: torch.Tensor) -> None:
-    lin.weight.copy_((lin.weight.double() @ Q).to(lin.weight.dtype))
+    lin.weight.copy_((lin.weight.double() @ Q.to(lin.weight.device)).to(lin.weight.dtype))
 
 
 @torch.no_grad()
 def _rotate_out(lin: nn.Linear, Q: torch.Tensor) -> None:
+    Q = Q.to(lin.weight.device)
     lin.weight.copy_((Q.T @ lin.weight.double()).to(lin.weight.dtype))
     if lin.bias is not None:
         lin.bias.copy_((lin.bias.double() @ Q).to(lin.bias.dtype))
@@ -106,28 +109,39 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> N
 
     Q = random_rotation(cfg.hidden_size, seed)
     emb_weight = weight_of(emb)
-    emb_weight.copy_((emb_weight.double() @ Q).to(emb_weight.dtype))
+    emb_weight.copy_((emb_weight.double() @ Q.to(emb_weight.device)).to(emb_weight.dtype))
     _rotate_in(head, Q)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     Hd = random_rotation(head_dim, seed + 1)
+    compute = current_placement(model).compute
+    Q, Hd = Q.to(compute), Hd.to(compute)  # once: every block is rotated on the compute device
     for block in blocks:
-        # readers of the residual stream: the linears behind the norms; writers: the ends of the
-        # pairs (o, down)
-        for group in adapter.norm_groups_of(block):
-            for n in group.linears:
-                _rotate_in(linear_at(block, n), Q)
-        pairs = adapter.pairs_of(block)
-        for pair in pairs:
-            _rotate_out(linear_at(block, pair.next), Q)
-        v_o = next(p for p in pairs if p.per_head)
-        _rotate_values(linear_at(block, v_o.prev), linear_at(block, v_o.next), v_o.rows(cfg), Hd)
-        if online_down:
-            down = linear_at(block, next(p for p in pairs if not p.per_head).next)
-            H = random_rotation(down.in_features, seed + 2)
-            _rotate_in(down, H)
-            H32 = H.to(down.weight.dtype)
-            setattr(down, INPUT_TRANSFORM_ATTR, H32)
-            down.register_forward_pre_hook(lambda _m, args, _H=H32: (args[0] @ _H, *args[1:]))
+        with onloaded(block, compute):
+            _rotate_block(block, adapter, cfg, Q, Hd, seed, online_down)
+
+
+def _rotate_block(
+    block: nn.Module, adapter: Adapter, cfg: Any, Q: torch.Tensor, Hd: torch.Tensor, seed: int, online_down: bool
+) -> None:
+    """One block's share of the rotation: what reads the residual stream, what writes it, the
+    values per head and (optionally) the online rotation of the down projection's input."""
+    # readers of the residual stream: the linears behind the norms; writers: the ends of the
+    # pairs (o, down)
+    for group in adapter.norm_groups_of(block):
+        for n in group.linears:
+            _rotate_in(linear_at(block, n), Q)
+    pairs = adapter.pairs_of(block)
+    for pair in pairs:
+        _rotate_out(linear_at(block, pair.next), Q)
+    v_o = next(p for p in pairs if p.per_head)
+    _rotate_values(linear_at(block, v_o.prev), linear_at(block, v_o.next), v_o.rows(cfg), Hd)
+    if online_down:
+        down = linear_at(block, next(p for p in pairs if not p.per_head).next)
+        H = random_rotation(down.in_features, seed + 2)
+        _rotate_in(down, H)
+        # a buffer, so the rotation moves with the linear to whatever device it runs on
+        down.register_buffer(INPUT_TRANSFORM_ATTR, H.to(down.weight.device, down.weight.dtype), persistent=False)
+        down.register_forward_pre_hook(lambda m, args: (args[0] @ getattr(m, INPUT_TRANSFORM_ATTR), *args[1:]))
 
 
 @torch.no_grad()
@@ -135,6 +149,7 @@ def _rotate_values(v: nn.Linear, o: nn.Linear, rows: slice, Hd: torch.Tensor) ->
     """Each head's values by ``Hd``: V's rows (``rows`` of a fused qkv_proj) and O's matching
     input columns."""
     head_dim = Hd.shape[0]
+    Hd = Hd.to(v.weight.device)
     weight = v.weight[rows]  # a view: rotated in place
     wv = weight.double().reshape(-1, head_dim, v.in_features)  # [kv_heads, head_dim, hidden]
     weight.copy_(torch.einsum("dk,hdi->hki", Hd, wv).reshape_as(weight).to(weight.dtype))
