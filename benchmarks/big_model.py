@@ -38,17 +38,35 @@ from pathlib import Path
 
 import torch
 
-SHAPES = dict(
-    vocab_size=32000,
-    hidden_size=2560,
-    intermediate_size=6912,
-    num_attention_heads=20,
-    num_key_value_heads=4,
-    head_dim=128,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-5,
-)
+SHAPE_CHOICES = {
+    # Llama-2/3-like blocks narrow enough that ~2.7 B parameters make 39 of them (the CPU run)
+    "default": dict(
+        vocab_size=32000,
+        hidden_size=2560,
+        intermediate_size=6912,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    ),
+    # Llama 3 8B's shapes (32 blocks at --params 8.03e9): the GPU run of issue 18
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+}
+SHAPES = SHAPE_CHOICES["default"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_BYTES = 1 << 30
 
 
@@ -56,14 +74,14 @@ def _per_block(h: int, inter: int, heads: int, kv: int, head_dim: int) -> int:
     return h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter + 2 * h
 
 
-def blocks_for(params: float) -> int:
-    h, inter = SHAPES["hidden_size"], SHAPES["intermediate_size"]
-    per_block = _per_block(h, inter, SHAPES["num_attention_heads"], SHAPES["num_key_value_heads"], SHAPES["head_dim"])
-    outside = 2 * SHAPES["vocab_size"] * h + h
+def blocks_for(params: float, shapes: dict = SHAPES) -> int:
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    per_block = _per_block(h, inter, shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"])
+    outside = 2 * shapes["vocab_size"] * h + h
     return max(1, round((params - outside) / per_block))
 
 
-def build(out: Path, params: float, seed: int) -> dict:
+def build(out: Path, params: float, seed: int, shape: str = "default", dtype: str = "float32") -> dict:
     """Write config, tokenizer and safetensors shards of a random Llama with ``params``
     parameters (rounded to whole blocks), one tensor at a time: never a second copy."""
     from safetensors.torch import save_file
@@ -76,7 +94,9 @@ def build(out: Path, params: float, seed: int) -> dict:
         print(f"model folder {out} exists ({info['params'] / 1e9:.2f} B parameters): reusing it")
         return info
     out.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.for_model("llama", num_hidden_layers=blocks_for(params), **SHAPES)
+    shapes = SHAPE_CHOICES[shape]
+    config = AutoConfig.for_model("llama", num_hidden_layers=blocks_for(params, shapes), **shapes)
+    torch_dtype, width = DTYPES[dtype], DTYPES[dtype].itemsize
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -93,11 +113,12 @@ def build(out: Path, params: float, seed: int) -> dict:
 
     for name, p in skeleton.named_parameters():
         tensor = torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(0.0, 0.02, generator=gen)
-        if shard and size + tensor.numel() * 4 > SHARD_BYTES:
+        tensor = tensor.to(torch_dtype)
+        if shard and size + tensor.numel() * width > SHARD_BYTES:
             flush()
             size = 0
         shard[name] = tensor
-        size += tensor.numel() * 4
+        size += tensor.numel() * width
         total += tensor.numel()
     flush()
     count = len(files)
@@ -107,14 +128,22 @@ def build(out: Path, params: float, seed: int) -> dict:
         (out / f"shard-{i}.safetensors").rename(out / final)
         weight_map.update(dict.fromkeys(names, final))
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total * 4}, "weight_map": weight_map}, indent=1)
+        json.dumps({"metadata": {"total_size": total * width}, "weight_map": weight_map}, indent=1)
     )
+    config.torch_dtype = config.dtype = dtype
     config.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
-    info = {"params": total, "weight_bytes": total * 4, "blocks": config.num_hidden_layers, "seed": seed}
+    info = {
+        "params": total,
+        "weight_bytes": total * width,
+        "blocks": config.num_hidden_layers,
+        "seed": seed,
+        "shape": shape,
+        "dtype": dtype,
+    }
     (out / "qeval_big_model.json").write_text(json.dumps(info, indent=1))
     print(
-        f"random Llama: {total / 1e9:.2f} B parameters ({total * 4 / 2**30:.1f} GiB in fp32), "
+        f"random Llama: {total / 1e9:.2f} B parameters ({total * width / 2**30:.1f} GiB in {dtype}), "
         f"{config.num_hidden_layers} blocks, {count} shards, built in {time.perf_counter() - t0:.0f} s"
     )
     return info
@@ -166,12 +195,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nsamples", type=int, default=4, help="GPTQ calibration windows")
     parser.add_argument("--seqlen", type=int, default=256, help="GPTQ calibration window length")
+    parser.add_argument("--shape", choices=sorted(SHAPE_CHOICES), default="default", help="layer shapes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on disk and in the cells")
+    parser.add_argument("--device", default="cpu", help="backend.device of the cells (cuda: the GPU run)")
+    parser.add_argument("--offload", default="auto", help="backend.offload (always: one block at a time on the GPU)")
     args = parser.parse_args()
     import psutil
 
     ram = psutil.virtual_memory().total
-    params = args.params if args.params is not None else 0.45 * ram / 4
-    info = build(args.out, params, args.seed)
+    params = args.params if args.params is not None else 0.45 * ram / DTYPES[args.dtype].itemsize
+    info = build(args.out, params, args.seed, args.shape, args.dtype)
     sweep = "big-model"
     common = [
         "qeval",
@@ -182,6 +215,9 @@ def main() -> None:
         "suite=tiny",
         f"results_dir={args.results}",
         f"sweep_name={sweep}",
+        f"model.dtype={args.dtype}",
+        f"backend.device={args.device}",
+        f"backend.offload={args.offload}",
     ]
     runs = [
         run([*common, "quant=fp16,w4g128,kv4", "method=rtn"]),
@@ -189,10 +225,13 @@ def main() -> None:
     ]
     peak = max(r[1] for r in runs)
     bound = 1.2 * info["weight_bytes"] + 3 * 2**30
-    print(f"\nmodel: {info['params'] / 1e9:.2f} B parameters, {info['weight_bytes'] / 2**30:.1f} GiB of weights (fp32)")
+    print(
+        f"\nmodel: {info['params'] / 1e9:.2f} B parameters, {info['weight_bytes'] / 2**30:.1f} GiB of weights "
+        f"({args.dtype}) on {args.device}"
+    )
     print(f"RAM {ram / 2**30:.1f} GiB; CPU: {os.cpu_count()} cores")
-    print("\n| cell | status | load s | quantize s | eval s | total s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| cell | status | load s | quantize s | eval s | total s | GPU peak GiB (quantize / all) | weights |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in sorted((args.results / sweep).glob("*.json")):
         if path.name.endswith(".items.json"):
             continue
@@ -205,7 +244,10 @@ def main() -> None:
             t.get("total"),
         ]
         shown = " | ".join("" if v is None else f"{v:.0f}" for v in cells)
-        print(f"| {rec['label']} | {rec['status']} | {shown} |")
+        mem = rec.get("memory") or {}
+        gpu = f"{mem.get('gpu_peak_quantize_gib', '')} / {mem.get('gpu_peak_gib', '')}" if mem else "–"
+        where = (rec.get("placement") or {}).get("weights", "")
+        print(f"| {rec['label']} | {rec['status']} | {shown} | {gpu} | {where} |")
     for (code, rss, seconds), what in zip(runs, ["fp16, w4g128, kv4 (RTN)", "w4g128 GPTQ"]):
         print(f"sweep {what}: exit {code}, {seconds:.0f} s, peak RSS of the process tree {rss / 2**30:.2f} GiB")
     verdict = "within" if peak <= bound else "ABOVE"

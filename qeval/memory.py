@@ -162,6 +162,7 @@ def plan_memory(cells: list[Cell], limit_gib: float | None = None) -> str:
     line = f"sweep: expected peak memory {est.describe()} (cell {cell.label}); {where} {_gib(limit)}"
     if unknown:
         line += f"; not estimated: {', '.join(sorted(set(unknown)))}"
+    line += gpu_plan(cell, config, est)
     if est.total > limit:
         raise SweepTooLarge(
             f"cell {cell.label} needs about {est.describe()}, but {where} is {_gib(limit)}: the sweep would run out "
@@ -170,3 +171,27 @@ def plan_memory(cells: list[Cell], limit_gib: float | None = None) -> str:
             "for this machine; nothing was run"
         )
     return line
+
+
+def gpu_plan(cell: Cell, config: Any, est: MemoryEstimate) -> str:
+    """For a cell that computes on a GPU this machine has: whether the model will be resident
+    there or offloaded one block at a time (qeval.placement.plan_placement on the estimate and
+    the GPU's free memory), as a clause of the sweep's line; SweepTooLarge, naming the numbers,
+    when not even one block fits.  Empty for CPU cells and GPUs this machine does not have (a
+    cluster's nodes decide there)."""
+    from qeval.config import ConfigError
+    from qeval.placement import cuda_available, free_bytes, plan_placement, resolve_device
+
+    if not cell.backend.device.startswith("cuda") or not cuda_available():
+        return ""
+    device = resolve_device(cell.backend.device)
+    layers = getattr(_text_config(config), "num_hidden_layers", None) or 1
+    free = free_bytes(device)
+    try:
+        placement = plan_placement(
+            device, est.weights, est.weights // layers, est.calibration, free, cell.backend.offload
+        )
+    except ConfigError as err:
+        raise SweepTooLarge(f"cell {cell.label}: {err}; nothing was run") from err
+    where = "resident" if placement.resident else f"offloaded ({placement.reason}), one block at a time"
+    return f"; on {device}: {where}, {_gib(free or 0)} free"

@@ -56,11 +56,11 @@ PLAN_FILE = "qeval_plan.json"
 
 
 #: launchers whose jobs run on the machine that plans the sweep (then it checks their device)
-LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
 
 
 def runs_here(config: DictConfig) -> bool:
-    """Whether the sweep's cells run on this machine (basic, joblib) rather than on a cluster's
+    """Whether the sweep's cells run on this machine (basic, joblib, submitit local) rather than on a cluster's
     nodes (SLURM, Ray), which may have GPUs the planning machine lacks."""
     target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
     return not target or any(name in target for name in LOCAL_LAUNCHERS)

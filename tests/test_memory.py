@@ -60,3 +60,28 @@ def test_the_cli_refuses_before_any_cell_runs(tmp_path, qeval_in_process):
     assert not list(tmp_path.glob("**/*.json"))  # no cell ran
     bad = qeval_in_process(["model=tiny-llama", "suite=tiny", "memory_limit_gib=-1"], tmp_path, timeout=60)
     assert bad.returncode == 2 and "memory_limit_gib" in bad.stderr
+
+
+def test_a_gpu_cell_is_planned_against_the_gpus_free_memory(monkeypatch):
+    """On a machine with the cell's GPU, the sweep's line says whether the model will be
+    resident there or offloaded one block at a time; a GPU where not even one block fits is
+    refused before anything runs.  (The GPU is simulated: the decision is arithmetic.)"""
+    import torch
+
+    from qeval import placement
+
+    monkeypatch.setattr(placement, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cell = _cell("quant=w4g128", "method=gptq", "backend.device=cuda")
+    weights = estimate(cell, ALL_TINY_FAMILIES["llama"]()).weights
+    monkeypatch.setattr(placement, "free_bytes", lambda _device: 64 * 2**30)
+    assert "on cuda: resident" in plan_memory([cell], limit_gib=64)
+    # room for one block and its work, not for the whole model beside a block's work
+    block = weights // ALL_TINY_FAMILIES["llama"]().num_hidden_layers
+    usable = block * (1 + placement.BLOCK_WORK_FACTOR) * 1.05
+    assert usable < weights + block * placement.BLOCK_WORK_FACTOR
+    monkeypatch.setattr(placement, "free_bytes", lambda _device: int(usable / placement.USABLE_SHARE))
+    assert "on cuda: offloaded" in plan_memory([cell], limit_gib=64)
+    monkeypatch.setattr(placement, "free_bytes", lambda _device: 1024)
+    with pytest.raises(SweepTooLarge, match="one decoder block"):
+        plan_memory([cell], limit_gib=64)

@@ -256,3 +256,32 @@ def test_a_static_scale_moves_with_its_quantizer():
         buffers = dict(aq.named_buffers())
         assert buffers.get("scale") is not None and buffers["scale"] is aq.scale
     assert not any("scale" in key for key in model.state_dict())  # not state: old caches still load
+
+
+def test_a_sweep_on_a_machine_without_the_gpu_is_refused_before_any_cell(tmp_path, qeval_in_process):
+    """backend.device=cuda where torch sees no GPU: exit 2 in the plan, naming the key, nothing
+    loaded or recorded (a cluster launcher's plan leaves the check to the job: its node has the GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = qeval_in_process(
+        ["model=tiny-llama", "suite=tiny", "quant=fp16,w4g128", "backend.device=cuda", f"results_dir={tmp_path}"],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "backend.device='cuda'" in proc.stderr and "sees no GPU" in proc.stderr
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_only_local_launchers_check_the_device_in_the_plan():
+    from omegaconf import OmegaConf
+
+    from qeval.sweep import runs_here
+
+    def launcher(target: str):
+        return OmegaConf.create({"hydra": {"launcher": {"_target_": target}}})
+
+    assert runs_here(launcher("hydra._internal.core_plugins.basic_launcher.BasicLauncher"))
+    assert runs_here(launcher("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"))
+    assert not runs_here(launcher("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"))
+    assert not runs_here(launcher("hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"))
