@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import gc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -216,7 +217,8 @@ def onloaded(module: nn.Module, device: torch.device | None) -> Iterator[nn.Modu
 
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor in it (tuples, lists, dicts: a block's keyword arguments,
-    rotary embeddings among them) on ``device``; anything else unchanged."""
+    rotary embeddings among them; the tensor fields of a dataclass: a QuantizedTensor's codes
+    and scales) on ``device``; anything else unchanged."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
@@ -225,6 +227,11 @@ def to_device(value: Any, device: torch.device) -> Any:
         return [to_device(v, device) for v in value]
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # QuantizedTensor: codes, scales
+        moved = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return dataclasses.replace(
+            value, **{k: to_device(v, device) for k, v in moved.items() if isinstance(v, torch.Tensor)}
+        )
     return value
 
 

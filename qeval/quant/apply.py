@@ -246,7 +246,7 @@ def quantize_model(
             linear = linears.pop(name)  # the last reference but the model's: freed once replaced
             aq = None
             if quantized(spec.a) and name not in not_called:
-                aq = _activation_quantizer(spec)
+                aq = _activation_quantizer(spec).to(linear.weight.device)  # its buffers beside the weight
                 act_quantizers.append(aq)
             transform = getattr(linear, INPUT_TRANSFORM_ATTR, None)
             quant_linear = QuantLinear(linear, deq, qt, aq, transform)

@@ -109,7 +109,7 @@ def search_clip(
     xg = xp.reshape(x.shape[0], wg.shape[1], gs)
     ref = torch.einsum("ngk,rgk->nrg", xg, wg)
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_err = torch.full(wg.shape[:2], float("inf"), device=wg.device)
     best_w = wg.clone()
     for r in CLIP_RATIOS:
         clipped = torch.clamp(wg, r * lo, r * hi)

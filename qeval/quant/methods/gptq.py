@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qeval.models.adapters import get_adapter
+from qeval.placement import current_placement, to_device
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
 from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import (
@@ -57,16 +58,21 @@ class HessianAccumulator:
     """
 
     def __init__(self, columns: int) -> None:
-        self._sum = torch.zeros(columns, columns, dtype=torch.float32)
+        self.columns = columns
+        self._sum: torch.Tensor | None = None  # allocated by the first batch, on its device
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self._sum is None:
+            self._sum = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
         self._sum.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
     @property
     def H(self) -> torch.Tensor:
+        if self._sum is None:
+            return torch.zeros(self.columns, self.columns, dtype=torch.float32)
         return self._sum * (2 / max(self.tokens, 1))
 
 
@@ -86,9 +92,9 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01, act_order: bool = False
     cols = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=H.device)
     H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     return PreparedHessian(perm=perm, dead=dead, hinv=hinv)
 
@@ -247,12 +253,15 @@ class GPTQ(QuantMethod):
                             prepared=prepared,
                         )
                         layer.weight.data = deq
-                        results[prefix + n] = (deq, qt if self.keep_codes else None)
+                        # the Parameter, not the tensor: it follows the block home when the
+                        # block leaves the compute device (an offloaded model), and so do the codes
+                        results[prefix + n] = (layer.weight, to_device(qt, home) if self.keep_codes else None)
 
             if adapter.experts is not None and prefix + adapter.experts in fused:  # dense blocks have none
                 self._quantize_experts(block, prefix + adapter.experts, adapter.experts, inputs, fused, fmt, spec)
 
         fused = {f.path: f for f in find_fused_experts(model)}
+        home = current_placement(model).home
         run_blockwise(model, adapter, calib, process_block, desc="gptq")
         return self.round_remaining(linears, results, spec)
 

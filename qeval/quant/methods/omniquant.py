@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from qeval.config import quantized
 from qeval.errors import UnsupportedCellError
 from qeval.models.adapters import get_adapter, get_folding_adapter, present
+from qeval.placement import current_placement, to_device
 from qeval.quant.calibration import BlockInputs, block_output, collect_linear_inputs, run_blockwise
 from qeval.quant.coverage import EXPERT_FALLBACKS_ATTR, QUANTIZED_PARAMS_ATTR
 from qeval.quant.experts import (
@@ -97,8 +98,8 @@ class LWCExperts(nn.Module):
         experts, out, cols = as_rows(weight, layout).shape
         self.gs = group_size if 0 < group_size < cols else cols
         shape = group_view(weight.new_zeros(experts * out, cols).float(), self.gs).shape[:2]
-        self.gamma = nn.Parameter(torch.full(shape, init))
-        self.beta = nn.Parameter(torch.full(shape, init))
+        self.gamma = nn.Parameter(torch.full(shape, init, device=weight.device))
+        self.beta = nn.Parameter(torch.full(shape, init, device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = as_rows(weight, self.layout)
@@ -131,8 +132,8 @@ class LWCLinear(nn.Module):
         self.gs = group_size if 0 < group_size < cols else cols
         self.cols = cols
         shape = group_view(linear.weight.detach().float(), self.gs).shape[:2]  # [out, groups]
-        self.gamma = nn.Parameter(torch.full(shape, init))
-        self.beta = nn.Parameter(torch.full(shape, init))
+        self.gamma = nn.Parameter(torch.full(shape, init, device=linear.weight.device))
+        self.beta = nn.Parameter(torch.full(shape, init, device=linear.weight.device))
         self.in_scale: nn.Parameter | None = None
         self.in_shift: nn.Parameter | None = None
         self.out_scale: nn.Parameter | None = None
@@ -294,7 +295,9 @@ class OmniQuant(QuantMethod):
                     if bias is not None:
                         lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=False)
                     qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
-                    results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight.data, qt if self.keep_codes else None)
+                    # the Parameter (it follows the block home from the compute device), codes at home
+                    kept = to_device(qt, current_placement(block).home) if self.keep_codes else None
+                    results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight, kept)
                     replace_module(block, n, lin)
                 if module is not None and experts is not None:
                     self._freeze_experts(block, module, experts, inputs, fmt, spec)
@@ -414,7 +417,9 @@ class OmniQuant(QuantMethod):
             and v_o.next in wrapped
             and wrapped[v_o.prev].linear.out_features == wrapped[v_o.next].linear.in_features
         ):
-            s = nn.Parameter(torch.ones(wrapped[v_o.next].linear.in_features))
+            s = nn.Parameter(
+                torch.ones(wrapped[v_o.next].linear.in_features, device=wrapped[v_o.next].linear.weight.device)
+            )
             wrapped[v_o.prev].out_scale, wrapped[v_o.next].in_scale = s, s
             params.append(s)
         return params, norms
