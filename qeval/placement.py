@@ -10,8 +10,8 @@ Three decisions, made once per cell from what torch sees, and pure enough to tes
   numbers were always computed in) and bfloat16 on a GPU that has it (float16 otherwise);
 * :func:`plan_placement` decides whether the model is *resident* on the compute device (it fits
   there with room for a block's work) or *offloaded*: its weights stay in CPU memory, calibration
-  moves one decoder block at a time to the compute device (:func:`onloaded`), and evaluation
-  goes through accelerate's dispatch (layers onloaded as they run).  Calibration activations stay
+  moves one decoder block at a time to the compute device (:func:`onloaded`), and whole-model
+  forwards (references, static scales, evaluation) stream the blocks through it (:func:`streamed`).  Calibration activations stay
   on the compute device when they fit beside a block, else in CPU memory, moved one batch at a
   time (:class:`Activations`).
 
@@ -57,14 +57,10 @@ def resolve_device(name: str, key: str = "backend.device") -> torch.device:
     that does not exist here (a CUDA device on a CPU-only torch, a GPU index past the last)."""
     if name == "auto":
         return torch.device("cuda") if cuda_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        fail(key, name, DEVICE_CHOICES)
+    check_device_name(name, key)
+    device = torch.device(name)
     if device.type == "cpu":
         return device
-    if device.type != "cuda":
-        fail(key, name, DEVICE_CHOICES)
     if not cuda_available():
         cuda = torch.version.cuda
         raise ConfigError(
