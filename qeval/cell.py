@@ -39,6 +39,8 @@ from qeval.config import (
     TaskEntry,
     TaskPlugins,
     check_choice,
+    check_seed,
+    check_sweep_name,
     fail,
     quantized,
     validate_quant,
@@ -46,6 +48,7 @@ from qeval.config import (
 from qeval.data import TEXT_DATASETS, check_available
 from qeval.eval.registry import import_plugin_file
 from qeval.eval.suite import check_suite, suite_kinds
+from qeval.models.checks import ModelLimits, check_model_files, model_limits
 from qeval.models.tiny import ALL_TINY_FAMILIES
 from qeval.placement import resolve_device, resolve_dtype
 from qeval.quant.methods import ALIASES, METHODS
@@ -408,6 +411,35 @@ def validate(cell: Cell) -> None:
             fail(f"suite.tasks.{name}.batch_size", batch, "a positive integer or auto")
     if cell.calib.nsamples <= 0:
         fail("calib.nsamples", cell.calib.nsamples, "a positive integer")
+    if cell.calib.seqlen <= 0:  # the model's context bounds it from above (preflight)
+        fail("calib.seqlen", cell.calib.seqlen, "a positive integer (tokens per calibration window)")
+    for key, value in (("seed", cell.seed), ("calib.seed", cell.calib.seed), ("model.seed", m.seed)):
+        check_seed(key, value)
+    check_sweep_name(cell.sweep_name)
+    if not str(cell.results_dir).strip():
+        fail("results_dir", cell.results_dir, "a folder path")
+
+
+def check_model_limits(cell: Cell, limits: ModelLimits) -> None:
+    """The settings the model's config bounds (qeval.models.checks): calibration windows within
+    its context, and a weight group no wider than its widest linear input (a
+    wider group is one group per row: per-channel quantization under a group label)."""
+    name = cell.model.name
+    if limits.context is not None:
+        if cell.reads_calibration and cell.calib.seqlen > limits.context:
+            fail(
+                "calib.seqlen",
+                cell.calib.seqlen,
+                f"1..{limits.context}, the context of {name} (max_position_embeddings)",
+            )
+    w = cell.quant.w
+    if quantized(w) and w.granularity == "group" and limits.widest_input and w.group_size > limits.widest_input:
+        fail(
+            "quant.w.group_size",
+            w.group_size,
+            f"at most {limits.widest_input}, the widest linear input of {name}: a wider group is one group "
+            "per row (use quant.w.granularity=channel for that)",
+        )
 
 
 def preflight(cell: Cell | DictConfig, here: bool = True) -> Cell:
@@ -419,6 +451,9 @@ def preflight(cell: Cell | DictConfig, here: bool = True) -> Cell:
         cell = build_cell(cell)
     if here:
         resolve_device(cell.backend.device)
+    check_model_files(cell.model)
+    if (limits := model_limits(cell.model, cell.cache_dir)) is not None:  # else checked after the load
+        check_model_limits(cell, limits)
     check_suite(cell.suite, cell.include, cell.data_dir)
     cell.runtime.preflight(suite_kinds(cell.suite, cell.include), cell.suite.name)
     if cell.reads_calibration:

@@ -9,19 +9,34 @@ ship inside the package, so an installed wheel works from any directory.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from qeval.cell import build_cell, load_method_plugins, register_configs
-from qeval.sweep import planned_in_this_launch
+from qeval.cell import build_cell, load_method_plugins, preflight, register_configs
+from qeval.config import ConfigError
+from qeval.errors import ResultsNotWritable
+from qeval.sweep import EXIT_FAILED, EXIT_REFUSED, mark_started, planned_in_this_launch, started
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 register_configs()
+# each launch's own Hydra folder (.hydra/<time>-<pid>): two launches started in the same second
+# would otherwise share one, and the second would overwrite the first's plan.  Cached, and Hydra
+# copies resolver caches into every job's config, so workers see the launching process's value
+OmegaConf.register_new_resolver("qeval_launch", lambda: str(os.getpid()), use_cache=True, replace=True)
+
+
+def is_multirun() -> bool:
+    """Whether this process runs a Hydra multirun (a sweep) rather than one cell (hydra.mode=RUN)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -35,7 +50,19 @@ def _app(cfg: DictConfig) -> dict[str, Any]:
     from qeval.runner import run_cell
 
     cell = build_cell(cfg)
-    return run_cell(cell, checked=planned_in_this_launch(cell.hash))
+    single = not is_multirun()
+    if single:  # hydra.mode=RUN: no sweep planned this cell; its errors are refusals too (exit 2)
+        preflight(cell)
+        mark_started()
+    try:
+        record = run_cell(cell, checked=single or planned_in_this_launch(cell.hash))
+    except ResultsNotWritable as err:
+        # computing the other cells would lose their records too: stop now, one line
+        print(f"qeval: stopping the sweep: {err}; finished cells are kept, run the same command again", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    if single and record.get("status") == "failed":
+        sys.exit(EXIT_FAILED)
+    return record
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -66,11 +93,23 @@ def method_plugins_from_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    plugins = method_plugins_from_argv(sys.argv[1:])
-    if plugins:
-        load_method_plugins(plugins)
-        register_configs()
-    _app()
+    """The console script.  Exit status: 0 every cell finished (ok or skipped), 1 some cell failed
+    (or the sweep stopped), 2 refused before any cell started: a config or preflight error,
+    Hydra's own included (it exits 1 for those; before the first cell that means "refused")."""
+    try:
+        plugins = method_plugins_from_argv(sys.argv[1:])
+        if plugins:
+            load_method_plugins(plugins)
+            register_configs()
+    except ConfigError as err:
+        print(f"qeval: {err}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+    try:
+        _app()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None) and not started():
+            raise SystemExit(EXIT_REFUSED) from None
+        raise
 
 
 if __name__ == "__main__":

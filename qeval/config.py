@@ -11,6 +11,7 @@ here; the checks that need a registry (methods, backends, tasks, data) live in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -199,6 +200,30 @@ class MethodPlugins:
 def fail(key: str, value: Any, allowed: str) -> NoReturn:
     """Raise the one kind of configuration error: the key, its bad value, what is allowed."""
     raise ConfigError(f"invalid value {key}={value!r}: allowed {allowed}")
+
+
+#: seeds go to numpy, which accepts 0..2**32-1 (torch and random accept more; one range for all)
+SEED_RANGE = (0, 2**32 - 1)
+#: a sweep name is one folder inside results_dir: letters, digits, '.', '_', '-', not starting
+#: with '.' (results_dir/.hydra and .reference are qeval's own) and never '..' or a path
+SWEEP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_seed(key: str, value: Any) -> None:
+    low, high = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        fail(key, value, f"an integer in {low}..{high} (2**32 - 1)")
+
+
+def check_sweep_name(value: Any) -> None:
+    """A sweep name must name one folder inside results_dir: an empty one would write into
+    results_dir itself (mixing every sweep's cells in one table), '../x' outside it."""
+    if not isinstance(value, str) or not SWEEP_NAME.fullmatch(value):
+        fail(
+            "sweep_name",
+            value,
+            "a plain folder name: letters, digits, '.', '_' and '-', not starting with '.' (no '/', not empty)",
+        )
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

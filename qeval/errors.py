@@ -7,3 +7,8 @@ class UnsupportedCellError(Exception):
     Raised before any heavy work; a sweep records the cell as skipped with
     this message.
     """
+
+
+class ResultsNotWritable(Exception):
+    """The results folder cannot be written: the sweep stops at this cell (computing the rest
+    would only lose their records too)."""

@@ -17,11 +17,13 @@ import logging
 import os
 import platform
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from qeval.errors import ResultsNotWritable
 from qeval.eval.items import items_path, read_items, write_items
 from qeval.files import atomic_file
 
@@ -97,9 +99,26 @@ class ResultStore:
             return None
         return record
 
+    def check_writable(self) -> None:
+        """ResultsNotWritable when a file cannot be created in the sweep folder now (a folder
+        turned read-only, a full disk), naming the folder and the error."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-probe-"):
+                pass
+        except OSError as err:
+            raise ResultsNotWritable(_not_writable(self.dir, err)) from err
+
     def write(self, record: dict[str, Any], items: Mapping[str, Any] | None = None) -> Path:
         """Write a cell's record, and first its per-item tables (``items``, by task) when
-        given, so that a record on disk always has them (qeval.eval.items)."""
+        given, so that a record on disk always has them (qeval.eval.items).  A folder that
+        cannot be written raises ResultsNotWritable."""
+        try:
+            return self._write(record, items)
+        except OSError as err:
+            raise ResultsNotWritable(_not_writable(self.dir, err)) from err
+
+    def _write(self, record: dict[str, Any], items: Mapping[str, Any] | None) -> Path:
         path = self.path_for(record["hash"], record["label"])
         if items:
             size = write_items(items_path(path), items)
@@ -155,6 +174,10 @@ class ResultStore:
         return removed
 
 
+def _not_writable(folder: Path, err: OSError) -> str:
+    return f"the results folder {folder} cannot be written ({type(err).__name__}: {err.strerror or err})"
+
+
 @functools.cache
 def qeval_version() -> str:
     return package_versions().get("qeval", "")
@@ -184,7 +207,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
 def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Every readable record under ``root`` (a sweep folder or a folder of sweeps)."""
     for path in sorted(Path(root).rglob("*.json")):
-        if path.name.startswith(".") or ".hydra" in path.parts:
+        # qeval's own folders (.hydra, .partial, .claims, .reference) hold no records
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         record = read_record(path)
         if record is None:

@@ -25,13 +25,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from qeval import claims
 from qeval.backends import OpenRequest
-from qeval.cell import Cell, build_cell, preflight
+from qeval.cell import Cell, build_cell, check_model_limits, preflight
 from qeval.config import quantized
 from qeval.data import calibration_for
 from qeval.errors import UnsupportedCellError
 from qeval.eval.suite import EvalSettings, describe_suite, evaluate_suite, prepare_references
 from qeval.models.carriers import cache_root
+from qeval.models.checks import limits_of
 from qeval.models.loading import LoadedModel, load_model, peek_config
 from qeval.placement import (
     Placement,
@@ -197,7 +199,22 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         log.info("cell %s already finished (%s): skipping", label, store.find(hash_))
         store.drop_partial(hash_)  # left if a kill fell between recording the cell and dropping it
         return done
+    store.check_writable()  # ResultsNotWritable: the sweep stops here, before any work
+    claim = claims.take(store.dir, hash_, label)
+    if not isinstance(claim, claims.Claim):
+        log.warning("cell %s is being computed by %s: left to it", label, claims.describe(claim))
+        return {"status": "claimed", "hash": hash_, "label": label, "owner": claim}
+    try:
+        if not cell.rerun and (done := store.finished(hash_)) is not None:  # its owner finished it meanwhile
+            return done
+        return _compute(cell, store, identity, hash_, t_start)
+    finally:
+        claim.release()
 
+
+def _compute(cell: Cell, store: ResultStore, identity: dict[str, Any], hash_: str, t_start: float) -> dict[str, Any]:
+    """Compute a claimed cell and record it (skipped, failed or ok)."""
+    label = cell.label
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "hash": hash_,
@@ -246,6 +263,10 @@ def run_cell(cfg: DictConfig | Cell, checked: bool = False) -> dict[str, Any]:
         loaded = load_model(cell.model, cell.cache_dir)  # once per process; later cells reuse it
         record["model_fingerprint"] = loaded.fingerprint
         record["timings"]["load"] = time.perf_counter() - t0
+        if config is None and (config := peek_config(cell.model, cell.cache_dir)) is not None:
+            # a config known only now (a GGUF converted by this load): what preflight could not check
+            check_model_limits(cell, limits_of(config))
+            refuse_for_architecture(cell.recipe, cell.quant, config)
         t0 = time.perf_counter()
         # tokenized at most once per cell, whether the recipe, static scales or the backend ask
         calibration = functools.cache(functools.partial(calibration_for, cell, loaded.tokenizer))

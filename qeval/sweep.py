@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,8 +26,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qeval import claims
 from qeval.cell import Cell, build_cell, preflight
-from qeval.config import ConfigError
+from qeval.config import ConfigError, check_sweep_name
+from qeval.errors import ResultsNotWritable
 from qeval.memory import SweepTooLarge, plan_memory
 from qeval.results import ResultStore, read_record, write_json_atomically
 
@@ -53,6 +56,67 @@ def compose_cell(config: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 PLAN_FILE = "qeval_plan.json"
+
+#: the exit statuses of ``qeval`` (README "Exit status"): every cell finished (ok or skipped), some
+#: cell failed or the sweep stopped, refused before any cell started
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+_started = False
+
+
+def mark_started() -> None:
+    """From now on, a non-zero exit means "a cell failed" (1), no longer "refused" (2)."""
+    global _started
+    _started = True
+
+
+def started() -> bool:
+    """Whether this process got past planning: a cell may have run."""
+    return _started
+
+
+def refuse(message: str) -> NoReturn:
+    """Print one line and exit 2: the sweep is refused before any cell starts."""
+    print(f"qeval: {message}", file=sys.stderr)
+    sys.exit(EXIT_REFUSED)
+
+
+def check_results_writable(config: DictConfig) -> None:
+    """The sweep's results folder can take files: checked once, first, before anything is composed."""
+    try:
+        check_sweep_name(OmegaConf.select(config, "sweep_name"))
+    except ConfigError as err:
+        refuse(str(err))
+    store = ResultStore(str(config.results_dir), str(config.sweep_name))
+    try:
+        store.check_writable()
+    except ResultsNotWritable as err:
+        refuse(f"{err}: choose another with results_dir=<folder>")
+
+
+#: pip packages of Hydra's launcher plugins, by the module their launcher class lives in
+LAUNCHER_PACKAGES = {
+    "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",
+    "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
+    "hydra_plugins.hydra_ray_launcher": "hydra-ray-launcher",
+    "hydra_plugins.hydra_rq_launcher": "hydra-rq-launcher",
+}
+
+
+def check_launcher(config: DictConfig) -> None:
+    """The launcher's class can be imported; else name the package to install (Hydra would
+    instantiate it only after planning, with "Unknown plugin class")."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    module = target.rpartition(".")[0]
+    if not module or module.startswith("hydra._internal"):
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        choice = (OmegaConf.select(config, "hydra.runtime.choices") or {}).get("hydra/launcher", target)
+        package = next((p for m, p in LAUNCHER_PACKAGES.items() if module.startswith(m)), None)
+        hint = f"pip install {package}" if package else "install the package that provides it"
+        refuse(f"hydra/launcher={choice} needs {target}, which cannot be imported ({err}): {hint}")
 
 
 #: launchers whose jobs run on the machine that plans the sweep (then it checks their device)
@@ -87,11 +151,13 @@ class SweepCallback(Callback):
         try:
             self._plan(config)
         except Exception as err:  # noqa: BLE001
-            print(f"qeval: could not plan the sweep: {type(err).__name__}: {err}", file=sys.stderr)
-            sys.exit(2)
+            refuse(f"could not plan the sweep: {type(err).__name__}: {err}")
+        mark_started()
 
     def _plan(self, config: DictConfig) -> None:
         started = time.time()
+        check_results_writable(config)
+        check_launcher(config)
         cells = []
         built: list[Cell] = []
         here = runs_here(config)
@@ -100,16 +166,13 @@ class SweepCallback(Callback):
                 cell = build_cell(compose_cell(config, overrides))
                 preflight(cell, here=here)
             except (ConfigError, KeyError, FileNotFoundError, OmegaConfBaseException) as err:
-                where = " ".join(overrides) or "(defaults)"
-                print(f"qeval: error in cell [{where}]: {err}", file=sys.stderr)
-                sys.exit(2)
+                refuse(f"error in cell [{' '.join(overrides) or '(defaults)'}]: {err}")
             cells.append({"hash": cell.hash, "label": cell.label, "overrides": list(overrides)})
             built.append(cell)
         try:  # before any cell: a sweep that cannot fit is refused, naming the numbers
             log.info("%s", plan_memory(built, built[0].memory_limit_gib if built else None))
         except SweepTooLarge as err:
-            print(f"qeval: {err}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(err))
         store = ResultStore(config.results_dir, config.sweep_name)
         for tmp in store.remove_stale_temporaries():
             log.warning("removed %s, left by a writer that was killed mid-write", tmp)
@@ -157,7 +220,8 @@ class SweepCallback(Callback):
         plan = _read_plan(config)
         if plan is None:
             print(f"qeval: the sweep plan {_plan_path(config)} is missing or unreadable", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
+        _wait_for_claimed(plan)
         records = _records(plan)
         counts: dict[str, int] = {}
         for cell_hash, record in records.items():
@@ -169,14 +233,39 @@ class SweepCallback(Callback):
         print(f"\nqeval: sweep finished in {_hms(time.time() - plan['started'])} ({summary})")
         for line in _not_ok_lines(plan, records):
             print(f"  {line}")
-        try:
-            table, files = write_tables(plan["results"])
-            print(table)
-            print(f"\nresults: {plan['results']}/  tables: {', '.join(map(str, files))}")
-        except ValueError as err:
-            print(f"qeval: no table ({err})")
+        if not counts.get("ok") and not counts.get("already done"):
+            print(f"qeval: no table: no cell produced scores ({summary}; the reasons are above)")
+        else:
+            try:
+                table, files = write_tables(plan["results"])
+                print(table)
+                print(f"\nresults: {plan['results']}/  tables: {', '.join(map(str, files))}")
+            except ValueError as err:
+                print(f"qeval: no table ({err})")
         if counts.get("failed") or counts.get("missing"):
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
+
+
+#: how often the end of a sweep looks for the results of cells other processes are computing
+CLAIM_POLL_S = 2.0
+
+
+def _wait_for_claimed(plan: dict[str, Any]) -> None:
+    """Wait until no planned cell without a result is held by another live process (a second
+    launch into the same sweep folder, or a sibling worker): their records are this sweep's too.
+    A holder that dies without a result leaves the cell "missing" (run the sweep again)."""
+    store_dir = Path(plan["results"])
+    last_said = 0.0
+    while True:
+        pending = {c["hash"] for c in plan["cells"]} - set(_result_files(plan))
+        held = claims.live_claims(store_dir, pending)
+        if not held:
+            return
+        if time.time() - last_said > 60:
+            owners = sorted({claims.describe(o) for o in held.values()})
+            log.info("sweep: waiting for %d cell(s) computed by another process (%s)", len(held), "; ".join(owners))
+            last_said = time.time()
+        time.sleep(CLAIM_POLL_S)
 
 
 def _read_plan(config: DictConfig) -> dict[str, Any] | None:

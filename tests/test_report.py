@@ -287,7 +287,7 @@ def test_report_refuses_a_missing_or_empty_folder(stores, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         write_tables([stores[0], tmp_path / "nope"], tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no finished cells under .*empty"):
+    with pytest.raises(ValueError, match="no cell records under .*empty"):
         write_tables([tmp_path / "empty"], tmp_path / "out")
 
 

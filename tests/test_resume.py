@@ -110,7 +110,10 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, qeval_in_proce
     require_eval_data()
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
-    (not_a_model / "config.json").write_text("{}")  # a folder, so preflight passes; loading fails
+    # a config and a tokenizer file, so preflight passes; loading fails (the tokenizer is empty)
+    small = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+    (not_a_model / "config.json").write_text(json.dumps({**small, "num_attention_heads": 2, "vocab_size": 300}))
+    (not_a_model / "tokenizer.json").write_text("{}")
     proc = qeval_in_process(
         [
             "model=tiny-llama,local",
@@ -132,9 +135,9 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, qeval_in_proce
     assert "(1 failed, 1 ok)" in out
     assert f"failed: {failed['label']} ({failed['reason']}" in out
     # the table printed at the end and the report list it too, with its reason
-    assert "cells without scores (failed or skipped)" in out
+    assert "cells without scores (failed, skipped or unreadable)" in out
     from qeval.report.write import write_tables
 
     markdown, files = write_tables(tmp_path / "results" / "fail", tmp_path / "report")
     assert failed["reason"].split("\n")[0][:60] in (tmp_path / "report" / "not_run.md").read_text()
-    assert "Failed and skipped cells" in (tmp_path / "report" / "report.html").read_text()
+    assert "Failed, skipped and unreadable cells" in (tmp_path / "report" / "report.html").read_text()

@@ -224,7 +224,7 @@ def test_report_cli_on_empty_folder(report_in_process, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = report_in_process([str(tmp_path / "empty"), "--out", str(tmp_path / "plots")], tmp_path)
     assert proc.returncode == 2
-    assert "no finished cells" in proc.stderr
+    assert "no cell records under" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- report, synthetic records

@@ -26,6 +26,7 @@ from qeval.data import check_available
 from qeval.eval.harness import score_lm_eval
 from qeval.eval.items import Columns
 from qeval.eval.perplexity import perplexity, prepare_reference
+from qeval.eval.plugin_checks import check_plugin_folders, check_task_plugin
 from qeval.eval.registry import (
     LazyReference,
     TaskContext,
@@ -33,6 +34,7 @@ from qeval.eval.registry import (
     discover_native,
     task_exists,
     task_info,
+    task_manager,
     task_paths,
 )
 from qeval.eval.scorer import Scorer, as_scorer
@@ -57,6 +59,7 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
         native = discover_native(include)
     except TaskDataError as err:
         raise ConfigError(str(err)) from err
+    check_plugin_folders(include)  # a malformed YAML names its file and line, not "no such task"
     for name, task in suite.tasks.items():
         kind = resolve_kind(task, include)
         if kind == "perplexity":
@@ -82,6 +85,8 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
                     f"lm-eval task (searched lm-eval's tasks and {', '.join(task_paths(include))}; "
                     "list them with qeval-tasks)"
                 )
+            # its !function modules and local data files, found now rather than after a model loaded
+            check_task_plugin(name, task.task, task_manager(include, data_dir), task_paths(include))
 
 
 def describe_suite(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:

@@ -60,17 +60,46 @@ def read_sweeps(dirs: Iterable[str | Path]) -> list[dict]:
     return [rec for d in dirs for rec in iter_records(d)]
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def unreadable_reason(rec: dict) -> str | None:
+    """Why an ok record's scores cannot be read (a suite entry without metrics, a primary metric
+    missing, a metric that is not a number), or None.  Such a record is listed, never dropped
+    in silence: a table that loses a cell looks like a sweep that never ran it."""
+    if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
+        return None
+    metrics = rec.get("metrics")
+    if not isinstance(metrics, dict) or not isinstance(rec.get("cell"), dict):
+        return "the record has no metrics mapping"
+    for entry in rec.get("tasks") or metrics:
+        if not isinstance(metrics.get(entry), dict):
+            return f"suite entry {entry!r} has no metrics"
+    for entry, values in metrics.items():
+        if not isinstance(values, dict):
+            return f"the metrics of {entry!r} are {type(values).__name__}, not a mapping"
+        primary = ((rec.get("tasks") or {}).get(entry) or {}).get("primary_metric")
+        if primary and primary not in values:
+            return f"{entry}: its primary metric {primary!r} is missing"
+        for metric, value in values.items():
+            if metric.endswith("_stderr") or value is None or _is_number(value):
+                continue  # lm-eval writes stderr "N/A" where it has none; None: not measurable
+            return f"{entry}.{metric} is {value!r}, not a number"
+    return None
+
+
 def long_frame(records: Iterable[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
-        if rec.get("status") != "ok" or rec.get("kind") == "efficiency":
+        if rec.get("status") != "ok" or rec.get("kind") == "efficiency" or unreadable_reason(rec):
             continue
         cell = rec["cell"]
         for task, metrics in rec["metrics"].items():
             info = _entry_info(rec, task, metrics)
             label = _entry_label(rec, task)
             for metric, value in metrics.items():
-                if metric.endswith("_stderr") or metric in _HIDDEN or not isinstance(value, (int, float)):
+                if metric.endswith("_stderr") or metric in _HIDDEN or not _is_number(value):
                     continue
                 primary = metric == info["primary_metric"]
                 rows.append(
@@ -89,23 +118,27 @@ def long_frame(records: Iterable[dict]) -> pd.DataFrame:
                     }
                 )
     if not rows:
-        raise ValueError("no finished cells among the records")
+        raise ValueError("no cell with readable scores among the records")
     return pd.DataFrame(rows)
 
 
 def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """The cells that produced no scores, a row each: failed (with the error) or skipped (with
-    why the method, format or kernel cannot make that cell)."""
+    """The cells that produced no scores, a row each: failed (with the error), skipped (with
+    why the method, format or kernel cannot make that cell) or unreadable (an ok record whose
+    scores are not numbers: :func:`unreadable_reason`, with its file)."""
     rows = []
     for rec in records:
-        if rec.get("status") in ("failed", "skipped"):
-            cell = rec.get("cell") or {}
+        status, reason = rec.get("status"), rec.get("reason", "")
+        if status == "ok" and (why := unreadable_reason(rec)):
+            status, reason = "unreadable", f"{why} ({rec.get('_path', 'record')})"
+        if status in ("failed", "skipped", "unreadable"):
+            cell = rec.get("cell") if isinstance(rec.get("cell"), dict) else {}
             rows.append(
                 {
                     **{k: cell.get(k) for k in CELL_KEYS},
                     "sweep": rec.get("sweep"),
-                    "status": rec["status"],
-                    "reason": rec.get("reason", ""),
+                    "status": status,
+                    "reason": reason,
                 }
             )
     return pd.DataFrame(rows, columns=[*CELL_KEYS, "sweep", "status", "reason"])
@@ -169,6 +202,23 @@ def efficiency_frame(records: Iterable[dict]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def missing_baselines(long: pd.DataFrame) -> list[str]:
+    """One line per (model, suite, backend) with quantized scores but no unquantized (FP) cell
+    to compare them with: its ratios, families, verdicts and recommendations cannot be computed."""
+    group = ["model", "suite", "backend"]
+    have = set(map(tuple, long.loc[long.tensor_type == "FP", group].drop_duplicates().values))
+    lines = []
+    for key, part in long[long.tensor_type != "FP"].groupby(group):
+        if tuple(key) not in have:
+            model, suite, backend = key
+            lines.append(
+                f"Baseline missing: {model} (suite {suite}, backend {backend}) has no unquantized (FP) cell with "
+                f"scores, so its {part['quant'].nunique()} quantized configuration(s) are shown as raw scores "
+                "only: no ratios to FP, verdicts or recommendations (add quant=fp16 to the sweep)."
+            )
+    return lines
 
 
 def add_normalized(long: pd.DataFrame) -> pd.DataFrame:

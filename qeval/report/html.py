@@ -161,7 +161,7 @@ def render_html(
             + ", ".join(f"{n} {status}" for status, n in counts.items())
             + ": these cells have no scores and appear in no table or figure above.</p>"
         )
-        sections.append(("not-run", "Failed and skipped cells", head + _table(not_ok.set_index(CELL_KEYS))))
+        sections.append(("not-run", "Failed, skipped and unreadable cells", head + _table(not_ok.set_index(CELL_KEYS))))
 
     nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections) + "</nav>"
     return (

@@ -31,10 +31,12 @@ from qeval.report.frames import (  # noqa: E402
     family_table,
     long_frame,
     marked_table,
+    missing_baselines,
     not_ok_frame,
     primary_table,
     read_sweeps,
     report_name,
+    unreadable_reason,
     views,
 )
 from qeval.report.html import render_html  # noqa: E402
@@ -71,6 +73,17 @@ def write_table(table: pd.DataFrame, stem: Path, floatfmt: str = ".4g") -> list[
     return files
 
 
+def no_scores_message(folder: Path, records: list[dict]) -> str:
+    """Why a folder has nothing to tabulate: its cells' statuses, and each one's reason."""
+    if not records:
+        return f"no cell records under {folder}"
+    not_ok = not_ok_frame(records)
+    counts = not_ok["status"].value_counts()
+    lines = [f"no cell under {folder} produced scores ({', '.join(f'{n} {s}' for s, n in counts.items())}):"]
+    lines += [f"  {r.status}: {r.model} {r.quant} {r.method} ({r.reason})" for r in not_ok.itertuples()]
+    return "\n".join(lines)
+
+
 def write_tables(
     results_dirs: str | Path | Iterable[str | Path],
     out_dir: str | Path | None = None,
@@ -94,8 +107,8 @@ def write_tables(
         if not d.is_dir():
             raise ValueError(f"results folder {d} does not exist")
         in_dir = read_sweeps([d])
-        if not any(rec.get("status") == "ok" for rec in in_dir):
-            raise ValueError(f"no finished cells under {d}")  # (efficiency records count: they add a section)
+        if not any(rec.get("status") == "ok" and not unreadable_reason(rec) for rec in in_dir):
+            raise ValueError(no_scores_message(d, in_dir))  # (efficiency records count: they add a section)
         records += in_dir
     paired = paired_frame(records, keep, alpha, correction)
     verdicts = family_verdicts(paired)
@@ -139,13 +152,18 @@ def write_tables(
     ]
     files += figures
     advice = recommendations(verdicts, paired, keep)
-    findings = summary(verdicts, paired, keep, divergence)
+    baseline_lines = missing_baselines(raw)
+    has_baseline = bool((raw.tensor_type == "FP").any())
+    # with no baseline at all, "no paired verdicts" has one reason, said by the baseline lines
+    findings = baseline_lines + (
+        [] if baseline_lines and verdicts.empty else summary(verdicts, paired, keep, divergence)
+    )
     files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
     advice.to_csv(files[-3], index=False)
     advice_md = advice.to_markdown(index=False, floatfmt=".3f")
     files[-2].write_text(advice_md + "\n")
     files[-1].write_text("\n".join(f"- {line}" for line in findings) + "\n")
-    markdown = ""
+    markdown = "".join(f"{line}\n\n" for line in baseline_lines)
     if not verdicts.empty:
         files += write_table(verdicts, out / "verdicts")
         files.append(out / "paired.csv")
@@ -162,21 +180,23 @@ def write_tables(
             "distribution-level damage on the perplexity corpus (KL divergence from the unquantized model, "
             "per token)\n\n" + divergence.to_markdown(index=False, floatfmt=".4g") + "\n\n"
         )
+    if has_baseline:
+        markdown += (
+            "quality retained per family (1 = unquantized; primary metric of each task, "
+            "oriented so that lower is worse; descriptive: the verdicts above are the tests)\n\n" + fam_md + "\n\n"
+        )
     markdown += (
-        "quality retained per family (1 = unquantized; primary metric of each task, "
-        "oriented so that lower is worse; descriptive: the verdicts above are the tests)\n\n"
-        + fam_md
-        + "\n\nprimary metrics\n\n"
+        "primary metrics\n\n"
         + primary.reset_index().to_markdown(index=False, floatfmt=".4g")
         + f"\n\nwith standard errors (* = the paired test finds a difference, adjusted p < {alpha:g})\n\n"
         + marked.reset_index().to_markdown(index=False)
     )
-    markdown += (
-        f"\n\nrecommended (least memory confidently within {keep:.0%} of the unquantized quality, per family)\n\n"
-        + advice_md
-        + "\n\nfindings\n\n"
-        + "\n".join(f"- {line}" for line in findings)
-    )
+    if has_baseline:
+        markdown += (
+            f"\n\nrecommended (least memory confidently within {keep:.0%} of the unquantized quality, per family)\n\n"
+            + advice_md
+        )
+    markdown += "\n\nfindings\n\n" + "\n".join(f"- {line}" for line in findings)
     agreement = agreement_table(raw, ppl_rtol, n_se)
     if not agreement.empty:
         agree_md = agreement.reset_index().to_markdown(index=False, floatfmt=".4g")
@@ -204,7 +224,7 @@ def write_tables(
         not_ok.to_csv(files[-2], index=False)
         not_ok_md = not_ok.to_markdown(index=False)
         files[-1].write_text(not_ok_md + "\n")
-        markdown += f"\n\ncells without scores (failed or skipped)\n\n{not_ok_md}"
+        markdown += f"\n\ncells without scores (failed, skipped or unreadable)\n\n{not_ok_md}"
     page = out / "report.html"
     page.write_text(
         render_html(
