@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from qeval.cell import build_cell, load_method_plugins, preflight, register_configs
 from qeval.config import ConfigError
 from qeval.errors import ResultsNotWritable
-from qeval.sweep import EXIT_FAILED, EXIT_REFUSED, mark_started, planned_in_this_launch, started
+from qeval.sweep import EXIT_FAILED, EXIT_REFUSED, mark_started, planned_in_this_launch, refuse, started
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -49,10 +49,16 @@ def _app(cfg: DictConfig) -> dict[str, Any]:
     # planning, --help and the tools that only compose configs never need it
     from qeval.runner import run_cell
 
-    cell = build_cell(cfg)
     single = not is_multirun()
-    if single:  # hydra.mode=RUN: no sweep planned this cell; its errors are refusals too (exit 2)
-        preflight(cell)
+    try:
+        cell = build_cell(cfg)
+        if single:  # hydra.mode=RUN: no sweep planned this cell; its errors are refusals too (exit 2)
+            preflight(cell)
+    except ConfigError as err:
+        if not single:  # a sweep's cells were checked in its plan; a cluster worker's job fails
+            raise
+        refuse(str(err))
+    if single:
         mark_started()
     try:
         record = run_cell(cell, checked=single or planned_in_this_launch(cell.hash))

@@ -272,6 +272,7 @@ def _run(args: list[str], cwd: Path, timeout: float = 240) -> tuple[subprocess.C
         (["-m", "quant=fp16,w4g128", "seed=-1"], "seed=-1"),  # a value qeval's plan refuses
         (["-m", "quant=fp16,w4g128", "model=local", "model.path=/nonexistent"], "model.path='/nonexistent'"),
         (["-m", "quant=fp16", "hydra/launcher=ray"], "pip install hydra-ray-launcher"),
+        (["hydra.mode=RUN", "quant=w4g128", "seed=-1"], "seed=-1"),  # one cell, no sweep plan
     ],
 )
 def test_refused_sweeps_exit_2_before_any_cell(tmp_path, args, expected):
@@ -291,7 +292,8 @@ def test_refused_sweeps_exit_2_before_any_cell(tmp_path, args, expected):
 
 
 def test_exit_statuses_finished_and_failed(tmp_path, plugins):
-    """0: every cell ok or skipped; 1: a cell failed (a native plugin that raises)."""
+    """0: every cell ok or skipped; 1: a cell failed (a native plugin that raises; a single run,
+    hydra.mode=RUN: a sweep's failed cell is tests/test_resume.py's)."""
     require_eval_data()
     ok, _ = _run([*TINY, "-m", "quant=fp16,kv4", "method=smoothquant", f"results_dir={tmp_path / 'ok'}"], tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -316,7 +318,14 @@ def test_exit_statuses_finished_and_failed(tmp_path, plugins):
         )
     )
     failed, _ = _run(
-        [*TINY, "quant=fp16", f"tasks.include=[{crash}]", "+tasks.add.b={task:boom}", f"results_dir={tmp_path / 'f'}"],
+        [
+            *TINY,
+            "hydra.mode=RUN",
+            "quant=fp16",
+            f"tasks.include=[{crash}]",
+            "+tasks.add.b={task:boom}",
+            f"results_dir={tmp_path / 'f'}",
+        ],
         tmp_path,
     )
     assert failed.returncode == 1, failed.stderr[-3000:]
