@@ -20,9 +20,28 @@ INT_BITS = range(2, 9)
 # preset has every key and `qeval quant=fp16 quant.w.bits=4` (or a bad `quant.w.bits=1`)
 # is an ordinary override rather than an assignment into a missing node
 FULL_PRECISION_BITS = 16
-FLOAT_FORMATS = {"fp8_e4m3": 8, "fp8_e5m2": 8}
+FLOAT_FORMATS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "mxfp4": 4, "mxfp8": 8, "fp8_block": 8}
 FORMATS = ("int", *FLOAT_FORMATS)
-WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+#: formats that fix their own blocks: values per scale along the reduction dimension (fp8_block:
+#: the edge of a weight's square tiles, an activation's groups along the hidden dimension)
+FORMAT_BLOCKS = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32, "fp8_block": 128}
+#: microscaling formats: E2M1/E4M3 elements in fixed 1-D blocks (weights, activations and the KV cache)
+MICROSCALING_FORMATS = ("nvfp4", "mxfp4", "mxfp8")
+KV_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", *MICROSCALING_FORMATS)
+#: a format's short name in table labels ("W4A4-NVFP4"); int has none
+FORMAT_TAGS = {
+    "fp8_e4m3": "FP8",
+    "fp8_e5m2": "FP8E5M2",
+    "nvfp4": "NVFP4",
+    "mxfp4": "MXFP4",
+    "mxfp8": "MXFP8",
+    "fp8_block": "FP8B",
+}
+#: bits of scale per weight a format stores beside its elements (int and FP8: one 16-bit scale
+#: per group, counted from the group size; NVFP4: an E4M3 scale per 16, its FP32 tensor scale
+#: negligible; MX: an E8M0 scale per 32; fp8_block: an FP32 scale per 128 x 128 tile)
+FORMAT_SCALE_BITS = {"nvfp4": 8 / 16, "mxfp4": 8 / 32, "mxfp8": 8 / 32, "fp8_block": 32 / 128**2}
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group", "block")
 ACT_GRANULARITIES = ("tensor", "token")
 KV_GRANULARITIES = ("token", "channel", "tensor")
 KV_SEMANTICS = ("fake", "cache")  # Qllm-Eval's (every pass) | KIVI's (stored tokens only)
@@ -105,6 +124,8 @@ class QuantSpec:
         """Bits per quantized weight, one 16-bit scale per group included (the report's measure)."""
         if not quantized(self.w):
             return float(FULL_PRECISION_BITS)
+        if self.w.format in FORMAT_SCALE_BITS:
+            return self.w.bits + FORMAT_SCALE_BITS[self.w.format]
         if self.w.granularity != "group":
             return float(self.w.bits)
         return self.w.bits + 16 / self.w.group_size
@@ -249,6 +270,23 @@ def _check_bits(key: str, bits: int, fmt: str) -> None:
         )
 
 
+def _check_weight_blocks(prefix: str, w: Any) -> None:
+    """A format with its own blocks fixes the weight's granularity and group size: NVFP4/MX
+    groups of 16/32 along the input dimension, fp8_block 128 x 128 tiles (granularity=block,
+    which no other format has)."""
+    block = FORMAT_BLOCKS.get(w.format)
+    if block is None:
+        if w.granularity == "block":
+            fail(f"{prefix}.w.granularity", w.granularity, "tensor, channel or group for format " + w.format)
+        return
+    granularity = "block" if w.format == "fp8_block" else "group"
+    what = f"{block} x {block} tiles" if granularity == "block" else f"blocks of {block} along the input dimension"
+    if w.granularity != granularity:
+        fail(f"{prefix}.w.granularity", w.granularity, f"{granularity} for format {w.format} ({what})")
+    if w.group_size != block:
+        fail(f"{prefix}.w.group_size", w.group_size, f"{block} for format {w.format} ({what})")
+
+
 def validate_quant(q: Any, prefix: str = "quant") -> None:
     """Check a quantization spec; raises ConfigError naming the bad key."""
     if quantized(q.w):
@@ -257,6 +295,7 @@ def validate_quant(q: Any, prefix: str = "quant") -> None:
         check_choice(f"{prefix}.w.granularity", q.w.granularity, WEIGHT_GRANULARITIES)
         if q.w.granularity == "group" and q.w.group_size <= 0:
             fail(f"{prefix}.w.group_size", q.w.group_size, "a positive integer when granularity=group")
+        _check_weight_blocks(prefix, q.w)
     if quantized(q.a):
         if not quantized(q.w):
             raise ConfigError(
@@ -266,18 +305,48 @@ def validate_quant(q: Any, prefix: str = "quant") -> None:
         check_choice(f"{prefix}.a.format", q.a.format, FORMATS)
         _check_bits(f"{prefix}.a.bits", q.a.bits, q.a.format)
         check_choice(f"{prefix}.a.granularity", q.a.granularity, ACT_GRANULARITIES)
-        if q.a.granularity == "token" and not q.a.dynamic:
-            fail(f"{prefix}.a.dynamic", q.a.dynamic, "true for granularity=token (static scales are per tensor)")
+        if q.a.granularity == "token" and not q.a.dynamic and q.a.format != "nvfp4":
+            fail(
+                f"{prefix}.a.dynamic",
+                q.a.dynamic,
+                "true for granularity=token (static scales are per tensor; format nvfp4 may keep a static "
+                "tensor scale beside its per-token block scales)",
+            )
+        if q.a.format in FORMAT_BLOCKS:
+            block = FORMAT_BLOCKS[q.a.format]
+            if q.a.granularity != "token":
+                fail(
+                    f"{prefix}.a.granularity",
+                    q.a.granularity,
+                    f"token for format {q.a.format} (dynamic scales per token, in blocks of {block} "
+                    "along the hidden dimension)",
+                )
     if quantized(q.kv):
-        check_choice(f"{prefix}.kv.format", q.kv.format, FORMATS)
+        check_choice(f"{prefix}.kv.format", q.kv.format, KV_FORMATS)
         _check_bits(f"{prefix}.kv.bits", q.kv.bits, q.kv.format)
         check_choice(f"{prefix}.kv.key_granularity", q.kv.key_granularity, KV_GRANULARITIES)
         check_choice(f"{prefix}.kv.value_granularity", q.kv.value_granularity, KV_GRANULARITIES)
         check_choice(f"{prefix}.kv.semantics", q.kv.semantics, KV_SEMANTICS)
         if q.kv.group_size == 0 or q.kv.group_size < -1:
             fail(f"{prefix}.kv.group_size", q.kv.group_size, "-1 (whole head) or a positive integer")
+        if q.kv.format in MICROSCALING_FORMATS:
+            _check_kv_blocks(prefix, q.kv)
         if q.kv.residual < 0:
             fail(f"{prefix}.kv.residual", q.kv.residual, "an integer >= 0")
+
+
+def _check_kv_blocks(prefix: str, kv: Any) -> None:
+    """A microscaling KV cache: per token, in the format's blocks along each head's dimension,
+    on every pass (the scales of a block are its own; KIVI's channel groups are integer)."""
+    block = FORMAT_BLOCKS[kv.format]
+    what = f"for format {kv.format} (per token, blocks of {block} along the head dimension)"
+    for key in ("key_granularity", "value_granularity"):
+        if getattr(kv, key) != "token":
+            fail(f"{prefix}.kv.{key}", getattr(kv, key), f"token {what}")
+    if kv.group_size not in (-1, block):
+        fail(f"{prefix}.kv.group_size", kv.group_size, f"-1 or {block} {what}")
+    if kv.semantics != "fake":
+        fail(f"{prefix}.kv.semantics", kv.semantics, f"fake {what}")
 
 
 def tensor_type(q: Any) -> str:
@@ -291,14 +360,36 @@ def tensor_type(q: Any) -> str:
 
 
 def bits_label(q: Any) -> str:
-    """A short label such as 'W4A8KV4' or 'FP16' for tables."""
+    """A short label such as 'W4A8KV4', 'W4A4-NVFP4' or 'FP16' for tables: widths, an integer
+    weight's group, and the format of every part that is not an integer grid (one tag when all
+    quantized parts share it, else one per part: 'W4g128KV4-KV:NVFP4')."""
     label = ""
+    parts: list[tuple[str, str]] = []
     if quantized(q.w):
         label += f"W{q.w.bits}"
-        if q.w.granularity == "group":
+        if q.w.granularity == "group" and q.w.format not in FORMAT_BLOCKS:
             label += f"g{q.w.group_size}"
+        parts.append(("W", q.w.format))
     if quantized(q.a):
         label += f"A{q.a.bits}"
+        parts.append(("A", q.a.format))
     if quantized(q.kv):
         label += f"KV{q.kv.bits}"
+        parts.append(("KV", q.kv.format))
+    formats = {fmt for _, fmt in parts}
+    if len(formats) == 1 and (only := formats.pop()) in FORMAT_TAGS:
+        label += "-" + FORMAT_TAGS[only]
+    elif any(fmt in FORMAT_TAGS for _, fmt in parts):
+        label += "-" + ",".join(f"{part}:{FORMAT_TAGS[fmt]}" for part, fmt in parts if fmt in FORMAT_TAGS)
     return label or "FP16"
+
+
+def label_weight_format(label: str) -> str | None:
+    """The weight format a table label names (the inverse of bits_label's tags); None: int."""
+    _, _, tags = label.partition("-")
+    by_tag = {tag: fmt for fmt, tag in FORMAT_TAGS.items()}
+    for tag in tags.split(","):
+        part, _, name = tag.rpartition(":")
+        if part in ("", "W") and name in by_tag:
+            return by_tag[name]
+    return None

@@ -67,7 +67,15 @@ EXPECTED_LABELS = {
     "w8": ("W", "W8"),
     "w8a8": ("WA", "W8A8"),
     "w4a8kv4": ("WA+KV", "W4A8KV4"),
-    "w8a8-fp8": ("WA", "W8A8"),
+    "w8a8-fp8": ("WA", "W8A8-FP8"),
+    "kv8-fp8": ("KV", "KV8-FP8"),
+    "w4a16-nvfp4": ("W", "W4-NVFP4"),
+    "w4a4-nvfp4": ("WA", "W4A4-NVFP4"),
+    "w4a16-mxfp4": ("W", "W4-MXFP4"),
+    "w4a4-mxfp4": ("WA", "W4A4-MXFP4"),
+    "w8a8-mxfp8": ("WA", "W8A8-MXFP8"),
+    "w8a8-fp8-block": ("WA", "W8A8-FP8B"),
+    "kv4-nvfp4": ("KV", "KV4-NVFP4"),
 }
 
 
@@ -132,8 +140,10 @@ def test_weight_group_size_zero(cell):
 
 
 def test_weight_bad_granularity_and_format(cell):
-    msg = _error(cell("quant=w4g128", "quant.w.granularity=block"))
-    assert "quant.w.granularity" in msg and "tensor, channel, group" in msg
+    msg = _error(cell("quant=w4g128", "quant.w.granularity=row"))
+    assert "quant.w.granularity" in msg and "tensor, channel, group, block" in msg
+    msg = _error(cell("quant=w4g128", "quant.w.granularity=block"))  # block FP8's tiles only
+    assert "quant.w.granularity='block'" in msg and "tensor, channel or group for format int" in msg
     msg = _error(cell("quant=w4g128", "quant.w.format=nf4"))
     assert "quant.w.format" in msg and "fp8_e4m3" in msg
 

@@ -234,3 +234,122 @@ def test_engine_runs_16bit_activations_where_the_cpu_kernel_needs_them():
     # an explicit dtype wins over the derived one, on any CPU
     assert EngineSettings(dtype="float32", scheme=w8a8).llm_kwargs("cpu")["dtype"] == "float32"
     assert EngineSettings(scheme=None).llm_kwargs("cpu")["dtype"] == "float32"
+
+
+# ---------------------------------------------------------------------------- microscaling formats
+
+MICRO_SPECS = {
+    "w4a16-nvfp4": QuantSpec("w4a16-nvfp4", w=WeightSpec(4, "nvfp4", "group", 16, True)),
+    "w4a4-nvfp4": QuantSpec(
+        "w4a4-nvfp4",
+        w=WeightSpec(4, "nvfp4", "group", 16, True),
+        a=ActivationSpec(4, "nvfp4", "token", dynamic=False, sym=True),
+    ),
+    "w4a16-mxfp4": QuantSpec("w4a16-mxfp4", w=WeightSpec(4, "mxfp4", "group", 32, True)),
+    "w4a4-mxfp4": QuantSpec(
+        "w4a4-mxfp4", w=WeightSpec(4, "mxfp4", "group", 32, True), a=ActivationSpec(4, "mxfp4", "token")
+    ),
+    "w8a8-mxfp8": QuantSpec(
+        "w8a8-mxfp8", w=WeightSpec(8, "mxfp8", "group", 32, True), a=ActivationSpec(8, "mxfp8", "token")
+    ),
+    "w8a8-fp8-block": QuantSpec(
+        "w8a8-fp8-block", w=WeightSpec(8, "fp8_block", "block", 128, True), a=ActivationSpec(8, "fp8_block", "token")
+    ),
+}
+CT_FORMATS = {
+    "w4a16-nvfp4": ("nvfp4-pack-quantized", "NVFP4A16"),
+    "w4a4-nvfp4": ("nvfp4-pack-quantized", "NVFP4"),
+    "w4a16-mxfp4": ("mxfp4-pack-quantized", "MXFP4A16"),
+    "w4a4-mxfp4": ("mxfp4-pack-quantized", "MXFP4"),
+    "w8a8-mxfp8": ("mxfp8-quantized", "MXFP8"),
+    "w8a8-fp8-block": ("float-quantized", "FP8_BLOCK"),
+}
+
+
+def _tile_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=264,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_block_fp8_of_partial_tiles_is_refused(tmp_path):
+    with pytest.raises(NotExportableError, match="not whole 128 x 128 tiles"):
+        _export(tmp_path, MICRO_SPECS["w8a8-fp8-block"])
+
+
+@pytest.mark.parametrize("name", sorted(MICRO_SPECS))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_microscaling_checkpoints_decode_to_qeval_weights(tmp_path, name, method):
+    """compressed-tensors' own decompressor reads qeval's codes and scales back to exactly the
+    weights qeval evaluated, and the config's arguments are the library's preset."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from safetensors.torch import load_file
+
+    spec = MICRO_SPECS[name]
+    if name == "w8a8-fp8-block":  # whole 128 x 128 tiles: a llama of width 128
+        model = _tile_llama()
+        quantize_model(model, spec, get_method(method), _calib)
+        path = export_checkpoint(model, byte_tokenizer(), spec, tmp_path / "ckpt")
+    else:
+        model, path = _export(tmp_path, spec, method=method)
+    decoded = dequantized_weights(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    for lin_name, module in ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)):
+        if "nvfp4" not in name:  # E2M1/E4M3 codes times powers of two (or FP32 tiles): exact
+            torch.testing.assert_close(decoded[f"{lin_name}.weight"], module.weight.float(), rtol=1e-6, atol=0)
+            continue
+        # the library decodes NVFP4 in bfloat16 (block scale / global scale is not a power of
+        # two): equal to qeval's weights up to bfloat16 rounding; the stored codes and
+        # scales are qeval's exactly
+        torch.testing.assert_close(decoded[f"{lin_name}.weight"], module.weight.float(), rtol=2**-8, atol=0)
+        from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+        qt = module.qweight
+        packed = tensors[f"{lin_name}.weight_packed"]
+        codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+        assert torch.equal(codes, qt.q.float())
+        assert torch.equal(tensors[f"{lin_name}.weight_scale"].float(), qt.scale.float())
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    fmt, preset = CT_FORMATS[name]
+    assert raw["format"] == fmt
+    qc = QuantizationConfig.model_validate(raw)  # the library accepts what it reads back
+    group = qc.config_groups["group_0"]
+    keys = ("num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic", "scale_dtype")
+    same = lambda a, b: {k: getattr(a, k) for k in keys} == {k: getattr(b, k) for k in keys}  # noqa: E731
+    assert same(group.weights, PRESET_SCHEMES[preset]["weights"])
+    acts = PRESET_SCHEMES[preset].get("input_activations")
+    assert (group.input_activations is None) == (acts is None) and (acts is None or same(group.input_activations, acts))
+    first = "model.layers.0.self_attn.q_proj"
+    if "nvfp4" in name:
+        assert tensors[f"{first}.weight_scale"].dtype == torch.float8_e4m3fn
+        ts = model.get_submodule(first).qweight.tensor_scale
+        assert tensors[f"{first}.weight_global_scale"].item() == pytest.approx(1 / ts.item())
+        if name == "w4a4-nvfp4":  # the calibrated activation tensor scale, as compressed-tensors stores it
+            aq = model.get_submodule(first).input_quantizer
+            assert tensors[f"{first}.input_global_scale"].item() == pytest.approx(1 / aq.scale.item())
+    elif "mx" in name:
+        assert tensors[f"{first}.weight_scale"].dtype == torch.uint8  # E8M0: biased exponents
+    else:
+        out_features, in_features = model.get_submodule(first).weight.shape
+        assert tensors[f"{first}.weight_scale"].shape == (-(-out_features // 128), -(-in_features // 128))
+
+
+def test_nvfp4_with_per_call_activation_tensor_scale_is_refused():
+    spec = QuantSpec(
+        "w4a4-nvfp4-dyn", w=WeightSpec(4, "nvfp4", "group", 16, True), a=ActivationSpec(4, "nvfp4", "token")
+    )
+    with pytest.raises(NotExportableError, match="input_global_scale.*quant.a.dynamic=false"):
+        export_scheme(spec)
+    with pytest.raises(NotExportableError, match="asks for nvfp4 KV"):  # an NVFP4 KV cache: FP8 only here
+        export_scheme(QuantSpec("kv4-nvfp4", kv=KVSpec(4, "nvfp4", sym=True)))

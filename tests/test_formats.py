@@ -408,6 +408,8 @@ def test_quantize_weight_group_granularity_and_bf16():
 
 def test_quantize_weight_unknown_granularity():
     with pytest.raises(ValueError, match="granularity"):
+        quantize_weight(torch.ones(2, 2), SYM4, "row", 4)
+    with pytest.raises(ValueError, match="fp8_block"):  # tiles are block FP8's own
         quantize_weight(torch.ones(2, 2), SYM4, "block", 4)
 
 

@@ -22,7 +22,14 @@ Formats:
 * ``float-quantized`` (FP8 W8A8): float8_e4m3 weights, per-channel scales,
   dynamic per-token FP8 activations;
 * an FP8 ``kv_cache_scheme`` (per-layer ``k_scale``/``v_scale``), alone or with
-  any of the above.
+  any of the above;
+* the microscaling formats, as compressed-tensors' own presets define them (their
+  ``QuantizationArgs`` are taken from the installed library, so the checkpoint says exactly
+  what the library's NVFP4/MXFP4/MXFP8/FP8_BLOCK mean): ``nvfp4-pack-quantized`` (E2M1
+  codes two per byte, FP8 block scales, the FP32 ``weight_global_scale`` = 1 / qeval's
+  tensor scale; W4A4 adds the calibrated ``input_global_scale``), ``mxfp4-pack-quantized``
+  and ``mxfp8-quantized`` (E8M0 scales as biased exponents), and ``float-quantized`` with
+  128 x 128 block scales (FP8_BLOCK).
 """
 
 from __future__ import annotations
@@ -55,7 +62,9 @@ class NotExportableError(UnsupportedCellError):
 class ExportScheme:
     """What a spec becomes in compressed-tensors terms."""
 
-    format: str  # dense | pack-quantized | int-quantized | float-quantized
+    # dense | pack-quantized | int-quantized | float-quantized | nvfp4-pack-quantized |
+    # mxfp4-pack-quantized | mxfp8-quantized
+    format: str
     weights: dict[str, Any] | None = None
     input_activations: dict[str, Any] | None = None
     kv_cache: dict[str, Any] | None = None
@@ -94,12 +103,14 @@ def export_scheme(spec: Any) -> ExportScheme:
             raise _refuse(
                 name,
                 f"vLLM's quantized KV cache is FP8 e4m3 with one scale per layer "
-                f"(quant=kv8-fp8); this spec asks for {kv.format}{kv.bits} KV "
+                f"(quant=kv8-fp8); this spec asks for {kv.format}{kv.bits if kv.format == 'int' else ''} KV "
                 f"({kv.key_granularity}/{kv.value_granularity}, semantics={kv.semantics})",
             )
         kv_args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
     if not quantized(w):
         return ExportScheme(format="dense", kv_cache=kv_args)
+    if w.format in PRESETS_OF_FORMAT:
+        return _block_format_scheme(spec, kv_args)
     if not quantized(a):
         if w.format != "int" or w.bits not in (4, 8):
             raise _refuse(name, f"weight-only kernels take int4 or int8 weights, not {w.format}{w.bits}")
@@ -130,6 +141,45 @@ def export_scheme(spec: Any) -> ExportScheme:
     else:
         raise _refuse(name, "activations must be dynamic per token or static per tensor")
     return ExportScheme(format=f"{kind}-quantized", weights=weights, input_activations=acts, kv_cache=kv_args)
+
+
+#: qeval weight format -> (compressed-tensors preset without and with quantized activations,
+#: the checkpoint format)
+PRESETS_OF_FORMAT = {
+    "nvfp4": ("NVFP4A16", "NVFP4", "nvfp4-pack-quantized"),
+    "mxfp4": ("MXFP4A16", "MXFP4", "mxfp4-pack-quantized"),
+    "mxfp8": ("MXFP8A16", "MXFP8", "mxfp8-quantized"),
+    "fp8_block": (None, "FP8_BLOCK", "float-quantized"),
+}
+
+
+def _block_format_scheme(spec: Any, kv_args: dict[str, Any] | None) -> ExportScheme:
+    """A microscaling or block-FP8 spec as the compressed-tensors preset of the same name, or
+    refused where the installed library has no such preset or qeval's spec differs from it."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    name, w, a = spec.name, spec.w, spec.a
+    weight_only, with_acts, fmt = PRESETS_OF_FORMAT[w.format]
+    preset_name = with_acts if quantized(a) else weight_only
+    if quantized(a) and a.format != w.format:
+        raise _refuse(name, f"compressed-tensors' {with_acts} quantizes activations as {w.format} too, not {a.format}")
+    if quantized(a) and w.format == "nvfp4" and a.dynamic:
+        raise _refuse(
+            name,
+            "compressed-tensors' NVFP4 activations carry a calibrated tensor scale (input_global_scale); "
+            "this spec takes it per call (quant.a.dynamic=true): use quant.a.dynamic=false (quant=w4a4-nvfp4)",
+        )
+    if preset_name is None:  # FP8_BLOCK weights without FP8 activations: the preset's weights alone
+        preset = PRESET_SCHEMES.get(with_acts)
+        acts = None
+    else:
+        preset = PRESET_SCHEMES.get(preset_name)
+        acts = preset.get("input_activations") if preset else None
+    if preset is None:
+        raise _refuse(name, f"the installed compressed-tensors has no {preset_name or with_acts} preset (upgrade it)")
+    weights = preset["weights"].model_dump()
+    inputs = acts.model_dump() if acts is not None else None
+    return ExportScheme(format=fmt, weights=weights, input_activations=inputs, kv_cache=kv_args)
 
 
 def quantization_config(scheme: ExportScheme, ignore: list[str]) -> dict[str, Any] | None:
@@ -179,13 +229,23 @@ def _linear_tensors(name: str, module: nn.Module, scheme: ExportScheme) -> dict[
             "which vLLM's compressed-tensors loader cannot express"
         )
     out_features, in_features = qt.q.shape
-    if in_features % qt.group_size:
+    if qt.block_rows > 1 and (out_features % qt.block_rows or in_features % qt.group_size):
+        raise NotExportableError(
+            f"{name} is {out_features} x {in_features}, not whole {qt.block_rows} x {qt.group_size} tiles; "
+            "block-FP8 checkpoints (and vLLM's block kernels) need both dimensions divisible by the tile"
+        )
+    if in_features % qt.group_size and qt.block_rows == 1:
         raise NotExportableError(
             f"{name} has {in_features} input features, not a multiple of group_size="
             f"{qt.group_size}; compressed-tensors groups must divide the row "
             f"(choose a group size dividing {in_features})"
         )
-    scale = qt.scale.float().reshape(out_features, -1).contiguous()
+    if scheme.format in BLOCK_FORMATS:
+        return _block_format_tensors(module, scheme)
+    if qt.block_rows > 1:  # FP8_BLOCK: one scale per tile, [row blocks, column blocks]
+        scale = qt.scale.float().contiguous()
+    else:
+        scale = qt.scale.float().reshape(out_features, -1).contiguous()
     if scheme.format == "pack-quantized":
         bits = qt.fmt.bits
         offset = 0 if qt.fmt.sym else 1 << (bits - 1)  # compressed-tensors stores signed codes
@@ -205,6 +265,33 @@ def _linear_tensors(name: str, module: nn.Module, scheme: ExportScheme) -> dict[
     aq = module.input_quantizer
     if scheme.input_activations and not scheme.input_activations["dynamic"]:
         tensors["input_scale"] = aq.scale.float().reshape(1).clone()
+    return tensors
+
+
+BLOCK_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
+
+
+def _block_format_tensors(module: nn.Module, scheme: ExportScheme) -> dict[str, torch.Tensor]:
+    """A microscaling linear's tensors: its E2M1 codes packed by compressed-tensors' own packer
+    (or its E4M3 codes), its block scales in the format's scale type."""
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    qt = module.qweight
+    out_features, in_features = qt.q.shape
+    scale = qt.scale.float().reshape(out_features, -1)
+    if scheme.format == "mxfp8-quantized":
+        tensors = {"weight": qt.q.to(torch.float8_e4m3fn).contiguous()}
+    else:
+        tensors = {"weight_packed": pack_fp4_to_uint8(qt.q.float()).contiguous()}
+    if scheme.format == "nvfp4-pack-quantized":
+        tensors["weight_scale"] = scale.to(torch.float8_e4m3fn).contiguous()
+        tensors["weight_global_scale"] = (1 / qt.tensor_scale.float()).reshape(1)
+        aq = module.input_quantizer
+        if scheme.input_activations is not None:
+            tensors["input_global_scale"] = (1 / aq.scale.float()).reshape(1).clone()
+    else:
+        tensors["weight_scale"] = compress_mx_scale(scale, torch.uint8).contiguous()
     return tensors
 
 
@@ -334,6 +421,13 @@ def dequantized_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     prefixes = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
     for prefix in prefixes:
         local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == prefix}
+        if scheme.weights is not None and scheme.weights.strategy == "block":
+            # the library's float decompressor infers the strategy from the scale's shape, which
+            # is ambiguous for one tile column ([2, 1] reads as per channel): pass the arguments
+            from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+            out[f"{prefix}.weight"] = dequantize(local["weight"], local["weight_scale"], args=scheme.weights).float()
+            continue
         out[f"{prefix}.weight"] = compressor.decompress(local, scheme)["weight"].float()
     for key, value in tensors.items():
         if key.endswith(".weight") and key.rsplit(".", 1)[0] not in prefixes:

@@ -92,9 +92,17 @@ def save_quantized(model: nn.Module, directory: str | Path, provenance: dict[str
             continue
         info: dict[str, Any] = {"bias": module.bias is not None, "qweight": None, "input_quantizer": None}
         if (qt := module.qweight) is not None:
-            info["qweight"] = {"group_size": qt.group_size, "fmt": _fmt(qt.fmt), "zero": qt.zero is not None}
+            info["qweight"] = {
+                "group_size": qt.group_size,
+                "fmt": _fmt(qt.fmt),
+                "zero": qt.zero is not None,
+                "block_rows": qt.block_rows,
+                "tensor_scale": qt.tensor_scale is not None,
+            }
             tensors[f"{EXTRA}{name}.q"] = qt.q.detach().cpu().contiguous()
             tensors[f"{EXTRA}{name}.scale"] = qt.scale.detach().cpu().contiguous()
+            if qt.tensor_scale is not None:
+                tensors[f"{EXTRA}{name}.tensor_scale"] = qt.tensor_scale.detach().cpu().reshape(1).contiguous()
             if qt.zero is not None:
                 tensors[f"{EXTRA}{name}.zero"] = qt.zero.detach().cpu().contiguous()
         if (aq := module.input_quantizer) is not None:
@@ -192,6 +200,8 @@ def _rebuild(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torc
                 tensors[f"{EXTRA}{name}.zero"] if q["zero"] else None,
                 q["group_size"],
                 QuantFormat(**q["fmt"]),
+                tensors[f"{EXTRA}{name}.tensor_scale"].reshape(()) if q.get("tensor_scale") else None,
+                q.get("block_rows", 1),
             )
         aq = None
         if (a := info["input_quantizer"]) is not None:

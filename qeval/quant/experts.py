@@ -186,10 +186,11 @@ def quantize_experts(
     weight: torch.Tensor, layout: str, fmt: QuantFormat, granularity: str, group_size: int
 ) -> torch.Tensor:
     """The dequantized fused tensor, every expert quantized as its own linear layer would be
-    (per output channel, per group along the input, or per tensor *per expert*)."""
+    (per output channel, per group along the input, or per tensor *per expert*; NVFP4's tensor
+    scale and fp8_block's 128-row tiles are per expert too, never across two experts)."""
     rows = as_rows(weight, layout)
     experts, out, inp = rows.shape
-    if granularity == "tensor":
+    if granularity in ("tensor", "block") or fmt.kind == "nvfp4":
         deq = torch.stack([quantize_weight(rows[e], fmt, granularity, group_size)[0] for e in range(experts)])
     else:
         deq = quantize_weight(rows.reshape(experts * out, inp), fmt, granularity, group_size)[0]

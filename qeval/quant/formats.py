@@ -18,6 +18,23 @@ asymmetric ones use ``[0, 2^b - 1]`` over a range that always contains 0
 (so that zero padding and ReLU zeros stay exact).  FP8 formats scale the
 group's absmax onto the format's largest finite value and round through
 torch's float8 dtypes.
+
+Microscaling formats fix their own blocks (the caller's group size is not used):
+
+* ``mxfp4`` / ``mxfp8`` (OCP Microscaling Formats spec v1.0): blocks of 32 consecutive
+  values share one E8M0 scale, a power of two chosen from the block's absmax as the spec
+  says, ``2^(floor(log2(amax)) - emax_elem)`` (``emax_elem`` 2 for E2M1, 8 for E4M3); the
+  elements are E2M1 (values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) or E4M3,
+  rounded to nearest (ties to even) and saturated at the element's largest value, so a
+  block maximum that is not a power of two times 6 (or 448) is clipped, as the spec's
+  floor rule implies.
+* ``nvfp4`` (NVIDIA): E2M1 elements in blocks of 16 with a two-level scale: one FP32
+  scale per tensor, ``amax(tensor) / (6 * 448)``, and per block an FP8 (E4M3) scale,
+  ``amax(block) / 6`` divided by the tensor scale and *rounded to E4M3*, so the block's
+  effective scale is ``fp8(amax / 6 / s_tensor) * s_tensor``.
+* ``fp8_block`` (DeepSeek-V3): E4M3 with an FP32 scale per 128 x 128 tile of a weight
+  (:func:`quantize_blocks_2d`) and per 1 x 128 group of an activation along the hidden
+  dimension.
 """
 
 from __future__ import annotations
@@ -26,13 +43,41 @@ from dataclasses import dataclass
 
 import torch
 
+from qeval.config import FORMAT_BLOCKS
+
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _EPS = 1e-8
+
+#: the values of an FP4 E2M1 element (and their negatives): codes 0..7 in order, so a code's
+#: parity is its mantissa bit and "ties to even" means "ties to the even code"
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = tuple((a + b) / 2 for a, b in zip(E2M1_VALUES, E2M1_VALUES[1:], strict=False))
+#: element type of each format; "int" is the affine integer grid
+ELEMENTS = {
+    "int": "int",
+    "fp8_e4m3": "e4m3",
+    "fp8_e5m2": "e5m2",
+    "fp8_block": "e4m3",
+    "mxfp8": "e4m3",
+    "mxfp4": "e2m1",
+    "nvfp4": "e2m1",
+}
+_ELEMENT_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+#: the largest finite element and its exponent (OCP MX's emax_elem)
+ELEMENT_MAX = {"e2m1": 6.0, "e4m3": 448.0, "e5m2": 57344.0}
+ELEMENT_EMAX = {"e2m1": 2, "e4m3": 8}
+#: the block size a format fixes (values per scale along the last dimension; fp8_block's
+#: weights use BLOCK x BLOCK tiles)
+BLOCK_SIZES = FORMAT_BLOCKS
+MX_FORMATS = ("mxfp4", "mxfp8")
+E8M0_EXP_RANGE = (-127, 127)  # E8M0 encodes 2^-127 .. 2^127 (0xFF is NaN)
+NVFP4_TENSOR_DIVISOR = ELEMENT_MAX["e2m1"] * ELEMENT_MAX["e4m3"]  # 6 * 448
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """What a number is stored as: ``int`` with ``bits`` or an FP8 variant."""
+    """What a number is stored as: ``int`` with ``bits``, an FP8 variant, or a microscaling
+    format (``nvfp4``, ``mxfp4``, ``mxfp8``, ``fp8_block``) with its element type and block."""
 
     bits: int = 8
     kind: str = "int"
@@ -51,17 +96,89 @@ class QuantFormat:
         return 2 ** (self.bits - 1) - 1 if self.sym else 2**self.bits - 1
 
     @property
+    def element(self) -> str:
+        """``int``, ``e2m1``, ``e4m3`` or ``e5m2``."""
+        return ELEMENTS[self.kind]
+
+    @property
     def fp_max(self) -> float:
-        return float(torch.finfo(FP8_DTYPES[self.kind]).max)
+        """The largest finite element of a floating-point format."""
+        return ELEMENT_MAX[self.element]
+
+    @property
+    def block(self) -> int | None:
+        """Values per scale that the format itself fixes (None: the spec's group size)."""
+        return BLOCK_SIZES.get(self.kind)
+
+
+def round_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 E2M1 value, ties to even, saturating at +-6 (OCP MX)."""
+    a = v.abs()
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=a.dtype, device=a.device)
+    lower = torch.bucketize(a, mids, right=False)  # a tie goes to the smaller code...
+    upper = torch.bucketize(a, mids, right=True)  # ...or to the larger one
+    code = torch.where((lower == upper) | (lower % 2 == 0), lower, upper)
+    grid = torch.tensor(E2M1_VALUES, dtype=a.dtype, device=a.device)
+    return torch.sign(v) * grid[code]
+
+
+def round_elements(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Round already-scaled values to a floating-point format's elements (saturating)."""
+    element = fmt.element
+    if element == "e2m1":
+        return round_e2m1(v)
+    limit = ELEMENT_MAX[element]
+    return v.clamp(-limit, limit).to(_ELEMENT_DTYPES[element]).to(v.dtype)
+
+
+def e8m0_scale(amax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """OCP MX's shared scale: ``2^(floor(log2(amax)) - emax_elem)``, clamped to E8M0's range
+    (an all-zero block gets the smallest scale; its elements are zero anyway)."""
+    _mantissa, exponent = torch.frexp(amax.float())  # amax = m 2^e with m in [0.5, 1)
+    shared = (exponent - 1 - ELEMENT_EMAX[fmt.element]).clamp(*E8M0_EXP_RANGE)
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_EXP_RANGE[0]))
+    return torch.exp2(shared.float())
+
+
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor FP32 scale: the tensor's absmax onto 6 x 448 (block scale x element)."""
+    return (x.float().abs().amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS)
+
+
+def nvfp4_block_scale(amax: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-block scale, relative to the tensor scale and rounded to FP8 E4M3."""
+    relative = (amax.float() / ELEMENT_MAX["e2m1"] / tensor_scale).clamp(max=ELEMENT_MAX["e4m3"])
+    return relative.to(torch.float8_e4m3fn).float()
+
+
+def block_scales(
+    amax: torch.Tensor, fmt: QuantFormat, tensor_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stored scale of each block of a floating-point format from the block's absmax, and
+    the tensor scale it is relative to (NVFP4 only).  The *effective* scale a value is divided
+    by is ``scale * tensor_scale``."""
+    if fmt.kind == "nvfp4":
+        assert tensor_scale is not None, "nvfp4 needs its tensor scale"
+        return nvfp4_block_scale(amax, tensor_scale), tensor_scale
+    if fmt.kind in MX_FORMATS:
+        return e8m0_scale(amax, fmt), None
+    return (amax.float() / fmt.fp_max).clamp(min=_EPS), None
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` where a zero scale (an NVFP4 block whose FP8 scale underflowed) gives 0."""
+    return torch.where(scale > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(x))
 
 
 @dataclass
 class QuantizedTensor:
-    """Integer codes with their per-group scale and zero point.
+    """Codes with their per-group scale and zero point.
 
     ``q`` has the shape of the original tensor; ``scale``/``zero`` have shape
-    ``[..., n_groups]`` over the last dimension.  Kept so that exporters
-    (compressed-tensors) can write qeval's own scales later.
+    ``[..., n_groups]`` over the last dimension (``[row blocks, n_groups]`` when
+    ``block_rows > 1``: fp8_block's tiles).  NVFP4 keeps its FP32 ``tensor_scale``
+    beside the FP8-valued block scales.  Kept so that exporters (compressed-tensors)
+    can write qeval's own scales.
     """
 
     q: torch.Tensor
@@ -69,9 +186,38 @@ class QuantizedTensor:
     zero: torch.Tensor | None
     group_size: int
     fmt: QuantFormat
+    tensor_scale: torch.Tensor | None = None
+    block_rows: int = 1
+
+    @classmethod
+    def from_effective_scales(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        group_size: int,
+        fmt: QuantFormat,
+        tensor_scale: torch.Tensor | None = None,
+        block_rows: int = 1,
+    ) -> QuantizedTensor:
+        """Codes whose per-(row, group) scales were computed as effective scales (GPTQ's and
+        LWC's): NVFP4's back to FP8 block scales over ``tensor_scale``, fp8_block's tiles to
+        one row of scales per ``block_rows`` rows."""
+        if tensor_scale is not None:
+            scale = (scale / tensor_scale).to(torch.float8_e4m3fn).float()
+        return cls(q, scale[::block_rows], zero, group_size, fmt, tensor_scale, block_rows)
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale of every element (the shape of ``q``)."""
+        scale = _expand_groups(self.scale, self.group_size, self.q.shape[-1])
+        if self.block_rows > 1:
+            scale = scale.repeat_interleave(self.block_rows, dim=-2)[..., : self.q.shape[-2], :]
+        if self.tensor_scale is not None:
+            scale = scale * self.tensor_scale
+        return scale
 
     def dequantize(self) -> torch.Tensor:
-        scale = _expand_groups(self.scale, self.group_size, self.q.shape[-1])
+        scale = self.effective_scale()
         if self.fmt.kind != "int":
             return self.q * scale
         zero = 0 if self.zero is None else _expand_groups(self.zero, self.group_size, self.q.shape[-1])
@@ -93,21 +239,31 @@ def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n_groups, group_size)
 
 
-def quantize(x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -> QuantizedTensor:
-    """Quantize ``x`` along its last dimension in groups of ``group_size``
-    (``None``: one group per row).  Computes in float32."""
+def quantize(
+    x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None, tensor_scale: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """Quantize ``x`` along its last dimension in groups of ``group_size`` (``None``: one group
+    per row; a microscaling format uses its own block instead).  ``tensor_scale``: NVFP4's
+    per-tensor scale when it comes from a larger tensor than ``x`` (GPTQ's column groups);
+    by default it is ``x``'s own.  Computes in float32."""
     n = x.shape[-1]
-    gs = n if group_size is None or group_size <= 0 else min(group_size, n)
+    block = fmt.block
+    if block is not None:
+        gs = min(block, n)
+    else:
+        gs = n if group_size is None or group_size <= 0 else min(group_size, n)
     xf = x.float()
     g = group_view(xf, gs)
-    if fmt.kind in FP8_DTYPES:
-        scale = (g.abs().amax(dim=-1) / fmt.fp_max).clamp(min=_EPS)
-        q = (g / scale.unsqueeze(-1)).clamp(-fmt.fp_max, fmt.fp_max).to(FP8_DTYPES[fmt.kind]).float()
-        zero = None
+    zero = None
+    if fmt.kind == "nvfp4" and tensor_scale is None:
+        tensor_scale = nvfp4_tensor_scale(xf)
+    if fmt.kind != "int":
+        scale, tensor_scale = block_scales(g.abs().amax(dim=-1), fmt, tensor_scale)
+        effective = scale if tensor_scale is None else scale * tensor_scale
+        q = round_elements(_divide(g, effective.unsqueeze(-1)), fmt)
     elif fmt.sym:
         scale = (g.abs().amax(dim=-1) / fmt.qmax).clamp(min=_EPS)
         q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), fmt.qmin, fmt.qmax)
-        zero = None
     else:
         lo = g.amin(dim=-1).clamp(max=0)
         hi = g.amax(dim=-1).clamp(min=0)
@@ -115,7 +271,38 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, fmt.qmax)
     q = q.reshape(*xf.shape[:-1], -1)[..., :n]
-    return QuantizedTensor(q=q, scale=scale, zero=zero, group_size=gs, fmt=fmt)
+    return QuantizedTensor(q=q, scale=scale, zero=zero, group_size=gs, fmt=fmt, tensor_scale=tensor_scale)
+
+
+def quantize_blocks_2d(w: torch.Tensor, fmt: QuantFormat, block: int | None = None) -> QuantizedTensor:
+    """Quantize a ``[rows, cols]`` weight with one scale per ``block x block`` tile (DeepSeek-V3's
+    FP8 weights: 128 x 128); partial tiles at the edges get their own scale."""
+    edge = block or fmt.block or 128
+    rows, cols = w.shape
+    wf = w.float()
+    per_row = group_view(wf.abs(), edge).amax(dim=-1)  # [rows, col groups]
+    amax = group_view(per_row.T, edge).amax(dim=-1).T  # [row blocks, col groups]
+    scale, _ = block_scales(amax, fmt)
+    effective = scale.repeat_interleave(edge, dim=0)[:rows].repeat_interleave(edge, dim=1)[:, :cols]
+    q = round_elements(_divide(wf, effective), fmt)
+    return QuantizedTensor(q=q, scale=scale, zero=None, group_size=edge, fmt=fmt, block_rows=edge)
+
+
+def column_group_params(
+    w: torch.Tensor, fmt: QuantFormat, tensor_scale: torch.Tensor | None = None, block_rows: int = 1
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Effective scale and zero point (``[rows]`` each) of one group of columns ``w``
+    (``[rows, group]``), as RTN computes them: GPTQ rounds column by column with these.
+    ``block_rows > 1`` shares each scale over tiles of that many rows (fp8_block)."""
+    if block_rows > 1:
+        amax = group_view(w.float().abs().amax(dim=1), block_rows).amax(dim=-1)  # [row blocks]
+        scale, _ = block_scales(amax, fmt)
+        return scale.repeat_interleave(block_rows)[: w.shape[0]], None
+    if fmt.kind == "nvfp4" and tensor_scale is None:
+        tensor_scale = nvfp4_tensor_scale(w)
+    qt = quantize(w, fmt, w.shape[1], tensor_scale)
+    scale = qt.scale[:, 0] if qt.tensor_scale is None else qt.scale[:, 0] * qt.tensor_scale
+    return scale, None if qt.zero is None else qt.zero[:, 0]
 
 
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -> torch.Tensor:
@@ -130,11 +317,11 @@ def fake_quantize_per_tensor(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def fake_quantize_with_scale(
     x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None
 ) -> torch.Tensor:
-    """Fake-quantize with *given* (static, calibrated) parameters."""
+    """Fake-quantize with *given* (static, calibrated, or GPTQ's per-group) parameters; for a
+    floating-point format ``scale`` is the effective scale (NVFP4: block x tensor scale)."""
     xf = x.float()
-    if fmt.kind in FP8_DTYPES:
-        q = (xf / scale).clamp(-fmt.fp_max, fmt.fp_max).to(FP8_DTYPES[fmt.kind]).float()
-        return (q * scale).to(x.dtype)
+    if fmt.kind != "int":
+        return (round_elements(_divide(xf, scale), fmt) * scale).to(x.dtype)
     z = 0 if zero is None else zero
     q = torch.clamp(torch.round(xf / scale) + z, fmt.qmin, fmt.qmax)
     return ((q - z) * scale).to(x.dtype)
@@ -145,12 +332,17 @@ def quantize_weight(
 ) -> tuple[torch.Tensor, QuantizedTensor | None]:
     """Quantize a ``[out, in]`` weight at the given granularity.
 
-    Returns the dequantized weight (in ``w``'s dtype) and, for per-channel and
-    per-group granularity, the codes with their scales (``None`` per tensor).
+    Returns the dequantized weight (in ``w``'s dtype) and, for per-channel, per-group and
+    per-block granularity, the codes with their scales (``None`` per tensor).
     """
     if granularity == "tensor":
         return fake_quantize_per_tensor(w, fmt), None
+    if granularity == "block":
+        if fmt.kind != "fp8_block":
+            raise ValueError(f"granularity 'block' (square tiles) is format fp8_block's, not {fmt.kind}'s")
+        qt = quantize_blocks_2d(w, fmt, group_size)
+        return qt.dequantize().to(w.dtype), qt
     if granularity not in ("channel", "group"):
-        raise ValueError(f"unknown weight granularity {granularity!r}: allowed tensor, channel, group")
+        raise ValueError(f"unknown weight granularity {granularity!r}: allowed tensor, channel, group, block")
     qt = quantize(w, fmt, group_size if granularity == "group" else None)
     return qt.dequantize().to(w.dtype), qt

@@ -14,11 +14,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from qeval.quant.formats import (
+    NVFP4_TENSOR_DIVISOR,
     QuantFormat,
     QuantizedTensor,
     fake_quantize,
     fake_quantize_per_tensor,
     fake_quantize_with_scale,
+    quantize,
 )
 
 
@@ -26,7 +28,8 @@ class ActivationQuantizer(nn.Module):
     """Quantizes the input of a linear layer.
 
     ``granularity='token'`` (dynamic): one scale per token over the hidden
-    dimension.  ``granularity='tensor'``: one scale for the whole tensor, either
+    dimension (a microscaling format: one per token and block along it; NVFP4 may keep a
+    static tensor scale observed in calibration, its block scales still per call).  ``granularity='tensor'``: one scale for the whole tensor, either
     dynamic (recomputed per call) or static (observed during calibration, then
     frozen by :meth:`freeze`).
     """
@@ -59,6 +62,8 @@ class ActivationQuantizer(nn.Module):
             self.obs_max = torch.maximum(self.obs_max, x.detach().max().float())
             return x
         assert self.scale is not None, "static activation quantizer used before freeze()"
+        if self.fmt.kind == "nvfp4":  # a calibrated tensor scale, block scales per call
+            return quantize(x, self.fmt, None, tensor_scale=self.scale).dequantize().to(x.dtype)
         return fake_quantize_with_scale(x, self.fmt, self.scale, self.zero)
 
     def freeze(self) -> None:
@@ -66,7 +71,9 @@ class ActivationQuantizer(nn.Module):
         if not torch.isfinite(self.obs_max):
             raise RuntimeError("static activation quantizer saw no calibration data")
         lo, hi = self.obs_min.clamp(max=0), self.obs_max.clamp(min=0)
-        if self.fmt.kind != "int":
+        if self.fmt.kind == "nvfp4":  # NVFP4's tensor scale (compressed-tensors' input_global_scale)
+            self.scale = (torch.maximum(hi, -lo) / NVFP4_TENSOR_DIVISOR).clamp(min=1e-12)
+        elif self.fmt.kind != "int":
             self.scale = (torch.maximum(hi, -lo) / self.fmt.fp_max).clamp(min=1e-8)
         elif self.fmt.sym:
             self.scale = (torch.maximum(hi, -lo) / self.fmt.qmax).clamp(min=1e-8)

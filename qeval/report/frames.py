@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qeval.config import FORMAT_SCALE_BITS, label_weight_format
 from qeval.eval.registry import FAMILIES
 from qeval.results import iter_records
 
@@ -371,4 +372,7 @@ def weight_bits_per_param(bits: str) -> float:
     if not match:
         return float(FP_BITS)
     width, group = int(match.group(1)), match.group(2)
+    fmt = label_weight_format(bits)
+    if fmt in FORMAT_SCALE_BITS:
+        return width + FORMAT_SCALE_BITS[fmt]
     return width + (16 / int(group) if group else 0.0)

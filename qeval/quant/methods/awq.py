@@ -121,6 +121,11 @@ def search_clip(
     return best_w.reshape(rows, -1)[:, :cols].to(w.dtype)
 
 
+#: formats whose rounding the clip search tunes: integer grids and the FP4/MX element grids
+#: (FP8's per-group scales keep their 8-bit behaviour: no clip, as before)
+CLIPPED_FORMATS = ("int", "nvfp4", "mxfp4", "mxfp8")
+
+
 @dataclass(frozen=True)
 class AWQParams:
     clip: bool = True  # weight-clip search after the scale search
@@ -211,7 +216,7 @@ class AWQ(QuantMethod):
                         expert_input_rows(module, experts), block.get_submodule(str(router)) if router else None, s
                     )
             # 2. clip search on the transformed weights (NO_CLIP skipped)
-            if self.clip and fmt.kind == "int" and gran != "tensor":
+            if self.clip and fmt.kind in CLIPPED_FORMATS and gran != "tensor":
                 clip_names = [n for n in present(block, adapter.block_linears()) if not n.endswith(NO_CLIP)]
                 xs = gather(block, clip_names, inputs)
                 for n in clip_names:

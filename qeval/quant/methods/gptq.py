@@ -42,7 +42,15 @@ from qeval.quant.experts import (
     find_fused_experts,
     use_eager_experts,
 )
-from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize_with_scale, quantize, quantize_weight
+from qeval.quant.formats import (
+    QuantFormat,
+    QuantizedTensor,
+    column_group_params,
+    fake_quantize_with_scale,
+    nvfp4_tensor_scale,
+    quantize_weight,
+    round_elements,
+)
 from qeval.quant.methods.base import QuantMethod, WeightResults
 from qeval.quant.methods.registry import register_method
 from qeval.quant.typing_helpers import linear_at
@@ -99,12 +107,6 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01, act_order: bool = False
     return PreparedHessian(perm=perm, dead=dead, hinv=hinv)
 
 
-def _group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point ([out, 1]) for a slice of columns, as RTN computes them."""
-    qt = quantize(w, fmt, None)
-    return qt.scale, qt.zero
-
-
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -127,18 +129,24 @@ def gptq_quantize(
     W = weight.detach().clone().float()
     rows, cols = W.shape
     W[:, prepared.dead] = 0
-    gs = group_size if granularity == "group" else cols
+    gs = group_size if granularity in ("group", "block") else cols
     n_groups = -(-cols // gs)
+    # NVFP4's tensor scale comes from the whole weight (as RTN's), before any column moves;
+    # fp8_block's column groups share each scale over tiles of gs rows
+    tensor_scale = nvfp4_tensor_scale(W) if fmt.kind == "nvfp4" else None
+    block_rows = gs if granularity == "block" else 1
+
+    def params_of(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return column_group_params(columns, fmt, tensor_scale, block_rows)
 
     # per group: (scale [out], zero [out] | None); filled up front unless groups are dynamic
     group_params: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * n_groups
     if granularity == "tensor":
-        s, z = _group_params(W.reshape(1, -1), fmt)
-        group_params = [(s.expand(rows, 1)[:, 0], None if z is None else z.expand(rows, 1)[:, 0])]
+        s, z = params_of(W.reshape(1, -1))
+        group_params = [(s.expand(rows), None if z is None else z.expand(rows))]
     elif static_groups or granularity == "channel":
         for g in range(n_groups):
-            s, z = _group_params(W[:, g * gs : (g + 1) * gs], fmt)
-            group_params[g] = (s[:, 0], None if z is None else z[:, 0])
+            group_params[g] = params_of(W[:, g * gs : (g + 1) * gs])
     dynamic = group_params[0] is None
 
     W = W[:, perm]
@@ -158,8 +166,7 @@ def gptq_quantize(
                 # dynamic groups: parameters from the *updated* weights of the next gs columns in
                 # processing order (with act_order these are not a contiguous group, hence no codes)
                 block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = _group_params(block, fmt)
-                scale, zero = s[:, 0], None if z is None else z[:, 0]
+                scale, zero = params_of(block)
                 group_params[(i1 + i) // gs] = (scale, zero)
             w = W1[:, i]
             q = fake_quantize_with_scale(w, fmt, scale, zero)
@@ -177,11 +184,12 @@ def gptq_quantize(
     zero_t = None if fmt.sym or fmt.kind != "int" else torch.stack([p[1] for p in group_params], dim=1)  # type: ignore[index,misc]
     s = torch.repeat_interleave(scales, gs, dim=1)[:, :cols]
     if fmt.kind != "int":
-        codes = deq.float() / s
+        # deq / s is a code up to rounding error: snap it back onto the element grid
+        codes = round_elements(torch.where(s > 0, deq.float() / s.clamp(min=torch.finfo(torch.float32).tiny), 0.0), fmt)
     else:
         z_cols = 0 if zero_t is None else torch.repeat_interleave(zero_t, gs, dim=1)[:, :cols]
         codes = torch.round(deq.float() / s) + z_cols
-    return deq, QuantizedTensor(q=codes, scale=scales, zero=zero_t, group_size=gs, fmt=fmt)
+    return deq, QuantizedTensor.from_effective_scales(codes, scales, zero_t, gs, fmt, tensor_scale, block_rows)
 
 
 @dataclass(frozen=True)

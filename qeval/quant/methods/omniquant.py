@@ -49,7 +49,17 @@ from qeval.quant.experts import (
     quantize_experts,
     use_eager_experts,
 )
-from qeval.quant.formats import QuantFormat, QuantizedTensor, fake_quantize, group_view
+from qeval.quant.formats import (
+    E8M0_EXP_RANGE,
+    ELEMENT_EMAX,
+    ELEMENT_MAX,
+    QuantFormat,
+    QuantizedTensor,
+    fake_quantize,
+    group_view,
+    nvfp4_tensor_scale,
+    round_elements,
+)
 from qeval.quant.linear import replace_module
 from qeval.quant.methods.base import QuantMethod, WeightResults
 from qeval.quant.methods.registry import register_method
@@ -61,6 +71,36 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+#: formats LWC learns clipping for: integer grids and the FP4/MX element grids (symmetric)
+LWC_FORMATS = ("int", "nvfp4", "mxfp4", "mxfp8")
+
+
+def _lwc_float(
+    weight: torch.Tensor, w: torch.Tensor, gamma: torch.Tensor, fmt: QuantFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LWC on a floating-point element grid (``w`` grouped ``[out, groups, gs]``): the clipped
+    absmax ``sigmoid(gamma) * amax`` sets each block's scale by the format's own rule (NVFP4:
+    FP8-rounded relative to the weight's tensor scale; MX: the power of two of its floor rule),
+    with straight-through rounding of the scale and of the elements, so gamma learns.
+    Returns (dequantized, effective scale [out, groups], codes), grouped."""
+    hi = torch.sigmoid(gamma) * w.abs().amax(dim=-1)
+    if fmt.kind == "nvfp4":
+        tensor_scale = nvfp4_tensor_scale(weight.detach())
+        relative = hi / ELEMENT_MAX["e2m1"] / tensor_scale
+        relative = (
+            relative + (relative.clamp(max=ELEMENT_MAX["e4m3"]).to(torch.float8_e4m3fn).float() - relative).detach()
+        )
+        scale = relative * tensor_scale
+    else:
+        exponent = torch.log2(hi.clamp(min=2.0**-126))
+        exponent = exponent + (torch.floor(exponent) - exponent).detach()
+        scale = torch.exp2((exponent - ELEMENT_EMAX[fmt.element]).clamp(*E8M0_EXP_RANGE))
+    scale = scale.clamp(min=1e-12)
+    scaled = (w / scale[..., None]).clamp(-fmt.fp_max, fmt.fp_max)
+    codes = scaled + (round_elements(scaled, fmt) - scaled).detach()
+    return codes * scale[..., None], scale, codes
+
+
 def lwc_quantize(
     weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, fmt: QuantFormat, gs: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -69,6 +109,10 @@ def lwc_quantize(
     in gamma and beta through the straight-through rounding."""
     cols = weight.shape[1]
     w = group_view(weight.float(), gs)
+    if fmt.kind != "int":
+        deq, scale, codes = _lwc_float(weight, w, gamma, fmt)
+        out = w.shape[0]
+        return deq.reshape(out, -1)[:, :cols], scale, None, codes.reshape(out, -1)[:, :cols]
     if fmt.sym:
         hi = torch.sigmoid(gamma) * w.abs().amax(dim=-1)
         scale = (hi / fmt.qmax).clamp(min=1e-8)
@@ -92,8 +136,8 @@ class LWCExperts(nn.Module):
 
     def __init__(self, weight: torch.Tensor, layout: str, fmt: QuantFormat, group_size: int, init: float) -> None:
         super().__init__()
-        if fmt.kind != "int":
-            raise ValueError("learnable weight clipping is defined for integer formats")
+        if fmt.kind not in LWC_FORMATS:
+            raise ValueError(f"learnable weight clipping is defined for formats {', '.join(LWC_FORMATS)}")
         self.layout, self.fmt = layout, fmt
         experts, out, cols = as_rows(weight, layout).shape
         self.gs = group_size if 0 < group_size < cols else cols
@@ -104,7 +148,15 @@ class LWCExperts(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = as_rows(weight, self.layout)
         experts, out, cols = rows.shape
-        deq = lwc_quantize(rows.reshape(experts * out, cols), self.gamma, self.beta, self.fmt, self.gs)[0]
+        if self.fmt.kind == "nvfp4":  # a tensor scale per expert, as its own linear would have
+            deq = torch.stack(
+                [
+                    lwc_quantize(rows[e], self.gamma[e * out : (e + 1) * out], self.beta, self.fmt, self.gs)[0]
+                    for e in range(experts)
+                ]
+            )
+        else:
+            deq = lwc_quantize(rows.reshape(experts * out, cols), self.gamma, self.beta, self.fmt, self.gs)[0]
         deq = deq.reshape(experts, out, cols).to(weight.dtype)
         return deq if self.layout == "out_in" else deq.transpose(1, 2)
 
@@ -125,8 +177,8 @@ class LWCLinear(nn.Module):
         act_fmt: QuantFormat | None = None,
     ) -> None:
         super().__init__()
-        if fmt.kind != "int":
-            raise ValueError("learnable weight clipping is defined for integer formats")
+        if fmt.kind not in LWC_FORMATS:
+            raise ValueError(f"learnable weight clipping is defined for formats {', '.join(LWC_FORMATS)}")
         self.linear, self.fmt, self.act_fmt = linear, fmt, act_fmt
         cols = linear.in_features
         self.gs = group_size if 0 < group_size < cols else cols
@@ -225,8 +277,11 @@ class OmniQuant(QuantMethod):
     def quantize_weights(
         self, model: nn.Module, linears: dict[str, nn.Linear], spec: Any, calib: Any = None
     ) -> WeightResults:
-        if spec.granularity == "tensor" or spec.format != "int":
-            raise UnsupportedCellError("omniquant's LWC needs an integer format with per-channel or per-group scales")
+        if spec.granularity not in ("channel", "group") or spec.format not in LWC_FORMATS:
+            raise UnsupportedCellError(
+                f"omniquant's LWC needs per-channel or per-group scales of format {', '.join(LWC_FORMATS)}; "
+                f"this spec has {spec.format} per {spec.granularity}"
+            )
         # LWC needs only the blocks; LET (WA cells) folds its scales into the norms
         adapter = (
             get_folding_adapter(model, "omniquant") if self.act_spec is not None else get_adapter(model, "omniquant")
@@ -294,7 +349,10 @@ class OmniQuant(QuantMethod):
                     lin.weight.data = deq.to(lin.weight.dtype)
                     if bias is not None:
                         lin.bias = nn.Parameter(bias.to(lin.weight.dtype), requires_grad=False)
-                    qt = QuantizedTensor(q=codes, scale=scale, zero=zero, group_size=w.gs, fmt=fmt)
+                    tensor_scale = nvfp4_tensor_scale(w.transformed()[0]) if fmt.kind == "nvfp4" else None
+                    qt = QuantizedTensor.from_effective_scales(
+                        codes.detach(), scale.detach(), zero, w.gs, fmt, tensor_scale
+                    )
                     # the Parameter (it follows the block home from the compute device), codes at home
                     kept = to_device(qt, current_placement(block).home) if self.keep_codes else None
                     results[f"{adapter.blocks}.{i}.{n}"] = (lin.weight, kept)
