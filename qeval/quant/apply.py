@@ -92,6 +92,8 @@ def refuse_for_architecture(recipe: Recipe, spec: QuantSpec, config: Any) -> Non
     model_type = getattr(config, "model_type", None)
     recipe.check_supported(tensor_type(spec), model_type)
     for step in recipe.steps:
+        step.check_spec(spec)
+    for step in recipe.steps:
         step.check_architecture(model_type)
     adapter = ADAPTERS.get(model_type or "")
     if adapter is not None and adapter.experts is not None and not _handles_experts(recipe, spec):
@@ -221,6 +223,8 @@ def quantize_model(
     if quantized(spec.w):
         for step in recipe.steps:  # the architectural reason first, as before loading
             step.check_architecture(model_type)
+        for step in recipe.steps:
+            step.check_spec(spec)
     refuse_unsupported_experts(model, spec, recipe)
     # a KV spec on a model without KV layers is refused before any weight is quantized
     kv_layers = kv_layers_or_refuse(model) if quantized(spec.kv) else None

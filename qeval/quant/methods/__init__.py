@@ -1,7 +1,7 @@
 """Quantization methods: the recipe steps qeval computes itself.
 
 A method is either a function-preserving transform (SmoothQuant, QuaRot) or a
-rounding (RTN, GPTQ, AWQ, OmniQuant); a cell's ``method`` is a list of them
+rounding (RTN, GPTQ, AWQ, OmniQuant, HQQ); a cell's ``method`` is a list of them
 applied in order (``qeval.quant.recipe``).  Each step declares the tensor types
 it supports; a sweep cell asking for anything else is recorded as *skipped* with
 the reason instead of crashing the sweep.  Activation and KV quantizers are
@@ -12,7 +12,7 @@ method only decides the weights (and, for transforms, changes the model first).
 from __future__ import annotations
 
 # the built-in methods register themselves on import
-from qeval.quant.methods import awq, gptq, omniquant, quarot, rtn, smoothquant  # noqa: F401
+from qeval.quant.methods import awq, gptq, hqq, omniquant, quarot, rtn, smoothquant  # noqa: F401
 from qeval.quant.methods.base import QuantMethod, Step, Transform, UnsupportedCellError
 from qeval.quant.methods.registry import ALIASES, METHODS, register_method
 

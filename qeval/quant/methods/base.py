@@ -81,6 +81,10 @@ class Step:
                 f"(supports {', '.join(sorted(self.tensor_types))})"
             )
 
+    def check_spec(self, spec: Any) -> None:
+        """Refuse (UnsupportedCellError) a quantization spec this step cannot apply (a format,
+        a symmetry, a granularity), from the spec alone: before any weight loads."""
+
     def why_not_experts(self, spec: Any) -> str:
         """Why this step cannot handle fused MoE experts in a cell of ``spec`` ("": it can)."""
         return "" if self.handles_experts else f"{self.name} does not handle fused expert tensors"
