@@ -12,7 +12,7 @@ method only decides the weights (and, for transforms, changes the model first).
 from __future__ import annotations
 
 # the built-in methods register themselves on import
-from qeval.quant.methods import awq, gptq, hqq, omniquant, quarot, rtn, smoothquant  # noqa: F401
+from qeval.quant.methods import awq, gptq, hqq, omniquant, quarot, rtn, smoothquant, spinquant  # noqa: F401
 from qeval.quant.methods.base import QuantMethod, Step, Transform, UnsupportedCellError
 from qeval.quant.methods.registry import ALIASES, METHODS, register_method
 

@@ -94,30 +94,53 @@ def _rotate_out(lin: nn.Linear, Q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> None:
-    """Apply the rotation in place (full precision; the function is unchanged)."""
-    adapter = get_folding_adapter(model, "quarot")
+def fold_norms(model: nn.Module, method: str = "quarot") -> Adapter:
+    """Fold every RMSNorm's weight into the linears it feeds (the final norm into the head,
+    untied from the embeddings first), leaving scale-free norms that commute with a rotation
+    of the residual stream.  Function-preserving and idempotent (a folded norm's weight is 1)."""
+    adapter = get_folding_adapter(model, method)
     _check_rotatable(model, adapter)
-    cfg = config_of(model)
     untie_output_embeddings(model)
-    emb, head = input_embeddings(model), as_linear(output_embeddings(model), "the output embeddings")
-    blocks = adapter.get_blocks(model)
-    for block in blocks:
+    head = as_linear(output_embeddings(model), "the output embeddings")
+    for block in adapter.get_blocks(model):
         for group in adapter.norm_groups_of(block):
             _fold_norm(block.get_submodule(group.norm), [linear_at(block, n) for n in group.linears])
     _fold_norm(model.get_submodule(adapter.final_norm), [head])
+    return adapter
 
-    Q = random_rotation(cfg.hidden_size, seed)
+
+def head_dim_of(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+@torch.no_grad()
+def rotate_model(
+    model: nn.Module,
+    seed: int = 0,
+    online_down: bool = True,
+    residual: torch.Tensor | None = None,
+    values: list[torch.Tensor] | None = None,
+    method: str = "quarot",
+) -> None:
+    """Apply the rotation in place (full precision; the function is unchanged): the residual
+    stream by ``residual`` (default: a random Hadamard matrix from ``seed``), each block's
+    values by ``values[i]`` (default: one random Hadamard matrix for all blocks) — SpinQuant
+    passes the rotations it learned."""
+    adapter = fold_norms(model, method)
+    cfg = config_of(model)
+    emb, head = input_embeddings(model), as_linear(output_embeddings(model), "the output embeddings")
+    blocks = adapter.get_blocks(model)
+    Q = random_rotation(cfg.hidden_size, seed) if residual is None else residual.double()
     emb_weight = weight_of(emb)
     emb_weight.copy_((emb_weight.double() @ Q.to(emb_weight.device)).to(emb_weight.dtype))
     _rotate_in(head, Q)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    Hd = random_rotation(head_dim, seed + 1)
+    if values is None:
+        values = [random_rotation(head_dim_of(cfg), seed + 1)] * len(blocks)
     compute = current_placement(model).compute
-    Q, Hd = Q.to(compute), Hd.to(compute)  # once: every block is rotated on the compute device
-    for block in blocks:
+    Q = Q.to(compute)  # once: every block is rotated on the compute device
+    for block, Hd in zip(blocks, values, strict=True):
         with onloaded(block, compute):
-            _rotate_block(block, adapter, cfg, Q, Hd, seed, online_down)
+            _rotate_block(block, adapter, cfg, Q, Hd.double().to(compute), seed, online_down)
 
 
 def _rotate_block(
