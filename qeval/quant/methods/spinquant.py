@@ -170,19 +170,11 @@ def rotated_and_quantized(
                 lin = linear_at(block, name)
                 rows = v_o.rows(cfg) if name == v_o.prev else None
                 h = online if name == down else None
-                role = dict(reader=name in readers, writer=name in writers, value_rows=rows)
-                add(
-                    lin,
-                    "weight",
-                    _Rotated(r1, r2_block, **role, values_in=name == v_o.next, online=h, rounding=rounding),
-                )
-                if lin.bias is not None and (name in writers or rows is not None):
-                    bias_role = dict(reader=False, writer=name in writers, value_rows=rows)
-                    add(
-                        lin,
-                        "bias",
-                        _Rotated(r1, r2_block, **bias_role, values_in=False, online=None, rounding=None, is_bias=True),
-                    )
+                reader, writer = name in readers, name in writers
+                weight = _Rotated(r1, r2_block, reader, writer, rows, name == v_o.next, h, rounding)
+                add(lin, "weight", weight)
+                if lin.bias is not None and (writer or rows is not None):
+                    add(lin, "bias", _Rotated(r1, r2_block, False, writer, rows, False, None, None, is_bias=True))
                 if act_fmt is not None or h is not None:
                     hooks.append(lin.register_forward_pre_hook(quantize_input(h)))
         yield
