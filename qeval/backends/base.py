@@ -120,6 +120,10 @@ class Backend:
         """Raise UnsupportedCellError (the cell is recorded as skipped) for a spec this backend
         cannot run; no-op by default."""
 
+    def check_model(self, spec: QuantSpec, config: Any) -> None:
+        """Like :meth:`check_supported`, for what the model's config decides (its shapes), before
+        any weight loads; no-op by default."""
+
     @contextlib.contextmanager
     def open(self, request: OpenRequest) -> Iterator[Scorer]:
         """Yield a scorer of the quantized model; release whatever it holds on exit."""

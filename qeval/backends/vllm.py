@@ -101,15 +101,31 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+#: checkpoint formats vLLM 0.32's CPU build has no linear kernel for (what it says when asked)
+NO_CPU_KERNEL = {
+    "nvfp4-pack-quantized": "an NVFP4 GEMM (MarlinNvFp4LinearKernel or CUTLASS/FlashInfer FP4: "
+    "'Marlin FP4 not available')",
+    "mxfp4-pack-quantized": "an MXFP4 linear kernel ('Failed to find a kernel that can implement the MXFP4 "
+    "linear layer')",
+    "mxfp8-quantized": "an MXFP8 linear kernel ('Failed to find a kernel that can implement the MXFP8 linear layer')",
+}
+
+
 def check_kernels(scheme: Any, device: str) -> None:
     """Refuse (as a skipped cell) formats whose kernel this vLLM build lacks, before any work.
 
-    Known gaps of vLLM's CPU build: W4A16/W8A16 needs the ``cpu_gemm_wna16`` op
+    Known gaps of vLLM's CPU build: no NVFP4, MXFP4 or MXFP8 linear kernel at all (block FP8
+    runs, in bfloat16); W4A16/W8A16 needs the ``cpu_gemm_wna16`` op
     (absent from AVX2-only builds, and only for bf16/fp16 activations, so such
     cells run in bfloat16 on CPU); an FP8 KV cache needs AVX-512 or AMX.
     """
     if device != "cpu":
         return
+    if scheme.format in NO_CPU_KERNEL:
+        raise UnsupportedCellError(
+            f"{scheme.format} needs {NO_CPU_KERNEL[scheme.format]}, which vLLM's CPU build lacks: "
+            "run this cell on a GPU (backend=hf measures the same codes in fake quantization)"
+        )
     if scheme.format == "pack-quantized":
         import vllm._custom_ops  # noqa: F401  - loads vLLM's CPU ops
 
@@ -138,6 +154,8 @@ def cpu_kernel_needs_16bit(scheme: Any, cpu_flags: set[str]) -> bool:
         return False
     if scheme.format == "pack-quantized":
         return True
+    if scheme.format == "float-quantized" and (scheme.weights or {}).get("strategy") == "block":
+        return True  # block FP8 runs through fp8_scaled_mm_cpu: "expect A to be bfloat16 or half"
     acts = scheme.input_activations or {}
     return (
         scheme.format == "int-quantized"
@@ -351,6 +369,22 @@ class VllmBackend(Backend):
 
     def check_supported(self, spec: QuantSpec) -> None:
         check_kernels(export_scheme(spec), device_type())
+
+    def check_model(self, spec: QuantSpec, config: Any) -> None:
+        """Block FP8 checkpoints need every quantized linear to be whole 128 x 128 tiles (vLLM's
+        block kernels and compressed-tensors' block layout): refused before the load otherwise."""
+        if not quantized(spec.w) or spec.w.format != "fp8_block":
+            return
+        from qeval.models.checks import linear_shapes
+
+        edge = spec.w.group_size
+        ragged = sorted({shape for shape in linear_shapes(config) if shape[0] % edge or shape[1] % edge})
+        if ragged:
+            shapes = ", ".join(f"{o} x {i}" for o, i in ragged[:4])
+            raise UnsupportedCellError(
+                f"block-FP8 export needs every linear to be whole {edge} x {edge} tiles; this model has "
+                f"{shapes}: run it on backend=hf (fake quantization), or choose a model whose widths divide by {edge}"
+            )
 
     @contextlib.contextmanager
     def open(self, request: OpenRequest) -> Iterator[VllmEngine]:

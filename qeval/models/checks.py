@@ -103,6 +103,20 @@ class ModelLimits:
     widest_input: int | None  # the largest input width of the model's linear layers and fused experts
 
 
+def linear_shapes(config: Any) -> set[tuple[int, int]]:
+    """The (out, in) shapes of a config's decoder linear layers (the model built on the meta
+    device; the embeddings and head excluded, as quantization excludes them by default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return {
+        (m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
+
+
 def limits_of(config: Any) -> ModelLimits:
     """The limits of a transformers config: its context, and its linear layers' widest input
     (the model built on the meta device: no memory, no weights)."""
