@@ -112,14 +112,16 @@ class QuantFormat:
 
 
 def round_e2m1(v: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest FP4 E2M1 value, ties to even, saturating at +-6 (OCP MX)."""
-    a = v.abs()
-    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=a.dtype, device=a.device)
-    lower = torch.bucketize(a, mids, right=False)  # a tie goes to the smaller code...
-    upper = torch.bucketize(a, mids, right=True)  # ...or to the larger one
-    code = torch.where((lower == upper) | (lower % 2 == 0), lower, upper)
-    grid = torch.tensor(E2M1_VALUES, dtype=a.dtype, device=a.device)
-    return torch.sign(v) * grid[code]
+    """Round to the nearest FP4 E2M1 value, ties to even, saturating at +-6 (OCP MX).
+
+    E2M1 keeps one mantissa bit: within a binade [2^e, 2^(e+1)) its values are 2^(e-1) apart
+    (0.5 below 2, the subnormal range included), and a code's parity is its step count's, so
+    ``torch.round`` (half to even) in those steps rounds ties to the even code (0.25 -> 0,
+    0.75 -> 1, 2.5 -> 2, 5 -> 4); no search over the grid."""
+    a = v.abs().clamp(max=E2M1_VALUES[-1])
+    _mantissa, exponent = torch.frexp(a)  # a = m 2^exponent, m in [0.5, 1)
+    step = torch.exp2((exponent - 2).clamp(min=-1).to(a.dtype))
+    return torch.copysign(torch.round(a / step) * step, v)
 
 
 def round_elements(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -167,7 +169,7 @@ def block_scales(
 
 def _divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x / scale`` where a zero scale (an NVFP4 block whose FP8 scale underflowed) gives 0."""
-    return torch.where(scale > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(x))
+    return torch.where(scale > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
 
 
 @dataclass
@@ -247,18 +249,15 @@ def quantize(
     per-tensor scale when it comes from a larger tensor than ``x`` (GPTQ's column groups);
     by default it is ``x``'s own.  Computes in float32."""
     n = x.shape[-1]
-    block = fmt.block
-    if block is not None:
-        gs = min(block, n)
-    else:
-        gs = n if group_size is None or group_size <= 0 else min(group_size, n)
+    gs = _group_size(fmt, group_size, n)
     xf = x.float()
     g = group_view(xf, gs)
     zero = None
-    if fmt.kind == "nvfp4" and tensor_scale is None:
-        tensor_scale = nvfp4_tensor_scale(xf)
     if fmt.kind != "int":
-        scale, tensor_scale = block_scales(g.abs().amax(dim=-1), fmt, tensor_scale)
+        amax = g.abs().amax(dim=-1)
+        if fmt.kind == "nvfp4" and tensor_scale is None:  # the tensor's absmax: its blocks' largest
+            tensor_scale = (amax.amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS)
+        scale, tensor_scale = block_scales(amax, fmt, tensor_scale)
         effective = scale if tensor_scale is None else scale * tensor_scale
         q = round_elements(_divide(g, effective.unsqueeze(-1)), fmt)
     elif fmt.sym:
@@ -307,7 +306,30 @@ def column_group_params(
 
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -> torch.Tensor:
     """Quantize then dequantize along the last dimension; returns ``x``'s dtype."""
+    if fmt.kind != "int":
+        return _fake_quantize_float(x, fmt, group_size)
     return quantize(x, fmt, group_size).dequantize().to(x.dtype)
+
+
+def _fake_quantize_float(x: torch.Tensor, fmt: QuantFormat, group_size: int | None) -> torch.Tensor:
+    """:func:`quantize` then dequantize for a floating-point format, without materializing the
+    codes and the expanded scales (activations are fake-quantized on every call): the same
+    numbers, in fewer passes over the tensor."""
+    n = x.shape[-1]
+    gs = _group_size(fmt, group_size, n)
+    g = group_view(x.float(), gs)
+    amax = g.abs().amax(dim=-1)
+    tensor_scale = (amax.amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS) if fmt.kind == "nvfp4" else None
+    scale, tensor_scale = block_scales(amax, fmt, tensor_scale)
+    effective = (scale if tensor_scale is None else scale * tensor_scale).unsqueeze(-1)
+    deq = round_elements(_divide(g, effective), fmt) * effective
+    return deq.reshape(*x.shape[:-1], -1)[..., :n].to(x.dtype)
+
+
+def _group_size(fmt: QuantFormat, group_size: int | None, n: int) -> int:
+    if fmt.block is not None:
+        return min(fmt.block, n)
+    return n if group_size is None or group_size <= 0 else min(group_size, n)
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
