@@ -30,11 +30,12 @@ GRID = [
     ("quant=w4a16-nvfp4,w4a16-mxfp4,w4a4-nvfp4,w4a4-mxfp4,w4a4", "quarot,quarot_gptq,spinquant,[spinquant,gptq]"),
     ("quant=w3g128,w2g64", "rtn,gptq,hqq"),
 ]
-#: the reduced grid of --small (a costlier model): formats x {rtn, gptq, quarot}, HQQ at W4/W3
+#: the reduced grid of --small (a costlier model): the formats with RTN and GPTQ, integer groups
+#: with HQQ, W4A4 with and without rotation
 SMALL_GRID = [
-    ("quant=fp16,w4a16-nvfp4,w4a16-mxfp4,w4a4-nvfp4,w4a4-mxfp4,w4a4,w8a8-fp8-block", "rtn,gptq"),
+    ("quant=fp16,w4a16-nvfp4,w4a16-mxfp4,w8a8-fp8-block", "rtn,gptq"),
     ("quant=w4g128 quant.w.group_size=32,128", "rtn,gptq,hqq"),
-    ("quant=w4a16-mxfp4,w4a4-nvfp4,w4a4-mxfp4,w4a4", "quarot,[spinquant,gptq]"),
+    ("quant=w4a4-nvfp4,w4a4-mxfp4,w4a4", "rtn,quarot"),
 ]
 
 

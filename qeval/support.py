@@ -1,7 +1,8 @@
 """``qeval-support``: which methods and tensor types run on which model family, from the code.
 
 Nothing here is a hand-kept table.  For every family with a tiny model (qeval.models.tiny)
-it quantizes that model with every method (RTN, GPTQ, AWQ, SmoothQuant, OmniQuant, QuaRot)
+it quantizes that model with every method (RTN, GPTQ, AWQ, SmoothQuant, OmniQuant, QuaRot, HQQ,
+SpinQuant)
 at one spec per tensor type (W4g128, W8A8, KV4, or those given), on two random calibration
 windows, and reports what happened: **ok** with the share of eligible weights quantized (the
 coverage account, qeval.quant.coverage) and that the logits stayed finite, or the refusal
@@ -26,7 +27,7 @@ import torch
 
 from qeval.errors import UnsupportedCellError
 
-DEFAULT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "omniquant", "quarot")
+DEFAULT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "omniquant", "quarot", "hqq", "spinquant")
 DEFAULT_QUANTS = ("w4g128", "w8a8", "kv4")
 
 

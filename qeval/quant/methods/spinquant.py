@@ -199,17 +199,15 @@ def learn_rotations(
     adapter = fold_norms(model, "spinquant")
     cfg = config_of(model)
     device = placement.compute
+    blocks = adapter.get_blocks(model)
+    # QuaRot's start (the same seeds as quarot.rotate_model): R1, one R2 copied per block, and
+    # the fixed online Hadamard of down_proj's input
     r1 = nn.Parameter(random_rotation(cfg.hidden_size, seed).float().to(device))
-    r2 = [
-        nn.Parameter(random_rotation(head_dim_of(cfg), seed + 1).float().to(device)) for _ in adapter.get_blocks(model)
-    ]
+    r2 = [nn.Parameter(random_rotation(head_dim_of(cfg), seed + 1).float().to(device)) for _ in blocks]
     online = None
     if online_down:
-        down = linear_at(
-            adapter.get_blocks(model)[0],
-            next(p for p in adapter.pairs_of(adapter.get_blocks(model)[0]) if not p.per_head).next,
-        )
-        online = random_rotation(down.in_features, seed + 2).float().to(device)
+        down_name = next(p for p in adapter.pairs_of(blocks[0]) if not p.per_head).next
+        online = random_rotation(linear_at(blocks[0], down_name).in_features, seed + 2).float().to(device)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
