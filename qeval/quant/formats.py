@@ -68,7 +68,6 @@ ELEMENT_MAX = {"e2m1": 6.0, "e4m3": 448.0, "e5m2": 57344.0}
 ELEMENT_EMAX = {"e2m1": 2, "e4m3": 8}
 #: the block size a format fixes (values per scale along the last dimension; fp8_block's
 #: weights use BLOCK x BLOCK tiles)
-BLOCK_SIZES = FORMAT_BLOCKS
 MX_FORMATS = ("mxfp4", "mxfp8")
 E8M0_EXP_RANGE = (-127, 127)  # E8M0 encodes 2^-127 .. 2^127 (0xFF is NaN)
 NVFP4_TENSOR_DIVISOR = ELEMENT_MAX["e2m1"] * ELEMENT_MAX["e4m3"]  # 6 * 448
@@ -108,7 +107,7 @@ class QuantFormat:
     @property
     def block(self) -> int | None:
         """Values per scale that the format itself fixes (None: the spec's group size)."""
-        return BLOCK_SIZES.get(self.kind)
+        return FORMAT_BLOCKS.get(self.kind)
 
 
 def round_e2m1(v: torch.Tensor) -> torch.Tensor:
@@ -144,7 +143,25 @@ def e8m0_scale(amax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """NVFP4's per-tensor FP32 scale: the tensor's absmax onto 6 x 448 (block scale x element)."""
-    return (x.float().abs().amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS)
+    return _tensor_scale_of(x.float().abs().amax())
+
+
+def _tensor_scale_of(absmax: torch.Tensor) -> torch.Tensor:
+    return (absmax / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS)
+
+
+def _float_blocks(
+    g: torch.Tensor, fmt: QuantFormat, tensor_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A floating-point format's blocks of the grouped ``g`` ([..., groups, gs]): the rounded
+    elements, the stored block scales, the tensor scale (NVFP4: ``g``'s own unless given, from
+    its blocks' largest absmax) and the effective scale ([..., groups, 1])."""
+    amax = g.abs().amax(dim=-1)
+    if fmt.kind == "nvfp4" and tensor_scale is None:
+        tensor_scale = _tensor_scale_of(amax.amax())
+    scale, tensor_scale = block_scales(amax, fmt, tensor_scale)
+    effective = (scale if tensor_scale is None else scale * tensor_scale).unsqueeze(-1)
+    return round_elements(_divide(g, effective), fmt), scale, tensor_scale, effective
 
 
 def nvfp4_block_scale(amax: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
@@ -254,12 +271,7 @@ def quantize(
     g = group_view(xf, gs)
     zero = None
     if fmt.kind != "int":
-        amax = g.abs().amax(dim=-1)
-        if fmt.kind == "nvfp4" and tensor_scale is None:  # the tensor's absmax: its blocks' largest
-            tensor_scale = (amax.amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS)
-        scale, tensor_scale = block_scales(amax, fmt, tensor_scale)
-        effective = scale if tensor_scale is None else scale * tensor_scale
-        q = round_elements(_divide(g, effective.unsqueeze(-1)), fmt)
+        q, scale, tensor_scale, _ = _float_blocks(g, fmt, tensor_scale)
     elif fmt.sym:
         scale = (g.abs().amax(dim=-1) / fmt.qmax).clamp(min=_EPS)
         q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), fmt.qmin, fmt.qmax)
@@ -317,12 +329,8 @@ def _fake_quantize_float(x: torch.Tensor, fmt: QuantFormat, group_size: int | No
     numbers, in fewer passes over the tensor."""
     n = x.shape[-1]
     gs = _group_size(fmt, group_size, n)
-    g = group_view(x.float(), gs)
-    amax = g.abs().amax(dim=-1)
-    tensor_scale = (amax.amax() / NVFP4_TENSOR_DIVISOR).clamp(min=_EPS) if fmt.kind == "nvfp4" else None
-    scale, tensor_scale = block_scales(amax, fmt, tensor_scale)
-    effective = (scale if tensor_scale is None else scale * tensor_scale).unsqueeze(-1)
-    deq = round_elements(_divide(g, effective), fmt) * effective
+    q, _, _, effective = _float_blocks(group_view(x.float(), gs), fmt, None)
+    deq = q * effective
     return deq.reshape(*x.shape[:-1], -1)[..., :n].to(x.dtype)
 
 
