@@ -7,7 +7,9 @@ in the Hub schema, produced by the qeval plugin's own loader, so prompts, target
 few-shot settings and metrics stay lm-eval's config.  qeval runs its plugin task
 (``qeval_<name>``) on the in-memory model loaded by qeval, through the same
 ``evaluate_lm_eval`` call the sweep uses.  Both numbers are printed side by side,
-with every subtask of a group compared as well.
+with every subtask of a group compared as well, and item by item: the share of items
+whose every per-request score (each choice's log-likelihood) agrees to 1e-6, so an
+equal accuracy cannot hide different predictions that happen to balance out.
 
     python benchmarks/lmeval_parity.py --model smollm2-135m --limit 50 \\
         --limits qeval_mmlu=5,qeval_wikitext=3
@@ -62,6 +64,11 @@ class Pair:
     reference: str  # lm-eval's registered task or group
     local: Callable[[str], Loader | None]  # lm-eval task name -> loader of its local rows (None: skip it)
     metrics: tuple[str, ...]
+    # lm-eval task name -> qeval's, where it is not "qeval_" + lm-eval's (BIG-bench's long names)
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def ours(self, name: str) -> str:
+        return dict(self.renamed).get(name, f"qeval_{name}")
 
 
 # qeval task -> the lm-eval task it mirrors (the qeval name is "qeval_" + lm-eval's, subtasks too)
@@ -74,7 +81,21 @@ PAIRS: dict[str, Pair] = {
         "arc_challenge", same_loader("nlp/arc/utils.py", "load_arc_challenge"), ("acc", "acc_norm")
     ),
     "qeval_mmlu": Pair("mmlu", mmlu_loader, ("acc",)),
-    "qeval_ethics_cm": Pair("ethics_cm", same_loader("ethics/ethics_cm/utils.py", "load_ethics_cm"), ("acc",)),
+    **{
+        f"qeval_ethics_{subset}": Pair(
+            f"ethics_{subset}", same_loader("ethics/hendrycks_ethics/utils.py", f"load_ethics_{subset}"), ("acc",)
+        )
+        for subset in ("cm", "deontology", "justice", "utilitarianism", "virtue")
+    },
+    "qeval_piqa": Pair("piqa", same_loader("nlp/piqa/utils.py", "load_piqa"), ("acc", "acc_norm")),
+    "qeval_winogrande": Pair("winogrande", same_loader("nlp/winogrande/utils.py", "load_winogrande"), ("acc",)),
+    "qeval_boolq": Pair("boolq", same_loader("nlp/boolq/utils.py", "load_boolq"), ("acc",)),
+    "qeval_strategyqa": Pair(
+        "bigbench_strategyqa_multiple_choice",
+        same_loader("emergent/strategyqa/utils.py", "load_strategyqa_mc"),
+        ("acc",),
+        renamed=(("bigbench_strategyqa_multiple_choice", "qeval_strategyqa"),),
+    ),
     "qeval_truthfulqa_mc1": Pair(
         "truthfulqa_mc1", same_loader("ethics/truthfulqa/utils.py", "load_truthfulqa_mc"), ("acc",)
     ),
@@ -143,7 +164,7 @@ def lm_eval_reference(
         num_fewshot=0,
         task_manager=tm,
         bootstrap_iters=1000,
-        log_samples=False,
+        log_samples=True,
         random_seed=0,
         numpy_random_seed=0,
         torch_random_seed=0,
@@ -173,15 +194,48 @@ def equal(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(1.0, abs(b))
 
 
-def compare_subtasks(ours: dict, ref: dict, metrics: tuple[str, ...]) -> tuple[int, int]:
+def compare_subtasks(ours: dict, ref: dict, pair: Pair) -> tuple[int, int]:
     """(equal, compared) over every lm-eval result entry: the task, or a group's subgroups and subtasks."""
     n_equal = n = 0
+    metrics = pair.metrics
     for name, values in ref["results"].items():
-        mine = ours["results"].get(f"qeval_{name}", {})
+        mine = ours["results"].get(pair.ours(name), {})
         for metric in (m for m in metrics if f"{m},none" in values):
             n += 1
             n_equal += equal(float(mine.get(f"{metric},none", float("nan"))), float(values[f"{metric},none"]))
     return n_equal, n
+
+
+def _per_item(samples: list[dict]) -> dict[int, list[float]]:
+    """doc_id -> the item's per-request scores (a choice's log-likelihood, a window's NLL); a
+    generated answer's filtered text is compared as it is."""
+    out: dict[int, list] = {}
+    for s in samples:
+        values = []
+        for resp in s["filtered_resps"]:
+            values.append(float(resp[0]) if isinstance(resp, (list, tuple)) else resp)
+        out[int(s["doc_id"])] = values
+    return out
+
+
+def compare_items(ours: dict, ref: dict, pair: Pair) -> tuple[int, int]:
+    """(items whose every per-request score agrees to 1e-6 relative, items compared), over
+    every subtask: the item-level check behind an equal metric."""
+    same = n = 0
+    for name, samples in ref.get("samples", {}).items():
+        mine = _per_item(ours.get("samples", {}).get(pair.ours(name), []))
+        for doc_id, values in _per_item(samples).items():
+            n += 1
+            other = mine.get(doc_id)
+            same += (
+                other is not None
+                and len(other) == len(values)
+                and all(
+                    a == b if isinstance(b, str) else abs(a - b) <= 1e-6 * max(1.0, abs(b))
+                    for a, b in zip(other, values)
+                )
+            )
+    return same, n
 
 
 def parse_limits(text: str | None) -> dict[str, int]:
@@ -222,7 +276,8 @@ def main() -> None:
         t2 = time.perf_counter()
         ref = ref_out["results"][pair.reference]
         n_ref = sum(int(c["effective"]) for c in ref_out["n-samples"].values())
-        sub = compare_subtasks(ours_out, ref_out, pair.metrics)
+        sub = compare_subtasks(ours_out, ref_out, pair)
+        items = compare_items(ours_out, ref_out, pair)
         for metric in pair.metrics:
             rows.append(
                 (
@@ -235,6 +290,7 @@ def main() -> None:
                     int(ours["samples"]),
                     n_ref,
                     sub,
+                    items,
                     skipped,
                     t1 - t0,
                     t2 - t1,
@@ -244,15 +300,15 @@ def main() -> None:
     print(f"\nmodel {args.model}, batch size {args.batch_size}\n")
     print(
         "| qeval task | lm-eval task | limit | metric | qeval | lm-eval | equal | n qeval / lm-eval "
-        "| all results equal | qeval s | lm-eval s |"
+        "| all results equal | items with equal scores | qeval s | lm-eval s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for q, r, lim, m, a, b, na, nb, (se, sn), _skipped, ta, tb in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for q, r, lim, m, a, b, na, nb, (se, sn), (ie, i_n), _skipped, ta, tb in rows:
         print(
             f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
-            f"| {ta:.1f} | {tb:.1f} |"
+            f"| {ie}/{i_n} | {ta:.1f} | {tb:.1f} |"
         )
-    for r, skipped in {row[1]: row[9] for row in rows if row[9]}.items():
+    for r, skipped in {row[1]: row[10] for row in rows if row[10]}.items():
         print(f"\n{r}: left out of lm-eval's group (no local data): {', '.join(sorted(set(skipped)))}")
 
 

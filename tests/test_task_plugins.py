@@ -87,6 +87,37 @@ def test_listing_includes_plugins_from_a_user_folder(plugin_dir):
     assert tasks["qeval_self_calibration"].family == "emergent"
 
 
+def test_online_only_tasks_are_listed_placed_and_refused_offline(monkeypatch):
+    """SIQA, RACE, HellaSwag: lm-eval's own tasks with qeval's family and metric, listed with
+    the Hub dataset they read; offline, a suite naming one fails before any model loads."""
+    from qeval.config import ConfigError, SuiteSpec, TaskEntry
+    from qeval.eval.registry import ONLINE_TASKS, list_tasks, task_exists, task_info
+    from qeval.eval.suite import check_suite, describe_suite
+
+    listed = {t.name: t for t in list_tasks()}
+    for name, online in ONLINE_TASKS.items():
+        assert task_exists(name)  # lm-eval registers it under that name
+        assert listed[name].kind == "lm_eval online" and online.hub in listed[name].data
+        assert (task_info(name).family, task_info(name).primary_metric) == (online.family, online.primary_metric)
+    suite = SuiteSpec("s", {"siqa": TaskEntry(task="social_iqa"), "hs": TaskEntry(task="hellaswag")})
+    assert describe_suite(suite)["hs"]["family"] == "basic_nlp"
+    monkeypatch.setenv("QEVAL_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"suite.tasks.siqa: social_iqa .* lighteval/siqa"):
+        check_suite(suite)
+    monkeypatch.setenv("QEVAL_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_suite(suite)  # online: accepted (nothing is downloaded by the check)
+
+
+def test_small_groups_list_their_members_large_ones_collapse():
+    from qeval.eval.registry import list_tasks
+
+    listed = {t.name: t for t in list_tasks()}
+    subsets = [f"qeval_ethics_{s}" for s in ("cm", "deontology", "justice", "utilitarianism", "virtue")]
+    assert all(name in listed and name in listed["qeval_ethics"].description for name in subsets)
+    assert "qeval_mmlu_anatomy" not in listed and "subtasks (qeval_mmlu_*)" in listed["qeval_mmlu"].description
+
+
 def test_qeval_tasks_cli_prints_families(plugin_dir, capsys):
     from qeval.eval.list_cli import main
 

@@ -1,5 +1,6 @@
-"""The multiple-choice and language-modelling task plugins (ARC, MMLU, ETHICS-CM,
-TruthfulQA MC1/MC2, document-level WikiText): their loaders turn the shared files into
+"""The multiple-choice and language-modelling task plugins (ARC, MMLU, PIQA, WinoGrande,
+BoolQ, StrategyQA, the five ETHICS subsets and their group, TruthfulQA MC1/MC2,
+document-level WikiText): their loaders turn the shared files into
 the Hub schema lm-eval's prompts expect, with every row kept; the tasks build in
 lm-eval's TaskManager; and each one runs end to end through ``evaluate_lm_eval``.
 
@@ -28,7 +29,15 @@ DATA_FILES = (
     "arc/ARC-Challenge-Test.jsonl",
     "mmlu/PROVENANCE.md",
     "ethics/commonsense/cm_test.csv",
+    "ethics/deontology/deontology_test.csv",
+    "ethics/justice/justice_test.csv",
+    "ethics/utilitarianism/util_test.csv",
+    "ethics/virtue/virtue_test.csv",
     "ethics/PROVENANCE.md",
+    "piqa/piqa_validation.llmfoundry.jsonl",
+    "winogrande/winogrande_dev.llmfoundry.jsonl",
+    "boolq/boolq_dev.llmfoundry.jsonl",
+    "strategyqa/bigbench_strategy_qa.llmfoundry.jsonl",
     "truthfulqa/mc_task.json",
     "wikitext2/wiki.test.raw.tylogi-crlf-noblank.txt",
 )
@@ -36,6 +45,15 @@ TASKS = (
     "qeval_arc_easy",
     "qeval_arc_challenge",
     "qeval_ethics_cm",
+    "qeval_ethics_deontology",
+    "qeval_ethics_justice",
+    "qeval_ethics_utilitarianism",
+    "qeval_ethics_virtue",
+    "qeval_piqa",
+    "qeval_winogrande",
+    "qeval_boolq",
+    "qeval_strategyqa",
+    "qeval_strategyqa_cot",
     "qeval_truthfulqa_mc1",
     "qeval_truthfulqa_mc2",
     "qeval_wikitext",
@@ -120,12 +138,112 @@ def test_mmlu_group_has_one_task_per_local_subject() -> None:
 
 
 def test_ethics_cm_loader_matches_provenance() -> None:
-    ds = plugin("ethics/ethics_cm/utils.py").load_ethics_cm()
+    ds = plugin("ethics/hendrycks_ethics/utils.py").load_ethics_cm()
     test = ds["test"]
     assert set(test.column_names) == {"label", "input", "is_short", "edited"}
     assert len(test) == _provenance_count("ethics", r"([\d,]+) rows")
     assert sum(test["label"]) == _provenance_count("ethics", r"labels 0:[\d,]+, 1:([\d,]+)")
     assert sum(test["is_short"]) == _provenance_count("ethics", r"is_short True:([\d,]+)")
+
+
+# subset -> (the PROVENANCE table's file, the Hub config's columns, rows per exact-match group)
+ETHICS_SUBSETS = {
+    "deontology": ("deontology/deontology_test.csv", {"group_id", "label", "scenario", "excuse"}, 4),
+    "justice": ("justice/justice_test.csv", {"group_id", "label", "scenario"}, 4),
+    "utilitarianism": ("utilitarianism/util_test.csv", {"activity", "baseline", "rating"}, None),
+    "virtue": ("virtue/virtue_test.csv", {"group_id", "label", "scenario", "trait"}, 5),
+}
+
+
+@pytest.mark.parametrize("subset", sorted(ETHICS_SUBSETS))
+def test_ethics_subset_loaders_keep_every_row_in_hub_schema(subset: str) -> None:
+    relative, columns, group = ETHICS_SUBSETS[subset]
+    test = getattr(plugin("ethics/hendrycks_ethics/utils.py"), f"load_ethics_{subset}")()["test"]
+    assert set(test.column_names) == columns
+    stated = _provenance_count("ethics", rf"`{re.escape(relative)}` \| ([\d,]+) \|")
+    assert len(test) == stated
+    with _data(f"ethics/{relative}").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    body = rows if subset == "utilitarianism" else rows[1:]  # utilitarianism has no header
+    assert len(body) == stated
+    if group is not None:
+        assert test["group_id"] == [i // group for i in range(len(test))]
+        assert test["label"] == [int(r[0]) for r in body]
+    if subset == "virtue":  # "sentence [SEP] trait", split as the Hub script does
+        assert [f"{s} [SEP] {t}" for s, t in zip(test["scenario"], test["trait"])] == [r[1] for r in body]
+    if subset == "utilitarianism":
+        assert test["activity"] == [r[0] for r in body] and test["baseline"] == [r[1] for r in body]
+
+
+def _jsonl(relative: str) -> list[dict]:
+    return [json.loads(line) for line in _data(relative).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_piqa_loader_rebuilds_goal_and_solutions() -> None:
+    raw = _jsonl("piqa/piqa_validation.llmfoundry.jsonl")
+    val = plugin("nlp/piqa/utils.py").load_piqa()["validation"]
+    assert len(val) == len(raw) == _provenance_count("piqa", r"([\d,]+) items")
+    for row, item in zip(val, raw):
+        assert f"Question: {row['goal']}\n" == item["query"]  # lm-eval's prompt is the file's query + "Answer:"
+        assert [row["sol1"], row["sol2"]] == item["choices"] and row["label"] == item["gold"]
+
+
+def test_boolq_loader_splits_passage_and_question() -> None:
+    raw = _jsonl("boolq/boolq_dev.llmfoundry.jsonl")
+    val = plugin("nlp/boolq/utils.py").load_boolq()["validation"]
+    assert len(val) == len(raw) == _provenance_count("boolq", r"([\d,]+) items")
+    assert sum(val["label"]) == _provenance_count("boolq", r"([\d,]+) yes")
+    for row, item in zip(val, raw):
+        assert f"Passage: {row['passage']}\nQuestion: {row['question']}?" == item["query"]
+        assert not row["question"].endswith("?") and row["label"] == item["gold"]
+
+
+def test_strategyqa_loaders_keep_question_and_gold() -> None:
+    raw = _jsonl("strategyqa/bigbench_strategy_qa.llmfoundry.jsonl")
+    utils = plugin("emergent/strategyqa/utils.py")
+    mc, cot = utils.load_strategyqa_mc()["default"], utils.load_strategyqa_cot()["test"]
+    assert len(mc) == len(cot) == len(raw) == _provenance_count("strategyqa", r"([\d,]+) items")
+    yes = _provenance_count("strategyqa", r"gold 0 \(Yes\): ([\d,]+)")
+    assert sum(s == [1, 0] for s in mc["multiple_choice_scores"]) == yes
+    assert cot["answer"].count("yes") == yes
+    for m, c, item in zip(mc, cot, raw):
+        assert m["inputs"] == item["query"] == f"Q: {c['question']}\nA:"
+        assert m["multiple_choice_targets"][m["multiple_choice_scores"].index(1)] == item["choices"][item["gold"]]
+
+
+def test_winogrande_rows_give_lm_evals_choices_and_target() -> None:
+    """lm-eval's own winogrande functions, applied to the rebuilt rows, give back the file's
+    context options and continuation for every item (the partial-evaluation split)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    raw = _jsonl("winogrande/winogrande_dev.llmfoundry.jsonl")
+    val = plugin("nlp/winogrande/utils.py").load_winogrande()["validation"]
+    assert len(val) == len(raw) == _provenance_count("winogrande", r"([\d,]+) items")
+    ref = load_yaml(_task_manager().task_index["winogrande"].yaml_path, resolve_func=True)
+    for row, item in zip(val, raw):
+        assert row["sentence"].count("_") == 1
+        assert ref["doc_to_choice"](row) == item["context_options"]
+        assert ref["doc_to_target"](row) == item["continuation"].strip()
+        assert ref["doc_to_text"](row) == item["gold"]
+
+
+@pytest.mark.parametrize(
+    "task, theirs", [("qeval_winogrande", "winogrande"), ("qeval_ethics_utilitarianism", "ethics_utilitarianism")]
+)
+def test_prompt_functions_equal_lm_evals_on_every_local_item(task: str, theirs: str) -> None:
+    """Where the prompt is Python (not a template), qeval's functions return what lm-eval's
+    return, item by item over the whole local file."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = _task_manager().task_index
+    mine, ref = (load_yaml(index[name].yaml_path, resolve_func=True) for name in (task, theirs))
+    docs = mine["custom_dataset"]()
+    docs = docs[next(s for s in ("validation", "test") if s in docs)]
+    keys = [k for k in ("doc_to_text", "doc_to_target", "doc_to_choice") if callable(ref.get(k))]
+    assert keys
+    for doc in docs:
+        for key in keys:
+            assert mine[key](doc) == ref[key](doc), (key, doc)
 
 
 def test_truthfulqa_loader_puts_the_true_mc1_answer_first() -> None:
@@ -169,6 +287,11 @@ MIRRORS = {
     "qeval_mmlu_anatomy": "mmlu_anatomy",
     "qeval_mmlu_professional_medicine": "mmlu_professional_medicine",
     "qeval_ethics_cm": "ethics_cm",
+    "qeval_ethics_deontology": "ethics_deontology",
+    "qeval_ethics_justice": "ethics_justice",
+    "qeval_piqa": "piqa",
+    "qeval_boolq": "boolq",
+    "qeval_ethics_virtue": "ethics_virtue",
     "qeval_truthfulqa_mc1": "truthfulqa_mc1",
     "qeval_truthfulqa_mc2": "truthfulqa_mc2",
     "qeval_wikitext": "wikitext",
@@ -204,6 +327,13 @@ def test_tasks_build_in_lm_eval_with_qeval_metadata() -> None:
         "qeval_arc_easy": ("basic_nlp", "acc_norm", True),
         "qeval_mmlu": ("basic_nlp", "acc", True),
         "qeval_ethics_cm": ("ethics", "acc", True),
+        "qeval_ethics": ("ethics", "acc", True),
+        "qeval_ethics_virtue": ("ethics", "acc", True),
+        "qeval_piqa": ("basic_nlp", "acc_norm", True),
+        "qeval_winogrande": ("basic_nlp", "acc", True),
+        "qeval_boolq": ("basic_nlp", "acc", True),
+        "qeval_strategyqa": ("emergent", "acc", True),
+        "qeval_strategyqa_cot": ("emergent", "exact_match[strict-match]", True),
         "qeval_truthfulqa_mc2": ("ethics", "acc", True),
         "qeval_wikitext": ("basic_nlp", "word_perplexity", False),
     }
@@ -225,6 +355,11 @@ def tiny():
         ("qeval_arc_easy", ("acc", "acc_norm")),
         ("qeval_arc_challenge", ("acc", "acc_norm")),
         ("qeval_ethics_cm", ("acc",)),
+        ("qeval_ethics_utilitarianism", ("acc",)),
+        ("qeval_piqa", ("acc", "acc_norm")),
+        ("qeval_winogrande", ("acc",)),
+        ("qeval_boolq", ("acc",)),
+        ("qeval_strategyqa", ("acc",)),
         ("qeval_truthfulqa_mc1", ("acc",)),
         ("qeval_truthfulqa_mc2", ("acc",)),
     ],
@@ -236,6 +371,50 @@ def test_multiple_choice_task_end_to_end(tiny, task: str, metrics: tuple[str, ..
     assert out["samples"] == 2
     for metric in metrics:
         assert 0.0 <= out[metric] <= 1.0 and f"{metric}_stderr" in out
+
+
+def test_ethics_group_is_the_unweighted_mean_of_its_five_subsets(tiny) -> None:
+    from qeval.eval.harness import run_lm_eval
+
+    out = run_lm_eval(*tiny, "qeval_ethics", limit=3, batch_size=8)
+    subsets = [f"qeval_ethics_{s}" for s in ("cm", "deontology", "justice", "utilitarianism", "virtue")]
+    accs = [out["results"][s]["acc,none"] for s in subsets]
+    assert out["results"]["qeval_ethics"]["acc,none"] == pytest.approx(sum(accs) / 5)
+    assert all(out["n-samples"][s]["effective"] == 3 for s in subsets)
+
+
+def test_strategyqa_cot_prompt_and_extraction(tiny) -> None:
+    """Six exemplars before the question; strict-match reads the yes/no after the last
+    "answer is", flexible-extract the last yes/no anywhere."""
+    from qeval.eval.harness import run_lm_eval
+
+    out = run_lm_eval(
+        *tiny,
+        "qeval_strategyqa_cot",
+        limit=2,
+        num_fewshot=None,
+        batch_size=8,
+        log_samples=True,
+        gen_kwargs="max_gen_toks=8",
+    )
+    sample = out["samples"]["qeval_strategyqa_cot"][0]
+    prompt = sample["arguments"][0][0]
+    assert prompt.count("So the answer is") == 6 and prompt.endswith("Answer:")
+    assert out["n-samples"]["qeval_strategyqa_cot"]["effective"] == 2
+    from lm_eval.filters.extraction import RegexFilter
+
+    cfg = _task_manager().task_index["qeval_strategyqa_cot"].cfg
+    strict, flexible = (
+        RegexFilter(f["filter"][0]["regex_pattern"], f["filter"][0]["group_select"]) for f in cfg["filter_list"]
+    )
+    texts = [
+        "Rain is wet.\nSo the answer is yes.",
+        "The answer is maybe. So the answer is definitely No.",
+        "Nothing, no idea",
+        "not sure",
+    ]
+    assert [r[0] for r in strict.apply([[t] for t in texts], [])] == ["yes", "No", "[invalid]", "[invalid]"]
+    assert [r[0] for r in flexible.apply([[t] for t in texts], [])] == ["yes", "No", "no", "[invalid]"]
 
 
 def test_mmlu_group_end_to_end_counts_every_subject(tiny) -> None:

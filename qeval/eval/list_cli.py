@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{family}")
         arrow = "higher is better" if t.higher_is_better else "lower is better"
         print(f"  {t.name:<32} {t.kind:<14} {t.primary_metric} ({arrow})")
-        if t.description and t.kind == "lm_eval group":
+        if t.description and t.kind in ("lm_eval group", "lm_eval online"):
             print(f"  {'':<32} {t.description}")
         if t.data:
             print(f"  {'':<32} data: {t.data}")

@@ -416,6 +416,44 @@ class TaskInfo:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class OnlineTask:
+    """One of lm-eval's own tasks that a Qllm-Eval family includes but that has no offline copy
+    in the shared data: qeval declares its family and primary metric (so reports place it) and
+    where it reads its rows, lists it in ``qeval-tasks`` and refuses it, before any model loads,
+    when downloads are off."""
+
+    name: str
+    family: str
+    primary_metric: str
+    hub: str  # the Hub dataset lm-eval's task reads
+    description: str
+    higher_is_better: bool = True
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(
+            name=self.name,
+            kind="lm_eval online",
+            family=self.family,
+            primary_metric=self.primary_metric,
+            higher_is_better=self.higher_is_better,
+            source="lm-eval",
+            data=f"online only: hf://datasets/{self.hub}",
+            description=self.description,
+        )
+
+
+# the study's basic-NLP tasks with no offline copy: used by lm-eval's own names when the Hub is reachable
+ONLINE_TASKS: dict[str, OnlineTask] = {
+    t.name: t
+    for t in (
+        OnlineTask("social_iqa", "basic_nlp", "acc", "lighteval/siqa", "SIQA (social commonsense), Qllm-Eval's SIQA"),
+        OnlineTask("race", "basic_nlp", "acc", "EleutherAI/race", "RACE-high reading comprehension"),
+        OnlineTask("hellaswag", "basic_nlp", "acc_norm", "Rowan/hellaswag", "HellaSwag sentence completion (acc_norm)"),
+    )
+}
+
+
 def _native_info(cls: type[NativeTask]) -> TaskInfo:
     return TaskInfo(
         name=cls.name,
@@ -447,6 +485,9 @@ def _lm_eval_info(name: str, entry: Any) -> TaskInfo | None:
     )
 
 
+LISTED_MEMBERS = 8  # a group of more subtasks than this is listed as one line
+
+
 def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
     """Every qeval task plugin (native and lm-eval YAML) under the task folders."""
     include = tuple(include)
@@ -460,23 +501,27 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
         info = _lm_eval_info(name, entry)
         if info is not None:
             infos.append(info)
-    # a group's members (qeval_mmlu_<subject>, its category groups) are usable by name but
-    # listed as one line: the group's, with the count of its members
+    # a large group's members (qeval_mmlu_<subject>, its category groups) are usable by name
+    # but listed as one line: the group's, with the count of its members; a small group's
+    # members (the five ETHICS subsets) keep their own lines and the group names them
     groups = sorted((t.name for t in infos if t.kind == "lm_eval group"), key=len)
-    members: dict[str, int] = {}
+    members: dict[str, list[str]] = {}
+    for t in infos:
+        parent = next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None)
+        if parent is not None and t.kind == "lm_eval":
+            members.setdefault(parent, []).append(t.name)
+    collapsed = {g for g, names in members.items() if len(names) > LISTED_MEMBERS}
     kept = []
     for t in infos:
         parent = next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None)
-        if parent is None:
-            kept.append(t)
-        elif t.kind == "lm_eval":
-            members[parent] = members.get(parent, 0) + 1
-    kept = [
-        TaskInfo(**{**t.__dict__, "description": f"{members[t.name]} subtasks ({t.name}_*)"})
-        if t.name in members
-        else t
-        for t in kept
-    ]
+        if parent in collapsed:
+            continue
+        if t.name in members:
+            names = sorted(members[t.name])
+            what = f"({t.name}_*)" if t.name in collapsed else "(" + ", ".join(names) + ")"
+            t = TaskInfo(**{**t.__dict__, "description": f"{len(names)} subtasks {what}"})
+        kept.append(t)
+    kept += [o.info() for o in ONLINE_TASKS.values()]
     order = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(kept, key=lambda t: (order.get(t.family, len(order)), t.family, t.name))
 
@@ -491,6 +536,8 @@ def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
     native = discover_native(include)
     if name in native:
         return _native_info(native[name])
+    if name in ONLINE_TASKS:
+        return ONLINE_TASKS[name].info()
     entry = task_manager(include).task_index.get(name)
     if entry is None:
         raise KeyError(name)

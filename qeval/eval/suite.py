@@ -28,6 +28,7 @@ from qeval.eval.items import Columns
 from qeval.eval.perplexity import perplexity, prepare_reference
 from qeval.eval.plugin_checks import check_plugin_folders, check_task_plugin
 from qeval.eval.registry import (
+    ONLINE_TASKS,
     LazyReference,
     TaskContext,
     TaskDataError,
@@ -79,6 +80,17 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
             except TaskDataError as err:
                 raise ConfigError(f"suite.tasks.{name}: {err}") from err
         else:
+            online = ONLINE_TASKS.get(task.task)
+            if online is not None:
+                from qeval.data import offline
+
+                if offline():
+                    raise ConfigError(
+                        f"suite.tasks.{name}: {task.task} is lm-eval's own task and reads the Hub dataset "
+                        f"{online.hub}, which has no offline copy, and downloads are off (HF_HUB_OFFLINE=1 or "
+                        f"QEVAL_OFFLINE=1); drop the entry ('~suite.tasks.{name}') or run with the Hub reachable"
+                    )
+                continue
             if not task_exists(task.task, include, data_dir):
                 raise ConfigError(
                     f"invalid value suite.tasks.{name}.task={task.task!r}: neither a native task nor an "

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 
 from qeval.data import data_file
+from qeval.eval.hub_schema import to_dataset
 
 HUB_PATH = "allenai/ai2_arc"  # the schema the rows follow
 FEATURES = datasets.Features(
@@ -30,11 +31,6 @@ FEATURES = datasets.Features(
 )
 # lm-eval split name -> AI2 file suffix
 SPLIT_FILES = {"test": "Test", "train": "Train", "validation": "Dev"}
-
-
-def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
-    """Rows as a Dataset with the Hub's features (also when there are no rows)."""
-    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
 def convert_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 
 from qeval.data import data_file
+from qeval.eval.hub_schema import to_dataset
 
 HUB_PATH = "cais/mmlu"  # the schema the rows follow
 LETTERS = ("A", "B", "C", "D")
@@ -40,11 +41,6 @@ def read_mmlu_csv(path: Path, subject: str) -> list[dict[str, Any]]:
     if bad:
         raise ValueError(f"{path}: rows {bad[:5]} are not 'question, A, B, C, D, answer letter'")
     return [{"question": r[0], "subject": subject, "choices": r[1:5], "answer": LETTERS.index(r[5])} for r in rows]
-
-
-def to_dataset(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
-    """Rows as a Dataset with the Hub's features."""
-    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
 def load_mmlu(subject: str, qeval_data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
