@@ -46,6 +46,7 @@ from qeval.config import (
     validate_quant,
 )
 from qeval.data import TEXT_DATASETS, check_available
+from qeval.eval.reasoning import THINKING_SETTINGS
 from qeval.eval.registry import import_plugin_file
 from qeval.eval.suite import check_suite, suite_kinds
 from qeval.models.checks import ModelLimits, check_model_files, model_limits
@@ -409,6 +410,21 @@ def validate(cell: Cell) -> None:
         batch = task.batch_size
         if batch != "auto" and not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
             fail(f"suite.tasks.{name}.batch_size", batch, "a positive integer or auto")
+        if task.max_gen_toks is not None and task.max_gen_toks <= 0:
+            fail(f"suite.tasks.{name}.max_gen_toks", task.max_gen_toks, "a positive integer (tokens) or null")
+        if task.max_gen_toks is not None and "max_gen_toks" in (task.gen_kwargs or ""):
+            fail(
+                f"suite.tasks.{name}.max_gen_toks",
+                task.max_gen_toks,
+                f"null when gen_kwargs already sets max_gen_toks ({task.gen_kwargs!r}): one budget per entry",
+            )
+        check_choice(f"suite.tasks.{name}.thinking", task.thinking, THINKING_SETTINGS)
+        if task.thinking != "default" and not task.apply_chat_template:
+            fail(
+                f"suite.tasks.{name}.thinking",
+                task.thinking,
+                "default unless apply_chat_template is true (thinking is a chat-template switch)",
+            )
     if cell.calib.nsamples <= 0:
         fail("calib.nsamples", cell.calib.nsamples, "a positive integer")
     if cell.calib.seqlen <= 0:  # the model's context bounds it from above (preflight)

@@ -188,6 +188,11 @@ class TaskEntry:
     # through the tokenizer's chat template (lm-eval's --apply_chat_template)
     gen_kwargs: str | None = None
     apply_chat_template: bool = False
+    # generation tasks: the token budget (lm-eval's max_gen_toks; null: the task's own, else
+    # lm-eval's 256) and a reasoning model's thinking mode, passed to chat templates that
+    # have the switch (Qwen3's enable_thinking): on | off | default (the template's own)
+    max_gen_toks: int | None = None
+    thinking: str = "default"
     # task-specific settings of native tasks (e.g. context lengths, max_new_tokens)
     params: dict[str, Any] = field(default_factory=dict)
     # report this entry under another family than the task declares (MMLU with shots is

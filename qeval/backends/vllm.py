@@ -294,7 +294,9 @@ class VllmEngine:
         is computed from, so perplexity on this backend has no divergence metrics."""
         return None
 
-    def lm_eval_model(self, batch_size: int | str = "auto", max_gen_toks: int = 256) -> Any:
+    def lm_eval_model(
+        self, batch_size: int | str = "auto", chat_template_args: dict[str, Any] | None = None, max_gen_toks: int = 256
+    ) -> Any:
         """lm-eval's own ``vllm`` model, built around this engine (not a second one).  vLLM
         schedules its own batches, so lm-eval's batch size is always "auto" here (a suite
         entry's ``batch_size`` is for the hf backend)."""
@@ -314,6 +316,12 @@ class VllmEngine:
                     max_model_len=self.max_model_len,
                     seed=self.settings.seed,
                 )
+        # lm-eval's VLLM passes these to the chat template, as HFLM does (the engine is shared by
+        # every entry of the cell, so they are set per call); it passes enable_thinking on its
+        # own, where None leaves the template's default, like HFLM not passing it
+        args = dict(chat_template_args or {})
+        self._lm_eval_model.enable_thinking = args.pop("enable_thinking", None)
+        self._lm_eval_model.chat_template_args = args
         return self._lm_eval_model
 
 

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from qeval.eval.items import Columns, lm_eval_items, metric_column
+from qeval.eval.reasoning import generation_columns, generation_metrics
 from qeval.eval.registry import task_manager
 from qeval.eval.scorer import as_scorer
 
@@ -45,9 +46,15 @@ def run_lm_eval(
     gen_kwargs: str | None = None,
     apply_chat_template: bool = False,
     data_dir: str | None = None,
+    thinking: str = "default",
+    max_gen_toks: int | None = None,
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on a scorer (or a bare HF model); returns lm-eval's whole
-    output.  ``data_dir`` is the data folder qeval's task loaders read (None: the default one)."""
+    output, plus under ``"qeval_generations"`` how each generation ended ({(task, doc id):
+    :class:`qeval.eval.reasoning.Generation`}, empty for a backend that does not record them).
+    ``data_dir`` is the data folder qeval's task loaders read (None: the default one);
+    ``thinking`` (on/off) sets the chat template's ``enable_thinking``; ``max_gen_toks`` is the
+    generation budget (added to ``gen_kwargs``)."""
     # lm_eval's evaluator and HF model import in seconds (datasets, transformers): only cells
     # that run an lm-eval task pay for them
     from lm_eval import simple_evaluate
@@ -57,8 +64,11 @@ def run_lm_eval(
     # handler ignores SIGTERM, inherited by the forked workers) Pool.terminate() waits forever.
     # The serial path draws the same seeded resamples, so the numbers are identical.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
-    lm = as_scorer(model, tokenizer).lm_eval_model(batch_size)
-    return simple_evaluate(
+    chat_args = {} if thinking == "default" else {"enable_thinking": thinking == "on"}
+    if max_gen_toks is not None:
+        gen_kwargs = ",".join(p for p in (gen_kwargs, f"max_gen_toks={int(max_gen_toks)}") if p)
+    lm = as_scorer(model, tokenizer).lm_eval_model(batch_size, chat_args)
+    out = simple_evaluate(
         model=lm,
         tasks=[task],
         num_fewshot=num_fewshot,
@@ -73,6 +83,24 @@ def run_lm_eval(
         gen_kwargs=gen_kwargs,
         apply_chat_template=apply_chat_template,
     )
+    out["qeval_generations"] = dict(getattr(lm, "generations", None) or {})
+    if hasattr(lm, "generations"):
+        lm.generations = {}  # a backend that keeps its lm-eval model across entries starts afresh
+    return out
+
+
+def generation_summary(out: dict[str, Any], items: Columns) -> dict[str, float]:
+    """Response metrics of the generation requests behind ``out`` (:func:`generation_metrics`)
+    and, in place, their per-item columns in ``items`` (joined on the item id: ``<doc id>``, or
+    ``<subtask>/<doc id>`` for a group); {} when nothing was generated or recorded."""
+    generations = out.get("qeval_generations") or {}
+    if not generations:
+        return {}
+    grouped = len(out.get("samples") or {}) > 1
+    by_id = {(f"{task}/{doc}" if grouped else str(doc)): g for (task, doc), g in generations.items()}
+    if items.get("id"):
+        items.update(generation_columns([by_id.get(i) for i in items["id"]]))
+    return generation_metrics(list(by_id.values()))
 
 
 def evaluate_lm_eval(
@@ -87,11 +115,25 @@ def evaluate_lm_eval(
     gen_kwargs: str | None = None,
     apply_chat_template: bool = False,
     data_dir: str | None = None,
+    thinking: str = "default",
+    max_gen_toks: int | None = None,
 ) -> dict[str, Any]:
     """Run one lm-eval task (or group) on a scorer; metrics with stderr and sample counts
     (:func:`score_lm_eval` without the per-item table)."""
     return score_lm_eval(
-        model, tokenizer, task, limit, num_fewshot, batch_size, seed, include, gen_kwargs, apply_chat_template, data_dir
+        model,
+        tokenizer,
+        task,
+        limit,
+        num_fewshot,
+        batch_size,
+        seed,
+        include,
+        gen_kwargs,
+        apply_chat_template,
+        data_dir,
+        thinking,
+        max_gen_toks,
     )[0]
 
 
@@ -107,12 +149,16 @@ def score_lm_eval(
     gen_kwargs: str | None = None,
     apply_chat_template: bool = False,
     data_dir: str | None = None,
+    thinking: str = "default",
+    max_gen_toks: int | None = None,
 ) -> tuple[dict[str, Any], Columns]:
     """Run one lm-eval task (or group) on a scorer: (metrics with stderr and sample counts,
     the per-item table from lm-eval's logged samples; see qeval.eval.items).
 
     For a group (e.g. MMLU's 56 subjects) the group's aggregate is returned, with
-    ``samples`` summed over its subtasks, and item ids are ``<subtask>/<doc_id>``.
+    ``samples`` summed over its subtasks, and item ids are ``<subtask>/<doc_id>``.  A generation
+    task's metrics also describe its responses (length mean/p90, shares truncated, unclosed,
+    looping: :func:`generation_summary`), with the same measures per item.
     """
     out = run_lm_eval(
         model,
@@ -127,6 +173,8 @@ def score_lm_eval(
         gen_kwargs=gen_kwargs,
         apply_chat_template=apply_chat_template,
         data_dir=data_dir,
+        thinking=thinking,
+        max_gen_toks=max_gen_toks,
     )
     metrics = _split_metrics(out["results"][task])
     counts = out.get("n-samples", {})
@@ -135,4 +183,6 @@ def score_lm_eval(
         metrics["samples"] = int(n.get("effective", n.get("original", 0)))
     else:  # a group: its subtasks' counts
         metrics["samples"] = int(sum(n.get("effective", n.get("original", 0)) for n in counts.values()))
-    return metrics, lm_eval_items(out.get("samples") or {})
+    items = lm_eval_items(out.get("samples") or {})
+    metrics.update(generation_summary(out, items))
+    return metrics, items

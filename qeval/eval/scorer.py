@@ -40,8 +40,9 @@ class Scorer(Protocol):
         cannot give full-vocabulary logits (perplexity then reports no divergence metrics)."""
         ...
 
-    def lm_eval_model(self, batch_size: int) -> Any:
-        """An lm-eval ``LM`` that scores this model."""
+    def lm_eval_model(self, batch_size: int, chat_template_args: dict[str, Any] | None = None) -> Any:
+        """An lm-eval ``LM`` that scores this model; ``chat_template_args`` reach the tokenizer's
+        chat template (``enable_thinking``) when a task applies it."""
         ...
 
 
@@ -139,8 +140,12 @@ class HFScorer:
     ) -> Iterator[torch.Tensor] | None:
         return iter_next_token_logits(self.model, windows, desc=desc, decode_chunk=decode_chunk)
 
-    def lm_eval_model(self, batch_size: int) -> Any:
+    def lm_eval_model(self, batch_size: int, chat_template_args: dict[str, Any] | None = None) -> Any:
+        """lm-eval's ``HFLM`` (or the shared-context subclass) over the in-memory model, recording
+        how each generation ended (:mod:`qeval.eval.recording`)."""
         from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly
+
+        from qeval.eval.recording import recording
 
         device = str(next(self.model.parameters()).device)
         cls = HFLM
@@ -148,7 +153,13 @@ class HFScorer:
             from qeval.eval.shared_context import SharedContextLM
 
             cls = SharedContextLM
-        return cls(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device)
+        return recording(cls)(
+            pretrained=self.model,
+            tokenizer=self.tokenizer,
+            batch_size=batch_size,
+            device=device,
+            chat_template_args=dict(chat_template_args or {}),
+        )
 
 
 def as_scorer(model: Scorer | nn.Module, tokenizer: Any) -> Scorer:

@@ -32,6 +32,7 @@ from qeval.eval.registry import (
     LazyReference,
     TaskContext,
     TaskDataError,
+    TaskParamError,
     discover_native,
     task_exists,
     task_info,
@@ -207,6 +208,20 @@ def _native_context(
     )
 
 
+def check_chat_settings(suite: SuiteSpec, tokenizer: Any) -> None:
+    """Settings the tokenizer must support, checked once it is loaded and before any quantizing:
+    ``thinking: on|off`` needs a chat template with the ``enable_thinking`` switch (otherwise the
+    setting would silently change nothing)."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    for name, task in suite.tasks.items():
+        if task.thinking != "default" and "enable_thinking" not in template:
+            raise TaskParamError(
+                f"invalid value suite.tasks.{name}.thinking={task.thinking!r}: the model's chat template "
+                f"{'has no enable_thinking switch' if template else 'is missing'} (Qwen3-style templates "
+                "have one); use thinking=default"
+            )
+
+
 def prepare_references(model: Any, tokenizer: Any, suite: SuiteSpec, settings: EvalSettings, fingerprint: str) -> None:
     """Compute with ``model`` — the unquantized model, a cell's own copy before it is quantized
     — whatever the suite's entries compare the quantized model with, and cache it under
@@ -215,6 +230,7 @@ def prepare_references(model: Any, tokenizer: Any, suite: SuiteSpec, settings: E
     (:meth:`NativeTask.prepare_reference`: MT-Bench's FP answers).  Entries already cached cost a
     lookup.  Afterwards :func:`evaluate_suite` needs no reference model, only the fingerprint."""
     include = settings.include
+    check_chat_settings(suite, tokenizer)
     for name, task in suite.tasks.items():
         kind = resolve_kind(task, include)
         if kind == "perplexity":
@@ -259,6 +275,7 @@ def evaluate_suite(
     loads one only if a task reads ``ctx.reference`` while evaluating.
     """
     scorer = as_scorer(scorer, tokenizer)  # a bare HF model (tests, benchmarks) is scored in process
+    check_chat_settings(suite, tokenizer)
     include = settings.include
     out = SuiteScores()
     finished = finished or {}
@@ -323,6 +340,8 @@ def evaluate_suite(
                 task.gen_kwargs,
                 task.apply_chat_template,
                 data_dir=settings.data_dir,
+                thinking=task.thinking,
+                max_gen_toks=task.max_gen_toks,
             )
         seconds = time.perf_counter() - t0
         out.metrics[name], out.seconds[name], out.items[name] = metrics, seconds, items
