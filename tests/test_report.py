@@ -126,7 +126,19 @@ def write_cell(store: ResultStore, quant: str, method: str, ppl: float, acc: flo
                     ),
                 },
                 "arc": {"acc": acc, "acc_stderr": 0.02, "samples": N_ARC},
-                "ifeval": {"strict": strict, "strict_stderr": 0.05, "samples": N_STRICT},
+                # a generation task: its answers get longer and loop more as quality falls
+                "ifeval": {
+                    "strict": strict,
+                    "strict_stderr": 0.05,
+                    "samples": N_STRICT,
+                    "responses": N_STRICT,
+                    "response_tokens": 100.0 / strict,
+                    "response_tokens_p90": 150.0 / strict,
+                    "truncated_share": 0.5 - strict / 2,
+                    "unclosed_think_share": 0.0,
+                    "think_share": 0.0,
+                    "loop_share": 0.5 - strict / 2,
+                },
                 # long context falls with the KV bits, dialogue degenerates with fewer weight bits
                 "needle": {
                     "acc": strict,
@@ -183,6 +195,27 @@ def stores(tmp_path):
     write_cell(gptq, "w4g128", "gptq", 11.0, 0.59, 0.47)
     write_cell(gptq, "w3g128", "gptq", 12.5, 0.55, 0.40)
     return rtn.dir, gptq.dir
+
+
+def test_generation_tasks_show_length_beside_the_score(stores, tmp_path):
+    from qeval.report.write import write_tables
+
+    markdown, files = write_tables(list(stores), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "responses.csv")
+    assert set(table["task"]) == {"ifeval"}  # only the generation task
+    row = table[(table.quant == "w3g128") & (table.method == "rtn")].iloc[0]
+    assert (row["primary"], row["score"], row["n"]) == ("strict", 0.20, N_STRICT)
+    assert row["response_tokens"] == pytest.approx(500.0) and row["truncated_share"] == pytest.approx(0.4)
+    assert list(table.columns[-6:]) == [
+        "response_tokens",
+        "response_tokens_p90",
+        "truncated_share",
+        "unclosed_think_share",
+        "think_share",
+        "loop_share",
+    ]
+    assert "score beside the answers' shape" in markdown
+    assert "Generation: score beside length" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_verdicts_come_from_paired_items(stores):

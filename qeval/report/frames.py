@@ -33,7 +33,16 @@ _HIDDEN = {"samples", "sample_len", "windows", "tokens", "nll", "decode_chunk"}
 # divergence from the FP model: already relative to it (the FP cell's is 0), so a ratio to FP says
 # nothing; the report shows them in their own table (qeval.report.verdicts.divergence_frame)
 _HIDDEN |= {"kld", "kld_p50", "kld_p90", "kld_p99", "kld_p999", "kld_max", "top1_agree", "dp_mean", "dp_rms"}
-_HIDDEN |= {"ln_ppl_ratio"}
+_HIDDEN |= {"ln_ppl_ratio", "responses"}
+# how a generation task's answers ended (qeval.eval.reasoning): shown beside the task's score
+RESPONSE_METRICS = (
+    "response_tokens",
+    "response_tokens_p90",
+    "truncated_share",
+    "unclosed_think_share",
+    "think_share",
+    "loop_share",
+)
 
 
 def _entry_info(rec: dict, entry: str, metrics: dict) -> dict:
@@ -121,6 +130,27 @@ def long_frame(records: Iterable[dict]) -> pd.DataFrame:
     if not rows:
         raise ValueError("no cell with readable scores among the records")
     return pd.DataFrame(rows)
+
+
+def response_frame(long: pd.DataFrame) -> pd.DataFrame:
+    """Generation tasks: per cell and task, the primary score beside the shape of the answers --
+    mean and p90 length in tokens, and the shares truncated at the budget, with an unclosed
+    reasoning block, with any reasoning block, and looping.  A quantized model that scores
+    lower because it thinks longer, loops or never closes its reasoning shows it here.  Empty
+    when no generation task recorded them."""
+    measure = long["metric"].str.rsplit(".", n=1).str[-1]
+    resp = long[measure.isin(RESPONSE_METRICS)].assign(measure=measure)
+    if resp.empty:
+        return pd.DataFrame()
+    keys = [*CELL_KEYS, "task"]
+    shape = resp.pivot_table(index=keys, columns="measure", values="value", aggfunc="first")
+    shape = shape[[m for m in RESPONSE_METRICS if m in shape.columns]]
+    prim = long[long.primary & long.task.isin(set(resp.task))].set_index(keys)
+    score = pd.DataFrame(
+        {"primary": prim["metric"].str.rsplit(".", n=1).str[-1], "score": prim["value"], "n": prim["samples"]}
+    )
+    table = score.join(shape, how="outer")
+    return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
 
 
 def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:

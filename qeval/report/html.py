@@ -59,6 +59,7 @@ def render_html(
     divergence: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
     coverage: pd.DataFrame | None = None,
+    responses: pd.DataFrame | None = None,
 ) -> str:
     """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
@@ -142,6 +143,17 @@ def render_html(
                 "that leaves more than 2% of them in full precision fails, naming them), each kind's share of "
                 "its weights, and what stayed in full precision and why.</p>"
                 + _table(coverage.set_index(CELL_KEYS), "{:.3g}"),
+            )
+        )
+    if responses is not None and not responses.empty:
+        sections.append(
+            (
+                "responses",
+                "Generation: score beside length",
+                "<p class='note'>Per generation task: the primary score (n items) beside the answers' length "
+                "in tokens (mean, p90) and the shares truncated at the token budget, with an unclosed reasoning "
+                "block (no answer), with any reasoning block, and looping (half the words in repeated "
+                "4-grams).</p>" + _table(responses, "{:.3g}"),
             )
         )
     if not agreement.empty:

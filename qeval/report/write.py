@@ -33,6 +33,7 @@ from qeval.report.frames import (  # noqa: E402
     marked_table,
     missing_baselines,
     not_ok_frame,
+    response_frame,
     primary_table,
     read_sweeps,
     report_name,
@@ -218,6 +219,14 @@ def write_tables(
             "\n\nweights quantized (share of the eligible weights, and of each kind's weights; what stayed in "
             "full precision and why)\n\n" + weights.to_markdown(index=False, floatfmt=".3g")
         )
+    responses = response_frame(raw)
+    if not responses.empty:
+        files += write_table(responses, out / "responses")
+        markdown += (
+            "\n\ngeneration tasks: score beside the answers' shape (length in tokens, mean and p90; shares "
+            "truncated at the budget, with an unclosed reasoning block, with any reasoning block, looping)\n\n"
+            + responses.reset_index().to_markdown(index=False, floatfmt=".3g")
+        )
     not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
@@ -244,6 +253,7 @@ def write_tables(
             divergence,
             paired,
             weights,
+            responses,
         ),
         encoding="utf-8",
     )
