@@ -33,10 +33,10 @@ from qeval.report.frames import (  # noqa: E402
     marked_table,
     missing_baselines,
     not_ok_frame,
-    response_frame,
     primary_table,
     read_sweeps,
     report_name,
+    response_frame,
     unreadable_reason,
     views,
 )
