@@ -59,6 +59,8 @@ from qeval.results import stable_hash
 # QuantSpec keys added after result folders existed, with the default that reproduces the old
 # behaviour: a cell at the default keeps the hash it always had
 QUANT_KEYS_ADDED_LATER: dict[str, Any] = {"quantize_router": False}
+# suite entry keys added after cells were recorded, dropped from the identity at their default
+TASK_KEYS_ADDED_LATER: dict[str, Any] = {"max_gen_toks": None, "thinking": "default"}
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,16 @@ class Cell:
         for key, default in QUANT_KEYS_ADDED_LATER.items():  # absent at its default: old hashes hold
             if quant.get(key) == default:
                 quant.pop(key)
+        suite = dataclasses.asdict(self.suite)
+        for entry in suite["tasks"].values():
+            for key, default in TASK_KEYS_ADDED_LATER.items():
+                if entry.get(key) == default:
+                    entry.pop(key)
         identity: dict[str, Any] = {
             "model": dataclasses.asdict(self.model),
             "quant": quant,
             "method": self.recipe.identity(),
-            "suite": dataclasses.asdict(self.suite),
+            "suite": suite,
             "backend": self.runtime.cell_identity(self.quant),
             "seed": self.seed,
         }
@@ -412,12 +419,6 @@ def validate(cell: Cell) -> None:
             fail(f"suite.tasks.{name}.batch_size", batch, "a positive integer or auto")
         if task.max_gen_toks is not None and task.max_gen_toks <= 0:
             fail(f"suite.tasks.{name}.max_gen_toks", task.max_gen_toks, "a positive integer (tokens) or null")
-        if task.max_gen_toks is not None and "max_gen_toks" in (task.gen_kwargs or ""):
-            fail(
-                f"suite.tasks.{name}.max_gen_toks",
-                task.max_gen_toks,
-                f"null when gen_kwargs already sets max_gen_toks ({task.gen_kwargs!r}): one budget per entry",
-            )
         check_choice(f"suite.tasks.{name}.thinking", task.thinking, THINKING_SETTINGS)
         if task.thinking != "default" and not task.apply_chat_template:
             fail(

@@ -188,8 +188,8 @@ class TaskEntry:
     # through the tokenizer's chat template (lm-eval's --apply_chat_template)
     gen_kwargs: str | None = None
     apply_chat_template: bool = False
-    # generation tasks: the token budget (lm-eval's max_gen_toks; null: the task's own, else
-    # lm-eval's 256) and a reasoning model's thinking mode, passed to chat templates that
+    # generation tasks: the token budget (lm-eval's max_gen_toks, replacing one in gen_kwargs;
+    # null: gen_kwargs', else the task's, else lm-eval's 256) and a reasoning model's thinking mode, passed to chat templates that
     # have the switch (Qwen3's enable_thinking): on | off | default (the template's own)
     max_gen_toks: int | None = None
     thinking: str = "default"

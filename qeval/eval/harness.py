@@ -65,8 +65,9 @@ def run_lm_eval(
     # The serial path draws the same seeded resamples, so the numbers are identical.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
     chat_args = {} if thinking == "default" else {"enable_thinking": thinking == "on"}
-    if max_gen_toks is not None:
-        gen_kwargs = ",".join(p for p in (gen_kwargs, f"max_gen_toks={int(max_gen_toks)}") if p)
+    if max_gen_toks is not None:  # the entry's budget replaces one its gen_kwargs name
+        kept = [p for p in (gen_kwargs or "").split(",") if p.strip() and p.split("=")[0].strip() != "max_gen_toks"]
+        gen_kwargs = ",".join([*kept, f"max_gen_toks={int(max_gen_toks)}"])
     lm = as_scorer(model, tokenizer).lm_eval_model(batch_size, chat_args)
     out = simple_evaluate(
         model=lm,
