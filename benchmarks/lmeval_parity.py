@@ -238,6 +238,14 @@ def compare_items(ours: dict, ref: dict, pair: Pair) -> tuple[int, int]:
     return same, n
 
 
+def table_row(row: tuple) -> str:
+    q, r, lim, m, a, b, na, nb, (se, sn), (ie, i_n), _skipped, ta, tb = row
+    return (
+        f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
+        f"| {ie}/{i_n} | {ta:.1f} | {tb:.1f} |"
+    )
+
+
 def parse_limits(text: str | None) -> dict[str, int]:
     if not text:
         return {}
@@ -297,17 +305,16 @@ def main() -> None:
                 )
             )
         print(f"{task}: qeval {t1 - t0:.1f}s, lm-eval {t2 - t1:.1f}s", flush=True)
+        for row in rows[-len(pair.metrics) :]:  # as each task finishes: a long run interrupted keeps these
+            print("done " + table_row(row), flush=True)
     print(f"\nmodel {args.model}, batch size {args.batch_size}\n")
     print(
         "| qeval task | lm-eval task | limit | metric | qeval | lm-eval | equal | n qeval / lm-eval "
         "| all results equal | items with equal scores | qeval s | lm-eval s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for q, r, lim, m, a, b, na, nb, (se, sn), (ie, i_n), _skipped, ta, tb in rows:
-        print(
-            f"| {q} | {r} | {lim} | {m} | {a:.6f} | {b:.6f} | {equal(a, b)} | {na} / {nb} | {se}/{sn} "
-            f"| {ie}/{i_n} | {ta:.1f} | {tb:.1f} |"
-        )
+    for row in rows:
+        print(table_row(row))
     for r, skipped in {row[1]: row[10] for row in rows if row[10]}.items():
         print(f"\n{r}: left out of lm-eval's group (no local data): {', '.join(sorted(set(skipped)))}")
 
