@@ -63,6 +63,12 @@ QUANT_KEYS_ADDED_LATER: dict[str, Any] = {"quantize_router": False}
 TASK_KEYS_ADDED_LATER: dict[str, Any] = {"max_gen_toks": None, "thinking": "default"}
 
 
+def _without_defaults(fields: dict[str, Any], added_later: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without the keys added after cells were recorded that hold their default, so
+    the identity (hence the hash) of a cell written before those keys existed still matches."""
+    return {k: v for k, v in fields.items() if not (k in added_later and v == added_later[k])}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One sweep cell: model x quantization spec x recipe x suite x backend (and where results go)."""
@@ -125,15 +131,9 @@ class Cell:
         The form is the one records always had (``{model, quant, method: {name, params},
         suite, backend, seed}`` plus ``calib`` when read), so old result folders still match.
         """
-        quant = dataclasses.asdict(self.quant)
-        for key, default in QUANT_KEYS_ADDED_LATER.items():  # absent at its default: old hashes hold
-            if quant.get(key) == default:
-                quant.pop(key)
+        quant = _without_defaults(dataclasses.asdict(self.quant), QUANT_KEYS_ADDED_LATER)
         suite = dataclasses.asdict(self.suite)
-        for entry in suite["tasks"].values():
-            for key, default in TASK_KEYS_ADDED_LATER.items():
-                if entry.get(key) == default:
-                    entry.pop(key)
+        suite["tasks"] = {n: _without_defaults(e, TASK_KEYS_ADDED_LATER) for n, e in suite["tasks"].items()}
         identity: dict[str, Any] = {
             "model": dataclasses.asdict(self.model),
             "quant": quant,

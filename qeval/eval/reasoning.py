@@ -93,7 +93,8 @@ def read_generation(
     if token_ids is None:
         return Generation(answer, state, len(text.split()), len(reasoning), False, loops(text))
     ids = list(token_ids)
-    eos = next((i for i, t in enumerate(ids) if t in set(eos_ids)), None)
+    ends = set(eos_ids)
+    eos = next((i for i, t in enumerate(ids) if t in ends), None)
     if eos is not None:
         end = eos + 1
     elif stopped_by_text and decode is not None:

@@ -505,16 +505,16 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
     # but listed as one line: the group's, with the count of its members; a small group's
     # members (the five ETHICS subsets) keep their own lines and the group names them
     groups = sorted((t.name for t in infos if t.kind == "lm_eval group"), key=len)
+    parents = {t.name: next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None) for t in infos}
     members: dict[str, list[str]] = {}
     for t in infos:
-        parent = next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None)
+        parent = parents[t.name]
         if parent is not None and t.kind == "lm_eval":
             members.setdefault(parent, []).append(t.name)
     collapsed = {g for g, names in members.items() if len(names) > LISTED_MEMBERS}
     kept = []
     for t in infos:
-        parent = next((g for g in groups if t.name != g and t.name.startswith(g + "_")), None)
-        if parent in collapsed:
+        if parents[t.name] in collapsed:
             continue
         if t.name in members:
             names = sorted(members[t.name])
