@@ -50,7 +50,9 @@ def time_qeval(cfg, task: str, limit: int, batch_size: int, shared_context: bool
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, cfg.cache_dir)
     scorer = HFScorer(loaded.model, loaded.tokenizer, shared_context=shared_context)
-    metrics = harness.evaluate_lm_eval(scorer, loaded.tokenizer, task, limit, 0, batch_size)
+    metrics = harness.evaluate_lm_eval(
+        scorer, loaded.tokenizer, task, limit=limit, num_fewshot=0, batch_size=batch_size
+    )
     return time.perf_counter() - t0, metrics
 
 

@@ -184,7 +184,7 @@ def qeval_run(model, tokenizer, task: str, limit: int | None, batch_size: int) -
 
     harness.run_lm_eval = spy  # evaluate_lm_eval looks it up in the module: keep its output too
     try:
-        metrics = harness.evaluate_lm_eval(model, tokenizer, task, limit, 0, batch_size)
+        metrics = harness.evaluate_lm_eval(model, tokenizer, task, limit=limit, num_fewshot=0, batch_size=batch_size)
     finally:
         harness.run_lm_eval = original
     return metrics, captured["out"]

@@ -38,7 +38,9 @@ from qeval.models.loading import load_model
 def run(model, tokenizer, task: str, limit: int | None, batch_size: int, shared: bool) -> tuple[float, dict]:
     scorer = HFScorer(model, tokenizer, shared_context=shared)
     t0 = time.perf_counter()
-    out = harness.run_lm_eval(scorer, tokenizer, task, limit, 0, batch_size, log_samples=True)
+    out = harness.run_lm_eval(
+        scorer, tokenizer, task, limit=limit, num_fewshot=0, batch_size=batch_size, log_samples=True
+    )
     return time.perf_counter() - t0, out
 
 

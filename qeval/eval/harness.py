@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from qeval.eval.items import Columns, lm_eval_items, metric_column
 from qeval.eval.reasoning import generation_columns, generation_metrics
@@ -20,6 +20,24 @@ from qeval.eval.registry import task_manager
 from qeval.eval.scorer import as_scorer
 
 log = logging.getLogger(__name__)
+
+
+class LmEvalOptions(TypedDict, total=False):
+    """How one lm-eval task is run: the keyword arguments :func:`run_lm_eval` takes beside the
+    model and the task, named once here so :func:`score_lm_eval` and :func:`evaluate_lm_eval`
+    forward them without restating (and possibly mis-ordering) each one. Defaults live in
+    :func:`run_lm_eval`'s signature."""
+
+    limit: int | None
+    num_fewshot: int | None
+    batch_size: int | str
+    seed: int
+    include: tuple[str, ...]
+    gen_kwargs: str | None
+    apply_chat_template: bool
+    data_dir: str | None
+    thinking: str
+    max_gen_toks: int | None
 
 
 def _split_metrics(task_results: dict[str, Any]) -> dict[str, float]:
@@ -37,6 +55,7 @@ def run_lm_eval(
     model,
     tokenizer,
     task: str,
+    *,
     limit: int | None = None,
     num_fewshot: int | None = 0,
     batch_size: int | str = 16,
@@ -104,55 +123,13 @@ def generation_summary(out: dict[str, Any], items: Columns) -> dict[str, float]:
     return generation_metrics(list(by_id.values()))
 
 
-def evaluate_lm_eval(
-    model,
-    tokenizer,
-    task: str,
-    limit: int | None = None,
-    num_fewshot: int | None = 0,
-    batch_size: int | str = 16,
-    seed: int = 0,
-    include: tuple[str, ...] = (),
-    gen_kwargs: str | None = None,
-    apply_chat_template: bool = False,
-    data_dir: str | None = None,
-    thinking: str = "default",
-    max_gen_toks: int | None = None,
-) -> dict[str, Any]:
+def evaluate_lm_eval(model, tokenizer, task: str, **options: Unpack[LmEvalOptions]) -> dict[str, Any]:
     """Run one lm-eval task (or group) on a scorer; metrics with stderr and sample counts
     (:func:`score_lm_eval` without the per-item table)."""
-    return score_lm_eval(
-        model,
-        tokenizer,
-        task,
-        limit,
-        num_fewshot,
-        batch_size,
-        seed,
-        include,
-        gen_kwargs,
-        apply_chat_template,
-        data_dir,
-        thinking,
-        max_gen_toks,
-    )[0]
+    return score_lm_eval(model, tokenizer, task, **options)[0]
 
 
-def score_lm_eval(
-    model,
-    tokenizer,
-    task: str,
-    limit: int | None = None,
-    num_fewshot: int | None = 0,
-    batch_size: int | str = 16,
-    seed: int = 0,
-    include: tuple[str, ...] = (),
-    gen_kwargs: str | None = None,
-    apply_chat_template: bool = False,
-    data_dir: str | None = None,
-    thinking: str = "default",
-    max_gen_toks: int | None = None,
-) -> tuple[dict[str, Any], Columns]:
+def score_lm_eval(model, tokenizer, task: str, **options: Unpack[LmEvalOptions]) -> tuple[dict[str, Any], Columns]:
     """Run one lm-eval task (or group) on a scorer: (metrics with stderr and sample counts,
     the per-item table from lm-eval's logged samples; see qeval.eval.items).
 
@@ -161,22 +138,7 @@ def score_lm_eval(
     task's metrics also describe its responses (length mean/p90, shares truncated, unclosed,
     looping: :func:`generation_summary`), with the same measures per item.
     """
-    out = run_lm_eval(
-        model,
-        tokenizer,
-        task,
-        limit,
-        num_fewshot,
-        batch_size,
-        seed,
-        include,
-        log_samples=True,
-        gen_kwargs=gen_kwargs,
-        apply_chat_template=apply_chat_template,
-        data_dir=data_dir,
-        thinking=thinking,
-        max_gen_toks=max_gen_toks,
-    )
+    out = run_lm_eval(model, tokenizer, task, log_samples=True, **options)
     metrics = _split_metrics(out["results"][task])
     counts = out.get("n-samples", {})
     if task in counts:
