@@ -218,9 +218,9 @@ def test_scorer_flag_picks_the_lm() -> None:
 
     model, tok = build_tiny_model("llama"), byte_tokenizer()
     # a bare model (whose spec the scorer cannot know): lm-eval's HFLM unless asked for
-    # (each with generations recorded: qeval.eval.recording's mixin over exactly that class)
-    assert type(HFScorer(model, tok).lm_eval_model(4)).__mro__[2] is HFLM
-    assert type(HFScorer(model, tok, shared_context=True).lm_eval_model(4)).__mro__[2] is SharedContextLM
+    # (each with qeval's mixins -- generations recorded, rolling batches bounded -- over exactly that class)
+    assert type(HFScorer(model, tok).lm_eval_model(4)).__mro__[3] is HFLM
+    assert type(HFScorer(model, tok, shared_context=True).lm_eval_model(4)).__mro__[3] is SharedContextLM
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from lm-eval, which is what qeval's scores must equal.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 from qeval.eval.generation import eos_token_ids
@@ -77,9 +76,3 @@ class RecordsGenerations:
             if generation is not None:
                 self.generations.setdefault((str(request.task_name), int(request.doc_id)), generation)
         return [str(t) for t in out]
-
-
-@lru_cache(maxsize=4)
-def recording(cls: type) -> type:
-    """``cls`` (lm-eval's HFLM or a subclass) with generations recorded."""
-    return type(f"Recording{cls.__name__}", (RecordsGenerations, cls), {})

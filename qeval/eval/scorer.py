@@ -9,6 +9,7 @@ asks which backend it has, nor how the model was quantized.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -142,10 +143,8 @@ class HFScorer:
 
     def lm_eval_model(self, batch_size: int, chat_template_args: dict[str, Any] | None = None) -> Any:
         """lm-eval's ``HFLM`` (or the shared-context subclass) over the in-memory model, recording
-        how each generation ended (:mod:`qeval.eval.recording`)."""
+        how each generation ended and bounding rolling batches by memory (:func:`_lm_class`)."""
         from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly
-
-        from qeval.eval.recording import recording
 
         device = str(next(self.model.parameters()).device)
         cls = HFLM
@@ -153,13 +152,24 @@ class HFScorer:
             from qeval.eval.shared_context import SharedContextLM
 
             cls = SharedContextLM
-        return recording(cls)(
+        return _lm_class(cls)(
             pretrained=self.model,
             tokenizer=self.tokenizer,
             batch_size=batch_size,
             device=device,
             chat_template_args=dict(chat_template_args or {}),
         )
+
+
+@functools.lru_cache(maxsize=4)
+def _lm_class(cls: type) -> type:
+    """``cls`` (lm-eval's HFLM or a subclass) recording how each generation ended
+    (:mod:`qeval.eval.recording`) and scoring rolling windows at a batch that fits in memory
+    (:mod:`qeval.eval.rolling`)."""
+    from qeval.eval.recording import RecordsGenerations
+    from qeval.eval.rolling import BoundedRollingBatch
+
+    return type(f"Qeval{cls.__name__}", (RecordsGenerations, BoundedRollingBatch, cls), {})
 
 
 def as_scorer(model: Scorer | nn.Module, tokenizer: Any) -> Scorer:
