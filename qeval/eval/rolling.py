@@ -45,8 +45,10 @@ def _vocab_size(model: Any) -> int:
 class BoundedRollingBatch:
     """Mixin over lm-eval's ``HFLM``: see the module docstring."""
 
+    batch_size_per_gpu: int | str  # HFLM's: a number, or "auto"
+
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        requested = self.batch_size_per_gpu  # type: ignore[attr-defined]
+        requested = self.batch_size_per_gpu
         if not isinstance(requested, int):  # "auto" (a GPU): lm-eval's own search finds what fits
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)  # type: ignore[misc]
         max_length = int(self.max_length)  # type: ignore[attr-defined]

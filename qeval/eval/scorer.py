@@ -41,7 +41,7 @@ class Scorer(Protocol):
         cannot give full-vocabulary logits (perplexity then reports no divergence metrics)."""
         ...
 
-    def lm_eval_model(self, batch_size: int, chat_template_args: dict[str, Any] | None = None) -> Any:
+    def lm_eval_model(self, batch_size: int | str, chat_template_args: dict[str, Any] | None = None) -> Any:
         """An lm-eval ``LM`` that scores this model; ``chat_template_args`` reach the tokenizer's
         chat template (``enable_thinking``) when a task applies it."""
         ...
@@ -141,7 +141,7 @@ class HFScorer:
     ) -> Iterator[torch.Tensor] | None:
         return iter_next_token_logits(self.model, windows, desc=desc, decode_chunk=decode_chunk)
 
-    def lm_eval_model(self, batch_size: int, chat_template_args: dict[str, Any] | None = None) -> Any:
+    def lm_eval_model(self, batch_size: int | str, chat_template_args: dict[str, Any] | None = None) -> Any:
         """lm-eval's ``HFLM`` (or the shared-context subclass) over the in-memory model, recording
         how each generation ended and bounding rolling batches by memory (:func:`_lm_class`)."""
         from lm_eval.models.huggingface import HFLM  # lm-eval's model classes import slowly
