@@ -602,3 +602,57 @@ def test_overlap_check_sees_a_collision():
     axes[1].set_title("ok")
     assert text_overlaps(fig) == []
     plt.close(fig)
+
+
+def _group_cell(store: ResultStore, quant: str, cm: list[float], virtue: list[float], mmlu_members: int) -> None:
+    """A cell that ran a five-subset-style group (two members here) and an MMLU-style group of
+    ``mmlu_members`` subjects, with the per-item tables behind them."""
+    ethics_ids = [f"qeval_ethics_cm/{i}" for i in range(len(cm))] + [
+        f"qeval_ethics_virtue/{i}" for i in range(len(virtue))
+    ]
+    mmlu_ids = [f"qeval_mmlu_s{k}/0" for k in range(mmlu_members)]
+    tensor_type, bits = SPECS[quant]
+    acc = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    store.write(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "hash": quant,
+            "label": f"m__{quant}__rtn",
+            "sweep": store.dir.name,
+            "status": "ok",
+            "tasks": {
+                "ethics": {"family": "ethics", "primary_metric": "acc", "higher_is_better": True},
+                "mmlu": {"family": "basic_nlp", "primary_metric": "acc", "higher_is_better": True},
+            },
+            "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "s", "backend": "hf"}
+            | {"tensor_type": tensor_type, "bits": bits},
+            "metrics": {
+                "ethics": {"acc": (acc(cm) + acc(virtue)) / 2, "samples": len(ethics_ids)},
+                "mmlu": {"acc": 0.5, "samples": mmlu_members},
+            },
+        },
+        {
+            "ethics": {"id": ethics_ids, "acc": cm + virtue},
+            "mmlu": {"id": mmlu_ids, "acc": _binary(mmlu_members, 0.5)},
+        },
+    )
+
+
+def test_small_groups_are_shown_member_by_member(tmp_path):
+    from qeval.report.frames import SUBTASKS_SHOWN, read_sweeps, subtask_frame
+    from qeval.report.write import write_tables
+
+    store = ResultStore(tmp_path, "groups")
+    _group_cell(store, "fp16", cm=[1.0, 1.0, 0.0, 1.0], virtue=[1.0, 0.0], mmlu_members=SUBTASKS_SHOWN + 1)
+    _group_cell(store, "w3g128", cm=[0.0, 1.0, 0.0, 0.0], virtue=[1.0, 0.0], mmlu_members=SUBTASKS_SHOWN + 1)
+    table = subtask_frame(read_sweeps([store.dir])).reset_index()
+    assert set(table["task"]) == {"ethics"}  # MMLU's subjects are too many to list
+    row = lambda quant, sub: table[(table.quant == quant) & (table.subtask == sub)].iloc[0]  # noqa: E731
+    assert (row("fp16", "qeval_ethics_cm")["value"], row("fp16", "qeval_ethics_cm")["n"]) == (0.75, 4)
+    assert row("fp16", "qeval_ethics_cm")["stderr"] == pytest.approx(0.25)  # sd 0.5 over sqrt(4)
+    assert row("w3g128", "qeval_ethics_cm")["value"] == 0.25  # the member quantization hurt
+    assert row("w3g128", "qeval_ethics_virtue")["value"] == row("fp16", "qeval_ethics_virtue")["value"] == 0.5
+    assert list(table["quant"]) == ["fp16", "fp16", "w3g128", "w3g128"]  # FP first, as every table
+    markdown, _ = write_tables([store.dir], tmp_path / "out")
+    assert (tmp_path / "out" / "subtasks.csv").exists() and "member by member" in markdown
+    assert "Groups, member by member" in (tmp_path / "out" / "report.html").read_text()

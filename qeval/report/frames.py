@@ -22,7 +22,7 @@ import pandas as pd
 
 from qeval.config import FORMAT_SCALE_BITS, label_weight_format
 from qeval.eval.registry import FAMILIES
-from qeval.results import iter_records
+from qeval.results import iter_records, record_items
 
 # a row is a cell: the preset name (quant) separates specs with the same bits label
 # (w8a8, w8a8-static, w8a8-fp8 are all W8A8)
@@ -150,6 +150,47 @@ def response_frame(long: pd.DataFrame) -> pd.DataFrame:
         {"primary": prim["metric"].str.rsplit(".", n=1).str[-1], "score": prim["value"], "n": prim["samples"]}
     )
     table = score.join(shape, how="outer")
+    return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
+
+
+SUBTASKS_SHOWN = 8  # a group's members are shown one by one up to this many (ETHICS' five, not MMLU's 56)
+
+
+def subtask_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """Groups of a few subtasks (the five ETHICS subsets): per cell, each member's primary
+    metric with its standard error and item count, from the per-item table (item ids
+    ``<subtask>/<doc id>``).  lm-eval scores every member; a record's metrics keep the group's
+    aggregate, so this is where a member that quantization hurt more than the others shows.
+    Descriptive: the verdicts test the group.  Empty when no such group was run."""
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok" or unreadable_reason(rec):
+            continue
+        for entry, table in (record_items(rec) or {}).items():
+            ids = [str(i) for i in table.get("id") or []]
+            info = _entry_info(rec, entry, (rec.get("metrics") or {}).get(entry, {}))
+            values = table.get(info["primary_metric"])
+            if not ids or values is None or not all("/" in i for i in ids):
+                continue
+            members = pd.Series(values, dtype=float).groupby([i.split("/", 1)[0] for i in ids], sort=True)
+            if members.ngroups > SUBTASKS_SHOWN:
+                continue
+            for member, scores in members:
+                n = int(scores.count())
+                rows.append(
+                    {
+                        **{k: rec["cell"][k] for k in CELL_KEYS},
+                        "task": _entry_label(rec, entry),
+                        "subtask": member,
+                        "metric": info["primary_metric"],
+                        "value": float(scores.mean()),
+                        "stderr": float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+                        "n": n,
+                    }
+                )
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).set_index([*CELL_KEYS, "task", "subtask"])
     return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
 
 

@@ -60,6 +60,7 @@ def render_html(
     paired: pd.DataFrame | None = None,
     coverage: pd.DataFrame | None = None,
     responses: pd.DataFrame | None = None,
+    subtasks: pd.DataFrame | None = None,
 ) -> str:
     """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
@@ -154,6 +155,16 @@ def render_html(
                 "in tokens (mean, p90) and the shares truncated at the token budget, with an unclosed reasoning "
                 "block (no answer), with any reasoning block, and looping (half the words in repeated "
                 "4-grams).</p>" + _table(responses, "{:.3g}"),
+            )
+        )
+    if subtasks is not None and not subtasks.empty:
+        sections.append(
+            (
+                "subtasks",
+                "Groups, member by member",
+                "<p class='note'>Each member of a small group (the five ETHICS subsets): its primary metric, "
+                "standard error and item count, from the per-item tables. Descriptive: the verdicts test "
+                "the group.</p>" + _table(subtasks, "{:.3g}"),
             )
         )
     if not agreement.empty:

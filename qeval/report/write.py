@@ -37,6 +37,7 @@ from qeval.report.frames import (  # noqa: E402
     read_sweeps,
     report_name,
     response_frame,
+    subtask_frame,
     unreadable_reason,
     views,
 )
@@ -227,6 +228,14 @@ def write_tables(
             "truncated at the budget, with an unclosed reasoning block, with any reasoning block, looping)\n\n"
             + responses.reset_index().to_markdown(index=False, floatfmt=".3g")
         )
+    subtasks = subtask_frame(records)
+    if not subtasks.empty:
+        files += write_table(subtasks, out / "subtasks")
+        markdown += (
+            "\n\ngroups, member by member (primary metric per subtask from the per-item tables; "
+            "descriptive: the verdicts test the group)\n\n"
+            + subtasks.reset_index().to_markdown(index=False, floatfmt=".4g")
+        )
     not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
@@ -254,6 +263,7 @@ def write_tables(
             paired,
             weights,
             responses,
+            subtasks,
         ),
         encoding="utf-8",
     )
