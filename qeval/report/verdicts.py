@@ -83,6 +83,36 @@ def _token_level(table: Mapping[str, list]) -> tuple[int, float, float] | None:
     return None if n < 2 else (n, mean, se)
 
 
+# lm-eval keeps a document-perplexity metric per document as (log-likelihood, count) -- words or
+# bytes -- and aggregates the sums; a document's own value follows from its pair
+_PAIR_METRICS = {
+    "word_perplexity": lambda ll, n: math.exp(-ll / n),
+    "byte_perplexity": lambda ll, n: math.exp(-ll / n),
+    "bits_per_byte": lambda ll, n: -ll / (n * math.log(2)),
+}
+
+
+def _document_values(table: Mapping[str, list], column: str) -> Mapping[str, list]:
+    """``table`` with ``column``'s (log-likelihood, count) pairs -- tuples, or their text as a
+    record stores them -- replaced by each document's own metric; unchanged otherwise."""
+    to_value = _PAIR_METRICS.get(column)
+    values = table.get(column)
+    if to_value is None or not values:
+        return table
+    converted = []
+    for v in values:
+        pair = v
+        if isinstance(v, str) and v.startswith("("):
+            try:
+                pair = tuple(float(x) for x in v.strip("()").split(","))
+            except ValueError:
+                return table
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[1]):
+            return table
+        converted.append(to_value(float(pair[0]), float(pair[1])))
+    return {**table, column: converted}
+
+
 def compare_task(
     fp_table: Mapping[str, list] | None, q_table: Mapping[str, list] | None, info: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -104,6 +134,7 @@ def compare_task(
     column = _outcome(info)
     if column not in fp_table or column not in q_table:
         return {"test": f"no per-item {column!r}"}
+    fp_table, q_table = _document_values(fp_table, column), _document_values(q_table, column)
     try:
         paired = align(fp_table, q_table, column)
     except ValueError as err:  # e.g. a metric lm-eval keeps per item as a tuple
