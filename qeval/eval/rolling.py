@@ -34,12 +34,12 @@ def rolling_batch_size(requested: int, max_length: int, vocab: int, budget_bytes
 
 
 def _vocab_size(model: Any) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """The width of the logits: the output head's (it may pad the tokenizer's vocabulary), else
+    the text config's vocabulary (transformers' ``get_text_config`` covers multimodal configs)."""
+    head = model.get_output_embeddings()
     if head is not None and hasattr(head, "out_features"):
         return int(head.out_features)
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    return int(getattr(text, "vocab_size", 0) or 0)
+    return int(model.config.get_text_config().vocab_size)
 
 
 class BoundedRollingBatch:

@@ -150,7 +150,7 @@ def response_frame(long: pd.DataFrame) -> pd.DataFrame:
         {"primary": prim["metric"].str.rsplit(".", n=1).str[-1], "score": prim["value"], "n": prim["samples"]}
     )
     table = score.join(shape, how="outer")
-    return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
+    return _in_cell_order(table)
 
 
 SUBTASKS_SHOWN = 8  # a group's members are shown one by one up to this many (ETHICS' five, not MMLU's 56)
@@ -190,8 +190,7 @@ def subtask_frame(records: Iterable[dict]) -> pd.DataFrame:
                 )
     if not rows:
         return pd.DataFrame()
-    table = pd.DataFrame(rows).set_index([*CELL_KEYS, "task", "subtask"])
-    return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
+    return _in_cell_order(pd.DataFrame(rows).set_index([*CELL_KEYS, "task", "subtask"]))
 
 
 def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
@@ -319,8 +318,8 @@ def cell_table(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def _in_cell_order(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows indexed by CELL_KEYS in reading order: model, tensor type, bits (most first),
-    preset, method, backend."""
+    """Rows indexed by CELL_KEYS (then any further levels) in reading order: model, tensor
+    type, bits (most first), preset, method, backend."""
     return table.loc[sorted(table.index, key=lambda k: (k[0], TT_ORDER.get(k[1], 9), _bits_key(k[2]), *k[3:]))]
 
 

@@ -86,6 +86,15 @@ def no_scores_message(folder: Path, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _section(table: pd.DataFrame, stem: Path, files: list[Path], heading: str, floatfmt: str) -> str:
+    """An optional table of the summary: written as CSV/Markdown/LaTeX (appended to ``files``)
+    and returned as its summary paragraph; nothing when ``table`` is empty."""
+    if table.empty:
+        return ""
+    files += write_table(table, stem)
+    return f"\n\n{heading}\n\n" + table.reset_index().to_markdown(index=False, floatfmt=floatfmt)
+
+
 def write_tables(
     results_dirs: str | Path | Iterable[str | Path],
     out_dir: str | Path | None = None,
@@ -221,21 +230,23 @@ def write_tables(
             "full precision and why)\n\n" + weights.to_markdown(index=False, floatfmt=".3g")
         )
     responses = response_frame(raw)
-    if not responses.empty:
-        files += write_table(responses, out / "responses")
-        markdown += (
-            "\n\ngeneration tasks: score beside the answers' shape (length in tokens, mean and p90; shares "
-            "truncated at the budget, with an unclosed reasoning block, with any reasoning block, looping)\n\n"
-            + responses.reset_index().to_markdown(index=False, floatfmt=".3g")
-        )
+    markdown += _section(
+        responses,
+        out / "responses",
+        files,
+        "generation tasks: score beside the answers' shape (length in tokens, mean and p90; shares "
+        "truncated at the budget, with an unclosed reasoning block, with any reasoning block, looping)",
+        ".3g",
+    )
     subtasks = subtask_frame(records)
-    if not subtasks.empty:
-        files += write_table(subtasks, out / "subtasks")
-        markdown += (
-            "\n\ngroups, member by member (primary metric per subtask from the per-item tables; "
-            "descriptive: the verdicts test the group)\n\n"
-            + subtasks.reset_index().to_markdown(index=False, floatfmt=".4g")
-        )
+    markdown += _section(
+        subtasks,
+        out / "subtasks",
+        files,
+        "groups, member by member (primary metric per subtask from the per-item tables; "
+        "descriptive: the verdicts test the group)",
+        ".4g",
+    )
     not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
