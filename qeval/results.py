@@ -221,7 +221,22 @@ def iter_records(root: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
 def record_items(record: dict[str, Any]) -> dict[str, Any] | None:
     """The per-item tables (by task) of a record read by :func:`iter_records`, or None when
-    it has none (failed or skipped cells, records written before qeval 0.3)."""
+    it has none (failed or skipped cells, records written before qeval 0.3).
+
+    The report's frames each read them (verdicts, members of groups, constant answers), so a
+    file is decompressed once per version on disk: cached by path, size and modification
+    time.  The tables returned are shared; callers read them and build new ones."""
     if not record.get("items") or "_path" not in record:
         return None
-    return read_items(items_path(Path(record["_path"])))
+    path = items_path(Path(record["_path"]))
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _cached_items(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_items(path: str, size: int, mtime_ns: int) -> dict[str, Any] | None:
+    """:func:`read_items` of one version of a file (``size`` and ``mtime_ns`` key the cache)."""
+    return read_items(Path(path))

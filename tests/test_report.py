@@ -656,3 +656,100 @@ def test_small_groups_are_shown_member_by_member(tmp_path):
     markdown, _ = write_tables([store.dir], tmp_path / "out")
     assert (tmp_path / "out" / "subtasks.csv").exists() and "member by member" in markdown
     assert "Groups, member by member" in (tmp_path / "out" / "report.html").read_text()
+
+
+def _choice_cell(store: ResultStore, quant: str, cm: list[int], virtue: list[int], arc: list[int]) -> None:
+    """A cell's choices on a two-member ETHICS-style group and an ungrouped ARC-style entry; the
+    gold answers follow from the lengths: cm 0 for the first 40 % of the items (12 of 30), virtue
+    alternating, arc cycling through four choices."""
+    n_cm, n_virtue, n_arc = len(cm), len(virtue), len(arc)
+    cm_gold = [0] * (n_cm * 2 // 5) + [1] * (n_cm - n_cm * 2 // 5)
+    virtue_gold, arc_gold = [i % 2 for i in range(n_virtue)], [i % 4 for i in range(n_arc)]
+    tensor_type, bits = SPECS[quant]
+    acc = lambda choice, gold: [float(c == g) for c, g in zip(choice, gold)]  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    ethics_acc = acc(cm, cm_gold) + acc(virtue, virtue_gold)
+    store.write(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "hash": quant,
+            "label": f"m__{quant}__rtn",
+            "sweep": store.dir.name,
+            "status": "ok",
+            "tasks": {
+                "ethics": {"family": "ethics", "primary_metric": "acc", "higher_is_better": True},
+                "arc": {"family": "basic_nlp", "primary_metric": "acc", "higher_is_better": True},
+            },
+            "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "s", "backend": "hf"}
+            | {"tensor_type": tensor_type, "bits": bits},
+            "metrics": {
+                "ethics": {"acc": mean(ethics_acc), "samples": n_cm + n_virtue},
+                "arc": {"acc": mean(acc(arc, arc_gold)), "samples": n_arc},
+            },
+        },
+        {
+            "ethics": {
+                "id": [f"qeval_ethics_cm/{i}" for i in range(n_cm)]
+                + [f"qeval_ethics_virtue/{i}" for i in range(n_virtue)],
+                "acc": ethics_acc,
+                "choice": cm + virtue,
+                "target": cm_gold + virtue_gold,
+            },
+            "arc": {"id": [str(i) for i in range(n_arc)], "acc": acc(arc, arc_gold), "choice": arc, "target": arc_gold},
+        },
+    )
+
+
+def test_constant_answers_are_named_with_their_base_rate(tmp_path):
+    """A model that gives one choice to (nearly) every item scores that choice's base rate: the
+    report names such entries -- per member of a small group -- and a quantized cell whose
+    answers collapsed where the unquantized model's varied."""
+    from qeval.report.frames import CONSTANT_SHARE, constant_answer_frame, read_sweeps
+    from qeval.report.write import write_tables
+
+    varied = [i % 4 for i in range(40)]
+    store = ResultStore(tmp_path, "constant")
+    # fp16: cm always 1 (the base rate 18/30), virtue varied, arc varied (and right)
+    _choice_cell(store, "fp16", cm=[1] * 30, virtue=[i % 2 for i in range(30)], arc=varied)
+    # w8a8: cm 29 of 30 times 1 (97 %), virtue varied, arc collapsed to choice 2 on 39 of 40
+    _choice_cell(store, "w8a8", cm=[1] * 29 + [0], virtue=[(i + 1) % 2 for i in range(30)], arc=[2] * 39 + [0])
+    table = constant_answer_frame(read_sweeps([store.dir])).reset_index()
+    found = {(r.quant, r.task, r.subtask): r for r in table.itertuples()}
+    assert set(found) == {
+        ("fp16", "ethics", "qeval_ethics_cm"),
+        ("w8a8", "ethics", "qeval_ethics_cm"),
+        ("w8a8", "arc", ""),
+    }
+    cm = found[("fp16", "ethics", "qeval_ethics_cm")]
+    assert (cm.n, cm.choice, cm.share) == (30, 1, 1.0)
+    assert cm.gold_share == pytest.approx(18 / 30) and cm.accuracy == pytest.approx(18 / 30)  # the base rate
+    w8_cm = found[("w8a8", "ethics", "qeval_ethics_cm")]
+    assert w8_cm.share == pytest.approx(29 / 30) and w8_cm.share >= CONSTANT_SHARE
+    assert w8_cm.accuracy == pytest.approx(17 / 30)  # its one other answer (0, last item) is wrong
+    arc = found[("w8a8", "arc", "")]
+    assert (arc.choice, arc.share, arc.gold_share) == (2, pytest.approx(39 / 40), pytest.approx(10 / 40))
+    assert arc.accuracy == pytest.approx(10 / 40)  # right exactly where the gold is 2
+    markdown, _ = write_tables([store.dir], tmp_path / "out")
+    assert (tmp_path / "out" / "constant_answers.csv").exists() and "base rates" in markdown
+    assert "ethics/qeval_ethics_cm (100% of 30 items)" in markdown  # the unquantized model's constant member
+    assert "w8a8 (rtn) collapsed to one answer on arc (98% of 40 items)" in markdown  # only the quantized cell
+    assert "collapsed to one answer on ethics" not in markdown  # constant at FP already: not a collapse
+    assert "Same answer to every item" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_recommendation_resting_on_a_constant_answer_says_so(tmp_path):
+    from qeval.report.write import write_tables
+
+    store = ResultStore(tmp_path, "constant-advice")
+    n = 300  # identical answers on 600 ETHICS and 300 ARC items: confidently within 98 %
+    same = dict(cm=[1] * n, virtue=[i % 2 for i in range(n)], arc=[i % 4 for i in range(n)])
+    _choice_cell(store, "fp16", **same)
+    _choice_cell(store, "w8a8", **same)
+    write_tables([store.dir], tmp_path / "out")
+    advice = pd.read_csv(tmp_path / "out" / "recommendations.csv").set_index("family")
+    assert advice.loc["ethics", "recommended"].startswith("w8a8")
+    assert (
+        "caution: the unquantized model gives one answer to nearly every item of qeval_ethics_cm 100% of 30"
+        in (advice.loc["ethics", "evidence"])
+    )
+    assert "caution" not in advice.loc["basic_nlp", "evidence"]  # arc's answers vary

@@ -193,6 +193,64 @@ def subtask_frame(records: Iterable[dict]) -> pd.DataFrame:
     return _in_cell_order(pd.DataFrame(rows).set_index([*CELL_KEYS, "task", "subtask"]))
 
 
+CONSTANT_SHARE = 0.95  # a model giving one choice to this share of the items answers "constantly"
+CONSTANT_MIN_ITEMS = 20  # fewer items than this say too little about an answer's spread
+
+
+def _spread_row(choices: pd.Series, targets: pd.Series | None) -> dict | None:
+    """The most common choice of a set of items, its share, how often it is the gold answer
+    (the base rate a constant answer scores) and the accuracy; None when the items are few or
+    their answers vary."""
+    choices = choices.dropna().astype(int)
+    n = int(choices.size)
+    if n < CONSTANT_MIN_ITEMS:
+        return None
+    counts = choices.value_counts()
+    choice, share = int(counts.index[0]), float(counts.iloc[0] / n)
+    if share < CONSTANT_SHARE:
+        return None
+    row = {"n": n, "choice": choice, "share": share, "gold_share": math.nan, "accuracy": math.nan}
+    if targets is not None:
+        gold = targets.loc[choices.index].astype(float)
+        row.update(gold_share=float((gold == choice).mean()), accuracy=float((gold == choices).mean()))
+    return row
+
+
+def constant_answer_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """Multiple-choice entries on which a cell gives (nearly) the same answer to every item:
+    the most common choice covers at least :data:`CONSTANT_SHARE` of them.  Such a score is
+    that answer's base rate, not the ability the task measures, and a paired verdict between
+    two such cells says only that quantization left an uninformative model uninformative.
+    Groups of a few members (ETHICS) are read member by member -- each subset's choices mean
+    different things -- and larger ones (MMLU) as a whole.  From the per-item tables'
+    ``choice`` and ``target`` columns; empty when no cell answers constantly."""
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok" or unreadable_reason(rec):
+            continue
+        for entry, table in (record_items(rec) or {}).items():
+            if "choice" not in table:
+                continue
+            ids = [str(i) for i in table.get("id") or []]
+            choices = pd.Series(table["choice"], index=ids, dtype=float)
+            targets = pd.Series(table["target"], index=ids, dtype=float) if "target" in table else None
+            members = {"": choices}
+            if ids and all("/" in i for i in ids):
+                grouped = dict(iter(choices.groupby([i.split("/", 1)[0] for i in ids], sort=True)))
+                if len(grouped) <= SUBTASKS_SHOWN:
+                    members = grouped
+            for member, part in members.items():
+                row = _spread_row(part, targets)
+                if row is not None:
+                    rows.append(
+                        {**{k: rec["cell"][k] for k in CELL_KEYS}, "task": _entry_label(rec, entry), "subtask": member}
+                        | row
+                    )
+    if not rows:
+        return pd.DataFrame()
+    return _in_cell_order(pd.DataFrame(rows).set_index([*CELL_KEYS, "task", "subtask"]))
+
+
 def not_ok_frame(records: Iterable[dict]) -> pd.DataFrame:
     """The cells that produced no scores, a row each: failed (with the error), skipped (with
     why the method, format or kernel cannot make that cell) or unreadable (an ok record whose

@@ -61,6 +61,7 @@ def render_html(
     coverage: pd.DataFrame | None = None,
     responses: pd.DataFrame | None = None,
     subtasks: pd.DataFrame | None = None,
+    constant: pd.DataFrame | None = None,
 ) -> str:
     """Lay out the report: the whole page, figures (``figures``: the saved PNGs) embedded."""
     by_name = {f.stem: f for f in figures}
@@ -165,6 +166,18 @@ def render_html(
                 "<p class='note'>Each member of a small group (the five ETHICS subsets): its primary metric, "
                 "standard error and item count, from the per-item tables. Descriptive: the verdicts test "
                 "the group.</p>" + _table(subtasks, "{:.3g}"),
+            )
+        )
+    if constant is not None and not constant.empty:
+        sections.append(
+            (
+                "constant-answers",
+                "Same answer to every item",
+                "<p class='note'>Multiple-choice entries where a cell gives one choice to at least 95% of the "
+                "items (per member for small groups): its share, how often that choice is the gold answer (the "
+                "accuracy a constant answer scores) and the accuracy. Such a score is a base rate; a verdict "
+                "between two such cells says nothing about the ability the task measures.</p>"
+                + _table(constant, "{:.3g}"),
             )
         )
     if not agreement.empty:

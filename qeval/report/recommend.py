@@ -30,13 +30,19 @@ def memory_key(bits: str) -> tuple[float, float, float]:
     return (weight_bits_per_param(bits), float(kv.group(1)) if kv else 16.0, float(act.group(1)) if act else 16.0)
 
 
-def recommendations(verdicts: pd.DataFrame, paired: pd.DataFrame, keep: float = DEFAULT_KEEP) -> pd.DataFrame:
+def recommendations(
+    verdicts: pd.DataFrame, paired: pd.DataFrame, keep: float = DEFAULT_KEEP, constant: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per model and family: the least-memory configuration whose family verdict is *within*
     tolerance (every task's interval of retained quality above ``keep``, paired with the
     unquantized cell), with the evidence.  Where none is, the unquantized model, and the
     evidence says how many configurations lost significantly and how many were inconclusive
-    (with the items a decision would need)."""
+    (with the items a decision would need).  ``constant``
+    (:func:`qeval.report.frames.constant_answer_frame`) adds a caution to a recommendation
+    resting on an entry the unquantized model answers constantly: there *within* only says
+    the quantized model is no less uninformative."""
     rows = []
+    caution = _constant_at_fp(constant)
     if verdicts.empty:
         return pd.DataFrame(columns=["model", "family", "recommended", "retained", "memory_key", "evidence"])
     for model, part in verdicts.groupby(level="model"):
@@ -74,10 +80,29 @@ def recommendations(verdicts: pd.DataFrame, paired: pd.DataFrame, keep: float = 
                     "retained": float(mine["retained"].min()) if not mine.empty else float("nan"),
                     "memory_key": f"W {w:g} bits/param, KV {kv:g}, A {a:g}",
                     "evidence": f"{len(within)} of {len(column)} quantized configurations within {keep:.0%}; "
-                    + "; ".join(evidence(r) for r in mine.itertuples()),
+                    + "; ".join(evidence(r) for r in mine.itertuples())
+                    + "".join(caution[(model, t)] for t in sorted(set(mine.task)) if (model, t) in caution),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _constant_at_fp(constant: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """(model, suite entry) -> the caution for an entry whose unquantized cell answers it (or
+    one of its members) with one choice; entries as the paired frame names them (no shots)."""
+    if constant is None or constant.empty:
+        return {}
+    flat = constant.reset_index()
+    flat = flat[flat.tensor_type == "FP"]
+    out: dict[tuple[str, str], str] = {}
+    for (model, label), part in flat.groupby(["model", "task"], sort=False):
+        entry = str(label).split("@", 1)[0]
+        where = ", ".join(f"{r.subtask or entry} {r.share:.0%} of {r.n}" for r in part.itertuples())
+        out[(str(model), entry)] = (
+            f"; caution: the unquantized model gives one answer to nearly every item of {where}, so {entry}'s "
+            "score is a base rate there and this verdict does not show the ability kept"
+        )
+    return out
 
 
 def memory_key_of(key: tuple) -> tuple[float, float, float]:
@@ -156,4 +181,34 @@ def summary(
         f"z over tokens for perplexity); p-values adjusted over the {len(paired)} comparisons of this report "
         f"({'Benjamini-Hochberg' if correction == 'bh' else correction}), alpha {alpha:g}."
     )
+    return lines
+
+
+def constant_answer_findings(constant: pd.DataFrame) -> list[str]:
+    """Sentences for :func:`qeval.report.frames.constant_answer_frame`: where the unquantized
+    model gives one answer to (nearly) every item, its score there is a base rate and the
+    verdicts on that entry do not measure the ability; where only a quantized cell does, the
+    quantization collapsed the model's answers."""
+    if constant.empty:
+        return []
+    flat = constant.reset_index()
+    flat["where"] = [f"{t}/{s}" if s else t for t, s in zip(flat.task, flat.subtask)]
+    lines = []
+    for model, part in flat.groupby("model", sort=False):
+        fp = part[part.tensor_type == "FP"]
+        if not fp.empty:
+            spread = ", ".join(f"{r.where} ({r.share:.0%} of {r.n} items)" for r in fp.itertuples())
+            lines.append(
+                f"{model} unquantized gives the same answer to nearly every item of {spread}: its score there is "
+                "that answer's base rate, so a verdict on these entries says the quantized model is no less "
+                "uninformative, not that the ability is kept."
+            )
+        fp_where = set(fp["where"])
+        collapsed = part[(part.tensor_type != "FP") & ~part["where"].isin(fp_where)]
+        for (quant, method), cells in collapsed.groupby(["quant", "method"], sort=False):
+            spread = ", ".join(f"{r.where} ({r.share:.0%} of {r.n} items)" for r in cells.itertuples())
+            lines.append(
+                f"{model} {quant} ({method}) collapsed to one answer on {spread}, where the unquantized "
+                "model's answers vary."
+            )
     return lines

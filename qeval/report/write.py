@@ -26,6 +26,7 @@ from qeval.report.frames import (  # noqa: E402
     add_normalized,
     agreement_table,
     cell_table,
+    constant_answer_frame,
     coverage_frame,
     efficiency_frame,
     family_table,
@@ -43,7 +44,7 @@ from qeval.report.frames import (  # noqa: E402
 )
 from qeval.report.html import render_html  # noqa: E402
 from qeval.report.plots import all_figures  # noqa: E402
-from qeval.report.recommend import recommendations, summary  # noqa: E402
+from qeval.report.recommend import constant_answer_findings, recommendations, summary  # noqa: E402
 from qeval.report.verdicts import (  # noqa: E402
     DEFAULT_ALPHA,
     DEFAULT_CORRECTION,
@@ -162,12 +163,15 @@ def write_tables(
         save_figure(fig, out / "figures", name) for name, fig in all_figures(long, families, efficiency, divergence)
     ]
     files += figures
-    advice = recommendations(verdicts, paired, keep)
+    constant = constant_answer_frame(records)
+    advice = recommendations(verdicts, paired, keep, constant)
     baseline_lines = missing_baselines(raw)
     has_baseline = bool((raw.tensor_type == "FP").any())
     # with no baseline at all, "no paired verdicts" has one reason, said by the baseline lines
-    findings = baseline_lines + (
-        [] if baseline_lines and verdicts.empty else summary(verdicts, paired, keep, divergence)
+    findings = (
+        baseline_lines
+        + ([] if baseline_lines and verdicts.empty else summary(verdicts, paired, keep, divergence))
+        + constant_answer_findings(constant)
     )
     files += [out / "recommendations.csv", out / "recommendations.md", out / "summary.md"]
     advice.to_csv(files[-3], index=False)
@@ -247,6 +251,14 @@ def write_tables(
         "descriptive: the verdicts test the group)",
         ".4g",
     )
+    markdown += _section(
+        constant,
+        out / "constant_answers",
+        files,
+        "multiple-choice entries answered (nearly) the same for every item (share of the most common "
+        "choice, how often that choice is the gold answer, accuracy): scores there are base rates",
+        ".3g",
+    )
     not_ok = not_ok_frame(records)
     if not not_ok.empty:
         files += [out / "not_run.csv", out / "not_run.md"]
@@ -275,6 +287,7 @@ def write_tables(
             weights,
             responses,
             subtasks,
+            constant,
         ),
         encoding="utf-8",
     )
