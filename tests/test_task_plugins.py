@@ -338,3 +338,27 @@ def test_calibration_items_match_the_scores():
     scores = calibration_scores(lls, [0, 1, 1], bootstrap=0)
     assert sum(items["brier"]) / 3 == pytest.approx(scores.brier, abs=1e-12)
     assert sum(items["confidence"]) / 3 == pytest.approx(scores.confidence, abs=1e-12)
+
+
+def test_qevals_own_tasks_are_served_without_indexing_lm_evals(tmp_path):
+    """A cell that names only tasks of qeval's (and the user's) folders gets the index of those
+    folders -- milliseconds, not lm-eval's ~15,000 YAML files -- with the same entries the full
+    index has; anything else (lm-eval's own tasks, a group with one of them) gets the full one."""
+    from qeval.eval.registry import task_manager
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mixed.yaml").write_text("group: my_mixed\ntask:\n  - qeval_piqa\n  - arc_easy\n")
+    (folder / "own.yaml").write_text("group: my_own\ntask:\n  - qeval_piqa\n  - qeval_boolq\n")
+    include = (str(folder),)
+    full = task_manager(include)  # no names: the full index, as before
+    assert "hellaswag" in full.all_tasks and "qeval_piqa" in full.all_tasks
+    for names in (["qeval_piqa"], ["qeval_mmlu"], ["qeval_ethics"], ["qeval_wikitext"], ["my_own"]):
+        own = task_manager(include, names=names)
+        assert own is not full and "hellaswag" not in own.all_tasks, names
+        for name in own.all_tasks:  # the same configuration, wherever it is looked up
+            assert own.task_index[name].cfg == full.task_index[name].cfg, name
+    for names in (["hellaswag"], ["my_mixed"], ["qeval_piqa", "arc_easy"], ["nosuchtask"], []):
+        assert task_manager(include, names=names) is full, names
+    loaded = task_manager(include, names=["my_own"]).load(["my_own"])
+    assert sorted(loaded["tasks"]) == ["qeval_boolq", "qeval_piqa"]

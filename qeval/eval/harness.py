@@ -93,7 +93,7 @@ def run_lm_eval(
         tasks=[task],
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=task_manager(include, data_dir),
+        task_manager=task_manager(include, data_dir, names=[task]),
         bootstrap_iters=1000,
         log_samples=log_samples,
         random_seed=seed,

@@ -320,31 +320,70 @@ def task_paths(include: Iterable[str] = ()) -> list[str]:
     return paths
 
 
-def task_manager(include: tuple[str, ...] = (), data_dir: str | None = None) -> Any:
+def task_manager(include: tuple[str, ...] = (), data_dir: str | None = None, names: Iterable[str] | None = None) -> Any:
     """lm-eval's TaskManager over its own tasks plus qeval's task folders (:func:`task_paths`),
-    built once per ``include``, data folder and process (indexing the YAML files takes seconds).
+    built once per ``include``, data folder and process.
+
+    With ``names``: when each of them is defined in qeval's and the user's folders alone (a
+    task, or a group whose members all are: :func:`_self_contained`), the index of those
+    folders serves them.  It takes milliseconds; lm-eval's own ~15,000 YAML files take about
+    6 s to index, in every process that plans or runs a cell, although the built-in suites
+    name none of its tasks.  A name the folders do not define (lm-eval's ``hellaswag``, a
+    tag) gets the full index, as does a caller that names nothing.
 
     ``data_dir`` reaches qeval's ``custom_dataset`` loaders as the ``qeval_data_dir`` keyword
     (lm-eval passes a TaskManager's metadata to them), so a cell's data folder is an argument,
     not process state; None lets the loaders use ``$QEVAL_DATA_DIR`` or ``../shared/data``."""
-    return _task_manager(tuple(include), str(data_dir) if data_dir else None)
+    include, data = tuple(include), str(data_dir) if data_dir else None
+    if names is not None:
+        wanted = list(names)
+        own = _task_manager(include, data, False)
+        if wanted and all(_self_contained(own.task_index, name) for name in wanted):
+            return own
+    return _task_manager(include, data, True)
 
 
-@lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...], data_dir: str | None) -> Any:
-    """One index per (folders, data folder), however the caller spelled the arguments."""
+@lru_cache(maxsize=8)
+def _task_manager(include: tuple[str, ...], data_dir: str | None, defaults: bool) -> Any:
+    """One index per (folders, data folder, with lm-eval's own tasks or not), however the
+    caller spelled the arguments."""
     # lm_eval.tasks takes seconds to import (datasets, its registry); suites of perplexity or
     # native tasks alone, and the reports, never need it
     from lm_eval.tasks import TaskManager
 
     metadata = {"qeval_data_dir": str(data_dir)} if data_dir else None
-    return TaskManager(include_path=task_paths(include), metadata=metadata)
+    return TaskManager(include_path=task_paths(include), include_defaults=defaults, metadata=metadata)
+
+
+def _self_contained(index: Mapping[str, Any], name: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether ``index`` defines ``name`` without lm-eval's own tasks: a task, or a group whose
+    members (by name, or inline configurations) are all defined there.  A tag's members are
+    whatever tasks anywhere carry it, so only qeval's own tags (``qeval_*``: MMLU's categories)
+    count; lm-eval's tasks carry none of them."""
+    from lm_eval.tasks._index import Kind
+
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return False
+    if entry.kind in (Kind.TASK, Kind.PY_TASK):
+        return True
+    if entry.kind == Kind.TAG:
+        return name.startswith("qeval_")
+    if entry.kind != Kind.GROUP:
+        return False
+    members = (entry.cfg or {}).get("task") or []
+    for member in members if isinstance(members, list) else [members]:
+        ref = member.get("task") if isinstance(member, dict) else member
+        inline = isinstance(member, dict) and ref not in index and ("dataset_path" in member or "include" in member)
+        if not inline and not (isinstance(ref, str) and _self_contained(index, ref, seen | {name})):
+            return False
+    return True
 
 
 def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = None) -> list[str]:
     """The table files an lm-eval task plugin reads, from the paths its ``metadata.data`` names
     (globs allowed, e.g. ``mmlu/test/*_test.csv``; the text after ``|`` is the online note)."""
-    entry = (manager or task_manager(tuple(include))).task_index.get(name)
+    entry = (manager or task_manager(tuple(include), names=[name])).task_index.get(name)
     if entry is None:
         return []
     meta = (entry.cfg or {}).get("metadata") or {}
@@ -364,7 +403,7 @@ def lm_eval_task_files(name: str, include: Iterable[str] = (), manager: Any = No
 def task_exists(name: str, include: tuple[str, ...] = (), data_dir: str | None = None) -> bool:
     """Whether lm-eval knows ``name`` (its own tasks, qeval's and the user's folders); asked of the
     same index the cell's evaluation will use (``data_dir``), so it is built once."""
-    return name in task_manager(include, data_dir).all_tasks
+    return name in task_manager(include, data_dir, names=[name]).all_tasks
 
 
 _PLUGIN_MODULES: dict[Path, ModuleType] = {}
@@ -493,7 +532,7 @@ def list_tasks(include: Iterable[str] = ()) -> list[TaskInfo]:
     include = tuple(include)
     roots = [Path(p) for p in task_paths(include)]
     infos = [_native_info(cls) for cls in discover_native(include).values()]
-    tm = task_manager(include)
+    tm = _task_manager(include, None, False)  # qeval's and the user's folders: all it lists
     for name, entry in tm.task_index.items():
         yaml_path = entry.yaml_path
         if not yaml_path or not any(Path(yaml_path).resolve().is_relative_to(r) for r in roots):
@@ -538,7 +577,7 @@ def task_info(name: str, include: Iterable[str] = ()) -> TaskInfo:
         return _native_info(native[name])
     if name in ONLINE_TASKS:
         return ONLINE_TASKS[name].info()
-    entry = task_manager(include).task_index.get(name)
+    entry = task_manager(include, names=[name]).task_index.get(name)
     if entry is None:
         raise KeyError(name)
     info = _lm_eval_info(name, entry)

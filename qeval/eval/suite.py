@@ -99,7 +99,7 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
                     "list them with qeval-tasks)"
                 )
             # its !function modules and local data files, found now rather than after a model loaded
-            check_task_plugin(name, task.task, task_manager(include, data_dir), task_paths(include))
+            check_task_plugin(name, task.task, task_manager(include, data_dir, names=[task.task]), task_paths(include))
 
 
 def describe_suite(suite: SuiteSpec, include: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
