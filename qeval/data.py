@@ -33,6 +33,7 @@ import torch
 
 from qeval.data_sources import SOURCES, Source
 from qeval.files import write_bytes_atomically
+from qeval.offline import offline
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,6 @@ def data_dir(override: str | None = None) -> Path | None:
         if default.is_dir():
             return default.resolve()
     return None
-
-
-def offline() -> bool:
-    """Whether the user switched the Hub off (then a missing local file is an error, not a download)."""
-    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("QEVAL_OFFLINE") == "1"
 
 
 def local_file(relative: str, override: str | None = None) -> Path | None:

@@ -246,6 +246,28 @@ def test_offline_with_no_data_names_the_file_and_the_fetch_command(no_data, monk
         data.data_file("gsm8k/test.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "off"),
+    [("HF_HUB_OFFLINE", "1", True), ("HF_HUB_OFFLINE", "true", True), ("QEVAL_OFFLINE", "YES", True)]
+    + [("HF_HUB_OFFLINE", "0", False), ("QEVAL_OFFLINE", "", False)],
+)
+def test_data_and_models_read_the_offline_switches_alike(no_data, monkeypatch, var, value, off):
+    """One reading of HF_HUB_OFFLINE / QEVAL_OFFLINE (huggingface_hub's true values) for data
+    files and Hub models: before, HF_HUB_OFFLINE=true stopped model downloads but not data ones."""
+    from qeval.config import ConfigError, ModelSpec
+    from qeval.models import checks
+
+    monkeypatch.setenv(var, value)
+    checks._check_hub.cache_clear()  # its answer is kept per process; here the switches change
+    assert data.available("gsm8k/test.jsonl") is not off  # a known source: downloadable unless off
+    spec = ModelSpec(name="m", source="hub", path="someone/not-in-the-cache")
+    if off:
+        with pytest.raises(ConfigError, match="downloads are off"):
+            checks.check_model_files(spec)
+    else:
+        checks.check_model_files(spec)  # a Hub id, downloads allowed: nothing to refuse before loading
+
+
 def test_a_changed_upstream_is_refused(upstream, no_data, monkeypatch):
     """Content that does not hash to the pinned sha256 is never written or used."""
     monkeypatch.setattr(data, "_get_url", lambda url: b'{"question": "?", "answer": "#### 0"}\n')

@@ -275,7 +275,8 @@ class NativeTask:
         ``include`` are the user's extra task folders (for tasks that run other tasks)."""
         # qeval.data imports torch (seconds): the reports read FAMILIES from this module and
         # ``qeval-tasks`` lists tasks, neither needs it
-        from qeval.data import available, missing_message, offline
+        from qeval.data import available, missing_message
+        from qeval.offline import offline
 
         missing = [rel for rel in self.data if not available(rel, data_dir)]
         if missing and (offline() or not self.online):

@@ -83,7 +83,7 @@ def check_suite(suite: SuiteSpec, include: tuple[str, ...] = (), data_dir: str |
         else:
             online = ONLINE_TASKS.get(task.task)
             if online is not None:
-                from qeval.data import offline
+                from qeval.offline import offline
 
                 if offline():
                     raise ConfigError(

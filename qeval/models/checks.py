@@ -18,22 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qeval.config import ConfigError, ModelSpec, fail
+from qeval.offline import offline
 
 #: files of which a model folder needs at least one for AutoTokenizer (fast, sentencepiece, BPE, WordPiece)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
-
-
-def hub_offline() -> bool:
-    """Whether Hub downloads are off (then a Hub id must already be in the local cache)."""
-    return (
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get("QEVAL_OFFLINE") == "1"
-    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -87,7 +80,7 @@ def _check_hub(name: str, revision: str | None) -> None:
         validate_repo_id(name)
     except HFValidationError as err:
         raise ConfigError(f"invalid value model.path={name!r}: not a Hub id ({err})") from err
-    if hub_offline() and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+    if offline() and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         raise ConfigError(
             f"invalid value model.path={name!r}: downloads are off (HF_HUB_OFFLINE / QEVAL_OFFLINE) and the "
             "Hugging Face cache has no config.json of it: download it first (huggingface-cli download "
