@@ -604,15 +604,10 @@ def test_overlap_check_sees_a_collision():
     plt.close(fig)
 
 
-def _group_cell(store: ResultStore, quant: str, cm: list[float], virtue: list[float], mmlu_members: int) -> None:
-    """A cell that ran a five-subset-style group (two members here) and an MMLU-style group of
-    ``mmlu_members`` subjects, with the per-item tables behind them."""
-    ethics_ids = [f"qeval_ethics_cm/{i}" for i in range(len(cm))] + [
-        f"qeval_ethics_virtue/{i}" for i in range(len(virtue))
-    ]
-    mmlu_ids = [f"qeval_mmlu_s{k}/0" for k in range(mmlu_members)]
+def _acc_cell(store: ResultStore, quant: str, families: dict[str, str], items: dict[str, dict]) -> None:
+    """An ok cell of model ``m`` whose entries (``families``: entry -> family) are scored by
+    accuracy, with the per-item tables behind them (``items``: entry -> columns with ``acc``)."""
     tensor_type, bits = SPECS[quant]
-    acc = lambda xs: sum(xs) / len(xs)  # noqa: E731
     store.write(
         {
             "schema_version": SCHEMA_VERSION,
@@ -621,16 +616,31 @@ def _group_cell(store: ResultStore, quant: str, cm: list[float], virtue: list[fl
             "sweep": store.dir.name,
             "status": "ok",
             "tasks": {
-                "ethics": {"family": "ethics", "primary_metric": "acc", "higher_is_better": True},
-                "mmlu": {"family": "basic_nlp", "primary_metric": "acc", "higher_is_better": True},
+                entry: {"family": family, "primary_metric": "acc", "higher_is_better": True}
+                for entry, family in families.items()
             },
             "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "s", "backend": "hf"}
             | {"tensor_type": tensor_type, "bits": bits},
             "metrics": {
-                "ethics": {"acc": (acc(cm) + acc(virtue)) / 2, "samples": len(ethics_ids)},
-                "mmlu": {"acc": 0.5, "samples": mmlu_members},
+                entry: {"acc": sum(table["acc"]) / len(table["acc"]), "samples": len(table["acc"])}
+                for entry, table in items.items()
             },
         },
+        items,
+    )
+
+
+def _group_cell(store: ResultStore, quant: str, cm: list[float], virtue: list[float], mmlu_members: int) -> None:
+    """A cell that ran a five-subset-style group (two members here) and an MMLU-style group of
+    ``mmlu_members`` subjects, with the per-item tables behind them."""
+    ethics_ids = [f"qeval_ethics_cm/{i}" for i in range(len(cm))] + [
+        f"qeval_ethics_virtue/{i}" for i in range(len(virtue))
+    ]
+    mmlu_ids = [f"qeval_mmlu_s{k}/0" for k in range(mmlu_members)]
+    _acc_cell(
+        store,
+        quant,
+        {"ethics": "ethics", "mmlu": "basic_nlp"},
         {
             "ethics": {"id": ethics_ids, "acc": cm + virtue},
             "mmlu": {"id": mmlu_ids, "acc": _binary(mmlu_members, 0.5)},
@@ -665,33 +675,16 @@ def _choice_cell(store: ResultStore, quant: str, cm: list[int], virtue: list[int
     n_cm, n_virtue, n_arc = len(cm), len(virtue), len(arc)
     cm_gold = [0] * (n_cm * 2 // 5) + [1] * (n_cm - n_cm * 2 // 5)
     virtue_gold, arc_gold = [i % 2 for i in range(n_virtue)], [i % 4 for i in range(n_arc)]
-    tensor_type, bits = SPECS[quant]
     acc = lambda choice, gold: [float(c == g) for c, g in zip(choice, gold)]  # noqa: E731
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    ethics_acc = acc(cm, cm_gold) + acc(virtue, virtue_gold)
-    store.write(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "hash": quant,
-            "label": f"m__{quant}__rtn",
-            "sweep": store.dir.name,
-            "status": "ok",
-            "tasks": {
-                "ethics": {"family": "ethics", "primary_metric": "acc", "higher_is_better": True},
-                "arc": {"family": "basic_nlp", "primary_metric": "acc", "higher_is_better": True},
-            },
-            "cell": {"model": "m", "quant": quant, "method": "rtn", "suite": "s", "backend": "hf"}
-            | {"tensor_type": tensor_type, "bits": bits},
-            "metrics": {
-                "ethics": {"acc": mean(ethics_acc), "samples": n_cm + n_virtue},
-                "arc": {"acc": mean(acc(arc, arc_gold)), "samples": n_arc},
-            },
-        },
+    _acc_cell(
+        store,
+        quant,
+        {"ethics": "ethics", "arc": "basic_nlp"},
         {
             "ethics": {
                 "id": [f"qeval_ethics_cm/{i}" for i in range(n_cm)]
                 + [f"qeval_ethics_virtue/{i}" for i in range(n_virtue)],
-                "acc": ethics_acc,
+                "acc": acc(cm, cm_gold) + acc(virtue, virtue_gold),
                 "choice": cm + virtue,
                 "target": cm_gold + virtue_gold,
             },
