@@ -156,6 +156,15 @@ def response_frame(long: pd.DataFrame) -> pd.DataFrame:
 SUBTASKS_SHOWN = 8  # a group's members are shown one by one up to this many (ETHICS' five, not MMLU's 56)
 
 
+def _small_group_members(ids: list[str]) -> list[str] | None:
+    """Each item's member of its group (item ids ``<subtask>/<doc id>``) when the table is a
+    group of at most :data:`SUBTASKS_SHOWN` members; None for a single task or a large group."""
+    if not ids or not all("/" in i for i in ids):
+        return None
+    members = [i.split("/", 1)[0] for i in ids]
+    return members if len(set(members)) <= SUBTASKS_SHOWN else None
+
+
 def subtask_frame(records: Iterable[dict]) -> pd.DataFrame:
     """Groups of a few subtasks (the five ETHICS subsets): per cell, each member's primary
     metric with its standard error and item count, from the per-item table (item ids
@@ -170,12 +179,10 @@ def subtask_frame(records: Iterable[dict]) -> pd.DataFrame:
             ids = [str(i) for i in table.get("id") or []]
             info = _entry_info(rec, entry, (rec.get("metrics") or {}).get(entry, {}))
             values = table.get(info["primary_metric"])
-            if not ids or values is None or not all("/" in i for i in ids):
+            members = _small_group_members(ids)
+            if values is None or members is None:
                 continue
-            members = pd.Series(values, dtype=float).groupby([i.split("/", 1)[0] for i in ids], sort=True)
-            if members.ngroups > SUBTASKS_SHOWN:
-                continue
-            for member, scores in members:
+            for member, scores in pd.Series(values, dtype=float).groupby(members, sort=True):
                 n = int(scores.count())
                 rows.append(
                     {
@@ -234,11 +241,8 @@ def constant_answer_frame(records: Iterable[dict]) -> pd.DataFrame:
             ids = [str(i) for i in table.get("id") or []]
             choices = pd.Series(table["choice"], index=ids, dtype=float)
             targets = pd.Series(table["target"], index=ids, dtype=float) if "target" in table else None
-            members = {"": choices}
-            if ids and all("/" in i for i in ids):
-                grouped = dict(iter(choices.groupby([i.split("/", 1)[0] for i in ids], sort=True)))
-                if len(grouped) <= SUBTASKS_SHOWN:
-                    members = grouped
+            labels = _small_group_members(ids)
+            members = dict(iter(choices.groupby(labels, sort=True))) if labels else {"": choices}
             for member, part in members.items():
                 row = _spread_row(part, targets)
                 if row is not None:
